@@ -1,0 +1,118 @@
+//! The broker connection: connect with retry, open channels, publish with confirms.
+
+use std::time::Duration;
+
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{backoff, secret::SecretUrl, wire};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AmqpError {
+    #[error("broker at {url} is unavailable after {}: {source}", crate::duration::format(*waited))]
+    Unavailable {
+        url: String,
+        waited: Duration,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("broker refused message for exchange {exchange:?} key {routing_key:?}")]
+    Nacked {
+        exchange: String,
+        routing_key: String,
+    },
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("shutting down")]
+    Cancelled,
+}
+
+/// Connect once. `name` shows in the broker's management UI.
+pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, lapin::Error> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect(url.expose().as_str(), props).await
+}
+
+/// Connect, retrying with capped backoff. With `give_up_after` set (start-up), returns
+/// [`AmqpError::Unavailable`] once that time has passed; without it (reconnects), retries
+/// until `cancel` fires.
+pub async fn connect_with_retry(
+    url: &SecretUrl,
+    name: &str,
+    give_up_after: Option<Duration>,
+    cancel: &CancellationToken,
+) -> Result<Connection, AmqpError> {
+    let started = tokio::time::Instant::now();
+    let mut delays = backoff::delays();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let err = tokio::select! {
+            () = cancel.cancelled() => return Err(AmqpError::Cancelled),
+            r = connect(url, name) => match r {
+                Ok(conn) => {
+                    info!(url = %url, attempt, "connected to broker");
+                    return Ok(conn);
+                }
+                Err(e) => e,
+            },
+        };
+        let waited = started.elapsed();
+        if give_up_after.is_some_and(|limit| waited >= limit) {
+            return Err(AmqpError::Unavailable {
+                url: url.redacted(),
+                waited,
+                source: err,
+            });
+        }
+        let delay = delays.next().unwrap_or(backoff::MAX_DELAY);
+        warn!(url = %url, attempt, error = %err, retry_in_ms = delay.as_millis() as u64, "cannot reach broker, retrying");
+        tokio::select! {
+            () = cancel.cancelled() => return Err(AmqpError::Cancelled),
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// A channel with publisher confirms on, so a publish returns only once the broker has the
+/// message.
+pub async fn publisher_channel(conn: &Connection) -> Result<Channel, lapin::Error> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+/// Publish a persistent message and wait for the broker's confirm.
+pub async fn publish(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    message: &wire::Message,
+) -> Result<(), AmqpError> {
+    let body = wire::encode(message);
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_type(message.kind().into());
+    let confirm = ch
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions::default(),
+            &body,
+            props,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Nack(_) => Err(AmqpError::Nacked {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+        }),
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+    }
+}

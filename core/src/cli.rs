@@ -1,0 +1,77 @@
+//! Command-line flags every program shares, defined once so they read the same everywhere.
+
+use std::path::PathBuf;
+
+use crate::config::Sources;
+
+/// Broker connection and config file flags (all programs).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CommonArgs {
+    /// Configuration file (TOML). Flags override it, `VOGELER_*` variables fill in between.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// Broker URL [env: VOGELER_AMQP__URL] [default: amqp://guest:guest@127.0.0.1:5672/%2f].
+    /// Prefer the environment or the config file for URLs with passwords.
+    #[arg(long, value_name = "URL", global = true)]
+    pub amqp_url: Option<String>,
+
+    /// Collective: prefixes every exchange and queue, so fleets can share a broker
+    /// [env: VOGELER_AMQP__COLLECTIVE] [default: vogeler]
+    #[arg(long, value_name = "NAME", global = true)]
+    pub collective: Option<String>,
+
+    /// How long to keep trying the broker (and database) at start-up before exiting 69,
+    /// in seconds (30) or with a unit (500ms) [env: VOGELER_CONNECT_TIMEOUT] [default: 30]
+    #[arg(long, value_name = "DURATION", global = true)]
+    pub connect_timeout: Option<String>,
+
+    /// Log filter for stderr: error, warn, info, debug, trace, or per-module directives
+    /// [env: VOGELER_LOG__LEVEL] [default: info]
+    #[arg(long, value_name = "FILTER", global = true)]
+    pub log_level: Option<String>,
+}
+
+/// CouchDB flags (server and runner). Credentials are deliberately not flags: set
+/// `VOGELER_COUCHDB__USERNAME` and `VOGELER_COUCHDB__PASSWORD` (or `password_file`) instead.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CouchArgs {
+    /// CouchDB URL [env: VOGELER_COUCHDB__URL] [default: http://127.0.0.1:5984]
+    #[arg(long, value_name = "URL", global = true)]
+    pub couchdb_url: Option<String>,
+
+    /// Database holding one document per node [env: VOGELER_COUCHDB__DATABASE]
+    /// [default: system_records]
+    #[arg(long, value_name = "NAME", global = true)]
+    pub database: Option<String>,
+}
+
+impl CommonArgs {
+    /// The config sources these flags describe.
+    pub fn sources(&self) -> Sources {
+        let mut s = Sources {
+            file: self.config.clone(),
+            ..Default::default()
+        };
+        s.set("amqp.url", self.amqp_url.as_ref())
+            .set("amqp.collective", self.collective.as_ref())
+            .set("connect_timeout", self.connect_timeout.as_ref())
+            .set("log.level", self.log_level.as_ref());
+        s
+    }
+}
+
+impl CouchArgs {
+    pub fn add_to(&self, s: &mut Sources) {
+        s.set("couchdb.url", self.couchdb_url.as_ref())
+            .set("couchdb.database", self.database.as_ref());
+    }
+}
+
+/// Text appended to every program's `--help`.
+pub const ENV_HELP: &str = "\
+Configuration layers (later wins): defaults < --config FILE < VOGELER_* environment < flags.
+Environment names are VOGELER_<SECTION>__<KEY>, for example VOGELER_AMQP__URL,
+VOGELER_COUCHDB__USERNAME, VOGELER_COUCHDB__PASSWORD.
+
+Exit codes: 0 ok, 1 failure, 2 usage, 69 broker or database unavailable, 78 bad configuration.";

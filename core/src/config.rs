@@ -1,0 +1,583 @@
+//! Configuration: one raw shape for every program, loaded in layers, then validated into the
+//! settings each program needs.
+//!
+//! Layers, later wins: built-in defaults < `--config FILE` (TOML) < `VOGELER_*` environment
+//! (`VOGELER_AMQP__URL`, `VOGELER_COUCHDB__PASSWORD`: a double underscore separates section
+//! and key) < command-line flags. All three programs read the same shape, so one file or one
+//! environment can serve them all; a program ignores the sections it does not use, while a
+//! misspelt key anywhere is an error.
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use crate::{
+    couch::Credentials,
+    duration,
+    names::NodeName,
+    secret::{Secret, SecretUrl},
+    topology::Topology,
+};
+
+/// Defaults, in one place so docs and `--help` can quote them.
+pub mod defaults {
+    pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    pub const COLLECTIVE: &str = "vogeler";
+    pub const COUCHDB_URL: &str = "http://127.0.0.1:5984";
+    pub const DATABASE: &str = "system_records";
+    pub const CONNECT_TIMEOUT_SECS: u64 = 30;
+    pub const PLUGIN_DIR: &str = "/etc/vogeler/plugins.d";
+    pub const AGENT_CONCURRENCY: usize = 4;
+    pub const SERVER_PREFETCH: u16 = 64;
+    pub const RUNNER_TIMEOUT_SECS: u64 = 10;
+    pub const LOG_LEVEL: &str = "info";
+}
+
+/// The file/environment shape, before validation. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// How long to keep trying the broker and database at start-up.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default)]
+    pub amqp: RawAmqp,
+    #[serde(default)]
+    pub couchdb: RawCouch,
+    #[serde(default)]
+    pub agent: RawAgent,
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub runner: RawRunner,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAmqp {
+    pub url: Option<String>,
+    pub collective: Option<String>,
+    /// Delete our queues after they have been unused this long (test runs, short-lived fleets).
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub queue_expires: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCouch {
+    pub url: Option<String>,
+    pub database: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// A file holding the password (for systemd credentials or secret managers).
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub node: Option<String>,
+    pub plugin_dir: Option<PathBuf>,
+    pub concurrency: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub prefetch: Option<u16>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRunner {
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration: {0}")]
+    Load(String),
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Where configuration comes from. `env: None` reads the process environment.
+#[derive(Debug, Default)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    pub env: Option<HashMap<String, String>>,
+    /// Flags, as `section.key` → value.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// Record a flag's value if it was given.
+    pub fn set(&mut self, key: &str, value: Option<impl ToString>) -> &mut Self {
+        if let Some(v) = value {
+            self.overrides.push((key.to_string(), v.to_string()));
+        }
+        self
+    }
+}
+
+/// Read every layer into one raw config.
+pub fn load(sources: &Sources) -> Result<RawConfig, ConfigError> {
+    let mut b = config::Config::builder();
+    if let Some(file) = &sources.file {
+        if !file.is_file() {
+            return Err(ConfigError::Load(format!(
+                "config file {} does not exist",
+                file.display()
+            )));
+        }
+        b = b.add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml));
+    }
+    let env = config::Environment::with_prefix("VOGELER")
+        .prefix_separator("_")
+        .separator("__")
+        .source(sources.env.clone());
+    b = b.add_source(env);
+    for (k, v) in &sources.overrides {
+        b = b
+            .set_override(k.as_str(), v.as_str())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+    }
+    let loaded = b.build().map_err(|e| ConfigError::Load(e.to_string()))?;
+    loaded
+        .try_deserialize()
+        .map_err(|e| ConfigError::Load(e.to_string()))
+}
+
+/// What every program needs to reach the broker.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub url: SecretUrl,
+    pub topology: Topology,
+    pub connect_timeout: Duration,
+}
+
+/// What the server and runner need to reach CouchDB.
+#[derive(Debug, Clone)]
+pub struct CouchSettings {
+    pub url: SecretUrl,
+    pub database: String,
+    pub credentials: Option<Credentials>,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub broker: BrokerSettings,
+    pub node: NodeName,
+    pub plugin_dir: PathBuf,
+    /// Plugin runs allowed at once; more commands wait in the queue.
+    pub concurrency: usize,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub broker: BrokerSettings,
+    pub couch: CouchSettings,
+    /// Unacked results the broker may hand the server at once.
+    pub prefetch: u16,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunnerSettings {
+    pub broker: BrokerSettings,
+    pub couch: CouchSettings,
+    pub timeout: Duration,
+    pub log_level: String,
+}
+
+/// Collects every problem before reporting, so an operator fixes them in one go.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check<T, E: std::fmt::Display>(&mut self, key: &str, r: Result<T, E>) -> Option<T> {
+        r.map_err(|e| self.0.push(format!("{key}: {e}"))).ok()
+    }
+    fn finish<T>(self, build: impl FnOnce() -> Option<T>) -> Result<T, ConfigError> {
+        if self.0.is_empty() {
+            build()
+                .ok_or_else(|| ConfigError::Invalid(vec!["internal: incomplete settings".into()]))
+        } else {
+            Err(ConfigError::Invalid(self.0))
+        }
+    }
+}
+
+fn validate_url(
+    p: &mut Problems,
+    key: &str,
+    raw: Option<&str>,
+    default: &str,
+    schemes: &[&str],
+) -> Option<SecretUrl> {
+    let s = raw.unwrap_or(default);
+    let url = p.check(
+        key,
+        SecretUrl::parse(s).map_err(|e| format!("{:?} is not a URL ({e})", redact(s))),
+    )?;
+    if !schemes.contains(&url.expose().scheme()) {
+        p.0.push(format!(
+            "{key}: {url} must start with {}",
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ));
+        return None;
+    }
+    Some(url)
+}
+
+/// Best-effort redaction for a string that failed to parse as a URL.
+fn redact(s: &str) -> String {
+    match (s.find("://"), s.rfind('@')) {
+        (Some(i), Some(j)) if j > i => format!("{}://***{}", &s[..i], &s[j..]),
+        _ => s.to_string(),
+    }
+}
+
+fn validate_collective(p: &mut Problems, raw: Option<&str>) -> Option<String> {
+    let c = raw.unwrap_or(defaults::COLLECTIVE);
+    let ok = !c.is_empty()
+        && c.len() <= 64
+        && c.chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '-' | '_'));
+    if ok {
+        Some(c.to_string())
+    } else {
+        p.0.push(format!(
+            "amqp.collective: {c:?} must be 1-64 letters, digits, '-' or '_'"
+        ));
+        None
+    }
+}
+
+/// CouchDB's rule for database names.
+fn validate_database(p: &mut Problems, raw: Option<&str>) -> Option<String> {
+    let d = raw.unwrap_or(defaults::DATABASE);
+    let mut chars = d.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_$()+-/".contains(c))
+        && d.len() <= 238;
+    if ok {
+        Some(d.to_string())
+    } else {
+        p.0.push(format!(
+            "couchdb.database: {d:?} is not a valid CouchDB database name (lowercase letter first, then a-z 0-9 _$()+-/)"
+        ));
+        None
+    }
+}
+
+fn validate_level(p: &mut Problems, raw: &RawLog) -> String {
+    let level = raw
+        .level
+        .clone()
+        .unwrap_or_else(|| defaults::LOG_LEVEL.into());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+        p.0.push(format!(
+            "log.level: {level:?} is not a log filter ({e}); try info or debug"
+        ));
+    }
+    level
+}
+
+impl RawConfig {
+    fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+            .unwrap_or(Duration::from_secs(defaults::CONNECT_TIMEOUT_SECS))
+    }
+
+    fn broker(&self, p: &mut Problems) -> Option<BrokerSettings> {
+        let url = validate_url(
+            p,
+            "amqp.url",
+            self.amqp.url.as_deref(),
+            defaults::AMQP_URL,
+            &["amqp", "amqps"],
+        );
+        let collective = validate_collective(p, self.amqp.collective.as_deref());
+        Some(BrokerSettings {
+            url: url?,
+            topology: Topology::new(collective?, self.amqp.queue_expires),
+            connect_timeout: self.connect_timeout(),
+        })
+    }
+
+    fn couch(&self, p: &mut Problems) -> Option<CouchSettings> {
+        let c = &self.couchdb;
+        let url = validate_url(
+            p,
+            "couchdb.url",
+            c.url.as_deref(),
+            defaults::COUCHDB_URL,
+            &["http", "https"],
+        );
+        let database = validate_database(p, c.database.as_deref());
+        let password = match (&c.password, &c.password_file) {
+            (Some(_), Some(_)) => {
+                p.0.push("couchdb.password and couchdb.password_file: give one, not both".into());
+                None
+            }
+            (Some(pw), None) => Some(pw.clone()),
+            (None, Some(file)) => p.check(
+                "couchdb.password_file",
+                std::fs::read_to_string(file)
+                    .map(|s| Secret::new(s.trim_end_matches(['\r', '\n'])))
+                    .map_err(|e| format!("cannot read {}: {e}", file.display())),
+            ),
+            (None, None) => None,
+        };
+        let credentials = match (&c.username, password) {
+            (Some(u), Some(pw)) => Some(Credentials {
+                username: u.clone(),
+                password: pw,
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                p.0.push("couchdb.username is set but no password: set couchdb.password or couchdb.password_file (or VOGELER_COUCHDB__PASSWORD)".into());
+                None
+            }
+            (None, Some(_)) => {
+                p.0.push("couchdb.password is set but no username: set couchdb.username".into());
+                None
+            }
+        };
+        Some(CouchSettings {
+            url: url?,
+            database: database?,
+            credentials,
+            connect_timeout: self.connect_timeout(),
+        })
+    }
+
+    /// Settings for `vogeler-agent`. `hostname` is the node name used when none is configured.
+    pub fn agent(&self, hostname: Option<String>) -> Result<AgentSettings, ConfigError> {
+        let mut p = Problems::default();
+        let broker = self.broker(&mut p);
+        let node = match self.agent.node.clone().or(hostname) {
+            Some(n) => p.check("agent.node", NodeName::new(n)),
+            None => {
+                p.0.push(
+                    "agent.node: no node name given and the host name is unknown; pass --node"
+                        .into(),
+                );
+                None
+            }
+        };
+        let concurrency = self
+            .agent
+            .concurrency
+            .unwrap_or(defaults::AGENT_CONCURRENCY);
+        if concurrency == 0 {
+            p.0.push("agent.concurrency: must be at least 1".into());
+        }
+        let log_level = validate_level(&mut p, &self.log);
+        p.finish(|| {
+            Some(AgentSettings {
+                broker: broker?,
+                node: node?,
+                plugin_dir: self
+                    .agent
+                    .plugin_dir
+                    .clone()
+                    .unwrap_or_else(|| defaults::PLUGIN_DIR.into()),
+                concurrency,
+                log_level,
+            })
+        })
+    }
+
+    /// Settings for `vogeler-server`.
+    pub fn server(&self) -> Result<ServerSettings, ConfigError> {
+        let mut p = Problems::default();
+        let broker = self.broker(&mut p);
+        let couch = self.couch(&mut p);
+        let prefetch = self.server.prefetch.unwrap_or(defaults::SERVER_PREFETCH);
+        if prefetch == 0 {
+            p.0.push("server.prefetch: must be at least 1".into());
+        }
+        let log_level = validate_level(&mut p, &self.log);
+        p.finish(|| {
+            Some(ServerSettings {
+                broker: broker?,
+                couch: couch?,
+                prefetch,
+                log_level,
+            })
+        })
+    }
+
+    /// Settings for `vogeler-runner`.
+    pub fn runner(&self) -> Result<RunnerSettings, ConfigError> {
+        let mut p = Problems::default();
+        let broker = self.broker(&mut p);
+        let couch = self.couch(&mut p);
+        let timeout = self
+            .runner
+            .timeout
+            .unwrap_or(Duration::from_secs(defaults::RUNNER_TIMEOUT_SECS));
+        if timeout.is_zero() {
+            p.0.push("runner.timeout: must be longer than zero".into());
+        }
+        let log_level = validate_level(&mut p, &self.log);
+        p.finish(|| {
+            Some(RunnerSettings {
+                broker: broker?,
+                couch: couch?,
+                timeout,
+                log_level,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(file: Option<&str>, env: &[(&str, &str)], flags: &[(&str, &str)]) -> Sources {
+        let file = file.map(|body| {
+            let path =
+                std::env::temp_dir().join(format!("vogeler-cfg-{}.toml", uuid::Uuid::new_v4()));
+            std::fs::write(&path, body).expect("write config");
+            path
+        });
+        Sources {
+            file,
+            env: Some(
+                env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            overrides: flags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let s = load(&sources(None, &[], &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        assert_eq!(s.couch.database, "system_records");
+        assert_eq!(s.broker.topology.collective(), "vogeler");
+        assert_eq!(s.broker.connect_timeout, Duration::from_secs(30));
+        assert!(s.couch.credentials.is_none());
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let file = "connect_timeout = 5\n[couchdb]\ndatabase = \"from_file\"\nurl = \"http://file:5984\"\n[runner]\ntimeout = \"2s\"\n";
+        let env = [
+            ("VOGELER_COUCHDB__DATABASE", "from_env"),
+            ("VOGELER_RUNNER__TIMEOUT", "750ms"),
+        ];
+        let flags = [("runner.timeout", "3")];
+        let s = load(&sources(Some(file), &env, &flags))
+            .expect("load")
+            .runner()
+            .expect("valid");
+        assert_eq!(s.couch.url.expose().host_str(), Some("file"));
+        assert_eq!(s.couch.database, "from_env");
+        assert_eq!(s.timeout, Duration::from_secs(3));
+        assert_eq!(s.couch.connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn credentials_from_environment_only() {
+        let env = [
+            ("VOGELER_COUCHDB__USERNAME", "admin"),
+            ("VOGELER_COUCHDB__PASSWORD", "s3cret"),
+        ];
+        let s = load(&sources(None, &env, &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        let c = s.couch.credentials.expect("credentials");
+        assert_eq!(c.password.expose(), "s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let flags = [
+            ("amqp.url", "http://nope"),
+            ("amqp.collective", "a b"),
+            ("couchdb.database", "Bad"),
+            ("couchdb.username", "admin"),
+            ("log.level", "loud=???"),
+        ];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect_err("invalid");
+        let ConfigError::Invalid(problems) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+        let text = err.to_string();
+        for key in [
+            "amqp.url",
+            "amqp.collective",
+            "couchdb.database",
+            "couchdb.username",
+            "log.level",
+        ] {
+            assert!(text.contains(key), "{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key() {
+        let err = load(&sources(Some("[amqp]\nulr = \"x\"\n"), &[], &[])).expect_err("unknown key");
+        assert!(err.to_string().contains("ulr"), "{err}");
+        let err =
+            load(&sources(None, &[("VOGELER_AMQP__PASWORD", "x")], &[])).expect_err("unknown env");
+        assert!(err.to_string().contains("pasword"), "{err}");
+    }
+
+    #[test]
+    fn agent_node_defaults_to_hostname_and_is_validated() {
+        let raw = load(&sources(None, &[], &[])).expect("load");
+        assert_eq!(
+            raw.agent(Some("host1".into()))
+                .expect("valid")
+                .node
+                .as_str(),
+            "host1"
+        );
+        let raw = load(&sources(None, &[], &[("agent.node", "_bad")])).expect("load");
+        assert!(
+            raw.agent(Some("host1".into()))
+                .expect_err("bad node")
+                .to_string()
+                .contains("agent.node")
+        );
+    }
+
+    #[test]
+    fn unparsable_url_is_redacted() {
+        assert_eq!(redact("amqp://u:pw@@host"), "amqp://***@host");
+    }
+}

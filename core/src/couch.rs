@@ -1,0 +1,306 @@
+//! A small CouchDB client over reqwest.
+//!
+//! Why not couch_rs: its start-up check needs the `"couchdb"` field of `GET /`, which
+//! CouchDB-compatible servers such as pouchdb-server lack, and the server needs the exact
+//! status of every write (409 conflict versus 5xx) to decide between re-reading, retrying
+//! and giving up. This client uses only the documented CouchDB 3.x HTTP API: `GET /`,
+//! `PUT/DELETE /{db}`, `GET/PUT /{db}/{docid}` and `GET /{db}/_all_docs`.
+
+use std::time::Duration;
+
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::{Serialize, de::DeserializeOwned};
+use url::Url;
+
+use crate::secret::{Secret, SecretUrl};
+
+/// How long one HTTP request may take before it counts as a transient failure.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CouchError {
+    #[error("database server at {url} is unreachable: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{method} {path} on {url} failed with {status}: {reason}")]
+    Status {
+        method: Method,
+        path: String,
+        url: String,
+        status: StatusCode,
+        reason: String,
+    },
+    #[error("document {id:?} in {db:?} changed while we wrote it (conflict)")]
+    Conflict { db: String, id: String },
+    #[error("unexpected response to {path} from {url}: {source}")]
+    Decode {
+        path: String,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl CouchError {
+    /// Worth retrying later with the same request: the server is down, overloaded or slow.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CouchError::Unreachable { .. } => true,
+            CouchError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+                    || *status == StatusCode::REQUEST_TIMEOUT
+            }
+            CouchError::Conflict { .. } | CouchError::Decode { .. } => false,
+        }
+    }
+}
+
+/// Credentials for CouchDB's basic authentication.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// A handle on one CouchDB server. Cheap to clone (one connection pool).
+#[derive(Debug, Clone)]
+pub struct CouchClient {
+    http: reqwest::Client,
+    base: Url,
+    credentials: Option<Credentials>,
+}
+
+#[derive(serde::Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    error: String,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(serde::Deserialize)]
+struct AllDocs {
+    rows: Vec<AllDocsRow>,
+}
+
+#[derive(serde::Deserialize)]
+struct AllDocsRow {
+    id: String,
+}
+
+#[derive(serde::Deserialize)]
+struct PutOk {
+    rev: String,
+}
+
+impl CouchClient {
+    /// Credentials embedded in the URL (`http://user:pass@host`) are used when none are given.
+    pub fn new(url: &SecretUrl, credentials: Option<Credentials>) -> Result<Self, reqwest::Error> {
+        let mut base = url.expose().clone();
+        let from_url = (!base.username().is_empty()).then(|| Credentials {
+            username: base.username().to_string(),
+            password: Secret::new(base.password().unwrap_or_default()),
+        });
+        let _ = base.set_username("");
+        let _ = base.set_password(None);
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .build()?;
+        Ok(Self {
+            http,
+            base,
+            credentials: credentials.or(from_url),
+        })
+    }
+
+    /// The server's base URL, without credentials.
+    pub fn url(&self) -> &str {
+        self.base.as_str()
+    }
+
+    fn endpoint(&self, segments: &[&str]) -> Url {
+        let mut u = self.base.clone();
+        if let Ok(mut path) = u.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        u
+    }
+
+    fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
+        let req = self.http.request(method, self.endpoint(segments));
+        match &self.credentials {
+            Some(c) => req.basic_auth(&c.username, Some(c.password.expose())),
+            None => req,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&[u8]>,
+    ) -> Result<reqwest::Response, CouchError> {
+        let mut req = self.request(method, segments);
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_vec());
+        }
+        req.send().await.map_err(|source| CouchError::Unreachable {
+            url: self.base.to_string(),
+            source,
+        })
+    }
+
+    async fn error(
+        &self,
+        method: Method,
+        segments: &[&str],
+        resp: reqwest::Response,
+    ) -> CouchError {
+        let status = resp.status();
+        let body: ErrorBody = resp.json().await.unwrap_or(ErrorBody {
+            error: String::new(),
+            reason: String::new(),
+        });
+        let reason = match (body.error.is_empty(), body.reason.is_empty()) {
+            (true, true) => status
+                .canonical_reason()
+                .unwrap_or("no reason given")
+                .to_string(),
+            (false, true) => body.error,
+            (_, false) => format!("{} ({})", body.reason, body.error),
+        };
+        CouchError::Status {
+            method,
+            path: format!("/{}", segments.join("/")),
+            url: self.base.to_string(),
+            status,
+            reason,
+        }
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        resp: reqwest::Response,
+    ) -> Result<T, CouchError> {
+        resp.json().await.map_err(|source| CouchError::Decode {
+            path: format!("/{}", segments.join("/")),
+            url: self.base.to_string(),
+            source,
+        })
+    }
+
+    /// `GET /`: is the server there and answering?
+    pub async fn ping(&self) -> Result<(), CouchError> {
+        let resp = self.send(Method::GET, &[], None).await?;
+        if !resp.status().is_success() {
+            return Err(self.error(Method::GET, &[], resp).await);
+        }
+        self.json::<serde_json::Value>(&[], resp).await.map(|_| ())
+    }
+
+    /// Create `db` unless it exists. Returns whether it was created.
+    pub async fn ensure_database(&self, db: &str) -> Result<bool, CouchError> {
+        let resp = self.send(Method::PUT, &[db], None).await?;
+        match resp.status() {
+            StatusCode::CREATED | StatusCode::ACCEPTED => Ok(true),
+            StatusCode::PRECONDITION_FAILED => Ok(false),
+            _ => Err(self.error(Method::PUT, &[db], resp).await),
+        }
+    }
+
+    /// Delete `db`; a missing database is not an error.
+    pub async fn delete_database(&self, db: &str) -> Result<(), CouchError> {
+        let resp = self.send(Method::DELETE, &[db], None).await?;
+        match resp.status() {
+            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
+            _ => Err(self.error(Method::DELETE, &[db], resp).await),
+        }
+    }
+
+    /// Read a document; `None` when it (or the database) does not exist.
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        db: &str,
+        id: &str,
+    ) -> Result<Option<T>, CouchError> {
+        let resp = self.send(Method::GET, &[db, id], None).await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => self.json(&[db, id], resp).await.map(Some),
+            _ => Err(self.error(Method::GET, &[db, id], resp).await),
+        }
+    }
+
+    /// Write a document (its `_rev` in the body decides create versus update) and return the
+    /// new revision. A stale `_rev` gives [`CouchError::Conflict`].
+    pub async fn put<T: Serialize>(
+        &self,
+        db: &str,
+        id: &str,
+        doc: &T,
+    ) -> Result<String, CouchError> {
+        let body = serde_json::to_vec(doc).unwrap_or_else(|e| unreachable!("document encode: {e}"));
+        let resp = self.send(Method::PUT, &[db, id], Some(&body)).await?;
+        match resp.status() {
+            StatusCode::CONFLICT => Err(CouchError::Conflict {
+                db: db.into(),
+                id: id.into(),
+            }),
+            s if s.is_success() => Ok(self.json::<PutOk>(&[db, id], resp).await?.rev),
+            _ => Err(self.error(Method::PUT, &[db, id], resp).await),
+        }
+    }
+
+    /// Ids of every non-design document; `None` when the database does not exist.
+    pub async fn all_ids(&self, db: &str) -> Result<Option<Vec<String>>, CouchError> {
+        let path = [db, "_all_docs"];
+        let resp = self.send(Method::GET, &path, None).await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(None),
+            s if s.is_success() => {
+                let docs: AllDocs = self.json(&path, resp).await?;
+                Ok(Some(
+                    docs.rows
+                        .into_iter()
+                        .map(|r| r.id)
+                        .filter(|id| !id.starts_with("_design/"))
+                        .collect(),
+                ))
+            }
+            _ => Err(self.error(Method::GET, &path, resp).await),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_escape_ids_and_drop_url_credentials() {
+        let url = SecretUrl::parse("http://admin:pw@127.0.0.1:5984/").expect("url");
+        let c = CouchClient::new(&url, None).expect("client");
+        assert_eq!(c.url(), "http://127.0.0.1:5984/");
+        assert_eq!(
+            c.credentials.as_ref().map(|c| c.username.as_str()),
+            Some("admin")
+        );
+        assert_eq!(
+            c.endpoint(&["db", "a/b c"]).as_str(),
+            "http://127.0.0.1:5984/db/a%2Fb%20c"
+        );
+        let prefixed = SecretUrl::parse("http://h:5984/couch/").expect("url");
+        let c = CouchClient::new(&prefixed, None).expect("client");
+        assert_eq!(
+            c.endpoint(&["db", "_all_docs"]).as_str(),
+            "http://h:5984/couch/db/_all_docs"
+        );
+    }
+}

@@ -1,0 +1,88 @@
+//! Secrets that must never reach a log line, and URLs printed without their password.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer};
+use url::Url;
+
+/// A password or key. `Debug` and `Display` print a placeholder; only [`Secret::expose`]
+/// gives the value, so every use is easy to find in review.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+/// A URL that may carry a password (`amqp://user:pass@host`). Displays with the password
+/// replaced, so it can go into logs and error messages.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(Url);
+
+impl SecretUrl {
+    pub fn parse(s: &str) -> Result<Self, url::ParseError> {
+        Url::parse(s).map(Self)
+    }
+    pub fn expose(&self) -> &Url {
+        &self.0
+    }
+    /// The URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        let mut u = self.0.clone();
+        if u.password().is_some() {
+            // Only fails for URLs that cannot have a password, which this one has.
+            let _ = u.set_password(Some("***"));
+        }
+        u.to_string()
+    }
+}
+
+impl fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s} {s:?}").contains("hunter2"));
+        let u = SecretUrl::parse("amqp://guest:hunter2@127.0.0.1:5672/%2f").expect("url");
+        assert_eq!(u.to_string(), "amqp://guest:***@127.0.0.1:5672/%2f");
+        assert!(!format!("{u:?}").contains("hunter2"));
+        assert_eq!(u.expose().password(), Some("hunter2"));
+    }
+}

@@ -1,0 +1,201 @@
+//! AMQP topology: every exchange, queue and routing-key name, and their declaration.
+//!
+//! ```text
+//! runner --(command, key "all" | "node.<name>")--> <c>.commands (topic)
+//!   --> <c>.agent.<node>   (durable; one per agent, bound to "all" and "node.<name>")
+//! agent  --(result, key "result.<request id>"; announce, key "announce.<node>")--> <c>.results (topic)
+//!   --> <c>.results        (durable; bound to "#", drained by the servers)
+//!   --> reply queue        (exclusive; one per runner request, bound to "result.<request id>")
+//! ```
+//! `<c>` is the collective, so several fleets or test runs can share one broker. Every program
+//! declares the shared part on connect (declarations are idempotent), so results are kept in
+//! the durable queue even when no server has ever run.
+
+use std::time::Duration;
+
+use lapin::{
+    Channel, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
+use uuid::Uuid;
+
+use crate::{names::NodeName, wire::Target};
+
+/// The binding that makes the results queue receive every result and announcement.
+const EVERYTHING: &str = "#";
+
+/// Names and declarations for one collective.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    collective: String,
+    /// `x-expires` for the queues we declare: unused queues vanish after this long. Test runs
+    /// and short-lived collectives set it so they leave nothing behind on a shared broker.
+    queue_expires: Option<Duration>,
+}
+
+impl Topology {
+    /// `collective` must already be validated (see [`crate::config`]).
+    pub fn new(collective: impl Into<String>, queue_expires: Option<Duration>) -> Self {
+        Self {
+            collective: collective.into(),
+            queue_expires,
+        }
+    }
+
+    pub fn collective(&self) -> &str {
+        &self.collective
+    }
+    pub fn commands_exchange(&self) -> String {
+        format!("{}.commands", self.collective)
+    }
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.collective)
+    }
+    pub fn results_queue(&self) -> String {
+        format!("{}.results", self.collective)
+    }
+    pub fn agent_queue(&self, node: &NodeName) -> String {
+        format!("{}.agent.{node}", self.collective)
+    }
+
+    /// The routing key a command for `target` is published with.
+    pub fn command_routing_key(target: &Target) -> String {
+        match target {
+            Target::All => "all".to_string(),
+            Target::Node(n) => format!("node.{n}"),
+        }
+    }
+    /// The keys an agent's queue is bound with: everything a command for it may carry.
+    pub fn agent_binding_keys(node: &NodeName) -> [String; 2] {
+        [
+            Self::command_routing_key(&Target::All),
+            Self::command_routing_key(&Target::Node(node.clone())),
+        ]
+    }
+    /// Results carry their request id so a runner can bind to exactly its own replies.
+    pub fn result_routing_key(request_id: Uuid) -> String {
+        format!("result.{request_id}")
+    }
+    pub fn announce_routing_key(node: &NodeName) -> String {
+        format!("announce.{node}")
+    }
+
+    fn queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if let Some(d) = self.queue_expires {
+            let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1);
+            args.insert("x-expires".into(), AMQPValue::LongLongInt(ms));
+        }
+        args
+    }
+
+    /// Exchanges and the durable results queue: what every program needs before it publishes.
+    pub async fn declare_shared(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        for ex in [self.commands_exchange(), self.results_exchange()] {
+            ch.exchange_declare(
+                ex.as_str().into(),
+                ExchangeKind::Topic,
+                durable,
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        let q = self.results_queue();
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions::durable(),
+            self.queue_args(),
+        )
+        .await?;
+        ch.queue_bind(
+            q.as_str().into(),
+            self.results_exchange().as_str().into(),
+            EVERYTHING.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// An agent's own durable command queue, bound for commands addressed to it.
+    pub async fn declare_agent_queue(
+        &self,
+        ch: &Channel,
+        node: &NodeName,
+    ) -> Result<String, lapin::Error> {
+        let q = self.agent_queue(node);
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions::durable(),
+            self.queue_args(),
+        )
+        .await?;
+        for key in Self::agent_binding_keys(node) {
+            ch.queue_bind(
+                q.as_str().into(),
+                self.commands_exchange().as_str().into(),
+                key.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        Ok(q)
+    }
+
+    /// A runner's private reply queue for one request; the broker deletes it when the runner
+    /// disconnects.
+    pub async fn declare_reply_queue(
+        &self,
+        ch: &Channel,
+        request_id: Uuid,
+    ) -> Result<String, lapin::Error> {
+        let opts = QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..Default::default()
+        };
+        let q = ch
+            .queue_declare("".into(), opts, FieldTable::default())
+            .await?;
+        let name = q.name().to_string();
+        ch.queue_bind(
+            name.as_str().into(),
+            self.results_exchange().as_str().into(),
+            Self::result_routing_key(request_id).as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        Ok(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_prefixed_by_collective() {
+        let t = Topology::new("fleet-a", None);
+        let n = NodeName::new("web01.example.com").expect("name");
+        assert_eq!(t.commands_exchange(), "fleet-a.commands");
+        assert_eq!(t.results_queue(), "fleet-a.results");
+        assert_eq!(t.agent_queue(&n), "fleet-a.agent.web01.example.com");
+        assert_eq!(Topology::command_routing_key(&Target::All), "all");
+        assert_eq!(
+            Topology::agent_binding_keys(&n),
+            ["all".to_string(), "node.web01.example.com".to_string()]
+        );
+        // A node command must match exactly the bound key, never another node's.
+        assert_eq!(
+            Topology::command_routing_key(&Target::Node(n.clone())),
+            Topology::agent_binding_keys(&n)[1]
+        );
+    }
+}

@@ -1,0 +1,374 @@
+//! The wire format: every message that crosses the broker, in one place.
+//!
+//! Each message is a JSON object `{"schema": 1, "kind": "...", ...}`. The schema version is
+//! checked before anything else so that a message from a newer release is refused with a
+//! clear reason instead of a confusing field error. Unknown fields are ignored: adding an
+//! optional field is compatible, anything else bumps [`SCHEMA_VERSION`].
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::names::{NodeName, PluginName};
+
+/// The schema version this release reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Messages larger than this are refused before parsing (a plugin's output is capped far lower).
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Every message Vogeler sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Message {
+    /// Runner → agents: run one plugin.
+    Command(Command),
+    /// Agent → server and runner: what a plugin run produced.
+    Result(PluginResult),
+    /// Agent → server: "I exist", sent when an agent (re)connects.
+    Announce(Announce),
+}
+
+impl Message {
+    /// A short name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Command(_) => "command",
+            Message::Result(_) => "result",
+            Message::Announce(_) => "announce",
+        }
+    }
+}
+
+/// Which nodes a command is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// Every agent of the collective.
+    All,
+    /// One node by name.
+    Node(NodeName),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::All => f.write_str("all"),
+            Target::Node(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// A request to run one configured plugin. It carries no arguments: an agent runs only what
+/// its own plugin files define.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Ties results to the request; also the idempotency key in the node document.
+    pub request_id: Uuid,
+    pub plugin: PluginName,
+    pub target: Target,
+    pub issued_at: DateTime<Utc>,
+}
+
+/// How a plugin run ended. `status` is what the runner shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Exit 0 and the output parsed in the plugin's format.
+    Ok,
+    /// The plugin exited non-zero or was killed by a signal.
+    Failed {
+        exit_code: Option<i32>,
+        signal: Option<i32>,
+        stderr_tail: String,
+    },
+    /// Exit 0, but the output did not parse in the plugin's format.
+    InvalidOutput { format: String, error: String },
+    /// The plugin ran past its timeout; its whole process group was killed.
+    TimedOut { timeout_ms: u64 },
+    /// The program could not be started (not found, not executable, ...).
+    FailedToStart { error: String },
+    /// The agent has no plugin of that name.
+    UnknownPlugin,
+}
+
+impl Outcome {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Outcome::Ok)
+    }
+    /// The `status` tag, for tables and metadata.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Failed { .. } => "failed",
+            Outcome::InvalidOutput { .. } => "invalid_output",
+            Outcome::TimedOut { .. } => "timed_out",
+            Outcome::FailedToStart { .. } => "failed_to_start",
+            Outcome::UnknownPlugin => "unknown_plugin",
+        }
+    }
+    /// The exit code when the process exited on its own.
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Outcome::Ok | Outcome::InvalidOutput { .. } => Some(0),
+            Outcome::Failed { exit_code, .. } => *exit_code,
+            _ => None,
+        }
+    }
+    /// A one-line explanation for anything but `ok`.
+    pub fn error_text(&self) -> Option<String> {
+        match self {
+            Outcome::Ok => None,
+            Outcome::Failed {
+                exit_code,
+                signal,
+                stderr_tail,
+            } => {
+                let how = match (exit_code, signal) {
+                    (Some(c), _) => format!("exit code {c}"),
+                    (None, Some(s)) => format!("killed by signal {s}"),
+                    (None, None) => "ended abnormally".to_string(),
+                };
+                let tail = stderr_tail.trim();
+                Some(if tail.is_empty() {
+                    how
+                } else {
+                    format!("{how}: {tail}")
+                })
+            }
+            Outcome::InvalidOutput { format, error } => {
+                Some(format!("output is not valid {format}: {error}"))
+            }
+            Outcome::TimedOut { timeout_ms } => Some(format!("timed out after {timeout_ms} ms")),
+            Outcome::FailedToStart { error } => Some(format!("failed to start: {error}")),
+            Outcome::UnknownPlugin => Some("no such plugin on this node".to_string()),
+        }
+    }
+}
+
+/// What one plugin run on one node produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginResult {
+    pub request_id: Uuid,
+    pub node: NodeName,
+    pub plugin: PluginName,
+    pub outcome: Outcome,
+    /// The parsed output; present only when `outcome` is `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Value>,
+    /// The output hit the agent's cap and was cut before parsing.
+    #[serde(default)]
+    pub truncated: bool,
+    pub collected_at: DateTime<Utc>,
+    pub duration_ms: u64,
+    pub agent_version: String,
+}
+
+/// A plugin an agent offers, with a hash of its definition so changes are visible.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    pub name: PluginName,
+    pub hash: String,
+}
+
+/// Sent by an agent each time it connects, so the server knows the node exists.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Announce {
+    pub node: NodeName,
+    pub agent_version: String,
+    pub plugins: Vec<PluginInfo>,
+    pub started_at: DateTime<Utc>,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// Why a message was refused. The text goes into logs (and later the dead-letter reason).
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("message of {0} bytes is larger than the {MAX_MESSAGE_BYTES} byte limit")]
+    TooLarge(usize),
+    #[error("message is not JSON: {0}")]
+    NotJson(#[source] serde_json::Error),
+    #[error("message has no schema version")]
+    NoSchema,
+    #[error("message has schema version {0}, this release reads {SCHEMA_VERSION}; upgrade it")]
+    UnsupportedSchema(u64),
+    #[error("message does not match schema {SCHEMA_VERSION}: {0}")]
+    Invalid(#[source] serde_json::Error),
+}
+
+#[derive(Serialize)]
+struct EnvelopeRef<'a> {
+    schema: u32,
+    #[serde(flatten)]
+    message: &'a Message,
+}
+
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(flatten)]
+    message: Message,
+}
+
+#[derive(Deserialize)]
+struct SchemaProbe {
+    schema: Option<Value>,
+}
+
+/// Serialize a message with the current schema version.
+pub fn encode(message: &Message) -> Vec<u8> {
+    let env = EnvelopeRef {
+        schema: SCHEMA_VERSION,
+        message,
+    };
+    // Serializing these types cannot fail: every map key is a string.
+    serde_json::to_vec(&env).unwrap_or_else(|e| unreachable!("wire encode: {e}"))
+}
+
+/// Parse and validate a message received from the broker.
+pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(WireError::TooLarge(bytes.len()));
+    }
+    let probe: SchemaProbe = serde_json::from_slice(bytes).map_err(WireError::NotJson)?;
+    match probe.schema {
+        None => return Err(WireError::NoSchema),
+        Some(Value::Number(n)) if n.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {}
+        Some(Value::Number(n)) => {
+            return Err(WireError::UnsupportedSchema(n.as_u64().unwrap_or(0)));
+        }
+        Some(_) => return Err(WireError::NoSchema),
+    }
+    let env: Envelope = serde_json::from_slice(bytes).map_err(WireError::Invalid)?;
+    Ok(env.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> DateTime<Utc> {
+        s.parse().expect("timestamp")
+    }
+
+    fn golden(name: &str) -> String {
+        let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    fn command() -> Message {
+        Message::Command(Command {
+            request_id: "7d0b8a39-52a4-4d3c-9a9f-6a0d1f0c2b11"
+                .parse()
+                .expect("uuid"),
+            plugin: PluginName::new("rpms").expect("name"),
+            target: Target::All,
+            issued_at: ts("2026-11-22T05:00:00Z"),
+        })
+    }
+
+    fn result() -> Message {
+        Message::Result(PluginResult {
+            request_id: "7d0b8a39-52a4-4d3c-9a9f-6a0d1f0c2b11"
+                .parse()
+                .expect("uuid"),
+            node: NodeName::new("web01").expect("name"),
+            plugin: PluginName::new("hello").expect("name"),
+            outcome: Outcome::Ok,
+            value: Some(serde_json::json!(["alpha", "beta"])),
+            truncated: false,
+            collected_at: ts("2026-11-22T05:00:01Z"),
+            duration_ms: 12,
+            agent_version: "0.1.0".into(),
+        })
+    }
+
+    fn announce() -> Message {
+        Message::Announce(Announce {
+            node: NodeName::new("web01").expect("name"),
+            agent_version: "0.1.0".into(),
+            plugins: vec![PluginInfo {
+                name: PluginName::new("hello").expect("name"),
+                hash: "sha256:00ff".into(),
+            }],
+            started_at: ts("2026-11-22T04:59:00Z"),
+            sent_at: ts("2026-11-22T04:59:01Z"),
+        })
+    }
+
+    #[test]
+    fn golden_round_trips() {
+        for (msg, file) in [
+            (command(), "command.json"),
+            (result(), "result.json"),
+            (announce(), "announce.json"),
+        ] {
+            let fixture = golden(file);
+            let want: Value = serde_json::from_str(&fixture).expect("fixture json");
+            let got: Value = serde_json::from_slice(&encode(&msg)).expect("encoded json");
+            assert_eq!(
+                got, want,
+                "encoding of {file} changed: the wire format is an interface"
+            );
+            assert_eq!(decode(fixture.as_bytes()).expect(file), msg);
+        }
+    }
+
+    #[test]
+    fn failure_outcomes_round_trip() {
+        for outcome in [
+            Outcome::Failed {
+                exit_code: Some(3),
+                signal: None,
+                stderr_tail: "boom".into(),
+            },
+            Outcome::InvalidOutput {
+                format: "json".into(),
+                error: "line 1".into(),
+            },
+            Outcome::TimedOut { timeout_ms: 500 },
+            Outcome::FailedToStart {
+                error: "rpm: not found".into(),
+            },
+            Outcome::UnknownPlugin,
+        ] {
+            let Message::Result(mut r) = result() else {
+                unreachable!()
+            };
+            r.outcome = outcome;
+            r.value = None;
+            let msg = Message::Result(r);
+            assert_eq!(decode(&encode(&msg)).expect("decode"), msg);
+        }
+    }
+
+    #[test]
+    fn refuses_bad_input_with_reasons() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"\xff\xfe", "not JSON"),
+            (b"{\"kind\":\"command\"}", "no schema"),
+            (b"{\"schema\":2,\"kind\":\"command\"}", "schema version 2"),
+            (b"{\"schema\":\"1\"}", "no schema"),
+            (
+                b"{\"schema\":1,\"kind\":\"launch_missiles\"}",
+                "does not match",
+            ),
+            (b"[1,2,3]", "not JSON"),
+        ];
+        for (bytes, want) in cases {
+            let err = decode(bytes).expect_err("must be refused").to_string();
+            assert!(err.contains(want), "{err:?} should mention {want:?}");
+        }
+        let bad_node = golden("result.json").replace("\"web01\"", "\"_design/x\"");
+        let err = decode(bad_node.as_bytes())
+            .expect_err("bad node")
+            .to_string();
+        assert!(err.contains("node name"), "{err}");
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_for_compatibility() {
+        let newer = golden("command.json").replace("{", "{\"added_later\":true,");
+        assert_eq!(decode(newer.as_bytes()).expect("decode"), command());
+    }
+}
