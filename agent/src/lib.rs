@@ -1,1 +1,298 @@
+//! vogeler-agent: runs on every node, waits for commands on its queue, runs the named plugin
+//! (only ever a configured one) and publishes the result.
+//!
+//! - [`plugin`]: plugin files and the catalog of a plugin directory.
+//! - [`format`]: how plugin output becomes JSON.
+//! - [`exec`]: bounded plugin execution.
+//!
+//! [`run`] is the whole agent; it takes its settings and a shutdown token so tests run it
+//! in-process against a real broker.
 
+pub mod exec;
+pub mod format;
+pub mod plugin;
+
+use std::{sync::Arc, time::Duration};
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::{
+    Channel, Connection,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+    },
+    types::FieldTable,
+};
+use tokio::sync::Semaphore;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+use vogeler_core::{
+    VERSION,
+    amqp::{self, AmqpError},
+    config::AgentSettings,
+    topology::Topology,
+    wire::{self, Announce, Command, Message, Outcome, PluginResult, Target},
+};
+
+use crate::plugin::Catalog;
+
+/// How long in-flight plugin runs may take to finish after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Broker(#[from] AmqpError),
+}
+
+impl AgentError {
+    /// The broker could not be reached at start-up (exit 69).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, AgentError::Broker(AmqpError::Unavailable { .. }))
+    }
+}
+
+/// The host name, used as the node name when none is configured.
+pub fn hostname() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+}
+
+/// Load the plugin directory, logging every file that was skipped.
+pub fn load_catalog(settings: &AgentSettings) -> Catalog {
+    let catalog = match Catalog::load_dir(&settings.plugin_dir) {
+        Ok(c) => c,
+        Err(problem) => {
+            error!(%problem, "no plugins loaded; every command will be answered unknown_plugin");
+            return Catalog::default();
+        }
+    };
+    for problem in &catalog.problems {
+        warn!(file = %problem.file.display(), problem = %problem.message, "plugin file skipped");
+    }
+    let names: Vec<&str> = catalog.plugins().map(|p| p.name.as_str()).collect();
+    info!(dir = %settings.plugin_dir.display(), count = names.len(), plugins = %names.join(","), "plugins loaded");
+    catalog
+}
+
+/// What every command handler shares.
+struct Shared {
+    settings: AgentSettings,
+    catalog: Catalog,
+    runs: Semaphore,
+}
+
+/// Run the agent until `cancel` fires. Gives up with [`AmqpError::Unavailable`] only when the
+/// broker cannot be reached within the connect timeout at start-up; later losses of the
+/// connection are retried without limit.
+pub async fn run(settings: AgentSettings, cancel: CancellationToken) -> Result<(), AgentError> {
+    let catalog = load_catalog(&settings);
+    let shared = Arc::new(Shared {
+        runs: Semaphore::new(settings.concurrency),
+        catalog,
+        settings,
+    });
+    let s = &shared.settings;
+    let name = format!("vogeler-agent {}", s.node);
+    let started_at = Utc::now();
+    let tracker = TaskTracker::new();
+
+    let mut conn = match amqp::connect_with_retry(
+        &s.broker.url,
+        &name,
+        Some(s.broker.connect_timeout),
+        &cancel,
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(AmqpError::Cancelled) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    loop {
+        match serve(&conn, &shared, started_at, &tracker, &cancel).await {
+            Ok(()) => break,
+            Err(e) => warn!(node = %s.node, error = %e, "lost the broker connection; reconnecting"),
+        }
+        conn = match amqp::connect_with_retry(&s.broker.url, &name, None, &cancel).await {
+            Ok(c) => c,
+            Err(_) => break,
+        };
+    }
+
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            grace_s = SHUTDOWN_GRACE.as_secs(),
+            "plugin runs still in flight at shutdown; their commands will be redelivered"
+        );
+    }
+    let _ = conn.close(200, "agent shutting down".into()).await;
+    info!(node = %s.node, "agent stopped");
+    Ok(())
+}
+
+/// One connection's life: declare, announce, consume until cancelled or the connection fails.
+async fn serve(
+    conn: &Connection,
+    shared: &Arc<Shared>,
+    started_at: chrono::DateTime<Utc>,
+    tracker: &TaskTracker,
+    cancel: &CancellationToken,
+) -> Result<(), AmqpError> {
+    let s = &shared.settings;
+    let topology = &s.broker.topology;
+    let publisher = amqp::publisher_channel(conn).await?;
+    topology.declare_shared(&publisher).await?;
+
+    let consumer_ch = conn.create_channel().await?;
+    let prefetch = u16::try_from(s.concurrency).unwrap_or(u16::MAX);
+    consumer_ch
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let queue = topology.declare_agent_queue(&consumer_ch, &s.node).await?;
+
+    let announce = Message::Announce(Announce {
+        node: s.node.clone(),
+        agent_version: VERSION.to_string(),
+        plugins: shared.catalog.infos(),
+        started_at,
+        sent_at: Utc::now(),
+    });
+    amqp::publish(
+        &publisher,
+        &topology.results_exchange(),
+        &Topology::announce_routing_key(&s.node),
+        &announce,
+    )
+    .await?;
+
+    let tag = format!("vogeler-agent-{}", s.node);
+    let mut consumer = consumer_ch
+        .basic_consume(
+            queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    info!(node = %s.node, queue = %queue, "waiting for commands");
+    loop {
+        let delivery = tokio::select! {
+            () = cancel.cancelled() => {
+                let _ = consumer_ch.basic_cancel(tag.as_str().into(), Default::default()).await;
+                return Ok(());
+            }
+            d = consumer.next() => d,
+        };
+        let delivery = match delivery {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(AmqpError::ConsumerEnded { queue }),
+        };
+        let shared = Arc::clone(shared);
+        let publisher = publisher.clone();
+        tracker.spawn(async move { handle(&shared, &publisher, delivery).await });
+    }
+}
+
+/// Handle one delivery from the agent's queue.
+async fn handle(shared: &Shared, publisher: &Channel, delivery: Delivery) {
+    let node = &shared.settings.node;
+    let command = match wire::decode(&delivery.data) {
+        Ok(Message::Command(c)) => c,
+        Ok(other) => {
+            return refuse(
+                &delivery,
+                node,
+                format!("expected a command, got a {} message", other.kind()),
+            )
+            .await;
+        }
+        Err(e) => return refuse(&delivery, node, e.to_string()).await,
+    };
+    if let Target::Node(n) = &command.target
+        && n != node
+    {
+        return refuse(&delivery, node, format!("command is for node {n}")).await;
+    }
+    let span = info_span!("command", request_id = %command.request_id, plugin = %command.plugin);
+    async {
+        let result = run_command(shared, &command).await;
+        let topology = &shared.settings.broker.topology;
+        let key = Topology::result_routing_key(command.request_id);
+        match amqp::publish(
+            publisher,
+            &topology.results_exchange(),
+            &key,
+            &Message::Result(result),
+        )
+        .await
+        {
+            Ok(()) => {
+                // Ack only once the broker holds the result: a crash before this re-runs the plugin.
+                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                    warn!(error = %e, "could not ack command; it will be redelivered");
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "could not publish result; command returned to the queue");
+                let _ = delivery
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+            }
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Run the plugin a command names, within the concurrency limit. Unknown plugins are
+/// answered, not ignored, so the runner can tell "no such plugin" from "no answer".
+async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
+    let collected = |outcome, value, truncated, duration: Duration| PluginResult {
+        request_id: command.request_id,
+        node: shared.settings.node.clone(),
+        plugin: command.plugin.clone(),
+        outcome,
+        value,
+        truncated,
+        collected_at: Utc::now(),
+        duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+        agent_version: VERSION.to_string(),
+    };
+    let Some(plugin) = shared.catalog.get(&command.plugin) else {
+        info!("unknown plugin requested");
+        return collected(Outcome::UnknownPlugin, None, false, Duration::ZERO);
+    };
+    let Ok(_permit) = shared.runs.acquire().await else {
+        unreachable!("the run semaphore is never closed")
+    };
+    debug!(program = %plugin.program.display(), "running plugin");
+    let e = exec::execute(plugin, exec::DEFAULT_MAX_OUTPUT).await;
+    info!(
+        outcome = e.outcome.status(),
+        duration_ms = e.duration.as_millis() as u64,
+        truncated = e.truncated,
+        "plugin finished"
+    );
+    collected(e.outcome, e.value, e.truncated, e.duration)
+}
+
+async fn refuse(delivery: &Delivery, node: &vogeler_core::names::NodeName, reason: String) {
+    warn!(node = %node, reason = %reason, "refused a malformed message");
+    // Not requeued: it would come straight back.
+    let _ = delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: false })
+        .await;
+}

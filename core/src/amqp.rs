@@ -27,6 +27,8 @@ pub enum AmqpError {
     },
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    #[error("the broker ended our consumer on queue {queue:?}")]
+    ConsumerEnded { queue: String },
     #[error("shutting down")]
     Cancelled,
 }

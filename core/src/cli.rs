@@ -27,7 +27,7 @@ pub struct CommonArgs {
     pub connect_timeout: Option<String>,
 
     /// Log filter for stderr: error, warn, info, debug, trace, or per-module directives
-    /// [env: VOGELER_LOG__LEVEL] [default: info]
+    /// [env: VOGELER_LOG__LEVEL] [default: info; warn for the runner]
     #[arg(long, value_name = "FILTER", global = true)]
     pub log_level: Option<String>,
 }

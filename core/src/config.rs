@@ -30,7 +30,9 @@ pub mod defaults {
     pub const AGENT_CONCURRENCY: usize = 4;
     pub const SERVER_PREFETCH: u16 = 64;
     pub const RUNNER_TIMEOUT_SECS: u64 = 10;
+    /// Daemons log their work; the runner is interactive and keeps stderr for problems.
     pub const LOG_LEVEL: &str = "info";
+    pub const RUNNER_LOG_LEVEL: &str = "warn";
 }
 
 /// The file/environment shape, before validation. Every field is optional.
@@ -286,11 +288,8 @@ fn validate_database(p: &mut Problems, raw: Option<&str>) -> Option<String> {
     }
 }
 
-fn validate_level(p: &mut Problems, raw: &RawLog) -> String {
-    let level = raw
-        .level
-        .clone()
-        .unwrap_or_else(|| defaults::LOG_LEVEL.into());
+fn validate_level(p: &mut Problems, raw: &RawLog, default: &str) -> String {
+    let level = raw.level.clone().unwrap_or_else(|| default.into());
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
         p.0.push(format!(
             "log.level: {level:?} is not a log filter ({e}); try info or debug"
@@ -389,7 +388,7 @@ impl RawConfig {
         if concurrency == 0 {
             p.0.push("agent.concurrency: must be at least 1".into());
         }
-        let log_level = validate_level(&mut p, &self.log);
+        let log_level = validate_level(&mut p, &self.log, defaults::LOG_LEVEL);
         p.finish(|| {
             Some(AgentSettings {
                 broker: broker?,
@@ -414,7 +413,7 @@ impl RawConfig {
         if prefetch == 0 {
             p.0.push("server.prefetch: must be at least 1".into());
         }
-        let log_level = validate_level(&mut p, &self.log);
+        let log_level = validate_level(&mut p, &self.log, defaults::LOG_LEVEL);
         p.finish(|| {
             Some(ServerSettings {
                 broker: broker?,
@@ -437,7 +436,7 @@ impl RawConfig {
         if timeout.is_zero() {
             p.0.push("runner.timeout: must be longer than zero".into());
         }
-        let log_level = validate_level(&mut p, &self.log);
+        let log_level = validate_level(&mut p, &self.log, defaults::RUNNER_LOG_LEVEL);
         p.finish(|| {
             Some(RunnerSettings {
                 broker: broker?,

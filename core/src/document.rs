@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::{
     names::{NodeName, RESERVED_PLUGIN_NAME},
-    wire::{Announce, PluginResult},
+    wire::{Announce, Outcome, PluginResult},
 };
 
 /// One node's document.
@@ -35,7 +35,8 @@ pub struct NodeDocument {
     /// Present on documents read from CouchDB; a write must carry it back.
     #[serde(rename = "_rev", default, skip_serializing_if = "Option::is_none")]
     pub rev: Option<String>,
-    #[serde(rename = "vogeler")]
+    /// Missing on documents someone created by hand; adopted with fresh metadata.
+    #[serde(rename = "vogeler", default = "NodeMeta::adopted")]
     pub meta: NodeMeta,
     /// Plugin values by plugin name (and any other top-level fields, kept as they are).
     #[serde(flatten)]
@@ -55,6 +56,19 @@ pub struct NodeMeta {
     pub agent_version: Option<String>,
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginMeta>,
+}
+
+impl NodeMeta {
+    fn adopted() -> Self {
+        let now = Utc::now();
+        Self {
+            created_at: now,
+            updated_at: now,
+            last_seen: None,
+            agent_version: None,
+            plugins: BTreeMap::new(),
+        }
+    }
 }
 
 /// How and when a plugin's value was last collected.
@@ -130,6 +144,12 @@ impl NodeDocument {
     /// Merge one plugin result. A result already applied, or older than the stored one,
     /// changes nothing; a failed run keeps the last good value and records why it failed.
     pub fn apply_result(&mut self, r: &PluginResult, now: DateTime<Utc>) -> Change {
+        if r.outcome == Outcome::UnknownPlugin {
+            // Nothing was collected, and a typo in a runner command must not leave a key for
+            // a plugin that does not exist in every document it reached.
+            self.saw(r.collected_at, &r.agent_version);
+            return Change::Unchanged;
+        }
         let key = r.plugin.as_str();
         let previous = self.meta.plugins.get(key);
         if previous.is_some_and(|p| p.request_id == r.request_id || p.collected_at > r.collected_at)
@@ -177,7 +197,7 @@ impl NodeDocument {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{names::PluginName, wire::Outcome};
+    use crate::names::PluginName;
     use serde_json::json;
 
     fn t(s: &str) -> DateTime<Utc> {
@@ -284,6 +304,17 @@ mod tests {
         assert_eq!(d.apply_announce(&a, t("05")), Change::Unchanged);
         assert_eq!(d.meta.last_seen, Some(t("03")));
         assert_eq!(d.meta.agent_version.as_deref(), Some("0.2.0"));
+    }
+
+    #[test]
+    fn unknown_plugin_adds_no_key() {
+        let mut d = doc();
+        assert_eq!(
+            d.apply_result(&result(1, "01", Outcome::UnknownPlugin, None), t("02")),
+            Change::Unchanged
+        );
+        assert!(d.meta.plugins.is_empty());
+        assert!(d.values.is_empty());
     }
 
     #[test]

@@ -107,6 +107,10 @@ impl PluginName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+    /// For clap's `value_parser`, which wants a `&str` parser with a displayable error.
+    pub fn new_checked(s: &str) -> Result<Self, String> {
+        Self::new(s).map_err(|e| e.to_string())
+    }
 }
 
 macro_rules! string_newtype {

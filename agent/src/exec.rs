@@ -1,0 +1,274 @@
+//! Running one plugin, bounded: a timeout that kills the whole process group, capped output,
+//! a clean environment, no stdin, and a typed outcome for every way a run can end.
+
+use std::{os::unix::process::ExitStatusExt, process::Stdio, time::Duration};
+
+use nix::{
+    sys::signal::{Signal, killpg},
+    unistd::Pid,
+};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use vogeler_core::wire::Outcome;
+
+use crate::plugin::Plugin;
+
+/// The `PATH` plugins run with; the agent's own environment is not passed on.
+pub const PLUGIN_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Default cap on a plugin's stdout.
+pub const DEFAULT_MAX_OUTPUT: usize = 4 * 1024 * 1024;
+/// How much of stderr is kept: enough for an error message, never a flood.
+const STDERR_KEEP: usize = 2048;
+
+/// What a run produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Execution {
+    pub outcome: Outcome,
+    pub value: Option<Value>,
+    /// Stdout hit the cap; the rest was read and thrown away.
+    pub truncated: bool,
+    pub duration: Duration,
+}
+
+/// Run `plugin` to completion or timeout. Never panics, never hangs past the timeout.
+pub async fn execute(plugin: &Plugin, max_output: usize) -> Execution {
+    let started = tokio::time::Instant::now();
+    let mut cmd = tokio::process::Command::new(&plugin.program);
+    cmd.args(&plugin.args)
+        .env_clear()
+        .env("PATH", PLUGIN_PATH)
+        .env("LANG", "C")
+        .env("LC_ALL", "C")
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group, so a timeout can kill everything it started.
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return Execution {
+                outcome: Outcome::FailedToStart {
+                    error: format!("{}: {e}", plugin.program.display()),
+                },
+                value: None,
+                truncated: false,
+                duration: started.elapsed(),
+            };
+        }
+    };
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        unreachable!("stdout and stderr are piped above")
+    };
+
+    let finished = tokio::time::timeout(plugin.timeout, async {
+        tokio::join!(
+            read_capped(stdout, max_output, false),
+            read_capped(stderr, STDERR_KEEP, true),
+            child.wait()
+        )
+    })
+    .await;
+    // Whatever happened, nothing the plugin started may outlive the run.
+    if let Some(pgid) = pgid {
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    let duration = started.elapsed();
+
+    let ((out, truncated), (err, _), status) = match finished {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = child.wait().await;
+            let timeout_ms = u64::try_from(plugin.timeout.as_millis()).unwrap_or(u64::MAX);
+            return Execution {
+                outcome: Outcome::TimedOut { timeout_ms },
+                value: None,
+                truncated: false,
+                duration,
+            };
+        }
+    };
+    let stderr_tail = String::from_utf8_lossy(&err).trim().to_string();
+    let outcome = match status {
+        Err(e) => Outcome::Failed {
+            exit_code: None,
+            signal: None,
+            stderr_tail: format!("cannot wait for plugin: {e}"),
+        },
+        Ok(s) if s.success() => match plugin.format.parse(&out) {
+            Ok(v) => {
+                return Execution {
+                    outcome: Outcome::Ok,
+                    value: Some(v),
+                    truncated,
+                    duration,
+                };
+            }
+            Err(error) => {
+                let error = if truncated {
+                    format!("{error} (output was cut at {max_output} bytes)")
+                } else {
+                    error
+                };
+                Outcome::InvalidOutput {
+                    format: plugin.format.name().to_string(),
+                    error,
+                }
+            }
+        },
+        Ok(s) => Outcome::Failed {
+            exit_code: s.code(),
+            signal: s.signal(),
+            stderr_tail,
+        },
+    };
+    Execution {
+        outcome,
+        value: None,
+        truncated,
+        duration,
+    }
+}
+
+/// Read a stream to its end, keeping at most `cap` bytes (the first ones, or the last ones
+/// with `keep_tail`). Reading on past the cap keeps the plugin from blocking on a full pipe.
+async fn read_capped(
+    mut r: impl AsyncRead + Unpin,
+    cap: usize,
+    keep_tail: bool,
+) -> (Vec<u8>, bool) {
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut cut = false;
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if keep_tail {
+            kept.extend_from_slice(&buf[..n]);
+            if kept.len() > cap {
+                kept.drain(..kept.len() - cap);
+                cut = true;
+            }
+        } else {
+            let room = cap.saturating_sub(kept.len());
+            kept.extend_from_slice(&buf[..n.min(room)]);
+            cut |= n > room;
+        }
+    }
+    (kept, cut)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Format;
+    use serde_json::json;
+    use std::path::PathBuf;
+    use vogeler_core::names::PluginName;
+
+    fn plugin(argv: &[&str], format: Format, timeout: Duration) -> Plugin {
+        Plugin {
+            name: PluginName::new("t").expect("name"),
+            description: None,
+            program: PathBuf::from(argv[0]),
+            args: argv[1..].iter().map(|s| s.to_string()).collect(),
+            format,
+            timeout,
+            file: PathBuf::from("/dev/null"),
+            hash: String::new(),
+        }
+    }
+
+    const T: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn completed_run_is_parsed() {
+        let e = execute(
+            &plugin(&["printf", "alpha\\nbeta\\n"], Format::Lines, T),
+            DEFAULT_MAX_OUTPUT,
+        )
+        .await;
+        assert_eq!(e.outcome, Outcome::Ok);
+        assert_eq!(e.value, Some(json!(["alpha", "beta"])));
+    }
+
+    #[tokio::test]
+    async fn nonzero_exit_reports_stderr() {
+        let e = execute(
+            &plugin(&["sh", "-c", "echo broken >&2; exit 3"], Format::Lines, T),
+            1024,
+        )
+        .await;
+        assert_eq!(
+            e.outcome,
+            Outcome::Failed {
+                exit_code: Some(3),
+                signal: None,
+                stderr_tail: "broken".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_program_fails_to_start() {
+        let e = execute(&plugin(&["rpm-does-not-exist"], Format::Lines, T), 1024).await;
+        let Outcome::FailedToStart { error } = e.outcome else {
+            panic!("{:?}", e.outcome)
+        };
+        assert!(error.contains("rpm-does-not-exist"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn bad_output_is_invalid_not_dropped() {
+        let e = execute(&plugin(&["echo", "{nope"], Format::Json, T), 1024).await;
+        assert!(
+            matches!(e.outcome, Outcome::InvalidOutput { ref format, .. } if format == "json"),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn environment_is_clean() {
+        let e = execute(&plugin(&["env"], Format::Kv, T), 1024).await;
+        let v = e.value.expect("env output");
+        let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+        assert_eq!(keys, ["LANG", "LC_ALL", "PATH"], "{v}");
+    }
+
+    #[tokio::test]
+    async fn output_is_capped() {
+        let e = execute(
+            &plugin(&["sh", "-c", "yes | head -c 3000000"], Format::String, T),
+            1000,
+        )
+        .await;
+        assert!(e.truncated);
+        assert_eq!(
+            e.value.expect("value").as_str().map(str::len),
+            Some(999),
+            "trimmed newline"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_process_group() {
+        // A grandchild keeps stdout open: the run must still end at the timeout.
+        let p = plugin(
+            &["sh", "-c", "sleep 30 & sleep 30"],
+            Format::Lines,
+            Duration::from_millis(300),
+        );
+        let e = execute(&p, 1024).await;
+        assert_eq!(e.outcome, Outcome::TimedOut { timeout_ms: 300 });
+        // Margin: the kill and reap take far less than 2 s.
+        assert!(e.duration < Duration::from_millis(2300), "{:?}", e.duration);
+    }
+}

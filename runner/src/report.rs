@@ -1,0 +1,284 @@
+//! What a query found, and how it is printed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    time::Duration,
+};
+
+use serde_json::Value;
+use uuid::Uuid;
+use vogeler_core::{
+    names::{NodeName, PluginName},
+    wire::{PluginResult, Target},
+};
+
+/// The outcome of one fan-out.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub request_id: Uuid,
+    pub plugin: PluginName,
+    pub target: Target,
+    /// Nodes that should answer: the registered nodes for `all`, the named node otherwise.
+    pub expected: BTreeSet<NodeName>,
+    /// Every reply received, by node (a node answers a request once).
+    pub replies: BTreeMap<NodeName, PluginResult>,
+    pub elapsed: Duration,
+}
+
+impl Report {
+    /// Expected nodes that did not answer in time.
+    pub fn missing(&self) -> Vec<&NodeName> {
+        self.expected
+            .iter()
+            .filter(|n| !self.replies.contains_key(*n))
+            .collect()
+    }
+
+    /// Nodes that answered without being expected. For `all` every agent is welcome (a node
+    /// may have started after the registry was read), so only named targets have these.
+    pub fn unexpected(&self) -> Vec<&NodeName> {
+        match self.target {
+            Target::All => vec![],
+            Target::Node(_) => self
+                .replies
+                .keys()
+                .filter(|n| !self.expected.contains(*n))
+                .collect(),
+        }
+    }
+
+    /// Nodes the summary counts: the expected ones plus, for `all`, any late joiner.
+    fn counted(&self) -> BTreeSet<&NodeName> {
+        let mut s: BTreeSet<&NodeName> = self.expected.iter().collect();
+        if self.target == Target::All {
+            s.extend(self.replies.keys());
+        }
+        s
+    }
+
+    /// Success means every counted node answered `ok` and at least one did.
+    pub fn success(&self) -> bool {
+        let counted = self.counted();
+        !counted.is_empty()
+            && counted
+                .iter()
+                .all(|n| self.replies.get(*n).is_some_and(|r| r.outcome.is_ok()))
+    }
+
+    /// The default text output: a row per node, then a summary.
+    pub fn render_table(&self) -> String {
+        let counted = self.counted();
+        let width = counted
+            .iter()
+            .map(|n| n.as_str().len())
+            .chain(self.unexpected().iter().map(|n| n.as_str().len()))
+            .max()
+            .unwrap_or(4)
+            .max(4);
+        let mut out = String::new();
+        let mut rows: Vec<&NodeName> = counted.iter().copied().collect();
+        rows.extend(self.unexpected());
+        for node in rows {
+            let _ = match self.replies.get(node) {
+                Some(r) => {
+                    let detail = match (&r.value, r.outcome.error_text()) {
+                        (_, Some(err)) => err,
+                        (Some(v), None) => {
+                            summarize(v) + if r.truncated { " (truncated)" } else { "" }
+                        }
+                        (None, None) => String::new(),
+                    };
+                    writeln!(
+                        out,
+                        "{node:<width$}  {:<15}  {:>7}  {}",
+                        r.outcome.status(),
+                        format!("{}ms", r.duration_ms),
+                        one_line(&detail, 100)
+                    )
+                }
+                None => writeln!(out, "{node:<width$}  {:<15}  {:>7}", "no response", "-"),
+            };
+        }
+        let answered = counted
+            .iter()
+            .filter(|n| self.replies.contains_key(**n))
+            .count();
+        let failed = counted
+            .iter()
+            .filter(|n| self.replies.get(**n).is_some_and(|r| !r.outcome.is_ok()))
+            .count();
+        let _ = write!(out, "{answered}/{} nodes answered", counted.len());
+        if failed > 0 {
+            let _ = write!(out, ", {failed} failed");
+        }
+        let _ = writeln!(out, " in {:.2}s", self.elapsed.as_secs_f64());
+        let missing = self.missing();
+        if !missing.is_empty() {
+            let names: Vec<&str> = missing.iter().map(|n| n.as_str()).collect();
+            let _ = writeln!(out, "no response from: {}", names.join(", "));
+        }
+        let unexpected = self.unexpected();
+        if !unexpected.is_empty() {
+            let names: Vec<&str> = unexpected.iter().map(|n| n.as_str()).collect();
+            let _ = writeln!(out, "unexpected response from: {}", names.join(", "));
+        }
+        if counted.is_empty() {
+            let _ = writeln!(
+                out,
+                "no nodes are registered and none answered: is an agent running in this collective?"
+            );
+        }
+        out
+    }
+}
+
+/// A short, human summary of a plugin value.
+pub fn summarize(v: &Value) -> String {
+    fn short(v: &Value) -> String {
+        match v {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+    let listing = |total: usize, items: Vec<String>, noun: &str| {
+        let shown: Vec<String> = items.into_iter().take(3).collect();
+        let more = if total > shown.len() { ", ..." } else { "" };
+        format!(
+            "{total} {noun}{}: {}{more}",
+            if total == 1 { "" } else { "s" },
+            shown.join(", ")
+        )
+    };
+    match v {
+        Value::Array(a) if a.is_empty() => "0 items".into(),
+        Value::Array(a) => listing(a.len(), a.iter().map(short).collect(), "item"),
+        Value::Object(o) if o.is_empty() => "0 keys".into(),
+        Value::Object(o) => listing(o.len(), o.keys().cloned().collect(), "key"),
+        other => short(other),
+    }
+}
+
+fn one_line(s: &str, max: usize) -> String {
+    let flat: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    match flat.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &flat[..i]),
+        None => flat,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use serde_json::json;
+    use vogeler_core::wire::Outcome;
+
+    fn node(n: &str) -> NodeName {
+        NodeName::new(n).expect("node")
+    }
+
+    fn reply(n: &str, outcome: Outcome, value: Option<Value>) -> (NodeName, PluginResult) {
+        (
+            node(n),
+            PluginResult {
+                request_id: Uuid::nil(),
+                node: node(n),
+                plugin: PluginName::new("hello").expect("plugin"),
+                outcome,
+                value,
+                truncated: false,
+                collected_at: Utc::now(),
+                duration_ms: 7,
+                agent_version: "0".into(),
+            },
+        )
+    }
+
+    fn report(target: Target, expected: &[&str], replies: Vec<(NodeName, PluginResult)>) -> Report {
+        Report {
+            request_id: Uuid::nil(),
+            plugin: PluginName::new("hello").expect("plugin"),
+            target,
+            expected: expected.iter().map(|n| node(n)).collect(),
+            replies: replies.into_iter().collect(),
+            elapsed: Duration::from_millis(1500),
+        }
+    }
+
+    #[test]
+    fn all_answered_ok() {
+        let r = report(
+            Target::All,
+            &["a", "b"],
+            vec![
+                reply("a", Outcome::Ok, Some(json!(["x", "y"]))),
+                reply("b", Outcome::Ok, Some(json!({"k": 1}))),
+            ],
+        );
+        assert!(r.success());
+        let t = r.render_table();
+        assert!(t.contains("2/2 nodes answered"), "{t}");
+        assert!(t.contains("2 items: x, y"), "{t}");
+        assert!(t.contains("1 key: k"), "{t}");
+        assert!(!t.contains("no response"), "{t}");
+    }
+
+    #[test]
+    fn missing_and_failed_nodes_are_named() {
+        let failed = Outcome::Failed {
+            exit_code: Some(3),
+            signal: None,
+            stderr_tail: "boom".into(),
+        };
+        let r = report(
+            Target::All,
+            &["a", "b", "c"],
+            vec![
+                reply("a", Outcome::Ok, Some(json!("v"))),
+                reply("b", failed, None),
+                reply("late", Outcome::Ok, Some(json!(1))),
+            ],
+        );
+        assert!(!r.success());
+        let t = r.render_table();
+        assert!(t.contains("3/4 nodes answered, 1 failed"), "{t}");
+        assert!(t.contains("no response from: c\n"), "{t}");
+        assert!(t.contains("exit code 3: boom"), "{t}");
+    }
+
+    #[test]
+    fn named_target_reports_unexpected_responders() {
+        let r = report(
+            Target::Node(node("a")),
+            &["a"],
+            vec![
+                reply("a", Outcome::Ok, Some(json!(1))),
+                reply("z", Outcome::Ok, Some(json!(1))),
+            ],
+        );
+        assert!(
+            r.success(),
+            "unexpected responders alone do not fail the run"
+        );
+        assert!(r.render_table().contains("unexpected response from: z"));
+    }
+
+    #[test]
+    fn nobody_is_not_success() {
+        let r = report(Target::All, &[], vec![]);
+        assert!(!r.success());
+        assert!(r.render_table().contains("0/0 nodes answered"));
+    }
+
+    #[test]
+    fn summaries() {
+        assert_eq!(
+            summarize(&json!(["a", "b", "c", "d"])),
+            "4 items: a, b, c, ..."
+        );
+        assert_eq!(summarize(&json!([])), "0 items");
+        assert_eq!(summarize(&json!("text")), "text");
+        assert_eq!(summarize(&json!(42)), "42");
+    }
+}
