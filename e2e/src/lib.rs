@@ -1,1 +1,264 @@
+//! Test support for Vogeler's integration and end-to-end tests.
+//!
+//! Every test gets its own [`TestStack`]: a unique collective (so its exchanges and queues are
+//! private, and expire after use) and a unique CouchDB database (deleted when the stack is
+//! dropped), on the real broker and database this machine runs. A missing server fails the
+//! test loudly; nothing here mocks the broker.
+//!
+//! - [`TestStack`]: names, settings and direct access for assertions.
+//! - [`spawn_agent`], [`spawn_server`]: the real `run()` functions in-process.
+//! - [`FaultProxy`]: a TCP proxy that can cut a connection, to simulate outages without
+//!   stopping the shared servers.
+//! - [`wait_for`]: poll a condition with a deadline.
 
+pub mod proxy;
+
+use std::{future::Future, path::Path, time::Duration};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use vogeler_core::{
+    config::{self, AgentSettings, RunnerSettings, ServerSettings, Sources},
+    couch::CouchClient,
+    document::NodeDocument,
+    names::NodeName,
+    secret::SecretUrl,
+};
+
+pub use proxy::FaultProxy;
+
+/// Where the shared test servers listen; override with the usual `VOGELER_*` variables.
+pub fn amqp_url() -> String {
+    std::env::var("VOGELER_TEST_AMQP_URL")
+        .unwrap_or_else(|_| config::defaults::AMQP_URL.to_string())
+}
+pub fn couchdb_url() -> String {
+    std::env::var("VOGELER_TEST_COUCHDB_URL")
+        .unwrap_or_else(|_| config::defaults::COUCHDB_URL.to_string())
+}
+
+/// How long our test queues live after their last use: long enough for any test, short
+/// enough that a crashed run leaves nothing behind for long.
+pub const QUEUE_EXPIRES: &str = "120s";
+
+/// One test's private slice of the shared broker and database.
+#[derive(Debug)]
+pub struct TestStack {
+    pub collective: String,
+    pub database: String,
+    pub amqp_url: String,
+    pub couchdb_url: String,
+    pub couch: CouchClient,
+}
+
+impl TestStack {
+    /// Check both servers answer (panicking with how to start them if not) and pick names.
+    pub async fn new() -> Self {
+        let id = Uuid::new_v4().simple().to_string();
+        let amqp_url = amqp_url();
+        let couchdb_url = couchdb_url();
+        let url = SecretUrl::parse(&amqp_url).expect("test AMQP URL");
+        if let Err(e) = vogeler_core::amqp::connect(&url, "vogeler-test-probe").await {
+            panic!(
+                "RabbitMQ is not reachable at {url}: {e}\nstart the stack with: scripts/stack.sh up"
+            );
+        }
+        let couch = CouchClient::new(
+            &SecretUrl::parse(&couchdb_url).expect("test CouchDB URL"),
+            None,
+        )
+        .expect("http client");
+        if let Err(e) = couch.ping().await {
+            panic!(
+                "the CouchDB-compatible server is not reachable at {couchdb_url}: {e}\nstart the stack with: scripts/stack.sh up"
+            );
+        }
+        Self {
+            collective: format!("test-{}", &id[..12]),
+            database: format!("test_{}", &id[..12]),
+            amqp_url,
+            couchdb_url,
+            couch,
+        }
+    }
+
+    /// Config sources for this stack, exactly as flags would give them (no environment).
+    pub fn sources(&self) -> Sources {
+        let mut s = Sources {
+            env: Some(Default::default()),
+            ..Default::default()
+        };
+        s.set("amqp.url", Some(&self.amqp_url))
+            .set("amqp.collective", Some(&self.collective))
+            .set("amqp.queue_expires", Some(QUEUE_EXPIRES))
+            .set("couchdb.url", Some(&self.couchdb_url))
+            .set("couchdb.database", Some(&self.database))
+            .set("connect_timeout", Some("10"))
+            .set("log.level", Some("warn"));
+        s
+    }
+
+    pub fn agent_settings(&self, node: &str, plugin_dir: &Path) -> AgentSettings {
+        let mut s = self.sources();
+        s.set("agent.node", Some(node))
+            .set("agent.plugin_dir", Some(plugin_dir.display()));
+        config::load(&s)
+            .expect("load")
+            .agent(None)
+            .expect("agent settings")
+    }
+
+    pub fn server_settings(&self) -> ServerSettings {
+        config::load(&self.sources())
+            .expect("load")
+            .server()
+            .expect("server settings")
+    }
+
+    pub fn runner_settings(&self, timeout: &str) -> RunnerSettings {
+        let mut s = self.sources();
+        s.set("runner.timeout", Some(timeout));
+        config::load(&s)
+            .expect("load")
+            .runner()
+            .expect("runner settings")
+    }
+
+    /// The topology every program of this stack declares.
+    pub fn topology(&self) -> vogeler_core::topology::Topology {
+        self.server_settings().broker.topology
+    }
+
+    /// The node document as stored, if any.
+    pub async fn document(&self, node: &str) -> Option<NodeDocument> {
+        self.couch
+            .get(&self.database, node)
+            .await
+            .expect("read node document")
+    }
+
+    /// Ids of every node document.
+    pub async fn node_ids(&self) -> Vec<String> {
+        self.couch
+            .all_ids(&self.database)
+            .await
+            .expect("list documents")
+            .unwrap_or_default()
+    }
+
+    /// Wait until these nodes have documents (they announced themselves to the server).
+    pub async fn wait_registered(&self, nodes: &[&str]) {
+        wait_for(
+            &format!("nodes {nodes:?} registered"),
+            Duration::from_secs(20),
+            || async {
+                let ids = self.node_ids().await;
+                nodes.iter().all(|n| ids.iter().any(|i| i == n))
+            },
+        )
+        .await;
+    }
+}
+
+impl Drop for TestStack {
+    fn drop(&mut self) {
+        // Drop cannot await; a short-lived runtime on its own thread deletes the database. It
+        // needs its own client: pooled connections belong to the test's runtime.
+        let url = self.couchdb_url.clone();
+        let db = self.database.clone();
+        let _ = std::thread::spawn(move || {
+            let (Ok(rt), Ok(url)) = (
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build(),
+                SecretUrl::parse(&url),
+            ) else {
+                return;
+            };
+            if let Ok(couch) = CouchClient::new(&url, None) {
+                let _ = rt.block_on(couch.delete_database(&db));
+            }
+        })
+        .join();
+    }
+}
+
+/// A program running in-process; cancelled when dropped.
+#[derive(Debug)]
+pub struct Running<E> {
+    pub cancel: CancellationToken,
+    pub task: Option<JoinHandle<Result<(), E>>>,
+}
+
+impl<E> Running<E> {
+    /// Ask it to stop and wait until it did.
+    pub async fn stop(mut self) -> Result<(), E> {
+        self.cancel.cancel();
+        let task = self.task.take().expect("task");
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("program did not stop within 20 s of cancellation")
+            .expect("program task panicked")
+    }
+}
+
+impl<E> Drop for Running<E> {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub fn spawn_agent(settings: AgentSettings) -> Running<vogeler_agent::AgentError> {
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(vogeler_agent::run(settings, cancel.clone()));
+    Running {
+        cancel,
+        task: Some(task),
+    }
+}
+
+pub fn spawn_server(settings: ServerSettings) -> Running<vogeler_server::ServerError> {
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(vogeler_server::run(settings, cancel.clone()));
+    Running {
+        cancel,
+        task: Some(task),
+    }
+}
+
+/// A plugin directory with the given files (name, TOML body).
+pub fn plugin_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("plugin dir");
+    for (name, body) in files {
+        std::fs::write(dir.path().join(name), body).expect("write plugin file");
+    }
+    dir
+}
+
+/// The `hello` plugin the README uses.
+pub const HELLO: &str =
+    "name = \"hello\"\ncommand = [\"printf\", \"alpha\\nbeta\\n\"]\nformat = \"lines\"\n";
+
+/// Poll `check` every 50 ms until it holds; panic naming `what` after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A valid node name, for tests.
+pub fn node(name: &str) -> NodeName {
+    NodeName::new(name).expect("node name")
+}
