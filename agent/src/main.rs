@@ -11,6 +11,7 @@ use vogeler_core::{cli::CommonArgs, config, exit, shutdown, telemetry};
 #[command(
     name = "vogeler-agent",
     version,
+    args_override_self = true,
     after_help = vogeler_core::cli::ENV_HELP,
     after_long_help = concat!(
         "Example:\n  vogeler-agent --node web01 --plugin-dir ./plugins\n\n",

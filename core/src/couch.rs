@@ -16,6 +16,9 @@ use crate::secret::{Secret, SecretUrl};
 
 /// How long one HTTP request may take before it counts as a transient failure.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Drop idle pooled connections before the server does: Node-based servers close idle
+/// keep-alive connections after 5 s, and reusing one the server just closed fails the request.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CouchError {
@@ -109,6 +112,7 @@ impl CouchClient {
         let _ = base.set_password(None);
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
             .build()?;
         Ok(Self {
             http,
@@ -144,13 +148,24 @@ impl CouchClient {
         segments: &[&str],
         body: Option<&[u8]>,
     ) -> Result<reqwest::Response, CouchError> {
-        let mut req = self.request(method, segments);
-        if let Some(b) = body {
-            req = req
-                .header("content-type", "application/json")
-                .body(b.to_vec());
+        let attempt = || {
+            let mut req = self.request(method.clone(), segments);
+            if let Some(b) = body {
+                req = req
+                    .header("content-type", "application/json")
+                    .body(b.to_vec());
+            }
+            req.send()
+        };
+        match attempt().await {
+            Ok(r) => Ok(r),
+            // One immediate retry on a fresh connection covers a pooled connection the server
+            // closed at the moment we reused it. Every request we send is safe to repeat: a
+            // repeated write comes back as a conflict, which callers already handle.
+            Err(e) if !e.is_timeout() => attempt().await,
+            Err(e) => Err(e),
         }
-        req.send().await.map_err(|source| CouchError::Unreachable {
+        .map_err(|source| CouchError::Unreachable {
             url: self.base.to_string(),
             source,
         })

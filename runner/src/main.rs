@@ -18,6 +18,7 @@ use vogeler_runner::{Query, parse_target};
 #[command(
     name = "vogeler-runner",
     version,
+    args_override_self = true,
     after_help = vogeler_core::cli::ENV_HELP,
     after_long_help = concat!(
         "Examples:\n",

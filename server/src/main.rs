@@ -15,6 +15,7 @@ use vogeler_core::{
 #[command(
     name = "vogeler-server",
     version,
+    args_override_self = true,
     after_help = vogeler_core::cli::ENV_HELP,
     after_long_help = concat!(
         "Example:\n  vogeler-server --couchdb-url http://127.0.0.1:5984 --database system_records\n\n",

@@ -1,0 +1,265 @@
+//! End-to-end tests: the three real binaries, as an operator runs them, against the real
+//! broker and database.
+
+use std::{
+    path::PathBuf,
+    process::{Output, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use nix::{sys::signal::Signal, unistd::Pid};
+use serde_json::json;
+use tokio::process::{Child, Command};
+use vogeler_e2e::{HELLO, TestStack, plugin_dir, wait_for};
+
+/// Build the binaries once per test run (cargo does not build other packages' binaries
+/// for a test) and return the directory holding them.
+fn bin_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = std::process::Command::new(cargo)
+            .current_dir(&root)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "vogeler-agent",
+                "-p",
+                "vogeler-server",
+                "-p",
+                "vogeler-runner",
+            ])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        // target/debug/deps/<this test> -> target/debug
+        let exe = std::env::current_exe().expect("test exe");
+        exe.parent()
+            .and_then(|d| d.parent())
+            .expect("target dir")
+            .to_path_buf()
+    })
+}
+
+fn program(name: &str, stack: &TestStack) -> Command {
+    let path = bin_dir().join(name);
+    assert!(path.is_file(), "{} is missing", path.display());
+    let mut cmd = Command::new(path);
+    // Flags for the connection; the environment is cleared of VOGELER_* so the test is exact.
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .args([
+            "--amqp-url",
+            &stack.amqp_url,
+            "--collective",
+            &stack.collective,
+            "--connect-timeout",
+            "10",
+        ])
+        .env("VOGELER_AMQP__QUEUE_EXPIRES", vogeler_e2e::QUEUE_EXPIRES)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}
+
+fn with_couch(mut cmd: Command, stack: &TestStack) -> Command {
+    cmd.args([
+        "--couchdb-url",
+        &stack.couchdb_url,
+        "--database",
+        &stack.database,
+    ]);
+    cmd
+}
+
+async fn run(mut cmd: Command) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("command finished within 60 s")
+        .expect("run command")
+}
+
+/// SIGTERM a daemon and check it exits 0 within the grace period.
+async fn terminate(mut child: Child, what: &str) {
+    let pid = Pid::from_raw(i32::try_from(child.id().expect("pid")).expect("pid fits"));
+    nix::sys::signal::kill(pid, Signal::SIGTERM).expect("send SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert!(
+        status.success(),
+        "{what} exited with {status} after SIGTERM"
+    );
+}
+
+#[tokio::test]
+async fn runner_agents_server_and_couchdb_end_to_end() {
+    let stack = TestStack::new().await;
+    let plugins = plugin_dir(&[("hello.toml", HELLO)]);
+    let server = with_couch(program("vogeler-server", &stack), &stack)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server");
+    let nodes = ["e2e-web01", "e2e-web02", "e2e-db01"];
+    let agents: Vec<Child> = nodes
+        .iter()
+        .map(|n| {
+            let mut cmd = program("vogeler-agent", &stack);
+            cmd.args(["--node", n, "--plugin-dir"])
+                .arg(plugins.path())
+                .stderr(Stdio::null());
+            cmd.spawn().expect("agent")
+        })
+        .collect();
+    stack.wait_registered(&nodes).await;
+
+    let mut request_ids = vec![];
+    for round in 1..=2 {
+        let mut runner = with_couch(program("vogeler-runner", &stack), &stack);
+        runner.args(["-c", "hello", "-n", "all", "--timeout", "10"]);
+        let out = run(runner).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "round {round}\nstdout:\n{stdout}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("3/3 nodes answered"), "{stdout}");
+        for n in nodes {
+            assert!(
+                stdout.lines().any(|l| l.starts_with(n)
+                    && l.contains(" ok ")
+                    && l.contains("2 items: alpha, beta")),
+                "{stdout}"
+            );
+        }
+        // Every node's document carries this round's value; wait for the newest request id.
+        wait_for(
+            &format!("round {round} stored for every node"),
+            Duration::from_secs(10),
+            || async {
+                let mut ids = vec![];
+                for n in nodes {
+                    match stack
+                        .document(n)
+                        .await
+                        .and_then(|d| d.meta.plugins.get("hello").map(|m| m.request_id))
+                    {
+                        Some(id) if !request_ids.contains(&id) => ids.push(id),
+                        _ => return false,
+                    }
+                }
+                ids.windows(2).all(|w| w[0] == w[1])
+            },
+        )
+        .await;
+        request_ids
+            .push(stack.document(nodes[0]).await.expect("doc").meta.plugins["hello"].request_id);
+    }
+    // Updated, not duplicated: still exactly one document per node, with the value in place.
+    let mut ids = stack.node_ids().await;
+    ids.sort();
+    let mut want: Vec<String> = nodes.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(ids, want);
+    for n in nodes {
+        let raw: serde_json::Value = stack
+            .couch
+            .get(&stack.database, n)
+            .await
+            .expect("read")
+            .expect("doc");
+        assert_eq!(raw["hello"], json!(["alpha", "beta"]), "{raw:#}");
+        assert!(
+            raw["_rev"].as_str().is_some_and(|r| !r.starts_with("1-")),
+            "{raw:#}"
+        );
+    }
+
+    for (agent, n) in agents.into_iter().zip(nodes) {
+        terminate(agent, n).await;
+    }
+    terminate(server, "vogeler-server").await;
+}
+
+#[tokio::test]
+async fn exit_codes_tell_what_went_wrong() {
+    let stack = TestStack::new().await;
+
+    // Usage errors: 2.
+    let out = run(with_couch(program("vogeler-runner", &stack), &stack)).await;
+    assert_eq!(out.status.code(), Some(2), "missing -c");
+    let mut bad_name = with_couch(program("vogeler-runner", &stack), &stack);
+    bad_name.args(["-c", "../etc/passwd"]);
+    let out = run(bad_name).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("plugin name"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Broker unreachable: 69, the URL named, the password not.
+    let mut unreachable = with_couch(program("vogeler-runner", &stack), &stack);
+    unreachable.args([
+        "-c",
+        "hello",
+        "-n",
+        "web01",
+        "--amqp-url",
+        "amqp://guest:hunter2@127.0.0.1:1/%2f",
+        "--connect-timeout",
+        "300ms",
+    ]);
+    let out = run(unreachable).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains("amqp://guest:***@127.0.0.1:1") && !stderr.contains("hunter2"),
+        "{stderr}"
+    );
+
+    // Database unreachable for the server: 69.
+    let mut server = program("vogeler-server", &stack);
+    server.args([
+        "--couchdb-url",
+        "http://127.0.0.1:1",
+        "--connect-timeout",
+        "300ms",
+    ]);
+    let out = run(server).await;
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Bad configuration: 78, every problem listed.
+    let mut agent = program("vogeler-agent", &stack);
+    agent.args([
+        "--node",
+        "_bad",
+        "--collective",
+        "no spaces",
+        "--check-config",
+    ]);
+    let out = run(agent).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("agent.node") && stderr.contains("amqp.collective"),
+        "{stderr}"
+    );
+
+    // A valid configuration checks without contacting anything: 0.
+    let mut ok = with_couch(program("vogeler-server", &stack), &stack);
+    ok.args(["--check-config", "--amqp-url", "amqp://127.0.0.1:1/%2f"]);
+    assert_eq!(run(ok).await.status.code(), Some(0));
+}

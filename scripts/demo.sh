@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The main job, end to end, on this machine: bring up RabbitMQ and the CouchDB-compatible
+# server, build Vogeler, start a server and three agents using the shipped plugins, run real
+# queries with vogeler-runner, and show the resulting node document.
+#
+#   scripts/demo.sh                 query `dpkg` (installed packages) and `hello`
+#   scripts/demo.sh os_release      query another shipped plugin (see plugins/)
+#
+# The server and agents stop when the script ends; the documents stay in CouchDB
+# (database `system_records`) for you to browse at http://127.0.0.1:5984/_utils
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+plugin=${1:-dpkg}
+nodes=(web01 web02 db01)
+logs=$(mktemp -d)
+pids=()
+cleanup() {
+  ((${#pids[@]})) && kill "${pids[@]}" 2>/dev/null && wait "${pids[@]}" 2>/dev/null
+  echo "(server and agents stopped; their logs are in $logs)"
+}
+trap cleanup EXIT
+
+scripts/stack.sh up
+echo "== building" >&2
+cargo build --quiet --bins
+bin=target/debug
+
+echo "== starting vogeler-server and agents ${nodes[*]} (plugins from ./plugins)" >&2
+"$bin/vogeler-server" >"$logs/server.log" 2>&1 &
+pids+=($!)
+for n in "${nodes[@]}"; do
+  "$bin/vogeler-agent" --node "$n" --plugin-dir plugins >"$logs/agent-$n.log" 2>&1 &
+  pids+=($!)
+done
+
+# Agents announce themselves; wait until the server has registered all three.
+for _ in $(seq 1 100); do
+  registered=$(curl -fsS "http://127.0.0.1:5984/system_records/_all_docs" 2>/dev/null | grep -cE '"id":"(web01|web02|db01)"' || true)
+  [ "$registered" = 3 ] && break
+  sleep 0.1
+done
+
+for p in "$plugin" hello; do
+  echo
+  echo "\$ vogeler-runner -c $p -n all"
+  "$bin/vogeler-runner" -c "$p" -n all
+done
+
+echo
+echo "\$ curl http://127.0.0.1:5984/system_records/web01   (the node document, values shortened)"
+curl -fsS http://127.0.0.1:5984/system_records/web01 | python3 -c '
+import json, sys
+doc = json.load(sys.stdin)
+for k, v in doc.items():
+    if isinstance(v, list) and len(v) > 5:
+        doc[k] = v[:5] + ["... %d more" % (len(v) - 5)]
+print(json.dumps(doc, indent=2))'
+echo
+echo "Browse every node document in the web UI: http://127.0.0.1:5984/_utils/#database/system_records/_all_docs"

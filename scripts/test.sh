@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Run Vogeler's checks and tests on this machine: start the stack if needed, then format,
+# lint, and run every test (unit, integration against the real broker and database, and
+# end-to-end with the real binaries). This is what CI runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+
+scripts/stack.sh up
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy" >&2
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== plugin files" >&2
+cargo run --quiet -p vogeler-agent -- --check-config --node ci --plugin-dir plugins >/dev/null
+echo "== cargo test" >&2
+cargo test --workspace
