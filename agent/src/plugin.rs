@@ -268,6 +268,19 @@ mod tests {
     }
 
     #[test]
+    fn shipped_plugins_all_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+        let c = Catalog::load_dir(&dir).expect("plugins/");
+        assert!(c.problems.is_empty(), "{:#?}", c.problems);
+        for name in ["hello", "dpkg", "rpms", "os_release", "kernel"] {
+            assert!(
+                c.get(&PluginName::new(name).expect("name")).is_some(),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
     fn missing_directory_is_a_problem() {
         let err = Catalog::load_dir(Path::new("/nonexistent/plugins.d")).expect_err("missing");
         assert!(err.to_string().contains("/nonexistent/plugins.d"));
