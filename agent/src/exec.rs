@@ -15,8 +15,6 @@ use crate::plugin::Plugin;
 
 /// The `PATH` plugins run with; the agent's own environment is not passed on.
 pub const PLUGIN_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// Default cap on a plugin's stdout.
-pub const DEFAULT_MAX_OUTPUT: usize = 4 * 1024 * 1024;
 /// How much of stderr is kept: enough for an error message, never a flood.
 const STDERR_KEEP: usize = 2048;
 
@@ -31,14 +29,22 @@ pub struct Execution {
 }
 
 /// Run `plugin` to completion or timeout. Never panics, never hangs past the timeout.
-pub async fn execute(plugin: &Plugin, max_output: usize) -> Execution {
+pub async fn execute(plugin: &Plugin) -> Execution {
     let started = tokio::time::Instant::now();
+    let failed_to_start = |error: String| Execution {
+        outcome: Outcome::FailedToStart { error },
+        value: None,
+        truncated: false,
+        duration: started.elapsed(),
+    };
+    let max_output = plugin.max_output;
     let mut cmd = tokio::process::Command::new(&plugin.program);
     cmd.args(&plugin.args)
         .env_clear()
         .env("PATH", PLUGIN_PATH)
         .env("LANG", "C")
         .env("LC_ALL", "C")
+        .envs(&plugin.env)
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -46,18 +52,22 @@ pub async fn execute(plugin: &Plugin, max_output: usize) -> Execution {
         // Its own process group, so a timeout can kill everything it started.
         .process_group(0)
         .kill_on_drop(true);
+    if let Some(name) = &plugin.user {
+        // std drops supplementary groups (setgroups) before setuid when started as root.
+        match nix::unistd::User::from_name(name) {
+            Ok(Some(u)) => {
+                cmd.uid(u.uid.as_raw())
+                    .gid(u.gid.as_raw())
+                    .env("HOME", &u.dir)
+                    .env("USER", name);
+            }
+            Ok(None) => return failed_to_start(format!("user {name:?} does not exist")),
+            Err(e) => return failed_to_start(format!("cannot look up user {name:?}: {e}")),
+        }
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => {
-            return Execution {
-                outcome: Outcome::FailedToStart {
-                    error: format!("{}: {e}", plugin.program.display()),
-                },
-                value: None,
-                truncated: false,
-                duration: started.elapsed(),
-            };
-        }
+        Err(e) => return failed_to_start(format!("{}: {e}", plugin.program.display())),
     };
     let pgid = child
         .id()
@@ -174,14 +184,17 @@ mod tests {
     use std::path::PathBuf;
     use vogeler_core::names::PluginName;
 
-    fn plugin(argv: &[&str], format: Format, timeout: Duration) -> Plugin {
+    fn plugin(argv: &[&str], format: &str, timeout: Duration) -> Plugin {
         Plugin {
             name: PluginName::new("t").expect("name"),
             description: None,
             program: PathBuf::from(argv[0]),
             args: argv[1..].iter().map(|s| s.to_string()).collect(),
-            format,
+            format: Format::from_parts(format, None, None).expect("format"),
             timeout,
+            max_output: 1024,
+            user: None,
+            env: Default::default(),
             file: PathBuf::from("/dev/null"),
             hash: String::new(),
         }
@@ -191,21 +204,18 @@ mod tests {
 
     #[tokio::test]
     async fn completed_run_is_parsed() {
-        let e = execute(
-            &plugin(&["printf", "alpha\\nbeta\\n"], Format::Lines, T),
-            DEFAULT_MAX_OUTPUT,
-        )
-        .await;
+        let e = execute(&plugin(&["printf", "alpha\\nbeta\\n"], "lines", T)).await;
         assert_eq!(e.outcome, Outcome::Ok);
         assert_eq!(e.value, Some(json!(["alpha", "beta"])));
     }
 
     #[tokio::test]
     async fn nonzero_exit_reports_stderr() {
-        let e = execute(
-            &plugin(&["sh", "-c", "echo broken >&2; exit 3"], Format::Lines, T),
-            1024,
-        )
+        let e = execute(&plugin(
+            &["sh", "-c", "echo broken >&2; exit 3"],
+            "lines",
+            T,
+        ))
         .await;
         assert_eq!(
             e.outcome,
@@ -219,7 +229,7 @@ mod tests {
 
     #[tokio::test]
     async fn missing_program_fails_to_start() {
-        let e = execute(&plugin(&["rpm-does-not-exist"], Format::Lines, T), 1024).await;
+        let e = execute(&plugin(&["rpm-does-not-exist"], "lines", T)).await;
         let Outcome::FailedToStart { error } = e.outcome else {
             panic!("{:?}", e.outcome)
         };
@@ -228,7 +238,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_output_is_invalid_not_dropped() {
-        let e = execute(&plugin(&["echo", "{nope"], Format::Json, T), 1024).await;
+        let e = execute(&plugin(&["echo", "{nope"], "json", T)).await;
         assert!(
             matches!(e.outcome, Outcome::InvalidOutput { ref format, .. } if format == "json"),
             "{e:?}"
@@ -237,19 +247,36 @@ mod tests {
 
     #[tokio::test]
     async fn environment_is_clean() {
-        let e = execute(&plugin(&["env"], Format::Kv, T), 1024).await;
+        // SAFETY-free way to prove the agent's own environment does not leak: this process
+        // has HOME and friends set, the plugin must see none of them.
+        let e = execute(&plugin(&["env"], "kv", T)).await;
         let v = e.value.expect("env output");
         let keys: Vec<&String> = v.as_object().expect("object").keys().collect();
         assert_eq!(keys, ["LANG", "LC_ALL", "PATH"], "{v}");
+        let mut p = plugin(&["env"], "kv", T);
+        p.env.insert("TZ".into(), "UTC".into());
+        let v = execute(&p).await.value.expect("env output");
+        assert_eq!(v["TZ"], "UTC");
+    }
+
+    #[tokio::test]
+    async fn unknown_user_fails_to_start() {
+        let mut p = plugin(&["id"], "string", T);
+        p.user = Some("no-such-user-vogeler".into());
+        let e = execute(&p).await;
+        assert_eq!(
+            e.outcome,
+            Outcome::FailedToStart {
+                error: "user \"no-such-user-vogeler\" does not exist".into()
+            }
+        );
     }
 
     #[tokio::test]
     async fn output_is_capped() {
-        let e = execute(
-            &plugin(&["sh", "-c", "yes | head -c 3000000"], Format::String, T),
-            1000,
-        )
-        .await;
+        let mut p = plugin(&["sh", "-c", "yes | head -c 3000000"], "string", T);
+        p.max_output = 1000;
+        let e = execute(&p).await;
         assert!(e.truncated);
         assert_eq!(
             e.value.expect("value").as_str().map(str::len),
@@ -263,10 +290,10 @@ mod tests {
         // A grandchild keeps stdout open: the run must still end at the timeout.
         let p = plugin(
             &["sh", "-c", "sleep 30 & sleep 30"],
-            Format::Lines,
+            "lines",
             Duration::from_millis(300),
         );
-        let e = execute(&p, 1024).await;
+        let e = execute(&p).await;
         assert_eq!(e.outcome, Outcome::TimedOut { timeout_ms: 300 });
         // Margin: the kill and reap take far less than 2 s.
         assert!(e.duration < Duration::from_millis(2300), "{:?}", e.duration);

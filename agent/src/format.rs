@@ -1,11 +1,12 @@
 //! Plugin output formats: how a plugin's stdout becomes the JSON value stored for the node.
+//! Parsing happens on the agent, so the wire and the database only ever see JSON; a parse
+//! failure is an `invalid_output` result naming the format and the place it failed.
 
-use serde::{Deserialize, Serialize};
+use base64::Engine as _;
 use serde_json::{Map, Value};
 
 /// How to read a plugin's output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
     /// A list of the non-empty lines, trailing whitespace removed.
     Lines,
@@ -13,50 +14,114 @@ pub enum Format {
     String,
     /// A JSON document.
     Json,
+    /// A YAML document (plain data only: no language-specific tags are executed).
+    Yaml,
     /// `key=value` or `key: value` lines into an object (blank lines and `#` comments skipped).
     Kv,
+    /// The bytes exactly: a string when UTF-8, else `{"base64": "..."}`.
+    Raw,
+    /// One object per non-empty line: the line split into the named fields, on `separator`
+    /// (or runs of whitespace when none), the last field taking the rest of the line.
+    /// Missing trailing fields are `null`.
+    Fields {
+        names: Vec<String>,
+        separator: Option<String>,
+    },
 }
 
+/// The format names plugin files may use.
+pub const NAMES: &[&str] = &["lines", "string", "json", "yaml", "kv", "raw", "fields"];
+
 impl Format {
-    pub fn name(self) -> &'static str {
+    /// Build a format from a plugin file's `format` (and, for `fields`, its field list).
+    pub fn from_parts(
+        name: &str,
+        fields: Option<Vec<String>>,
+        separator: Option<String>,
+    ) -> Result<Self, String> {
+        let simple = match name {
+            "lines" => Format::Lines,
+            "string" => Format::String,
+            "json" => Format::Json,
+            "yaml" => Format::Yaml,
+            "kv" => Format::Kv,
+            "raw" => Format::Raw,
+            "fields" => {
+                let names = fields.filter(|f| !f.is_empty()).ok_or(
+                    "format \"fields\" needs `fields`, e.g. fields = [\"name\", \"version\"]",
+                )?;
+                if separator.as_deref() == Some("") {
+                    return Err("separator must not be empty".into());
+                }
+                return Ok(Format::Fields { names, separator });
+            }
+            other => {
+                return Err(format!(
+                    "unknown format {other:?}; use one of {}",
+                    NAMES.join(", ")
+                ));
+            }
+        };
+        if fields.is_some() || separator.is_some() {
+            return Err(format!(
+                "`fields` and `separator` only apply to format \"fields\", not {name:?}"
+            ));
+        }
+        Ok(simple)
+    }
+
+    pub fn name(&self) -> &'static str {
         match self {
             Format::Lines => "lines",
             Format::String => "string",
             Format::Json => "json",
+            Format::Yaml => "yaml",
             Format::Kv => "kv",
+            Format::Raw => "raw",
+            Format::Fields { .. } => "fields",
         }
     }
 
     /// Parse `output`. The error says where parsing failed.
-    pub fn parse(self, output: &[u8]) -> Result<Value, String> {
+    pub fn parse(&self, output: &[u8]) -> Result<Value, String> {
         match self {
             Format::Json => serde_json::from_slice(output).map_err(|e| e.to_string()),
+            Format::Yaml => {
+                if output.iter().all(u8::is_ascii_whitespace) {
+                    return Ok(Value::Null);
+                }
+                serde_yaml_ng::from_slice(output).map_err(|e| e.to_string())
+            }
             Format::Lines => Ok(Value::Array(
-                text(output)?
-                    .lines()
-                    .map(str::trim_end)
-                    .filter(|l| !l.is_empty())
-                    .map(|l| Value::String(l.to_string()))
+                lines(output)?
+                    .map(|(_, l)| Value::String(l.to_string()))
                     .collect(),
             )),
             Format::String => Ok(Value::String(text(output)?.trim().to_string())),
+            Format::Raw => Ok(match std::str::from_utf8(output) {
+                Ok(s) => Value::String(s.to_string()),
+                Err(_) => {
+                    let mut m = Map::new();
+                    m.insert(
+                        "base64".into(),
+                        Value::String(base64::engine::general_purpose::STANDARD.encode(output)),
+                    );
+                    Value::Object(m)
+                }
+            }),
             Format::Kv => {
                 let mut map = Map::new();
-                for (i, line) in text(output)?.lines().enumerate() {
+                for (n, line) in lines(output)? {
                     let line = line.trim();
-                    if line.is_empty() || line.starts_with('#') {
+                    if line.starts_with('#') {
                         continue;
                     }
                     let Some(at) = line.find(['=', ':']) else {
-                        return Err(format!(
-                            "line {}: no '=' or ':' in {:?}",
-                            i + 1,
-                            truncate(line)
-                        ));
+                        return Err(format!("line {n}: no '=' or ':' in {:?}", truncate(line)));
                     };
                     let key = line[..at].trim();
                     if key.is_empty() {
-                        return Err(format!("line {}: empty key", i + 1));
+                        return Err(format!("line {n}: empty key"));
                     }
                     map.insert(
                         key.to_string(),
@@ -65,12 +130,74 @@ impl Format {
                 }
                 Ok(Value::Object(map))
             }
+            Format::Fields { names, separator } => {
+                let mut rows = vec![];
+                for line in text(output)?.lines() {
+                    // With an explicit separator, trailing empty fields are data: only the
+                    // line ending is removed.
+                    let line = match separator {
+                        Some(_) => line.strip_suffix('\r').unwrap_or(line),
+                        None => line.trim_end(),
+                    };
+                    if line.is_empty() {
+                        continue;
+                    }
+                    let parts: Vec<&str> = match separator {
+                        Some(sep) => line.splitn(names.len(), sep.as_str()).collect(),
+                        None => split_whitespace_n(line, names.len()),
+                    };
+                    let obj: Map<String, Value> = names
+                        .iter()
+                        .enumerate()
+                        .map(|(i, name)| {
+                            (
+                                name.clone(),
+                                parts
+                                    .get(i)
+                                    .map_or(Value::Null, |p| Value::String(p.to_string())),
+                            )
+                        })
+                        .collect();
+                    rows.push(Value::Object(obj));
+                }
+                Ok(Value::Array(rows))
+            }
         }
     }
 }
 
+/// Non-empty lines with their 1-based numbers, trailing whitespace removed.
+fn lines(output: &[u8]) -> Result<impl Iterator<Item = (usize, &str)>, String> {
+    Ok(text(output)?
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim_end()))
+        .filter(|(_, l)| !l.is_empty()))
+}
+
+/// Split on runs of whitespace into at most `n` parts; the last keeps the rest of the line.
+fn split_whitespace_n(line: &str, n: usize) -> Vec<&str> {
+    let mut parts = Vec::with_capacity(n);
+    let mut rest = line.trim_start();
+    while !rest.is_empty() {
+        if parts.len() + 1 == n {
+            parts.push(rest);
+            break;
+        }
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        parts.push(&rest[..end]);
+        rest = rest[end..].trim_start();
+    }
+    parts
+}
+
 fn text(output: &[u8]) -> Result<&str, String> {
-    std::str::from_utf8(output).map_err(|e| format!("not UTF-8 at byte {}", e.valid_up_to()))
+    std::str::from_utf8(output).map_err(|e| {
+        format!(
+            "not UTF-8 at byte {} (use format \"raw\" for binary output)",
+            e.valid_up_to()
+        )
+    })
 }
 
 fn truncate(s: &str) -> &str {
@@ -85,15 +212,20 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn f(name: &str) -> Format {
+        Format::from_parts(name, None, None).expect("format")
+    }
+
     #[test]
     fn lines() {
         assert_eq!(
-            Format::Lines.parse(b"alpha\n\nbeta  \n"),
+            f("lines").parse(b"alpha\n\nbeta  \n"),
             Ok(json!(["alpha", "beta"]))
         );
-        assert_eq!(Format::Lines.parse(b""), Ok(json!([])));
+        assert_eq!(f("lines").parse(b""), Ok(json!([])));
+        assert_eq!(f("lines").parse(b"a\r\nb\r\n"), Ok(json!(["a", "b"])));
         assert!(
-            Format::Lines
+            f("lines")
                 .parse(b"ok\n\xff\n")
                 .unwrap_err()
                 .contains("byte 3")
@@ -102,29 +234,100 @@ mod tests {
 
     #[test]
     fn string_and_json() {
-        assert_eq!(Format::String.parse(b"  hi there\n"), Ok(json!("hi there")));
+        assert_eq!(f("string").parse(b"  hi there\n"), Ok(json!("hi there")));
+        assert_eq!(f("string").parse(b""), Ok(json!("")));
+        assert!(f("string").parse(b"\xc3\x28").is_err());
         assert_eq!(
-            Format::Json.parse(b"{\"a\": [1, 2]}"),
+            f("json").parse(b"{\"a\": [1, 2]}"),
             Ok(json!({"a": [1, 2]}))
         );
-        let err = Format::Json.parse(b"{\"a\": \n").unwrap_err();
+        let err = f("json").parse(b"{\"a\": \n").unwrap_err();
         assert!(err.contains("line 2"), "{err}");
-        assert!(Format::Json.parse(b"").is_err());
+        assert!(f("json").parse(b"").is_err());
+        assert!(f("json").parse(b"\xff").is_err());
+    }
+
+    #[test]
+    fn yaml() {
+        assert_eq!(
+            f("yaml").parse(b"os:\n  family: Debian\ncpus: 2\n"),
+            Ok(json!({"os": {"family": "Debian"}, "cpus": 2}))
+        );
+        assert_eq!(f("yaml").parse(b"\n"), Ok(Value::Null));
+        let err = f("yaml").parse(b"a: [1, 2\n").unwrap_err();
+        assert!(err.contains("line"), "{err}");
+        // Tags are data, never code: a Python object tag does not construct anything.
+        let tagged = f("yaml").parse(b"x: !!python/object/apply:os.system ['id']\n");
+        assert!(tagged.is_err() || !tagged.expect("value").to_string().contains("uid="));
+        // Alias bombs are refused rather than expanded without bound.
+        let bomb = b"a: &a [x,x,x,x,x,x,x,x,x]\nb: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]\nc: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]\nd: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]\ne: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]\nf: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]\ng: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]\nh: [*g,*g,*g,*g,*g,*g,*g,*g,*g]\n";
+        assert!(f("yaml").parse(bomb).is_err());
+        assert!(f("yaml").parse(b"\xff\xfe").is_err());
     }
 
     #[test]
     fn kv() {
         let out = b"# os-release\nID=debian\nVERSION_ID=\"12\"\nname: web01\n\n";
         assert_eq!(
-            Format::Kv.parse(out),
+            f("kv").parse(out),
             Ok(json!({"ID": "debian", "VERSION_ID": "\"12\"", "name": "web01"}))
         );
         assert!(
-            Format::Kv
+            f("kv")
                 .parse(b"a=1\nnonsense\n")
                 .unwrap_err()
                 .contains("line 2")
         );
-        assert!(Format::Kv.parse(b"=1\n").unwrap_err().contains("empty key"));
+        assert!(f("kv").parse(b"=1\n").unwrap_err().contains("empty key"));
+        assert_eq!(f("kv").parse(b""), Ok(json!({})));
+    }
+
+    #[test]
+    fn raw_keeps_bytes() {
+        assert_eq!(f("raw").parse(b" keep\tall \n"), Ok(json!(" keep\tall \n")));
+        assert_eq!(
+            f("raw").parse(b"\xff\x00\x01"),
+            Ok(json!({"base64": "/wAB"}))
+        );
+        assert_eq!(f("raw").parse(b""), Ok(json!("")));
+    }
+
+    #[test]
+    fn fields() {
+        let ws = Format::from_parts(
+            "fields",
+            Some(vec!["name".into(), "size".into(), "rest".into()]),
+            None,
+        )
+        .expect("fields");
+        assert_eq!(
+            ws.parse(b"ext4  1024   used by  foo\nxfs 2\n"),
+            Ok(
+                json!([{"name": "ext4", "size": "1024", "rest": "used by  foo"}, {"name": "xfs", "size": "2", "rest": null}])
+            )
+        );
+        let tab = Format::from_parts(
+            "fields",
+            Some(vec!["name".into(), "version".into(), "arch".into()]),
+            Some("\t".into()),
+        )
+        .expect("fields");
+        assert_eq!(
+            tab.parse(b"bash\t5.2\t\nzsh\t5.9\tamd64\n"),
+            Ok(
+                json!([{"name": "bash", "version": "5.2", "arch": ""}, {"name": "zsh", "version": "5.9", "arch": "amd64"}])
+            )
+        );
+        assert!(
+            Format::from_parts("fields", None, None)
+                .unwrap_err()
+                .contains("needs `fields`")
+        );
+        assert!(Format::from_parts("lines", Some(vec!["a".into()]), None).is_err());
+        assert!(
+            Format::from_parts("xml", None, None)
+                .unwrap_err()
+                .contains("unknown format")
+        );
     }
 }

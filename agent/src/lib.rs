@@ -278,7 +278,7 @@ async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
         unreachable!("the run semaphore is never closed")
     };
     debug!(program = %plugin.program.display(), "running plugin");
-    let e = exec::execute(plugin, exec::DEFAULT_MAX_OUTPUT).await;
+    let e = exec::execute(plugin).await;
     info!(
         outcome = e.outcome.status(),
         duration_ms = e.duration.as_millis() as u64,

@@ -1,0 +1,101 @@
+//! The original Vogeler plugin files (`*.cfg`), so existing plugins drop in unchanged:
+//!
+//! ```ini
+//! [rpm]
+//! name = rpm
+//! description = Grabs packages installed on a system using rpm
+//! command = rpm -qa
+//! result_format = output
+//! command_alias = get_rpms
+//! ```
+//! Any section name, several sections per file. `command` is split by shell-word rules but
+//! still run without a shell; `result_format` `output` means `lines`; `command_alias` is
+//! accepted and ignored.
+
+use std::collections::BTreeMap;
+
+use ini::{Ini, ParseOption};
+
+use super::Definition;
+use crate::format::Format;
+
+const KEYS: &[&str] = &[
+    "name",
+    "description",
+    "command",
+    "result_format",
+    "command_alias",
+];
+
+/// Every definition in a legacy file, each valid or with its problem.
+pub(crate) fn definitions(text: &str) -> Vec<Result<Definition, String>> {
+    let opts = ParseOption {
+        enabled_quote: false,
+        enabled_escape: false,
+        ..Default::default()
+    };
+    let ini = match Ini::load_from_str_opt(text, opts) {
+        Ok(i) => i,
+        Err(e) => return vec![Err(format!("not a valid .cfg file: {e}"))],
+    };
+    let mut out = vec![];
+    for (section, props) in ini.iter() {
+        let Some(section) = section else {
+            if props.iter().next().is_some() {
+                out.push(Err(
+                    "keys outside a [section]; put each plugin under a [name] header".into(),
+                ));
+            }
+            continue;
+        };
+        out.push(definition(section, props.iter()).map_err(|e| format!("[{section}]: {e}")));
+    }
+    if out.is_empty() {
+        out.push(Err("no [section] with a plugin definition".into()));
+    }
+    out
+}
+
+fn definition<'a>(
+    section: &str,
+    props: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Result<Definition, String> {
+    let mut keys = BTreeMap::new();
+    for (k, v) in props {
+        if !KEYS.contains(&k) {
+            return Err(format!(
+                "unknown key {k:?}; expected one of {}",
+                KEYS.join(", ")
+            ));
+        }
+        keys.insert(k, v.trim());
+    }
+    let need = |k: &str| {
+        keys.get(k)
+            .copied()
+            .ok_or_else(|| format!("missing key {k:?} in section [{section}]"))
+    };
+    let name = need("name")?;
+    let command = need("command")?;
+    let argv = shlex::split(command)
+        .ok_or_else(|| format!("command {command:?} has unbalanced quotes"))?;
+    let format = match need("result_format")? {
+        "output" => Format::Lines,
+        other @ ("json" | "yaml" | "string" | "raw") => Format::from_parts(other, None, None)?,
+        other => {
+            return Err(format!(
+                "result_format {other:?} is not one of output, json, yaml, string, raw"
+            ));
+        }
+    };
+    Ok(Definition {
+        name: name.to_string(),
+        description: keys.get("description").map(|s| s.to_string()),
+        command: argv,
+        format,
+        timeout: None,
+        max_output: None,
+        user: None,
+        env: BTreeMap::new(),
+    })
+}
