@@ -16,7 +16,8 @@ pub enum Format {
     Json,
     /// A YAML document (plain data only: no language-specific tags are executed).
     Yaml,
-    /// `key=value` or `key: value` lines into an object (blank lines and `#` comments skipped).
+    /// `key=value` or `key: value` lines into an object (blank lines and `#` comments skipped,
+    /// one pair of surrounding quotes removed from values).
     Kv,
     /// The bytes exactly: a string when UTF-8, else `{"base64": "..."}`.
     Raw,
@@ -125,7 +126,7 @@ impl Format {
                     }
                     map.insert(
                         key.to_string(),
-                        Value::String(line[at + 1..].trim().to_string()),
+                        Value::String(unquote(line[at + 1..].trim()).to_string()),
                     );
                 }
                 Ok(Value::Object(map))
@@ -164,6 +165,16 @@ impl Format {
             }
         }
     }
+}
+
+/// Remove one pair of matching surrounding quotes, as in shell-style files like os-release.
+fn unquote(v: &str) -> &str {
+    for q in ['"', '\''] {
+        if let Some(inner) = v.strip_prefix(q).and_then(|r| r.strip_suffix(q)) {
+            return inner;
+        }
+    }
+    v
 }
 
 /// Non-empty lines with their 1-based numbers, trailing whitespace removed.
@@ -270,7 +281,7 @@ mod tests {
         let out = b"# os-release\nID=debian\nVERSION_ID=\"12\"\nname: web01\n\n";
         assert_eq!(
             f("kv").parse(out),
-            Ok(json!({"ID": "debian", "VERSION_ID": "\"12\"", "name": "web01"}))
+            Ok(json!({"ID": "debian", "VERSION_ID": "12", "name": "web01"}))
         );
         assert!(
             f("kv")

@@ -4,13 +4,17 @@
 //! - [`plugin`]: plugin files and the catalog of a plugin directory.
 //! - [`format`]: how plugin output becomes JSON.
 //! - [`exec`]: bounded plugin execution.
+//! - [`reload`]: hot reload of the plugin directory (inotify and SIGHUP).
+//! - [`local`]: `plugins list|check|run`, the tools for plugin authors.
 //!
 //! [`run`] is the whole agent; it takes its settings and a shutdown token so tests run it
 //! in-process against a real broker.
 
 pub mod exec;
 pub mod format;
+pub mod local;
 pub mod plugin;
+pub mod reload;
 
 use std::{sync::Arc, time::Duration};
 
@@ -24,9 +28,9 @@ use lapin::{
     },
     types::FieldTable,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 use vogeler_core::{
     VERSION,
     amqp::{self, AmqpError},
@@ -60,27 +64,11 @@ pub fn hostname() -> Option<String> {
         .and_then(|h| h.into_string().ok())
 }
 
-/// Load the plugin directory, logging every file that was skipped.
-pub fn load_catalog(settings: &AgentSettings) -> Catalog {
-    let catalog = match Catalog::load_dir(&settings.plugin_dir) {
-        Ok(c) => c,
-        Err(problem) => {
-            error!(%problem, "no plugins loaded; every command will be answered unknown_plugin");
-            return Catalog::default();
-        }
-    };
-    for problem in &catalog.problems {
-        warn!(file = %problem.file.display(), problem = %problem.message, "plugin file skipped");
-    }
-    let names: Vec<&str> = catalog.plugins().map(|p| p.name.as_str()).collect();
-    info!(dir = %settings.plugin_dir.display(), count = names.len(), plugins = %names.join(","), "plugins loaded");
-    catalog
-}
-
 /// What every command handler shares.
 struct Shared {
     settings: AgentSettings,
-    catalog: Catalog,
+    /// The current plugins; the reloader task replaces them.
+    catalog: watch::Receiver<Arc<Catalog>>,
     runs: Semaphore,
 }
 
@@ -88,10 +76,18 @@ struct Shared {
 /// broker cannot be reached within the connect timeout at start-up; later losses of the
 /// connection are retried without limit.
 pub async fn run(settings: AgentSettings, cancel: CancellationToken) -> Result<(), AgentError> {
-    let catalog = load_catalog(&settings);
+    let catalog = reload::load_logged(&settings.plugin_dir);
+    let names: Vec<&str> = catalog.plugins().map(|p| p.name.as_str()).collect();
+    info!(dir = %settings.plugin_dir.display(), plugins = %names.join(","), "plugins loaded");
+    let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
+    let reloader = tokio::spawn(reload::watch(
+        settings.plugin_dir.clone(),
+        catalog_tx,
+        cancel.clone(),
+    ));
     let shared = Arc::new(Shared {
         runs: Semaphore::new(settings.concurrency),
-        catalog,
+        catalog: catalog_rx,
         settings,
     });
     let s = &shared.settings;
@@ -133,6 +129,7 @@ pub async fn run(settings: AgentSettings, cancel: CancellationToken) -> Result<(
         );
     }
     let _ = conn.close(200, "agent shutting down".into()).await;
+    let _ = reloader.await;
     info!(node = %s.node, "agent stopped");
     Ok(())
 }
@@ -157,20 +154,8 @@ async fn serve(
         .await?;
     let queue = topology.declare_agent_queue(&consumer_ch, &s.node).await?;
 
-    let announce = Message::Announce(Announce {
-        node: s.node.clone(),
-        agent_version: VERSION.to_string(),
-        plugins: shared.catalog.infos(),
-        started_at,
-        sent_at: Utc::now(),
-    });
-    amqp::publish(
-        &publisher,
-        &topology.results_exchange(),
-        &Topology::announce_routing_key(&s.node),
-        &announce,
-    )
-    .await?;
+    let mut catalog = shared.catalog.clone();
+    announce(shared, &publisher, started_at, &catalog.borrow_and_update()).await?;
 
     let tag = format!("vogeler-agent-{}", s.node);
     let mut consumer = consumer_ch
@@ -184,6 +169,12 @@ async fn serve(
     info!(node = %s.node, queue = %queue, "waiting for commands");
     loop {
         let delivery = tokio::select! {
+            Ok(()) = catalog.changed() => {
+                // Tell the server which plugins this node now has.
+                let current = catalog.borrow_and_update().clone();
+                announce(shared, &publisher, started_at, &current).await?;
+                continue;
+            }
             () = cancel.cancelled() => {
                 let _ = consumer_ch.basic_cancel(tag.as_str().into(), Default::default()).await;
                 return Ok(());
@@ -199,6 +190,30 @@ async fn serve(
         let publisher = publisher.clone();
         tracker.spawn(async move { handle(&shared, &publisher, delivery).await });
     }
+}
+
+async fn announce(
+    shared: &Shared,
+    publisher: &Channel,
+    started_at: chrono::DateTime<Utc>,
+    catalog: &Catalog,
+) -> Result<(), AmqpError> {
+    let s = &shared.settings;
+    let message = Message::Announce(Announce {
+        node: s.node.clone(),
+        agent_version: VERSION.to_string(),
+        plugins: catalog.infos(),
+        started_at,
+        sent_at: Utc::now(),
+    });
+    let key = Topology::announce_routing_key(&s.node);
+    amqp::publish(
+        publisher,
+        &s.broker.topology.results_exchange(),
+        &key,
+        &message,
+    )
+    .await
 }
 
 /// Handle one delivery from the agent's queue.
@@ -270,7 +285,8 @@ async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
         duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         agent_version: VERSION.to_string(),
     };
-    let Some(plugin) = shared.catalog.get(&command.plugin) else {
+    let catalog = shared.catalog.borrow().clone();
+    let Some(plugin) = catalog.get(&command.plugin) else {
         info!("unknown plugin requested");
         return collected(Outcome::UnknownPlugin, None, false, Duration::ZERO);
     };
@@ -278,7 +294,20 @@ async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
         unreachable!("the run semaphore is never closed")
     };
     debug!(program = %plugin.program.display(), "running plugin");
-    let e = exec::execute(plugin).await;
+    let mut e = exec::execute(plugin).await;
+    if let Some(v) = &e.value {
+        let size = serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());
+        if size > wire::MAX_VALUE_BYTES {
+            e.value = None;
+            e.outcome = Outcome::InvalidOutput {
+                format: plugin.format.name().to_string(),
+                error: format!(
+                    "value is {size} bytes as JSON, over the {} MiB limit of one result; lower max_output or narrow the output",
+                    wire::MAX_VALUE_BYTES >> 20
+                ),
+            };
+        }
+    }
     info!(
         outcome = e.outcome.status(),
         duration_ms = e.duration.as_millis() as u64,

@@ -2,8 +2,8 @@
 
 use std::{path::PathBuf, process::ExitCode};
 
-use clap::Parser;
-use vogeler_core::{cli::CommonArgs, config, exit, shutdown, telemetry};
+use clap::{Parser, Subcommand};
+use vogeler_core::{cli::CommonArgs, config, exit, names::PluginName, shutdown, telemetry};
 
 /// Run on every node: wait for commands from `vogeler-runner`, run the named plugin from the
 /// plugin directory (never anything else) and publish the result for `vogeler-server`.
@@ -20,6 +20,9 @@ use vogeler_core::{cli::CommonArgs, config, exit, shutdown, telemetry};
     ),
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     #[command(flatten)]
     common: CommonArgs,
 
@@ -40,8 +43,122 @@ struct Cli {
     check_config: bool,
 }
 
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Work with plugin files on this machine: no broker and no config file needed
+    Plugins {
+        #[command(subcommand)]
+        action: PluginsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginsAction {
+    /// List the plugins of a directory: name, format, status, file
+    List {
+        /// Plugin directory [env: VOGELER_AGENT__PLUGIN_DIR] [default: /etc/vogeler/plugins.d]
+        #[arg(long, value_name = "DIR")]
+        plugin_dir: Option<PathBuf>,
+    },
+    /// Validate every plugin file and list all problems; exit 0 when all are valid, 78
+    /// otherwise (use it as a Puppet/Ansible validate_cmd). A program missing on this machine
+    /// is a warning, not an error
+    Check {
+        /// A plugin directory or a single plugin file [default: /etc/vogeler/plugins.d]
+        path: Option<PathBuf>,
+    },
+    /// Run one plugin here, exactly as the agent would, and print its parsed value as JSON
+    /// on stdout (diagnostics on stderr); exit 0 when it completed, 1 otherwise
+    Run {
+        /// The plugin's name
+        #[arg(value_parser = PluginName::new_checked)]
+        name: PluginName,
+        /// Plugin directory [env: VOGELER_AGENT__PLUGIN_DIR] [default: /etc/vogeler/plugins.d]
+        #[arg(long, value_name = "DIR")]
+        plugin_dir: Option<PathBuf>,
+    },
+}
+
+/// The plugin directory for local tools: the flag, else the environment, else the default.
+fn plugin_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| std::env::var_os("VOGELER_AGENT__PLUGIN_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| config::defaults::PLUGIN_DIR.into())
+}
+
+fn plugins(action: PluginsAction) -> ExitCode {
+    match action {
+        PluginsAction::List { plugin_dir: dir } => {
+            match vogeler_agent::local::list(&plugin_dir(dir)) {
+                Ok(text) => {
+                    print!("{text}");
+                    exit::code(exit::OK)
+                }
+                Err(e) => {
+                    eprintln!("vogeler-agent: {e}");
+                    exit::code(exit::CONFIG)
+                }
+            }
+        }
+        PluginsAction::Check { path } => {
+            let path = plugin_dir(path);
+            let result = if path.is_file() {
+                vogeler_agent::local::check_file(&path)
+            } else {
+                vogeler_agent::local::check(&path)
+            };
+            match result {
+                Ok(text) => {
+                    print!("{text}");
+                    exit::code(exit::OK)
+                }
+                Err(text) => {
+                    eprint!("{text}");
+                    exit::code(exit::CONFIG)
+                }
+            }
+        }
+        PluginsAction::Run {
+            name,
+            plugin_dir: dir,
+        } => {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("vogeler-agent: cannot start the async runtime: {e}");
+                    return exit::code(exit::FAILURE);
+                }
+            };
+            match runtime.block_on(vogeler_agent::local::run(&plugin_dir(dir), &name)) {
+                Ok(e) => {
+                    eprintln!(
+                        "vogeler-agent: plugin {name}: {}",
+                        vogeler_agent::local::describe(&e)
+                    );
+                    match &e.value {
+                        Some(v) if e.outcome.is_ok() => {
+                            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+                            exit::code(exit::OK)
+                        }
+                        _ => exit::code(exit::FAILURE),
+                    }
+                }
+                Err(e) => {
+                    eprintln!("vogeler-agent: {e}");
+                    exit::code(exit::FAILURE)
+                }
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Plugins { action }) = cli.command {
+        return plugins(action);
+    }
     let mut sources = cli.common.sources();
     sources
         .set("agent.node", cli.node.as_ref())

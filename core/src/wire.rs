@@ -18,6 +18,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Messages larger than this are refused before parsing (a plugin's output is capped far lower).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// The largest plugin value (as JSON) an agent publishes. RabbitMQ 4 refuses messages over
+/// 16 MiB by default; this leaves room for the rest of the result.
+pub const MAX_VALUE_BYTES: usize = 15 * 1024 * 1024;
+
 /// Every message Vogeler sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

@@ -1,0 +1,133 @@
+//! `vogeler-agent plugins list|check|run`: tools for plugin authors and config management.
+//! They read only the plugin directory: no broker, no config file.
+
+use std::{fmt::Write as _, path::Path};
+
+use vogeler_core::{names::PluginName, wire::Outcome};
+
+use crate::{exec, plugin::Catalog};
+
+/// `plugins list`: one line per plugin and per skipped file.
+pub fn list(dir: &Path) -> Result<String, String> {
+    let c = Catalog::load_dir(dir).map_err(|p| p.to_string())?;
+    let mut out = String::new();
+    let width = c
+        .plugins()
+        .map(|p| p.name.as_str().len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<7}  {:<8}  FILE",
+        "NAME", "FORMAT", "STATUS"
+    );
+    for p in c.plugins() {
+        let status = if p.warnings().is_empty() {
+            "ok"
+        } else {
+            "warning"
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<7}  {:<8}  {}",
+            p.name,
+            p.format.name(),
+            status,
+            p.file.display()
+        );
+    }
+    for p in &c.problems {
+        let _ = writeln!(out, "{:<width$}  {:<7}  {:<8}  {}", "-", "-", "error", p);
+    }
+    for w in &c.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    Ok(out)
+}
+
+/// `plugins check`: every problem, each naming its file; `Ok` when all files are valid.
+/// A program or user missing on this machine is a warning, not an error: config management
+/// validates files for many machines on one.
+pub fn check(dir: &Path) -> Result<String, String> {
+    let c = Catalog::load_dir(dir).map_err(|p| p.to_string())?;
+    let mut out = String::new();
+    for p in &c.problems {
+        let _ = writeln!(out, "error: {p}");
+    }
+    for w in &c.warnings {
+        let _ = writeln!(out, "warning: {w}");
+    }
+    let _ = writeln!(
+        out,
+        "{} plugin(s) valid, {} error(s), {} warning(s) in {}",
+        c.len(),
+        c.problems.len(),
+        c.warnings.len(),
+        dir.display()
+    );
+    if c.problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(out)
+    }
+}
+
+/// `plugins check FILE`: validate one file before it is put in place (a `validate_cmd` gets
+/// a temporary path, so the file's name is not checked, only its content).
+pub fn check_file(file: &Path) -> Result<String, String> {
+    let mut out = String::new();
+    let mut ok = true;
+    let mut count = 0;
+    for loaded in crate::plugin::load_file(file) {
+        match loaded {
+            Ok(p) => {
+                count += 1;
+                for w in p.warnings() {
+                    let _ = writeln!(out, "warning: {}: {w}", file.display());
+                }
+            }
+            Err(e) => {
+                ok = false;
+                let _ = writeln!(out, "error: {}: {e}", file.display());
+            }
+        }
+    }
+    let _ = writeln!(out, "{count} plugin(s) valid in {}", file.display());
+    if ok { Ok(out) } else { Err(out) }
+}
+
+/// `plugins run`: run one plugin here, exactly as the agent would.
+pub async fn run(dir: &Path, name: &PluginName) -> Result<exec::Execution, String> {
+    let c = Catalog::load_dir(dir).map_err(|p| p.to_string())?;
+    let Some(plugin) = c.get(name) else {
+        let problems: Vec<String> = c.problems.iter().map(|p| p.to_string()).collect();
+        let hint = if problems.is_empty() {
+            String::new()
+        } else {
+            format!("; skipped files:\n  {}", problems.join("\n  "))
+        };
+        return Err(format!("no plugin {name:?} in {}{hint}", dir.display()));
+    };
+    Ok(exec::execute(plugin).await)
+}
+
+/// One line for stderr describing how a run ended.
+pub fn describe(e: &exec::Execution) -> String {
+    let what = match &e.outcome {
+        Outcome::Ok => "completed".to_string(),
+        other => other
+            .error_text()
+            .unwrap_or_else(|| other.status().to_string()),
+    };
+    let truncated = if e.truncated {
+        " (output truncated)"
+    } else {
+        ""
+    };
+    format!(
+        "{} in {} ms{truncated}: {what}",
+        e.outcome.status(),
+        e.duration.as_millis()
+    )
+}
