@@ -135,9 +135,14 @@ impl Report {
 
 /// A short, human summary of a plugin value.
 pub fn summarize(v: &Value) -> String {
+    // Records (package lists, users) read best by their name.
     fn short(v: &Value) -> String {
         match v {
             Value::String(s) => s.clone(),
+            Value::Object(o) => match o.get("name") {
+                Some(Value::String(name)) => name.clone(),
+                _ => v.to_string(),
+            },
             other => other.to_string(),
         }
     }
@@ -280,5 +285,9 @@ mod tests {
         assert_eq!(summarize(&json!([])), "0 items");
         assert_eq!(summarize(&json!("text")), "text");
         assert_eq!(summarize(&json!(42)), "42");
+        assert_eq!(
+            summarize(&json!([{"name": "bash", "version": "5"}, {"v": 1}])),
+            "2 items: bash, {\"v\":1}"
+        );
     }
 }

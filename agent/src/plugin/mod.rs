@@ -139,7 +139,11 @@ impl Definition {
             .ok_or("command is empty: give the program and its arguments")?;
         let program = PathBuf::from(program);
         let program = if program.is_relative() && program.components().count() > 1 {
-            file.parent().unwrap_or(Path::new(".")).join(program)
+            // Absolute, because plugins run with `/` as their working directory.
+            let dir = file.parent().unwrap_or(Path::new("."));
+            std::path::absolute(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .join(program)
         } else {
             program
         };
@@ -482,7 +486,8 @@ mod tests {
         )]);
         let c = Catalog::load_dir(d.path()).expect("dir");
         let p = c.get(&PluginName::new("s").expect("name")).expect("s");
-        assert_eq!(p.program, d.path().join("./s.sh"));
+        assert_eq!(p.program, d.path().join("s.sh"));
+        assert!(p.program.is_absolute());
         assert_eq!(p.timeout, Duration::from_secs(5));
     }
 
@@ -659,7 +664,20 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
         let c = Catalog::load_dir(&dir).expect("plugins/");
         assert!(c.problems.is_empty(), "{:#?}", c.problems);
-        for name in ["hello", "dpkg", "rpms", "os_release", "kernel"] {
+        for name in [
+            "hello",
+            "dpkg",
+            "rpms",
+            "os_release",
+            "kernel",
+            "facts",
+            "facter",
+            "kernel_modules",
+            "services",
+            "listening_ports",
+            "disks",
+            "users",
+        ] {
             assert!(
                 c.get(&PluginName::new(name).expect("name")).is_some(),
                 "{name}"
