@@ -12,5 +12,7 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== shipped plugin files" >&2
+cargo run --quiet -p vogeler-agent -- plugins check plugins
 echo "== cargo test" >&2
 cargo test --workspace

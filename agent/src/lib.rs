@@ -155,7 +155,8 @@ async fn serve(
     let queue = topology.declare_agent_queue(&consumer_ch, &s.node).await?;
 
     let mut catalog = shared.catalog.clone();
-    announce(shared, &publisher, started_at, &catalog.borrow_and_update()).await?;
+    let current = catalog.borrow_and_update().clone();
+    announce(shared, &publisher, started_at, &current).await?;
 
     let tag = format!("vogeler-agent-{}", s.node);
     let mut consumer = consumer_ch

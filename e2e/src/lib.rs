@@ -11,6 +11,7 @@
 //!   stopping the shared servers.
 //! - [`wait_for`]: poll a condition with a deadline.
 
+pub mod programs;
 pub mod proxy;
 
 use std::{future::Future, path::Path, time::Duration};

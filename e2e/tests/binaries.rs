@@ -2,78 +2,18 @@
 //! broker and database.
 
 use std::{
-    path::PathBuf,
     process::{Output, Stdio},
-    sync::OnceLock,
     time::Duration,
 };
 
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::json;
 use tokio::process::{Child, Command};
-use vogeler_e2e::{HELLO, TestStack, plugin_dir, wait_for};
-
-/// Build the binaries once per test run (cargo does not build other packages' binaries
-/// for a test) and return the directory holding them.
-fn bin_dir() -> &'static PathBuf {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-        let status = std::process::Command::new(cargo)
-            .current_dir(&root)
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "vogeler-agent",
-                "-p",
-                "vogeler-server",
-                "-p",
-                "vogeler-runner",
-            ])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the binaries failed");
-        // target/debug/deps/<this test> -> target/debug
-        let exe = std::env::current_exe().expect("test exe");
-        exe.parent()
-            .and_then(|d| d.parent())
-            .expect("target dir")
-            .to_path_buf()
-    })
-}
-
-fn program(name: &str, stack: &TestStack) -> Command {
-    let path = bin_dir().join(name);
-    assert!(path.is_file(), "{} is missing", path.display());
-    let mut cmd = Command::new(path);
-    // Flags for the connection; the environment is cleared of VOGELER_* so the test is exact.
-    cmd.env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .args([
-            "--amqp-url",
-            &stack.amqp_url,
-            "--collective",
-            &stack.collective,
-            "--connect-timeout",
-            "10",
-        ])
-        .env("VOGELER_AMQP__QUEUE_EXPIRES", vogeler_e2e::QUEUE_EXPIRES)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
-}
-
-fn with_couch(mut cmd: Command, stack: &TestStack) -> Command {
-    cmd.args([
-        "--couchdb-url",
-        &stack.couchdb_url,
-        "--database",
-        &stack.database,
-    ]);
-    cmd
-}
+use vogeler_e2e::{
+    HELLO, TestStack, plugin_dir,
+    programs::{program, with_couch},
+    wait_for,
+};
 
 async fn run(mut cmd: Command) -> Output {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
