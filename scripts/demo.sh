@@ -50,6 +50,10 @@ done
 
 echo
 echo "\$ curl http://127.0.0.1:5984/system_records/web01   (the node document, values shortened)"
+if ! command -v python3 >/dev/null; then
+  curl -fsS http://127.0.0.1:5984/system_records/web01 | head -c 3000
+  echo
+else
 curl -fsS http://127.0.0.1:5984/system_records/web01 | python3 -c '
 import json, sys
 doc = json.load(sys.stdin)
@@ -57,5 +61,6 @@ for k, v in doc.items():
     if isinstance(v, list) and len(v) > 5:
         doc[k] = v[:5] + ["... %d more" % (len(v) - 5)]
 print(json.dumps(doc, indent=2))'
+fi
 echo
 echo "Browse every node document in the web UI: http://127.0.0.1:5984/_utils/#database/system_records/_all_docs"
