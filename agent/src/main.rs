@@ -120,18 +120,8 @@ fn plugins(action: PluginsAction) -> ExitCode {
         PluginsAction::Run {
             name,
             plugin_dir: dir,
-        } => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("vogeler-agent: cannot start the async runtime: {e}");
-                    return exit::code(exit::FAILURE);
-                }
-            };
-            match runtime.block_on(vogeler_agent::local::run(&plugin_dir(dir), &name)) {
+        } => exit::block_on("vogeler-agent", async move {
+            match vogeler_agent::local::run(&plugin_dir(dir), &name).await {
                 Ok(e) => {
                     eprintln!(
                         "vogeler-agent: plugin {name}: {}",
@@ -150,7 +140,7 @@ fn plugins(action: PluginsAction) -> ExitCode {
                     exit::code(exit::FAILURE)
                 }
             }
-        }
+        }),
     }
 }
 
@@ -183,14 +173,7 @@ fn main() -> ExitCode {
         return exit::code(exit::OK);
     }
     telemetry::init(&settings.log_level);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("vogeler-agent: cannot start the async runtime: {e}");
-            return exit::code(exit::FAILURE);
-        }
-    };
-    runtime.block_on(async {
+    exit::block_on("vogeler-agent", async {
         match vogeler_agent::run(settings, shutdown::on_signals()).await {
             Ok(()) => exit::code(exit::OK),
             Err(e) => {

@@ -17,3 +17,15 @@ pub const CONFIG: u8 = 78;
 pub fn code(c: u8) -> ExitCode {
     ExitCode::from(c)
 }
+
+/// Run a binary's async body on a fresh multi-threaded runtime, mapping a runtime that cannot
+/// start to exit 1 with a message naming `program`.
+pub fn block_on(program: &str, body: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt.block_on(body),
+        Err(e) => {
+            eprintln!("{program}: cannot start the async runtime: {e}");
+            code(FAILURE)
+        }
+    }
+}

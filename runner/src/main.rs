@@ -70,19 +70,12 @@ fn main() -> ExitCode {
         return exit::code(exit::OK);
     }
     telemetry::init(&settings.log_level);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("vogeler-runner: cannot start the async runtime: {e}");
-            return exit::code(exit::FAILURE);
-        }
-    };
     let query = Query {
         plugin: cli.plugin,
         target: cli.nodes,
         timeout: settings.timeout,
     };
-    runtime.block_on(async {
+    exit::block_on("vogeler-runner", async {
         match vogeler_runner::query(&settings, &query, &shutdown::on_signals()).await {
             Ok(report) => {
                 print!("{}", report.render_table());

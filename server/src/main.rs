@@ -55,14 +55,7 @@ fn main() -> ExitCode {
         return exit::code(exit::OK);
     }
     telemetry::init(&settings.log_level);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("vogeler-server: cannot start the async runtime: {e}");
-            return exit::code(exit::FAILURE);
-        }
-    };
-    runtime.block_on(async {
+    exit::block_on("vogeler-server", async {
         match vogeler_server::run(settings, shutdown::on_signals()).await {
             Ok(()) => exit::code(exit::OK),
             Err(e) => {
