@@ -11,6 +11,7 @@
 //! in-process against a real broker.
 
 pub mod exec;
+pub mod facts;
 pub mod format;
 pub mod local;
 pub mod plugin;
@@ -145,7 +146,7 @@ async fn serve(
     let s = &shared.settings;
     let topology = &s.broker.topology;
     let publisher = amqp::publisher_channel(conn).await?;
-    topology.declare_shared(&publisher).await?;
+    topology.declare_shared(conn).await?;
 
     let consumer_ch = conn.create_channel().await?;
     let prefetch = u16::try_from(s.concurrency).unwrap_or(u16::MAX);
@@ -168,8 +169,16 @@ async fn serve(
         )
         .await?;
     info!(node = %s.node, queue = %queue, "waiting for commands");
+    let mut heartbeat =
+        tokio::time::interval_at(tokio::time::Instant::now() + s.heartbeat, s.heartbeat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let delivery = tokio::select! {
+            _ = heartbeat.tick() => {
+                let current = catalog.borrow().clone();
+                announce(shared, &publisher, started_at, &current).await?;
+                continue;
+            }
             Ok(()) = catalog.changed() => {
                 // Tell the server which plugins this node now has.
                 let current = catalog.borrow_and_update().clone();
@@ -206,6 +215,7 @@ async fn announce(
         plugins: catalog.infos(),
         started_at,
         sent_at: Utc::now(),
+        facts: facts::collect(),
     });
     let key = Topology::announce_routing_key(&s.node);
     amqp::publish(

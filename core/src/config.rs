@@ -16,7 +16,7 @@ use crate::{
     duration,
     names::NodeName,
     secret::{Secret, SecretUrl},
-    topology::Topology,
+    topology::{QueueKind, ResultsQueue, Topology},
 };
 
 /// Defaults, in one place so docs and `--help` can quote them.
@@ -28,7 +28,11 @@ pub mod defaults {
     pub const CONNECT_TIMEOUT_SECS: u64 = 30;
     pub const PLUGIN_DIR: &str = "/etc/vogeler/plugins.d";
     pub const AGENT_CONCURRENCY: usize = 4;
-    pub const SERVER_PREFETCH: u16 = 64;
+    pub const AGENT_HEARTBEAT_SECS: u64 = 60;
+    pub const SERVER_PREFETCH: u16 = 512;
+    pub const SERVER_BATCH_SIZE: usize = 256;
+    pub const SERVER_STALE_AFTER_SECS: u64 = 24 * 3600;
+    pub const SERVER_HISTORY_RETENTION_SECS: u64 = 90 * 24 * 3600;
     pub const RUNNER_TIMEOUT_SECS: u64 = 10;
     /// Daemons log their work; the runner is interactive and keeps stderr for problems.
     pub const LOG_LEVEL: &str = "info";
@@ -64,6 +68,10 @@ pub struct RawAmqp {
     /// Delete our queues after they have been unused this long (test runs, short-lived fleets).
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub queue_expires: Option<Duration>,
+    /// `classic` (default) or `quorum` (replicated; for RabbitMQ clusters).
+    pub results_queue_type: Option<String>,
+    /// Results the queue holds at most before it refuses publishes.
+    pub results_max_length: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,12 +91,23 @@ pub struct RawAgent {
     pub node: Option<String>,
     pub plugin_dir: Option<PathBuf>,
     pub concurrency: Option<usize>,
+    /// How often the agent re-announces itself, so the server sees it is alive.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub heartbeat: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawServer {
     pub prefetch: Option<u16>,
+    /// Results written to CouchDB in one `_bulk_docs` request at most.
+    pub batch_size: Option<usize>,
+    /// A node not seen for this long is reported as stale (never deleted automatically).
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub stale_after: Option<Duration>,
+    /// History entries older than this are deleted.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub history_retention: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +202,8 @@ pub struct AgentSettings {
     pub plugin_dir: PathBuf,
     /// Plugin runs allowed at once; more commands wait in the queue.
     pub concurrency: usize,
+    /// Interval between announcements while connected.
+    pub heartbeat: Duration,
     pub log_level: String,
 }
 
@@ -192,6 +213,9 @@ pub struct ServerSettings {
     pub couch: CouchSettings,
     /// Unacked results the broker may hand the server at once.
     pub prefetch: u16,
+    pub batch_size: usize,
+    pub stale_after: Duration,
+    pub history_retention: Duration,
     pub log_level: String,
 }
 
@@ -313,9 +337,24 @@ impl RawConfig {
             &["amqp", "amqps"],
         );
         let collective = validate_collective(p, self.amqp.collective.as_deref());
+        let mut results = ResultsQueue::default();
+        if let Some(kind) = &self.amqp.results_queue_type {
+            match QueueKind::parse(kind) {
+                Ok(k) => results.kind = k,
+                Err(e) => p.0.push(format!("amqp.results_queue_type: {e}")),
+            }
+        }
+        match self.amqp.results_max_length {
+            Some(0) => {
+                p.0.push("amqp.results_max_length: must be at least 1".into())
+            }
+            Some(n) => results.max_length = n,
+            None => {}
+        }
         Some(BrokerSettings {
             url: url?,
-            topology: Topology::new(collective?, self.amqp.queue_expires),
+            topology: Topology::new(collective?, self.amqp.queue_expires)
+                .with_results_queue(results),
             connect_timeout: self.connect_timeout(),
         })
     }
@@ -385,6 +424,13 @@ impl RawConfig {
             .agent
             .concurrency
             .unwrap_or(defaults::AGENT_CONCURRENCY);
+        let heartbeat = self
+            .agent
+            .heartbeat
+            .unwrap_or(Duration::from_secs(defaults::AGENT_HEARTBEAT_SECS));
+        if heartbeat < Duration::from_secs(1) {
+            p.0.push("agent.heartbeat: must be at least 1s".into());
+        }
         if concurrency == 0 {
             p.0.push("agent.concurrency: must be at least 1".into());
         }
@@ -399,6 +445,7 @@ impl RawConfig {
                     .clone()
                     .unwrap_or_else(|| defaults::PLUGIN_DIR.into()),
                 concurrency,
+                heartbeat,
                 log_level,
             })
         })
@@ -413,12 +460,32 @@ impl RawConfig {
         if prefetch == 0 {
             p.0.push("server.prefetch: must be at least 1".into());
         }
+        let batch_size = self
+            .server
+            .batch_size
+            .unwrap_or(defaults::SERVER_BATCH_SIZE);
+        if batch_size == 0 || batch_size > usize::from(prefetch.max(1)) {
+            p.0.push(format!(
+                "server.batch_size: {batch_size} must be between 1 and server.prefetch ({prefetch})"
+            ));
+        }
+        let stale_after = self
+            .server
+            .stale_after
+            .unwrap_or(Duration::from_secs(defaults::SERVER_STALE_AFTER_SECS));
+        let history_retention = self
+            .server
+            .history_retention
+            .unwrap_or(Duration::from_secs(defaults::SERVER_HISTORY_RETENTION_SECS));
         let log_level = validate_level(&mut p, &self.log, defaults::LOG_LEVEL);
         p.finish(|| {
             Some(ServerSettings {
                 broker: broker?,
                 couch: couch?,
                 prefetch,
+                batch_size,
+                stale_after,
+                history_retention,
                 log_level,
             })
         })

@@ -96,6 +96,49 @@ struct AllDocsRow {
 }
 
 #[derive(serde::Deserialize)]
+struct AllDocsDocs {
+    rows: Vec<AllDocsDocRow>,
+}
+
+#[derive(serde::Deserialize)]
+struct AllDocsDocRow {
+    key: String,
+    #[serde(default)]
+    doc: Option<serde_json::Value>,
+}
+
+/// One document's outcome in a `_bulk_docs` write.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct BulkResult {
+    pub id: String,
+    #[serde(default)]
+    pub rev: Option<String>,
+    /// `conflict`, `forbidden`, ... when this document was not written.
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// One row of a view.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ViewRow {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub key: serde_json::Value,
+    #[serde(default)]
+    pub value: serde_json::Value,
+    /// With `include_docs=true`.
+    #[serde(default)]
+    pub doc: Option<serde_json::Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct ViewRows {
+    rows: Vec<ViewRow>,
+}
+
+#[derive(serde::Deserialize)]
 struct PutOk {
     rev: String,
 }
@@ -148,8 +191,18 @@ impl CouchClient {
         segments: &[&str],
         body: Option<&[u8]>,
     ) -> Result<reqwest::Response, CouchError> {
+        self.send_query(method, segments, &[], body).await
+    }
+
+    async fn send_query(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, String)],
+        body: Option<&[u8]>,
+    ) -> Result<reqwest::Response, CouchError> {
         let attempt = || {
-            let mut req = self.request(method.clone(), segments);
+            let mut req = self.request(method.clone(), segments).query(query);
             if let Some(b) = body {
                 req = req
                     .header("content-type", "application/json")
@@ -271,6 +324,72 @@ impl CouchClient {
             s if s.is_success() => Ok(self.json::<PutOk>(&[db, id], resp).await?.rev),
             _ => Err(self.error(Method::PUT, &[db, id], resp).await),
         }
+    }
+
+    /// Documents by id in one request (`POST /{db}/_all_docs?include_docs=true`), in the
+    /// order asked; missing and deleted documents are `None`.
+    pub async fn get_many<T: DeserializeOwned>(
+        &self,
+        db: &str,
+        ids: &[&str],
+    ) -> Result<Vec<(String, Option<T>)>, CouchError> {
+        let path = [db, "_all_docs"];
+        let body = serde_json::json!({ "keys": ids }).to_string();
+        let query = [("include_docs", "true".to_string())];
+        let resp = self
+            .send_query(Method::POST, &path, &query, Some(body.as_bytes()))
+            .await?;
+        if !resp.status().is_success() {
+            return Err(self.error(Method::POST, &path, resp).await);
+        }
+        let rows: AllDocsDocs = self.json(&path, resp).await?;
+        Ok(rows
+            .rows
+            .into_iter()
+            .map(|r| {
+                let doc = r
+                    .doc
+                    .filter(|d| !d.is_null())
+                    .and_then(|d| serde_json::from_value(d).ok());
+                (r.key, doc)
+            })
+            .collect())
+    }
+
+    /// Write many documents in one request (`POST /{db}/_bulk_docs`). The request succeeds as
+    /// a whole; each document's own result (new revision, or an error such as `conflict`)
+    /// must be checked.
+    pub async fn bulk_docs<T: Serialize>(
+        &self,
+        db: &str,
+        docs: &[T],
+    ) -> Result<Vec<BulkResult>, CouchError> {
+        let path = [db, "_bulk_docs"];
+        let body = serde_json::to_vec(&serde_json::json!({ "docs": docs }))
+            .unwrap_or_else(|e| unreachable!("document encode: {e}"));
+        let resp = self.send(Method::POST, &path, Some(&body)).await?;
+        if !resp.status().is_success() {
+            return Err(self.error(Method::POST, &path, resp).await);
+        }
+        self.json(&path, resp).await
+    }
+
+    /// Query a view (`GET /{db}/_design/{ddoc}/_view/{view}`). Values in `params` are sent
+    /// as given: JSON-encode keys (`key`, `startkey`, `endkey`) first.
+    pub async fn view(
+        &self,
+        db: &str,
+        ddoc: &str,
+        view: &str,
+        params: &[(&str, String)],
+    ) -> Result<Vec<ViewRow>, CouchError> {
+        let path = [db, "_design", ddoc, "_view", view];
+        let resp = self.send_query(Method::GET, &path, params, None).await?;
+        if !resp.status().is_success() {
+            return Err(self.error(Method::GET, &path, resp).await);
+        }
+        let rows: ViewRows = self.json(&path, resp).await?;
+        Ok(rows.rows)
     }
 
     /// Ids of every non-design document; `None` when the database does not exist.

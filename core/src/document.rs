@@ -56,18 +56,33 @@ pub struct NodeMeta {
     pub agent_version: Option<String>,
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginMeta>,
+    /// The plugins the agent last announced, with the hash of each plugin file.
+    #[serde(default)]
+    pub agent_plugins: BTreeMap<String, String>,
+    /// When the agent last announced itself (start, plugin change or heartbeat).
+    #[serde(default)]
+    pub announced_at: Option<DateTime<Utc>>,
+    /// Facts the agent last announced (`os.family`, `kernel`, `arch`, ...).
+    #[serde(default)]
+    pub facts: serde_json::Map<String, Value>,
 }
 
 impl NodeMeta {
-    fn adopted() -> Self {
-        let now = Utc::now();
+    fn new(now: DateTime<Utc>) -> Self {
         Self {
             created_at: now,
             updated_at: now,
             last_seen: None,
             agent_version: None,
             plugins: BTreeMap::new(),
+            agent_plugins: BTreeMap::new(),
+            announced_at: None,
+            facts: serde_json::Map::new(),
         }
+    }
+
+    fn adopted() -> Self {
+        Self::new(Utc::now())
     }
 }
 
@@ -87,6 +102,34 @@ pub struct PluginMeta {
     pub hash: Option<String>,
     #[serde(default)]
     pub truncated: bool,
+}
+
+/// One change of one plugin's value on one node, kept in the history database.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Unique per result, so writing it twice is a harmless conflict and two servers never
+    /// fight over one document.
+    #[serde(rename = "_id")]
+    pub id: String,
+    pub node: String,
+    pub plugin: String,
+    pub at: DateTime<Utc>,
+    pub request_id: Uuid,
+    pub old_hash: Option<String>,
+    pub new_hash: String,
+    pub old: Value,
+    pub new: Value,
+}
+
+impl HistoryEntry {
+    /// `<node>:<plugin>:<time>:<request id>`: sorts by time within a node and plugin.
+    pub fn id_for(node: &str, plugin: &str, at: DateTime<Utc>, request_id: Uuid) -> String {
+        format!(
+            "{node}:{plugin}:{}:{}",
+            at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            request_id.simple()
+        )
+    }
 }
 
 /// Whether applying a message changed the document (and so needs a write).
@@ -114,13 +157,7 @@ impl NodeDocument {
         Self {
             id: node.to_string(),
             rev: None,
-            meta: NodeMeta {
-                created_at: now,
-                updated_at: now,
-                last_seen: None,
-                agent_version: None,
-                plugins: BTreeMap::new(),
-            },
+            meta: NodeMeta::new(now),
             values: BTreeMap::new(),
         }
     }
@@ -144,6 +181,17 @@ impl NodeDocument {
     /// Merge one plugin result. A result already applied, or older than the stored one,
     /// changes nothing; a failed run keeps the last good value and records why it failed.
     pub fn apply_result(&mut self, r: &PluginResult, now: DateTime<Utc>) -> Change {
+        self.apply_result_recording(r, now, &mut Vec::new())
+    }
+
+    /// [`NodeDocument::apply_result`], adding a [`HistoryEntry`] to `history` when the
+    /// plugin's value changed (its first value counts as a change from nothing).
+    pub fn apply_result_recording(
+        &mut self,
+        r: &PluginResult,
+        now: DateTime<Utc>,
+        history: &mut Vec<HistoryEntry>,
+    ) -> Change {
         if r.outcome == Outcome::UnknownPlugin {
             // Nothing was collected, and a typo in a runner command must not leave a key for
             // a plugin that does not exist in every document it reached.
@@ -160,6 +208,19 @@ impl NodeDocument {
         let hash = if r.outcome.is_ok() {
             let value = r.value.clone().unwrap_or(Value::Null);
             let hash = value_hash(&value);
+            if previous_hash.as_deref() != Some(hash.as_str()) {
+                history.push(HistoryEntry {
+                    id: HistoryEntry::id_for(&self.id, key, r.collected_at, r.request_id),
+                    node: self.id.clone(),
+                    plugin: key.to_string(),
+                    at: r.collected_at,
+                    request_id: r.request_id,
+                    old_hash: previous_hash,
+                    new_hash: hash.clone(),
+                    old: self.values.get(key).cloned().unwrap_or(Value::Null),
+                    new: value.clone(),
+                });
+            }
             self.values.insert(key.to_string(), value);
             Some(hash)
         } else {
@@ -183,11 +244,19 @@ impl NodeDocument {
         Change::Updated
     }
 
-    /// Record an agent's announcement; a repeated or older one changes nothing.
+    /// Record an agent's announcement (plugins, facts, last seen); a repeated or older one
+    /// changes nothing.
     pub fn apply_announce(&mut self, a: &Announce, now: DateTime<Utc>) -> Change {
-        if self.meta.last_seen.is_some_and(|seen| seen >= a.sent_at) {
+        if self.meta.announced_at.is_some_and(|at| at >= a.sent_at) {
             return Change::Unchanged;
         }
+        self.meta.announced_at = Some(a.sent_at);
+        self.meta.agent_plugins = a
+            .plugins
+            .iter()
+            .map(|p| (p.name.to_string(), p.hash.clone()))
+            .collect();
+        self.meta.facts = a.facts.clone();
         self.saw(a.sent_at, &a.agent_version);
         self.meta.updated_at = now;
         Change::Updated
@@ -299,6 +368,7 @@ mod tests {
             plugins: vec![],
             started_at: t("01"),
             sent_at: t("03"),
+            facts: Default::default(),
         };
         assert_eq!(d.apply_announce(&a, t("04")), Change::Updated);
         assert_eq!(d.apply_announce(&a, t("05")), Change::Unchanged);
@@ -315,6 +385,77 @@ mod tests {
         );
         assert!(d.meta.plugins.is_empty());
         assert!(d.values.is_empty());
+    }
+
+    #[test]
+    fn value_changes_are_recorded_once_each() {
+        let mut d = doc();
+        let mut history = vec![];
+        for (id, at, v) in [
+            (1, "01", json!(["a"])),
+            (2, "02", json!(["a"])),
+            (3, "03", json!(["a", "b"])),
+            (3, "03", json!(["a", "b"])),
+        ] {
+            d.apply_result_recording(&result(id, at, Outcome::Ok, Some(v)), t("09"), &mut history);
+        }
+        let failed = Outcome::Failed {
+            exit_code: Some(1),
+            signal: None,
+            stderr_tail: String::new(),
+        };
+        d.apply_result_recording(&result(4, "04", failed, None), t("09"), &mut history);
+        assert_eq!(
+            history.len(),
+            2,
+            "first value and one real change: {history:#?}"
+        );
+        assert_eq!(
+            (history[0].old.clone(), history[0].new.clone()),
+            (Value::Null, json!(["a"]))
+        );
+        assert_eq!(
+            (history[1].old.clone(), history[1].new.clone()),
+            (json!(["a"]), json!(["a", "b"]))
+        );
+        assert_eq!(
+            history[1].old_hash.as_deref(),
+            Some(history[0].new_hash.as_str())
+        );
+        assert!(
+            history[1]
+                .id
+                .starts_with("web01:hello:2026-11-22T05:00:03.000Z:"),
+            "{}",
+            history[1].id
+        );
+    }
+
+    #[test]
+    fn announce_after_a_newer_result_still_records_plugins_and_facts() {
+        let mut d = doc();
+        d.apply_result(&result(1, "05", Outcome::Ok, Some(json!(1))), t("06"));
+        let a = Announce {
+            node: NodeName::new("web01").expect("node"),
+            agent_version: "0.1.0".into(),
+            plugins: vec![crate::wire::PluginInfo {
+                name: PluginName::new("hello").expect("p"),
+                hash: "sha256:1".into(),
+            }],
+            started_at: t("01"),
+            sent_at: t("02"),
+            facts: json!({"kernel": "6.1"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        };
+        assert_eq!(d.apply_announce(&a, t("07")), Change::Updated);
+        assert_eq!(
+            d.meta.agent_plugins.get("hello").map(String::as_str),
+            Some("sha256:1")
+        );
+        assert_eq!(d.meta.facts["kernel"], "6.1");
+        assert_eq!(d.meta.last_seen, Some(t("05")), "last_seen never goes back");
     }
 
     #[test]

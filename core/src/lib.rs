@@ -6,6 +6,7 @@
 //! - [`amqp`]: broker connection with retry and confirmed publishing.
 //! - [`couch`]: a small CouchDB HTTP client that keeps to the documented API.
 //! - [`document`]: the node document shape and how results merge into it.
+//! - [`design`]: the design documents (views) the server installs.
 //! - [`config`]: layered configuration (defaults < file < `VOGELER_*` env < flags).
 //! - [`cli`]: the connection flags every program shares.
 //! - [`duration`], [`secret`]: value types used by config.
@@ -16,6 +17,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod couch;
+pub mod design;
 pub mod document;
 pub mod duration;
 pub mod exit;

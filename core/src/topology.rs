@@ -4,7 +4,8 @@
 //! runner --(command, key "all" | "node.<name>")--> <c>.commands (topic)
 //!   --> <c>.agent.<node>   (durable; one per agent, bound to "all" and "node.<name>")
 //! agent  --(result, key "result.<request id>"; announce, key "announce.<node>")--> <c>.results (topic)
-//!   --> <c>.results        (durable; bound to "#", drained by the servers)
+//!   --> <c>.results        (durable; bound to "#", drained by the servers; bounded, and
+//!                           refused messages go to <c>.dead (fanout) --> <c>.dead-letters)
 //!   --> reply queue        (exclusive; one per runner request, bound to "result.<request id>")
 //! ```
 //! `<c>` is the collective, so several fleets or test runs can share one broker. Every program
@@ -14,7 +15,7 @@
 use std::time::Duration;
 
 use lapin::{
-    Channel, ExchangeKind,
+    Channel, Connection, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
@@ -25,6 +26,52 @@ use crate::{names::NodeName, wire::Target};
 /// The binding that makes the results queue receive every result and announcement.
 const EVERYTHING: &str = "#";
 
+/// Which kind of queue holds results. Quorum queues are replicated across a RabbitMQ
+/// cluster and survive losing a node; classic queues are lighter and enough for one broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueKind {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+impl QueueKind {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "classic" => Ok(QueueKind::Classic),
+            "quorum" => Ok(QueueKind::Quorum),
+            other => Err(format!(
+                "{other:?} is not a queue type; use classic or quorum"
+            )),
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            QueueKind::Classic => "classic",
+            QueueKind::Quorum => "quorum",
+        }
+    }
+}
+
+/// How the results queue is declared. Only the server declares it with these; agents and
+/// runners create it with the same defaults only when it does not exist yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResultsQueue {
+    pub kind: QueueKind,
+    /// Results held at most; beyond it publishes are refused (and retried by the agent)
+    /// rather than old results silently dropped.
+    pub max_length: u64,
+}
+
+impl Default for ResultsQueue {
+    fn default() -> Self {
+        Self {
+            kind: QueueKind::Classic,
+            max_length: 1_000_000,
+        }
+    }
+}
+
 /// Names and declarations for one collective.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -32,6 +79,7 @@ pub struct Topology {
     /// `x-expires` for the queues we declare: unused queues vanish after this long. Test runs
     /// and short-lived collectives set it so they leave nothing behind on a shared broker.
     queue_expires: Option<Duration>,
+    results: ResultsQueue,
 }
 
 impl Topology {
@@ -40,7 +88,14 @@ impl Topology {
         Self {
             collective: collective.into(),
             queue_expires,
+            results: ResultsQueue::default(),
         }
+    }
+
+    /// The same topology with these results queue settings.
+    pub fn with_results_queue(mut self, results: ResultsQueue) -> Self {
+        self.results = results;
+        self
     }
 
     pub fn collective(&self) -> &str {
@@ -54,6 +109,13 @@ impl Topology {
     }
     pub fn results_queue(&self) -> String {
         format!("{}.results", self.collective)
+    }
+    /// Where refused messages go, with the reason in the `x-vogeler-reason` header.
+    pub fn dead_letter_exchange(&self) -> String {
+        format!("{}.dead", self.collective)
+    }
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead-letters", self.collective)
     }
     pub fn agent_queue(&self, node: &NodeName) -> String {
         format!("{}.agent.{node}", self.collective)
@@ -90,8 +152,26 @@ impl Topology {
         args
     }
 
-    /// Exchanges and the durable results queue: what every program needs before it publishes.
-    pub async fn declare_shared(&self, ch: &Channel) -> Result<(), lapin::Error> {
+    fn results_queue_args(&self) -> FieldTable {
+        let mut args = self.queue_args();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString(self.results.kind.name().into()),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dead_letter_exchange().into()),
+        );
+        let max = i64::try_from(self.results.max_length).unwrap_or(i64::MAX);
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        args
+    }
+
+    async fn declare_exchanges(&self, ch: &Channel) -> Result<(), lapin::Error> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..Default::default()
@@ -105,11 +185,36 @@ impl Topology {
             )
             .await?;
         }
+        ch.exchange_declare(
+            self.dead_letter_exchange().as_str().into(),
+            ExchangeKind::Fanout,
+            durable,
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    async fn declare_results_queue(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        let dlq = self.dead_letter_queue();
+        ch.queue_declare(
+            dlq.as_str().into(),
+            QueueDeclareOptions::durable(),
+            self.queue_args(),
+        )
+        .await?;
+        ch.queue_bind(
+            dlq.as_str().into(),
+            self.dead_letter_exchange().as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
         let q = self.results_queue();
         ch.queue_declare(
             q.as_str().into(),
             QueueDeclareOptions::durable(),
-            self.queue_args(),
+            self.results_queue_args(),
         )
         .await?;
         ch.queue_bind(
@@ -120,6 +225,42 @@ impl Topology {
             FieldTable::default(),
         )
         .await
+    }
+
+    /// What agents and runners need before they publish: the exchanges, and the results
+    /// queue so results are kept even before any server ran. An existing results queue is
+    /// left as the server declared it (classic or quorum), whatever this program's settings.
+    pub async fn declare_shared(&self, conn: &Connection) -> Result<(), lapin::Error> {
+        let ch = conn.create_channel().await?;
+        self.declare_exchanges(&ch).await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        // A passive declare of a missing queue closes its channel, hence a channel of its own.
+        let probe = conn.create_channel().await?;
+        let exists = probe
+            .queue_declare(
+                self.results_queue().as_str().into(),
+                passive,
+                FieldTable::default(),
+            )
+            .await
+            .is_ok();
+        if exists {
+            let _ = probe.close(200, "done".into()).await;
+        } else {
+            self.declare_results_queue(&ch).await?;
+        }
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// Everything the server owns, declared with its settings: a results queue declared
+    /// differently before (say classic, now quorum) is an error naming the queue.
+    pub async fn declare_server(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        self.declare_exchanges(ch).await?;
+        self.declare_results_queue(ch).await
     }
 
     /// An agent's own durable command queue, bound for commands addressed to it.

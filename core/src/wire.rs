@@ -176,7 +176,8 @@ pub struct PluginInfo {
     pub hash: String,
 }
 
-/// Sent by an agent each time it connects, so the server knows the node exists.
+/// Sent by an agent when it connects, when its plugins change, and as a heartbeat, so the
+/// server knows the node exists and when it was last seen.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Announce {
     pub node: NodeName,
@@ -184,6 +185,9 @@ pub struct Announce {
     pub plugins: Vec<PluginInfo>,
     pub started_at: DateTime<Utc>,
     pub sent_at: DateTime<Utc>,
+    /// A few facts about the node (OS, kernel, architecture), for targeting and views.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub facts: serde_json::Map<String, Value>,
 }
 
 /// Why a message was refused. The text goes into logs (and later the dead-letter reason).
@@ -297,6 +301,10 @@ mod tests {
             }],
             started_at: ts("2026-11-22T04:59:00Z"),
             sent_at: ts("2026-11-22T04:59:01Z"),
+            facts: serde_json::json!({"kernel": "6.1.0", "os": {"family": "Debian"}})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
         })
     }
 

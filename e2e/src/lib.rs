@@ -179,6 +179,7 @@ impl Drop for TestStack {
             };
             if let Ok(couch) = CouchClient::new(&url, None) {
                 let _ = rt.block_on(couch.delete_database(&db));
+                let _ = rt.block_on(couch.delete_database(&format!("{db}_history")));
             }
         })
         .join();

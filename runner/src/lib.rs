@@ -129,7 +129,7 @@ async fn collect(
         .await
         .map_err(AmqpError::from)?;
     topology
-        .declare_shared(&ch)
+        .declare_shared(conn)
         .await
         .map_err(AmqpError::from)?;
     let reply_queue = topology

@@ -1,35 +1,51 @@
 //! vogeler-server: drains the results queue into CouchDB, one document per node.
 //!
-//! - [`store`]: the read-merge-write of node documents.
+//! - [`store`]: batched read-merge-write of node documents, and the history of changes.
+//! - [`maintenance`]: design documents, stale nodes, history retention, `prune`.
 //!
-//! A result is acked only after CouchDB accepted the write; while the database is down the
-//! server keeps retrying with backoff and the result stays unacked in the queue. [`run`] takes
-//! its settings and a shutdown token so tests run it in-process.
+//! Results are taken in batches (up to `batch_size`, or whatever arrived within a few
+//! milliseconds), written with one `_bulk_docs` request, and acked only after CouchDB
+//! accepted them; while the database is down the server retries with backoff and the results
+//! stay unacked in the queue. Messages that can never be stored go to the dead-letter queue
+//! with their reason. [`run`] takes its settings and a shutdown token so tests run it
+//! in-process.
 
+pub mod maintenance;
 pub mod store;
 
 use std::time::Duration;
 
-use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::{
-    Connection,
+    BasicProperties, Channel, Connection,
     message::Delivery,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions},
-    types::FieldTable,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+        BasicRejectOptions,
+    },
+    types::{AMQPValue, FieldTable},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use vogeler_core::{
     amqp::{self, AmqpError},
     backoff,
     config::{CouchSettings, ServerSettings},
     couch::{CouchClient, CouchError},
-    document::Change,
+    design,
+    topology::Topology,
     wire::{self, Message},
 };
 
-use crate::store::Store;
+use crate::store::{Store, Stored};
+
+/// How long to wait for more results to fill a batch once one has arrived: long enough to
+/// group a fan-out's replies, short enough not to be noticed.
+const LINGER: Duration = Duration::from_millis(20);
+/// How often stale nodes are reported and old history expired.
+const MAINTENANCE_EVERY: Duration = Duration::from_secs(3600);
+/// How often throughput is logged at DEBUG (and every tenth time at INFO).
+const THROUGHPUT_EVERY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -59,7 +75,7 @@ impl ServerError {
             self,
             ServerError::Broker(AmqpError::Unavailable { .. })
                 | ServerError::DatabaseUnavailable { .. }
-        )
+        ) || matches!(self, ServerError::Database { source, .. } if source.is_transient())
     }
 }
 
@@ -97,23 +113,43 @@ pub async fn connect_database(
     }
 }
 
+/// Create the node and history databases if missing and install their design documents.
+pub async fn prepare_database(couch: &CouchClient, db: &str) -> Result<Store, ServerError> {
+    let store = Store::new(couch.clone(), db);
+    for (name, ddoc) in [
+        (db, design::nodes()),
+        (store.history_database(), design::history()),
+    ] {
+        let fail = |source| ServerError::Database {
+            db: name.to_string(),
+            source,
+        };
+        if couch.ensure_database(name).await.map_err(fail)? {
+            info!(database = %name, "created database");
+        }
+        let done = maintenance::ensure_design(couch, name, ddoc)
+            .await
+            .map_err(fail)?;
+        info!(database = %name, design_version = design::VERSION, status = done, "design document");
+    }
+    Ok(store)
+}
+
 /// Run the server until `cancel` fires.
 pub async fn run(settings: ServerSettings, cancel: CancellationToken) -> Result<(), ServerError> {
     let Some(couch) = connect_database(&settings.couch, &cancel).await? else {
         return Ok(());
     };
-    let db = &settings.couch.database;
-    match couch.ensure_database(db).await {
-        Ok(true) => info!(database = %db, "created database"),
-        Ok(false) => {}
-        Err(source) => {
-            return Err(ServerError::Database {
-                db: db.clone(),
-                source,
-            });
-        }
-    }
-    let store = Store::new(couch, db.clone());
+    let store = prepare_database(&couch, &settings.couch.database).await?;
+    let maintenance = tokio::spawn(maintenance::periodic(
+        couch.clone(),
+        store.database().to_string(),
+        store.history_database().to_string(),
+        settings.stale_after,
+        settings.history_retention,
+        MAINTENANCE_EVERY,
+        cancel.clone(),
+    ));
 
     let b = &settings.broker;
     let mut conn =
@@ -124,8 +160,9 @@ pub async fn run(settings: ServerSettings, cancel: CancellationToken) -> Result<
             Err(AmqpError::Cancelled) => return Ok(()),
             Err(e) => return Err(e.into()),
         };
+    let mut stats = Throughput::default();
     loop {
-        match serve(&conn, &settings, &store, &cancel).await {
+        match serve(&conn, &settings, &store, &mut stats, &cancel).await {
             Ok(()) => break,
             Err(e) => warn!(error = %e, "lost the broker connection; reconnecting"),
         }
@@ -135,22 +172,72 @@ pub async fn run(settings: ServerSettings, cancel: CancellationToken) -> Result<
         };
     }
     let _ = conn.close(200, "server shutting down".into()).await;
-    info!("server stopped");
+    let _ = maintenance.await;
+    info!(
+        stored = stats.total_stored,
+        dead_lettered = stats.total_dead,
+        "server stopped"
+    );
     Ok(())
 }
 
-/// One connection's life: consume results and store them, one at a time, in order.
+/// Counts for the throughput log lines.
+#[derive(Debug, Default)]
+struct Throughput {
+    stored: u64,
+    total_stored: u64,
+    total_dead: u64,
+    batches: u64,
+    since: Option<tokio::time::Instant>,
+    reports: u64,
+}
+
+impl Throughput {
+    fn record(&mut self, stored: u64, dead: u64) {
+        self.stored += stored;
+        self.total_stored += stored;
+        self.total_dead += dead;
+        self.batches += 1;
+        let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+        let elapsed = since.elapsed();
+        if elapsed >= THROUGHPUT_EVERY {
+            let rate = self.stored as f64 / elapsed.as_secs_f64();
+            debug!(
+                stored = self.stored,
+                batches = self.batches,
+                per_second = format!("{rate:.0}"),
+                "throughput"
+            );
+            self.reports += 1;
+            if self.reports.is_multiple_of(10) {
+                info!(
+                    stored_total = self.total_stored,
+                    dead_lettered_total = self.total_dead,
+                    per_second = format!("{rate:.0}"),
+                    "ingest summary"
+                );
+            }
+            self.stored = 0;
+            self.batches = 0;
+            self.since = Some(tokio::time::Instant::now());
+        }
+    }
+}
+
+/// One connection's life: consume results in batches and store them.
 async fn serve(
     conn: &Connection,
     settings: &ServerSettings,
     store: &Store,
+    stats: &mut Throughput,
     cancel: &CancellationToken,
 ) -> Result<(), AmqpError> {
     let topology = &settings.broker.topology;
     let ch = conn.create_channel().await?;
-    topology.declare_shared(&ch).await?;
+    topology.declare_server(&ch).await?;
     ch.basic_qos(settings.prefetch, BasicQosOptions::default())
         .await?;
+    let dead = amqp::publisher_channel(conn).await?;
     let queue = topology.results_queue();
     let mut consumer = ch
         .basic_consume(
@@ -160,82 +247,126 @@ async fn serve(
             FieldTable::default(),
         )
         .await?;
-    info!(queue = %queue, database = %store.database(), "storing results");
+    info!(queue = %queue, database = %store.database(), batch_size = settings.batch_size, "storing results");
     loop {
-        let delivery = tokio::select! {
+        let first = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             d = consumer.next() => d,
         };
-        let delivery = match delivery {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(AmqpError::ConsumerEnded { queue }),
-        };
-        if !handle(store, delivery, cancel).await {
+        let mut batch = vec![delivery(first, &queue)?];
+        let linger = tokio::time::Instant::now() + LINGER;
+        while batch.len() < settings.batch_size {
+            match tokio::time::timeout_at(linger, consumer.next()).await {
+                Ok(d) => batch.push(delivery(d, &queue)?),
+                Err(_) => break,
+            }
+        }
+        if !handle_batch(store, topology, &dead, batch, stats, cancel).await {
             return Ok(());
         }
     }
 }
 
-/// Store one delivery. Returns false when shutdown interrupted it (the message stays unacked
-/// and is redelivered to whoever consumes next).
-async fn handle(store: &Store, delivery: Delivery, cancel: &CancellationToken) -> bool {
-    let message = match wire::decode(&delivery.data) {
-        Ok(m @ (Message::Result(_) | Message::Announce(_))) => m,
-        Ok(other) => {
-            reject(
-                &delivery,
-                &format!("the results queue does not take {} messages", other.kind()),
-            )
-            .await;
-            return true;
-        }
-        Err(e) => {
-            reject(&delivery, &e.to_string()).await;
-            return true;
-        }
-    };
-    let node = match &message {
-        Message::Result(r) => &r.node,
-        Message::Announce(a) => &a.node,
-        Message::Command(_) => unreachable!("filtered above"),
-    };
-    let mut delays = backoff::delays();
-    loop {
-        let outcome = store
-            .update(node, |doc| match &message {
-                Message::Result(r) => doc.apply_result(r, Utc::now()),
-                Message::Announce(a) => doc.apply_announce(a, Utc::now()),
-                Message::Command(_) => Change::Unchanged,
-            })
-            .await;
-        match outcome {
-            Ok(change) => {
-                log_stored(&message, change);
-                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    // The write is idempotent, so a redelivery after this is harmless.
-                    warn!(node = %node, error = %e, "stored but could not ack; it will be redelivered");
-                }
-                return true;
-            }
-            Err(e) if is_permanent(&e) => {
-                error!(node = %node, error = %e, "database refused this document; dropping the message");
-                reject(&delivery, &e.to_string()).await;
-                return true;
+fn delivery(d: Option<Result<Delivery, lapin::Error>>, queue: &str) -> Result<Delivery, AmqpError> {
+    match d {
+        Some(Ok(d)) => Ok(d),
+        Some(Err(e)) => Err(e.into()),
+        None => Err(AmqpError::ConsumerEnded {
+            queue: queue.to_string(),
+        }),
+    }
+}
+
+/// Store one batch. Returns false when shutdown interrupted it (its messages stay unacked and
+/// are redelivered to whoever consumes next).
+async fn handle_batch(
+    store: &Store,
+    topology: &Topology,
+    dead: &Channel,
+    batch: Vec<Delivery>,
+    stats: &mut Throughput,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut valid: Vec<(Message, Delivery)> = Vec::with_capacity(batch.len());
+    let mut dead_count = 0;
+    for d in batch {
+        match wire::decode(&d.data) {
+            Ok(m @ (Message::Result(_) | Message::Announce(_))) => valid.push((m, d)),
+            Ok(other) => {
+                dead_count += 1;
+                dead_letter(
+                    topology,
+                    dead,
+                    &d,
+                    &format!("the results queue does not take {} messages", other.kind()),
+                )
+                .await;
             }
             Err(e) => {
+                dead_count += 1;
+                dead_letter(topology, dead, &d, &e.to_string()).await;
+            }
+        }
+    }
+    let mut delays = backoff::delays();
+    let stored = loop {
+        let messages: Vec<&Message> = valid.iter().map(|(m, _)| m).collect();
+        match store.apply(&messages).await {
+            Ok(outcome) => break outcome,
+            Err(e) if is_permanent(&e) && valid.len() > 1 => {
+                // One message poisons the request (too large, say): store them one by one
+                // so only that one is dead-lettered.
+                warn!(error = %e, batch = valid.len(), "database refused the batch; storing its results one at a time");
+                let mut outcome = Vec::with_capacity(valid.len());
+                for m in &messages {
+                    match store.apply(&[*m]).await {
+                        Ok(mut o) => outcome.push(o.pop().unwrap_or(Stored::Done)),
+                        Err(e) if is_permanent(&e) => outcome.push(Stored::Refused(e.to_string())),
+                        Err(e) => {
+                            warn!(error = %e, "cannot store results yet, retrying");
+                            outcome.clear();
+                            break;
+                        }
+                    }
+                }
+                if outcome.len() == messages.len() {
+                    break outcome;
+                }
+            }
+            Err(e) if is_permanent(&e) => break vec![Stored::Refused(e.to_string())],
+            Err(e) => {
                 let delay = delays.next().unwrap_or(backoff::MAX_DELAY);
-                warn!(node = %node, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot store result yet, retrying; it stays in the queue");
+                warn!(error = %e, batch = valid.len(), retry_in_ms = delay.as_millis() as u64, "cannot store results yet, retrying; they stay in the queue");
                 tokio::select! {
                     () = cancel.cancelled() => return false,
                     () = tokio::time::sleep(delay) => {}
                 }
             }
         }
+    };
+    let mut stored_count = 0;
+    for ((message, d), outcome) in valid.iter().zip(stored) {
+        match outcome {
+            Stored::Done => {
+                stored_count += 1;
+                log_stored(message);
+                if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+                    // The write is idempotent, so a redelivery after this is harmless.
+                    warn!(error = %e, "stored but could not ack; it will be redelivered");
+                }
+            }
+            Stored::Refused(reason) => {
+                dead_count += 1;
+                error!(reason = %reason, "database refused a result");
+                dead_letter(topology, dead, d, &reason).await;
+            }
+        }
     }
+    stats.record(stored_count, dead_count);
+    true
 }
 
-/// Errors that retrying cannot fix for this document. Everything else (database down,
+/// Errors that retrying cannot fix for this request. Everything else (database down,
 /// authentication, conflicts) is retried: holding the queue beats losing results.
 fn is_permanent(e: &CouchError) -> bool {
     match e {
@@ -244,24 +375,52 @@ fn is_permanent(e: &CouchError) -> bool {
     }
 }
 
-fn log_stored(message: &Message, change: Change) {
-    let changed = change == Change::Updated;
+fn log_stored(message: &Message) {
     match message {
         Message::Result(r) => {
-            info!(node = %r.node, plugin = %r.plugin, request_id = %r.request_id, outcome = r.outcome.status(), changed, "result stored")
+            debug!(node = %r.node, plugin = %r.plugin, request_id = %r.request_id, outcome = r.outcome.status(), "result stored")
         }
         Message::Announce(a) => {
-            info!(node = %a.node, agent_version = %a.agent_version, changed, "node announced")
+            debug!(node = %a.node, agent_version = %a.agent_version, "node announced")
         }
         Message::Command(_) => {}
     }
 }
 
-async fn reject(delivery: &Delivery, reason: &str) {
-    warn!(reason = %reason, redelivered = delivery.redelivered, "refused a message from the results queue");
-    // Not requeued: it would come straight back and block the queue.
-    let _ = delivery
-        .acker
-        .reject(BasicRejectOptions { requeue: false })
-        .await;
+/// Move a message that can never be stored to the dead-letter queue, with its reason, and
+/// ack it so it stops blocking the queue. If the broker will not take the copy, the message
+/// is rejected instead (the results queue dead-letters it too, without our reason).
+async fn dead_letter(topology: &Topology, dead: &Channel, d: &Delivery, reason: &str) {
+    warn!(reason = %reason, redelivered = d.redelivered, bytes = d.data.len(), "dead-lettering a message");
+    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    headers.insert(
+        "x-vogeler-reason".into(),
+        AMQPValue::LongString(reason.into()),
+    );
+    headers.insert(
+        "x-vogeler-routing-key".into(),
+        AMQPValue::LongString(d.routing_key.as_str().into()),
+    );
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    let copied = async {
+        dead.basic_publish(
+            topology.dead_letter_exchange().as_str().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            &d.data,
+            props,
+        )
+        .await?
+        .await
+    }
+    .await;
+    let settled = match copied {
+        Ok(c) if c.is_ack() => d.acker.ack(BasicAckOptions::default()).await,
+        _ => d.acker.reject(BasicRejectOptions { requeue: false }).await,
+    };
+    if let Err(e) = settled {
+        warn!(error = %e, "could not settle a dead-lettered message; it will be redelivered");
+    }
 }

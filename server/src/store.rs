@@ -1,63 +1,167 @@
-//! Writing node documents: read, merge, write back, and re-read on conflict.
+//! Writing node documents in batches: one read (`_all_docs` with the ids) and one write
+//! (`_bulk_docs`) per batch, every per-document status checked, conflicts re-read and merged
+//! again. Value changes go to the history database first, under ids that never conflict.
+
+use std::collections::BTreeMap;
 
 use chrono::Utc;
+use tracing::warn;
 use vogeler_core::{
     couch::{CouchClient, CouchError},
-    document::{Change, NodeDocument},
+    document::{Change, HistoryEntry, NodeDocument},
     names::NodeName,
+    wire::Message,
 };
 
 /// Conflicts mean another writer (another server process) got there first; re-reading and
 /// merging again is always right, but give the caller back control eventually.
 const CONFLICT_RETRIES: usize = 10;
 
-/// The node database.
+/// What happened to one message of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    /// Written (or already there: a duplicate or an older result changes nothing).
+    Done,
+    /// The database refused this node's document; retrying will not help.
+    Refused(String),
+}
+
+/// The node database and its history database.
 #[derive(Debug, Clone)]
 pub struct Store {
     couch: CouchClient,
     db: String,
+    history_db: String,
+}
+
+/// The history database's name for a node database.
+pub fn history_database(db: &str) -> String {
+    format!("{db}_history")
 }
 
 impl Store {
     pub fn new(couch: CouchClient, db: impl Into<String>) -> Self {
+        let db = db.into();
         Self {
+            history_db: history_database(&db),
             couch,
-            db: db.into(),
+            db,
         }
     }
 
     pub fn database(&self) -> &str {
         &self.db
     }
+    pub fn history_database(&self) -> &str {
+        &self.history_db
+    }
+    pub fn couch(&self) -> &CouchClient {
+        &self.couch
+    }
 
-    /// Apply `merge` to the node's document (created if missing) and write it when it changed.
-    pub async fn update(
-        &self,
-        node: &NodeName,
-        merge: impl Fn(&mut NodeDocument) -> Change,
-    ) -> Result<Change, CouchError> {
-        let mut last = None;
-        for _ in 0..CONFLICT_RETRIES {
-            let mut doc = match self
-                .couch
-                .get::<NodeDocument>(&self.db, node.as_str())
-                .await?
-            {
-                Some(d) => d,
-                None => NodeDocument::new(node, Utc::now()),
-            };
-            if merge(&mut doc) == Change::Unchanged {
-                return Ok(Change::Unchanged);
-            }
-            match self.couch.put(&self.db, node.as_str(), &doc).await {
-                Ok(_) => return Ok(Change::Updated),
-                Err(e @ CouchError::Conflict { .. }) => last = Some(e),
-                Err(e) => return Err(e),
+    /// Apply results and announcements (any order, any duplication) to their nodes'
+    /// documents. Returns one [`Stored`] per message, in order. An `Err` is transient (the
+    /// database is down, or conflicts persisted): nothing may be acked, try again later.
+    pub async fn apply(&self, messages: &[&Message]) -> Result<Vec<Stored>, CouchError> {
+        let mut by_node: BTreeMap<&NodeName, Vec<usize>> = BTreeMap::new();
+        for (i, m) in messages.iter().enumerate() {
+            if let Some(node) = node_of(m) {
+                by_node.entry(node).or_default().push(i);
             }
         }
-        Err(last.unwrap_or(CouchError::Conflict {
+        // Oldest first, so every change between them lands in the history.
+        for idx in by_node.values_mut() {
+            idx.sort_by_key(|i| time_of(messages[*i]));
+        }
+        let mut outcome = vec![Stored::Done; messages.len()];
+        let mut pending: Vec<&NodeName> = by_node.keys().copied().collect();
+        for _ in 0..CONFLICT_RETRIES {
+            if pending.is_empty() {
+                return Ok(outcome);
+            }
+            let ids: Vec<&str> = pending.iter().map(|n| n.as_str()).collect();
+            let current = self.couch.get_many::<NodeDocument>(&self.db, &ids).await?;
+            let mut writes = Vec::new();
+            let mut history = Vec::new();
+            for (node, (_, doc)) in pending.iter().zip(current) {
+                let now = Utc::now();
+                let mut doc = doc.unwrap_or_else(|| NodeDocument::new(node, now));
+                let mut changed = false;
+                for &i in &by_node[node] {
+                    let change = match messages[i] {
+                        Message::Result(r) => doc.apply_result_recording(r, now, &mut history),
+                        Message::Announce(a) => doc.apply_announce(a, now),
+                        Message::Command(_) => Change::Unchanged,
+                    };
+                    changed |= change == Change::Updated;
+                }
+                if changed {
+                    writes.push(doc);
+                }
+            }
+            self.write_history(&history).await?;
+            if writes.is_empty() {
+                return Ok(outcome);
+            }
+            let results = self.couch.bulk_docs(&self.db, &writes).await?;
+            let mut conflicts = Vec::new();
+            for r in results {
+                let Some(node) = pending.iter().find(|n| n.as_str() == r.id).copied() else {
+                    continue;
+                };
+                match r.error.as_deref() {
+                    None => {}
+                    Some("conflict") => conflicts.push(node),
+                    Some(error) => {
+                        let reason = format!(
+                            "database refused document {:?}: {error}: {}",
+                            r.id,
+                            r.reason.unwrap_or_default()
+                        );
+                        for &i in &by_node[node] {
+                            outcome[i] = Stored::Refused(reason.clone());
+                        }
+                    }
+                }
+            }
+            pending = conflicts;
+        }
+        if pending.is_empty() {
+            return Ok(outcome);
+        }
+        Err(CouchError::Conflict {
             db: self.db.clone(),
-            id: node.to_string(),
-        }))
+            id: pending[0].to_string(),
+        })
+    }
+
+    /// History entries are written before the node documents: if the node write is retried,
+    /// the same entries come back as conflicts, which means "already recorded".
+    async fn write_history(&self, entries: &[HistoryEntry]) -> Result<(), CouchError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        for r in self.couch.bulk_docs(&self.history_db, entries).await? {
+            if let Some(error) = r.error.as_deref().filter(|e| *e != "conflict") {
+                warn!(id = %r.id, error, reason = r.reason.as_deref().unwrap_or(""), "history entry refused");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn node_of(m: &Message) -> Option<&NodeName> {
+    match m {
+        Message::Result(r) => Some(&r.node),
+        Message::Announce(a) => Some(&a.node),
+        Message::Command(_) => None,
+    }
+}
+
+fn time_of(m: &Message) -> chrono::DateTime<Utc> {
+    match m {
+        Message::Result(r) => r.collected_at,
+        Message::Announce(a) => a.sent_at,
+        Message::Command(c) => c.issued_at,
     }
 }

@@ -1,0 +1,162 @@
+//! Keeping the database useful: design documents installed and upgraded, stale nodes
+//! reported, old history removed, and `prune` for nodes that are gone for good.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use tracing::{info, warn};
+use vogeler_core::{
+    couch::{CouchClient, CouchError},
+    design,
+};
+
+/// Install `ddoc` in `db` unless the stored one has the same or a newer version.
+/// Returns what was done, for the log.
+pub async fn ensure_design(
+    couch: &CouchClient,
+    db: &str,
+    ddoc: Value,
+) -> Result<&'static str, CouchError> {
+    let id = ddoc["_id"].as_str().unwrap_or_default().to_string();
+    let stored: Option<Value> = couch.get(db, &id).await?;
+    let mut doc = ddoc;
+    match &stored {
+        None => {}
+        Some(old) if design::version_of(old) == design::VERSION => return Ok("current"),
+        Some(old) if design::version_of(old) > design::VERSION => {
+            warn!(database = db, design = %id, stored = design::version_of(old), ours = design::VERSION, "design document is newer than this server; leaving it");
+            return Ok("newer");
+        }
+        Some(old) => doc["_rev"] = old["_rev"].clone(),
+    }
+    match couch.put(db, &id, &doc).await {
+        Ok(_) => Ok(if stored.is_some() {
+            "upgraded"
+        } else {
+            "installed"
+        }),
+        // Another server upgraded it at the same moment: fine.
+        Err(CouchError::Conflict { .. }) => Ok("current"),
+        Err(e) => Err(e),
+    }
+}
+
+/// `[key, id]` rows of a view up to `endkey` (an RFC 3339 time).
+async fn older_than(
+    couch: &CouchClient,
+    db: &str,
+    ddoc: &str,
+    view: &str,
+    cutoff: &str,
+) -> Result<Vec<String>, CouchError> {
+    let params = [("endkey", json!(cutoff).to_string())];
+    Ok(couch
+        .view(db, ddoc, view, &params)
+        .await?
+        .into_iter()
+        .filter_map(|r| r.id)
+        .collect())
+}
+
+/// Nodes whose last sign of life is older than `age`.
+pub async fn stale_nodes(
+    couch: &CouchClient,
+    db: &str,
+    age: Duration,
+) -> Result<Vec<String>, CouchError> {
+    let cutoff = cutoff(age);
+    older_than(couch, db, design::NODES_DDOC, "nodes_by_last_seen", &cutoff).await
+}
+
+fn cutoff(age: Duration) -> String {
+    let age = chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
+    (Utc::now() - age).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Delete these documents (with their current revisions). Returns how many went.
+async fn delete_ids(couch: &CouchClient, db: &str, ids: &[String]) -> Result<usize, CouchError> {
+    let mut deleted = 0;
+    for chunk in ids.chunks(500) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let docs: Vec<Value> = couch
+            .get_many::<Value>(db, &refs)
+            .await?
+            .into_iter()
+            .filter_map(|(id, doc)| {
+                Some(json!({ "_id": id, "_rev": doc?.get("_rev")?.clone(), "_deleted": true }))
+            })
+            .collect();
+        deleted += couch
+            .bulk_docs(db, &docs)
+            .await?
+            .iter()
+            .filter(|r| r.error.is_none())
+            .count();
+    }
+    Ok(deleted)
+}
+
+/// `vogeler-server prune`: delete nodes not seen for `age`. Returns their names.
+pub async fn prune(
+    couch: &CouchClient,
+    db: &str,
+    age: Duration,
+) -> Result<Vec<String>, CouchError> {
+    let ids = stale_nodes(couch, db, age).await?;
+    delete_ids(couch, db, &ids).await?;
+    Ok(ids)
+}
+
+/// Delete history entries older than `retention`.
+pub async fn expire_history(
+    couch: &CouchClient,
+    history_db: &str,
+    retention: Duration,
+) -> Result<usize, CouchError> {
+    let ids = older_than(
+        couch,
+        history_db,
+        design::HISTORY_DDOC,
+        "by_time",
+        &cutoff(retention),
+    )
+    .await?;
+    delete_ids(couch, history_db, &ids).await
+}
+
+/// Log stale nodes and expire history: at start, then every `every`.
+pub async fn periodic(
+    couch: CouchClient,
+    db: String,
+    history_db: String,
+    stale_after: Duration,
+    retention: Duration,
+    every: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        match stale_nodes(&couch, &db, stale_after).await {
+            Ok(stale) if !stale.is_empty() => {
+                let shown: Vec<&str> = stale.iter().take(20).map(String::as_str).collect();
+                let more = if stale.len() > shown.len() {
+                    ", ..."
+                } else {
+                    ""
+                };
+                info!(count = stale.len(), stale_after = %vogeler_core::duration::format(stale_after), "stale nodes (not deleted; see `vogeler-server prune`): {}{more}", shown.join(", "));
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot list stale nodes"),
+        }
+        match expire_history(&couch, &history_db, retention).await {
+            Ok(0) => {}
+            Ok(n) => info!(deleted = n, "expired old history entries"),
+            Err(e) => warn!(error = %e, "cannot expire history"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
