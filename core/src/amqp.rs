@@ -27,10 +27,22 @@ pub enum AmqpError {
     },
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
+    #[error(
+        "queue {queue:?} exists with other settings than this server's ({detail}); it was declared by an older release or with another amqp.results_queue_type: let a server with the old settings drain it, then delete it (rabbitmqctl delete_queue {queue}) and start again"
+    )]
+    Mismatch { queue: String, detail: String },
     #[error("the broker ended our consumer on queue {queue:?}")]
     ConsumerEnded { queue: String },
     #[error("shutting down")]
     Cancelled,
+}
+
+/// The broker refused a declaration because the exchange or queue exists with other
+/// arguments: retrying cannot help.
+pub fn is_precondition_failed(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err)
+        if matches!(err.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
 /// Connect once. `name` shows in the broker's management UI.

@@ -1,11 +1,13 @@
 //! vogeler-runner: publish a command to a node set and collect who answered.
 //!
 //! - [`report`]: the collected replies and their table.
+//! - [`inventory`]: questions answered from CouchDB (`find`, `history`).
 //!
 //! [`query`] reads the expected nodes from the node registry in CouchDB (for `all`), binds a
 //! private reply queue *before* publishing so no reply is missed, and returns as soon as
 //! every expected node answered, or at the timeout.
 
+pub mod inventory;
 pub mod report;
 
 use std::{collections::BTreeMap, time::Duration};
@@ -33,6 +35,10 @@ pub enum RunnerError {
     Broker(#[from] AmqpError),
     #[error("cannot read the node registry: {0}")]
     Registry(#[source] CouchError),
+    #[error(
+        "{0}; vogeler-server creates the databases and views when it starts: is it running against this database?"
+    )]
+    NotReady(#[source] CouchError),
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
 }

@@ -69,6 +69,11 @@ pub enum ServerError {
 }
 
 impl ServerError {
+    /// The broker holds a results queue declared with other settings (exit 78).
+    pub fn is_config(&self) -> bool {
+        matches!(self, ServerError::Broker(AmqpError::Mismatch { .. }))
+    }
+
     /// Broker or database unreachable at start-up (exit 69).
     pub fn is_unavailable(&self) -> bool {
         matches!(
@@ -164,6 +169,12 @@ pub async fn run(settings: ServerSettings, cancel: CancellationToken) -> Result<
     loop {
         match serve(&conn, &settings, &store, &mut stats, &cancel).await {
             Ok(()) => break,
+            Err(e @ AmqpError::Mismatch { .. }) => {
+                let _ = conn.close(200, "server stopping".into()).await;
+                cancel.cancel();
+                let _ = maintenance.await;
+                return Err(e.into());
+            }
             Err(e) => warn!(error = %e, "lost the broker connection; reconnecting"),
         }
         conn = match amqp::connect_with_retry(&b.url, "vogeler-server", None, &cancel).await {
@@ -234,7 +245,16 @@ async fn serve(
 ) -> Result<(), AmqpError> {
     let topology = &settings.broker.topology;
     let ch = conn.create_channel().await?;
-    topology.declare_server(&ch).await?;
+    topology.declare_server(&ch).await.map_err(|e| {
+        if amqp::is_precondition_failed(&e) {
+            AmqpError::Mismatch {
+                queue: topology.results_queue(),
+                detail: e.to_string(),
+            }
+        } else {
+            e.into()
+        }
+    })?;
     ch.basic_qos(settings.prefetch, BasicQosOptions::default())
         .await?;
     let dead = amqp::publisher_channel(conn).await?;

@@ -135,7 +135,9 @@ fn main() -> ExitCode {
             Err(e) => {
                 tracing::error!(error = %e, "server stopped");
                 eprintln!("vogeler-server: {e}");
-                exit::code(if e.is_unavailable() {
+                exit::code(if e.is_config() {
+                    exit::CONFIG
+                } else if e.is_unavailable() {
                     exit::UNAVAILABLE
                 } else {
                     exit::FAILURE

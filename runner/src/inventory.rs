@@ -1,0 +1,217 @@
+//! Questions answered from CouchDB without fan-out: which nodes have a package or a fact, and
+//! how a plugin's value changed over time.
+
+use std::{collections::BTreeSet, fmt::Write as _};
+
+use serde_json::{Value, json};
+use vogeler_core::{
+    config::CouchSettings,
+    couch::{CouchClient, CouchError},
+    design,
+    document::HistoryEntry,
+};
+
+use crate::RunnerError;
+
+fn client(settings: &CouchSettings) -> Result<CouchClient, RunnerError> {
+    CouchClient::new(&settings.url, settings.credentials.clone())
+        .map_err(|e| RunnerError::Http(e.to_string()))
+}
+
+fn registry(e: CouchError) -> RunnerError {
+    match &e {
+        CouchError::Status { status, .. } if status.as_u16() == 404 => RunnerError::NotReady(e),
+        _ => RunnerError::Registry(e),
+    }
+}
+
+/// `NAME` or `NAME=VERSION`.
+pub fn parse_package(spec: &str) -> Result<(String, Option<String>), String> {
+    let (name, version) = match spec.split_once('=') {
+        Some((n, v)) => (n, Some(v.to_string())),
+        None => (spec, None),
+    };
+    if name.is_empty() || version.as_deref() == Some("") {
+        return Err(format!("{spec:?}: write NAME or NAME=VERSION"));
+    }
+    Ok((name.to_string(), version))
+}
+
+/// Nodes with an installed package (from the `dpkg` and `rpms` plugins), sorted.
+pub async fn find_package(
+    settings: &CouchSettings,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Vec<String>, RunnerError> {
+    let params = match version {
+        Some(v) => vec![("key", json!([name, v]).to_string())],
+        None => vec![
+            ("startkey", json!([name]).to_string()),
+            ("endkey", json!([name, {}]).to_string()),
+        ],
+    };
+    let rows = client(settings)?
+        .view(&settings.database, design::NODES_DDOC, "packages", &params)
+        .await
+        .map_err(registry)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| r.id)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect())
+}
+
+/// `KEY=VALUE`, the value read as JSON when it is a number or boolean.
+pub fn parse_fact(spec: &str) -> Result<(String, Value), String> {
+    let (key, value) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("{spec:?}: write KEY=VALUE, e.g. os.family=Debian"))?;
+    if key.is_empty() {
+        return Err(format!("{spec:?}: the fact name is empty"));
+    }
+    let value = match serde_json::from_str::<Value>(value) {
+        Ok(v @ (Value::Number(_) | Value::Bool(_))) => v,
+        _ => Value::String(value.to_string()),
+    };
+    Ok((key.to_string(), value))
+}
+
+/// Nodes whose reported fact `key` equals `value` (a number also matches its text form).
+pub async fn find_fact(
+    settings: &CouchSettings,
+    key: &str,
+    value: &Value,
+) -> Result<Vec<String>, RunnerError> {
+    let couch = client(settings)?;
+    let mut candidates = vec![value.clone()];
+    if !value.is_string() {
+        candidates.push(Value::String(value.to_string()));
+    }
+    let mut nodes = BTreeSet::new();
+    for v in candidates {
+        let params = [("key", json!([key, v]).to_string())];
+        let rows = couch
+            .view(&settings.database, design::NODES_DDOC, "facts", &params)
+            .await
+            .map_err(registry)?;
+        nodes.extend(rows.into_iter().filter_map(|r| r.id));
+    }
+    Ok(nodes.into_iter().collect())
+}
+
+/// Every recorded change of `plugin` on `node`, oldest first.
+pub async fn history(
+    settings: &CouchSettings,
+    node: &str,
+    plugin: &str,
+) -> Result<Vec<HistoryEntry>, RunnerError> {
+    let db = format!("{}_history", settings.database);
+    let params = [
+        ("startkey", json!([node, plugin]).to_string()),
+        ("endkey", json!([node, plugin, {}]).to_string()),
+        ("include_docs", "true".to_string()),
+    ];
+    let rows = client(settings)?
+        .view(&db, design::HISTORY_DDOC, "by_node_plugin", &params)
+        .await
+        .map_err(registry)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| serde_json::from_value(r.doc?).ok())
+        .collect())
+}
+
+/// One block per change: its time, and for lists the added and removed entries, otherwise
+/// the old and new values.
+pub fn render_history(entries: &[HistoryEntry]) -> String {
+    let mut out = String::new();
+    for e in entries {
+        let _ = writeln!(
+            out,
+            "{}  request {}",
+            e.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            e.request_id
+        );
+        match (&e.old, &e.new) {
+            (Value::Array(old), Value::Array(new)) => {
+                let added: Vec<&Value> = new.iter().filter(|v| !old.contains(v)).collect();
+                let removed: Vec<&Value> = old.iter().filter(|v| !new.contains(v)).collect();
+                for v in &added {
+                    let _ = writeln!(out, "  + {}", short(v));
+                }
+                for v in &removed {
+                    let _ = writeln!(out, "  - {}", short(v));
+                }
+                if added.is_empty() && removed.is_empty() {
+                    let _ = writeln!(out, "  (same entries, new order)");
+                }
+            }
+            (Value::Null, new) => {
+                let _ = writeln!(out, "  first value: {}", short(new));
+            }
+            (old, new) => {
+                let _ = writeln!(out, "  old: {}\n  new: {}", short(old), short(new));
+            }
+        }
+    }
+    if entries.is_empty() {
+        let _ = writeln!(out, "no recorded changes");
+    }
+    out
+}
+
+fn short(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Array(a) => format!("{} items", a.len()),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+    use uuid::Uuid;
+
+    #[test]
+    fn specs_parse() {
+        assert_eq!(parse_package("bash"), Ok(("bash".into(), None)));
+        assert_eq!(
+            parse_package("bash=5.2-1"),
+            Ok(("bash".into(), Some("5.2-1".into())))
+        );
+        assert!(parse_package("=1").is_err() && parse_package("bash=").is_err());
+        assert_eq!(
+            parse_fact("os.family=Debian"),
+            Ok(("os.family".into(), json!("Debian")))
+        );
+        assert_eq!(parse_fact("cpus=2"), Ok(("cpus".into(), json!(2))));
+        assert!(parse_fact("nonsense").is_err());
+    }
+
+    #[test]
+    fn history_shows_added_and_removed() {
+        let entry = |old: Value, new: Value| HistoryEntry {
+            id: "x".into(),
+            node: "web01".into(),
+            plugin: "p".into(),
+            at: Utc::now(),
+            request_id: Uuid::nil(),
+            old_hash: None,
+            new_hash: String::new(),
+            old,
+            new,
+        };
+        let text = render_history(&[
+            entry(Value::Null, json!(["a"])),
+            entry(json!(["a", "b"]), json!(["a", "c"])),
+            entry(json!("6.1"), json!("6.2")),
+        ]);
+        assert!(text.contains("first value: 1 items"), "{text}");
+        assert!(text.contains("  + c\n  - b\n"), "{text}");
+        assert!(text.contains("  old: 6.1\n  new: 6.2\n"), "{text}");
+        assert_eq!(render_history(&[]), "no recorded changes\n");
+    }
+}
