@@ -365,7 +365,12 @@ impl CouchClient {
         docs: &[T],
     ) -> Result<Vec<BulkResult>, CouchError> {
         let path = [db, "_bulk_docs"];
-        let body = serde_json::to_vec(&serde_json::json!({ "docs": docs }))
+        // Serialized straight from the documents: going through a `Value` would copy them.
+        #[derive(Serialize)]
+        struct Bulk<'a, T> {
+            docs: &'a [T],
+        }
+        let body = serde_json::to_vec(&Bulk { docs })
             .unwrap_or_else(|e| unreachable!("document encode: {e}"));
         let resp = self.send(Method::POST, &path, Some(&body)).await?;
         if !resp.status().is_success() {
@@ -390,6 +395,19 @@ impl CouchClient {
         }
         let rows: ViewRows = self.json(&path, resp).await?;
         Ok(rows.rows)
+    }
+
+    /// The number of documents in `db` (`GET /{db}`), design documents included.
+    pub async fn doc_count(&self, db: &str) -> Result<u64, CouchError> {
+        #[derive(serde::Deserialize)]
+        struct Info {
+            doc_count: u64,
+        }
+        let resp = self.send(Method::GET, &[db], None).await?;
+        if !resp.status().is_success() {
+            return Err(self.error(Method::GET, &[db], resp).await);
+        }
+        Ok(self.json::<Info>(&[db], resp).await?.doc_count)
     }
 
     /// Ids of every non-design document; `None` when the database does not exist.

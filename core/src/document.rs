@@ -139,13 +139,25 @@ pub enum Change {
     Unchanged,
 }
 
-/// `sha256:<hex>` of a value's canonical JSON (object keys sorted).
+/// `sha256:<hex>` of a value's canonical JSON (object keys sorted), hashed as it is
+/// serialized, without building the JSON text.
 pub fn value_hash(v: &Value) -> String {
-    let bytes = serde_json::to_vec(v).unwrap_or_default();
-    let digest = Sha256::digest(&bytes);
+    struct Hasher(Sha256);
+    impl std::io::Write for Hasher {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut h = Hasher(Sha256::new());
+    // Writing into a hasher cannot fail.
+    let _ = serde_json::to_writer(&mut h, v);
     let mut s = String::with_capacity(7 + 64);
     s.push_str("sha256:");
-    for b in digest {
+    for b in h.0.finalize() {
         s.push_str(&format!("{b:02x}"));
     }
     s
@@ -185,7 +197,7 @@ impl NodeDocument {
     }
 
     /// [`NodeDocument::apply_result`], adding a [`HistoryEntry`] to `history` when the
-    /// plugin's value changed (its first value counts as a change from nothing).
+    /// plugin's value changed from an earlier one.
     pub fn apply_result_recording(
         &mut self,
         r: &PluginResult,
@@ -208,7 +220,8 @@ impl NodeDocument {
         let hash = if r.outcome.is_ok() {
             let value = r.value.clone().unwrap_or(Value::Null);
             let hash = value_hash(&value);
-            if previous_hash.as_deref() != Some(hash.as_str()) {
+            // The first value is not a change: the node document holds it already.
+            if previous_hash.as_deref().is_some_and(|h| h != hash) {
                 history.push(HistoryEntry {
                     id: HistoryEntry::id_for(&self.id, key, r.collected_at, r.request_id),
                     node: self.id.clone(),
@@ -407,27 +420,20 @@ mod tests {
         d.apply_result_recording(&result(4, "04", failed, None), t("09"), &mut history);
         assert_eq!(
             history.len(),
-            2,
-            "first value and one real change: {history:#?}"
+            1,
+            "one real change, recorded once: {history:#?}"
         );
         assert_eq!(
             (history[0].old.clone(), history[0].new.clone()),
-            (Value::Null, json!(["a"]))
-        );
-        assert_eq!(
-            (history[1].old.clone(), history[1].new.clone()),
             (json!(["a"]), json!(["a", "b"]))
         );
-        assert_eq!(
-            history[1].old_hash.as_deref(),
-            Some(history[0].new_hash.as_str())
-        );
+        assert_eq!(history[0].old_hash, Some(value_hash(&json!(["a"]))));
         assert!(
-            history[1]
+            history[0]
                 .id
                 .starts_with("web01:hello:2026-11-22T05:00:03.000Z:"),
             "{}",
-            history[1].id
+            history[0].id
         );
     }
 

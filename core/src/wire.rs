@@ -214,6 +214,8 @@ struct EnvelopeRef<'a> {
 
 #[derive(Deserialize)]
 struct Envelope {
+    #[serde(default)]
+    schema: Option<Value>,
     #[serde(flatten)]
     message: Message,
 }
@@ -238,17 +240,27 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
         return Err(WireError::TooLarge(bytes.len()));
     }
+    // One parse in the common case; only a failure pays for a second look at the schema
+    // version, to say why.
+    if let Ok(Envelope {
+        schema: Some(Value::Number(n)),
+        message,
+    }) = serde_json::from_slice::<Envelope>(bytes)
+        && n.as_u64() == Some(u64::from(SCHEMA_VERSION))
+    {
+        return Ok(message);
+    }
     let probe: SchemaProbe = serde_json::from_slice(bytes).map_err(WireError::NotJson)?;
     match probe.schema {
-        None => return Err(WireError::NoSchema),
-        Some(Value::Number(n)) if n.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {}
-        Some(Value::Number(n)) => {
-            return Err(WireError::UnsupportedSchema(n.as_u64().unwrap_or(0)));
+        None => Err(WireError::NoSchema),
+        Some(Value::Number(n)) if n.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {
+            serde_json::from_slice::<Envelope>(bytes)
+                .map(|e| e.message)
+                .map_err(WireError::Invalid)
         }
-        Some(_) => return Err(WireError::NoSchema),
+        Some(Value::Number(n)) => Err(WireError::UnsupportedSchema(n.as_u64().unwrap_or(0))),
+        Some(_) => Err(WireError::NoSchema),
     }
-    let env: Envelope = serde_json::from_slice(bytes).map_err(WireError::Invalid)?;
-    Ok(env.message)
 }
 
 #[cfg(test)]

@@ -268,23 +268,43 @@ async fn serve(
         )
         .await?;
     info!(queue = %queue, database = %store.database(), batch_size = settings.batch_size, "storing results");
-    loop {
-        let first = tokio::select! {
-            () = cancel.cancelled() => return Ok(()),
-            d = consumer.next() => d,
-        };
-        let mut batch = vec![delivery(first, &queue)?];
-        let linger = tokio::time::Instant::now() + LINGER;
-        while batch.len() < settings.batch_size {
-            match tokio::time::timeout_at(linger, consumer.next()).await {
-                Ok(d) => batch.push(delivery(d, &queue)?),
-                Err(_) => break,
+    // Two stages so the next batch is gathered while the current one is written: the reader
+    // hands whole batches to the writer through a channel that holds one.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Decoded>>(1);
+    let batch_size = settings.batch_size;
+    let reader = async move {
+        loop {
+            let first = tokio::select! {
+                () = cancel.cancelled() => return Ok(()),
+                d = consumer.next() => d,
+            };
+            let mut batch = vec![delivery(first, &queue)?];
+            let linger = tokio::time::Instant::now() + LINGER;
+            while batch.len() < batch_size {
+                match tokio::time::timeout_at(linger, consumer.next()).await {
+                    Ok(d) => batch.push(delivery(d, &queue)?),
+                    Err(_) => break,
+                }
+            }
+            // Decoding here overlaps it with the writer's database round trips.
+            let batch = batch
+                .into_iter()
+                .map(|d| (wire::decode(&d.data), d))
+                .collect();
+            if tx.send(batch).await.is_err() {
+                return Ok(()); // the writer stopped for shutdown
             }
         }
-        if !handle_batch(store, topology, &dead, batch, stats, cancel).await {
-            return Ok(());
+    };
+    let writer = async move {
+        while let Some(batch) = rx.recv().await {
+            if !handle_batch(store, topology, &dead, batch, stats, cancel).await {
+                return;
+            }
         }
-    }
+    };
+    let (result, ()) = tokio::join!(reader, writer);
+    result
 }
 
 fn delivery(d: Option<Result<Delivery, lapin::Error>>, queue: &str) -> Result<Delivery, AmqpError> {
@@ -297,20 +317,23 @@ fn delivery(d: Option<Result<Delivery, lapin::Error>>, queue: &str) -> Result<De
     }
 }
 
+/// A delivery with its decoded message (or why it could not be decoded).
+type Decoded = (Result<Message, wire::WireError>, Delivery);
+
 /// Store one batch. Returns false when shutdown interrupted it (its messages stay unacked and
 /// are redelivered to whoever consumes next).
 async fn handle_batch(
     store: &Store,
     topology: &Topology,
     dead: &Channel,
-    batch: Vec<Delivery>,
+    batch: Vec<Decoded>,
     stats: &mut Throughput,
     cancel: &CancellationToken,
 ) -> bool {
     let mut valid: Vec<(Message, Delivery)> = Vec::with_capacity(batch.len());
     let mut dead_count = 0;
-    for d in batch {
-        match wire::decode(&d.data) {
+    for (decoded, d) in batch {
+        match decoded {
             Ok(m @ (Message::Result(_) | Message::Announce(_))) => valid.push((m, d)),
             Ok(other) => {
                 dead_count += 1;
@@ -365,6 +388,19 @@ async fn handle_batch(
         }
     };
     let mut stored_count = 0;
+    // When every message of the batch was stored, one ack with `multiple` settles them all
+    // (deliveries arrive in order on one channel; dead letters were settled already).
+    let all_done = stored.iter().all(|o| *o == Stored::Done);
+    if all_done && let Some((_, last)) = valid.last() {
+        valid.iter().for_each(|(m, _)| log_stored(m));
+        stored_count = valid.len() as u64;
+        if let Err(e) = last.acker.ack(BasicAckOptions { multiple: true }).await {
+            // The writes are idempotent, so a redelivery after this is harmless.
+            warn!(error = %e, "stored but could not ack; the batch will be redelivered");
+        }
+        stats.record(stored_count, dead_count);
+        return true;
+    }
     for ((message, d), outcome) in valid.iter().zip(stored) {
         match outcome {
             Stored::Done => {
