@@ -42,6 +42,9 @@ use vogeler_core::{
 
 use crate::plugin::Catalog;
 
+/// Pause before a command whose result could not be published goes back to the queue.
+const PUBLISH_RETRY: Duration = Duration::from_secs(5);
+
 /// How long in-flight plugin runs may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -267,7 +270,10 @@ async fn handle(shared: &Shared, publisher: &Channel, delivery: Delivery) {
                 }
             }
             Err(e) => {
-                warn!(error = %e, "could not publish result; command returned to the queue");
+                warn!(error = %e, retry_in_s = PUBLISH_RETRY.as_secs(), "could not publish result (broker down or results queue full); command returned to the queue");
+                // Requeued at once it would come straight back and re-run the plugin in a
+                // tight loop while the results queue is full.
+                tokio::time::sleep(PUBLISH_RETRY).await;
                 let _ = delivery
                     .acker
                     .nack(BasicNackOptions {

@@ -13,7 +13,7 @@
 pub mod maintenance;
 pub mod store;
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use futures_util::StreamExt;
 use lapin::{
@@ -42,6 +42,8 @@ use crate::store::{Store, Stored};
 /// How long to wait for more results to fill a batch once one has arrived: long enough to
 /// group a fan-out's replies, short enough not to be noticed.
 const LINGER: Duration = Duration::from_millis(20);
+/// Batches written to the database at once.
+const WRITERS: usize = 2;
 /// How often stale nodes are reported and old history expired.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(3600);
 /// How often throughput is logged at DEBUG (and every tenth time at INFO).
@@ -296,10 +298,44 @@ async fn serve(
             }
         }
     };
+    // Up to WRITERS batches are written at once, so the database always has a request to
+    // work on while the server merges the next batch.
     let writer = async move {
-        while let Some(batch) = rx.recv().await {
-            if !handle_batch(store, topology, &dead, batch, stats, cancel).await {
-                return;
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut busy: Vec<BTreeSet<String>> = Vec::new(); // nodes of each batch in flight
+        let mut waiting: Option<(Vec<Decoded>, BTreeSet<String>)> = None;
+        let mut open = true;
+        loop {
+            // A batch that shares a node with one in flight waits for it, so one server
+            // applies each node's results in queue order (and records each change).
+            if let Some((_, nodes)) = &waiting
+                && inflight.len() < WRITERS
+                && busy.iter().all(|b| b.is_disjoint(nodes))
+                && let Some((batch, nodes)) = waiting.take()
+            {
+                let id = nodes.clone();
+                busy.push(nodes);
+                let dead = &dead;
+                inflight.push(async move {
+                    (id, handle_batch(store, topology, dead, batch, cancel).await)
+                });
+            }
+            tokio::select! {
+                batch = rx.recv(), if open && waiting.is_none() => match batch {
+                    Some(batch) => {
+                        let nodes = batch_nodes(&batch);
+                        waiting = Some((batch, nodes));
+                    }
+                    None => open = false,
+                },
+                Some((nodes, done)) = inflight.next(), if !inflight.is_empty() => {
+                    busy.retain(|b| *b != nodes);
+                    match done {
+                        Some((stored, dead_count)) => stats.record(stored, dead_count),
+                        None => return, // shutdown interrupted a batch; it stays unacked
+                    }
+                }
+                else => return,
             }
         }
     };
@@ -317,19 +353,31 @@ fn delivery(d: Option<Result<Delivery, lapin::Error>>, queue: &str) -> Result<De
     }
 }
 
+/// The nodes a batch touches.
+fn batch_nodes(batch: &[Decoded]) -> BTreeSet<String> {
+    batch
+        .iter()
+        .filter_map(|(m, _)| match m {
+            Ok(Message::Result(r)) => Some(r.node.to_string()),
+            Ok(Message::Announce(a)) => Some(a.node.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A delivery with its decoded message (or why it could not be decoded).
 type Decoded = (Result<Message, wire::WireError>, Delivery);
 
-/// Store one batch. Returns false when shutdown interrupted it (its messages stay unacked and
-/// are redelivered to whoever consumes next).
+/// Store one batch and settle its messages; returns how many were stored and dead-lettered,
+/// or `None` when shutdown interrupted it (its messages stay unacked and are redelivered to
+/// whoever consumes next).
 async fn handle_batch(
     store: &Store,
     topology: &Topology,
     dead: &Channel,
     batch: Vec<Decoded>,
-    stats: &mut Throughput,
     cancel: &CancellationToken,
-) -> bool {
+) -> Option<(u64, u64)> {
     let mut valid: Vec<(Message, Delivery)> = Vec::with_capacity(batch.len());
     let mut dead_count = 0;
     for (decoded, d) in batch {
@@ -381,26 +429,15 @@ async fn handle_batch(
                 let delay = delays.next().unwrap_or(backoff::MAX_DELAY);
                 warn!(error = %e, batch = valid.len(), retry_in_ms = delay.as_millis() as u64, "cannot store results yet, retrying; they stay in the queue");
                 tokio::select! {
-                    () = cancel.cancelled() => return false,
+                    () = cancel.cancelled() => return None,
                     () = tokio::time::sleep(delay) => {}
                 }
             }
         }
     };
+    // Acked one by one: with several batches in flight a `multiple` ack could settle
+    // another batch's messages before they are stored.
     let mut stored_count = 0;
-    // When every message of the batch was stored, one ack with `multiple` settles them all
-    // (deliveries arrive in order on one channel; dead letters were settled already).
-    let all_done = stored.iter().all(|o| *o == Stored::Done);
-    if all_done && let Some((_, last)) = valid.last() {
-        valid.iter().for_each(|(m, _)| log_stored(m));
-        stored_count = valid.len() as u64;
-        if let Err(e) = last.acker.ack(BasicAckOptions { multiple: true }).await {
-            // The writes are idempotent, so a redelivery after this is harmless.
-            warn!(error = %e, "stored but could not ack; the batch will be redelivered");
-        }
-        stats.record(stored_count, dead_count);
-        return true;
-    }
     for ((message, d), outcome) in valid.iter().zip(stored) {
         match outcome {
             Stored::Done => {
@@ -418,8 +455,7 @@ async fn handle_batch(
             }
         }
     }
-    stats.record(stored_count, dead_count);
-    true
+    Some((stored_count, dead_count))
 }
 
 /// Errors that retrying cannot fix for this request. Everything else (database down,

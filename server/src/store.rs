@@ -2,7 +2,7 @@
 //! (`_bulk_docs`) per batch, every per-document status checked, conflicts re-read and merged
 //! again. Value changes go to the history database first, under ids that never conflict.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::Utc;
 use tracing::warn;
@@ -99,7 +99,7 @@ impl Store {
                     writes.push(doc);
                 }
             }
-            self.write_history(&history).await?;
+            let written = self.write_history(&history).await?;
             if writes.is_empty() {
                 return Ok(outcome);
             }
@@ -124,6 +124,22 @@ impl Store {
                     }
                 }
             }
+            // Entries computed against a revision that lost the race describe a transition
+            // that did not happen: take them back before merging again.
+            if !conflicts.is_empty() {
+                let retract: Vec<serde_json::Value> = history
+                    .iter()
+                    .filter(|e| conflicts.iter().any(|n| n.as_str() == e.node))
+                    .filter_map(|e| {
+                        written.get(&e.id).map(
+                            |rev| serde_json::json!({"_id": e.id, "_rev": rev, "_deleted": true}),
+                        )
+                    })
+                    .collect();
+                if !retract.is_empty() {
+                    self.couch.bulk_docs(&self.history_db, &retract).await?;
+                }
+            }
             pending = conflicts;
         }
         if pending.is_empty() {
@@ -135,18 +151,29 @@ impl Store {
         })
     }
 
-    /// History entries are written before the node documents: if the node write is retried,
-    /// the same entries come back as conflicts, which means "already recorded".
-    async fn write_history(&self, entries: &[HistoryEntry]) -> Result<(), CouchError> {
+    /// History entries are written before the node documents, so a crash between the two
+    /// writes loses nothing: the redelivered result recomputes the same entry (same id, a
+    /// harmless conflict). Returns the revisions of the entries this call created.
+    async fn write_history(
+        &self,
+        entries: &[HistoryEntry],
+    ) -> Result<HashMap<String, String>, CouchError> {
+        let mut written = HashMap::new();
         if entries.is_empty() {
-            return Ok(());
+            return Ok(written);
         }
         for r in self.couch.bulk_docs(&self.history_db, entries).await? {
-            if let Some(error) = r.error.as_deref().filter(|e| *e != "conflict") {
-                warn!(id = %r.id, error, reason = r.reason.as_deref().unwrap_or(""), "history entry refused");
+            match (r.error.as_deref(), r.rev) {
+                (None, Some(rev)) => {
+                    written.insert(r.id, rev);
+                }
+                (Some("conflict"), _) | (None, None) => {}
+                (Some(error), _) => {
+                    warn!(id = %r.id, error, reason = r.reason.as_deref().unwrap_or(""), "history entry refused")
+                }
             }
         }
-        Ok(())
+        Ok(written)
     }
 }
 
