@@ -38,6 +38,11 @@ struct Cli {
     #[arg(long, value_name = "N")]
     concurrency: Option<usize>,
 
+    /// How often to re-announce this node to the server, in seconds or with a unit
+    /// [env: VOGELER_AGENT__HEARTBEAT] [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    heartbeat: Option<String>,
+
     /// Validate the configuration, print the problems, and exit (0 valid, 78 invalid)
     #[arg(long)]
     check_config: bool,
@@ -156,22 +161,14 @@ fn main() -> ExitCode {
             "agent.plugin_dir",
             cli.plugin_dir.as_ref().map(|p| p.display()),
         )
-        .set("agent.concurrency", cli.concurrency);
-    let settings = match config::load(&sources).and_then(|raw| raw.agent(vogeler_agent::hostname()))
-    {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("vogeler-agent: {e}");
-            return exit::code(exit::CONFIG);
-        }
-    };
-    if cli.check_config {
-        println!(
-            "vogeler-agent: configuration is valid (node {})",
-            settings.node
-        );
-        return exit::code(exit::OK);
-    }
+        .set("agent.concurrency", cli.concurrency)
+        .set("agent.heartbeat", cli.heartbeat.as_ref());
+    let loaded = config::load(&sources).and_then(|raw| raw.agent(vogeler_agent::hostname()));
+    let settings =
+        match vogeler_core::cli::settings_or_exit("vogeler-agent", loaded, cli.check_config) {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
     telemetry::init(&settings.log_level);
     exit::block_on("vogeler-agent", async {
         match vogeler_agent::run(settings, shutdown::on_signals()).await {

@@ -75,3 +75,23 @@ Environment names are VOGELER_<SECTION>__<KEY>, for example VOGELER_AMQP__URL,
 VOGELER_COUCHDB__USERNAME, VOGELER_COUCHDB__PASSWORD.
 
 Exit codes: 0 ok, 1 failure, 2 usage, 69 broker or database unavailable, 78 bad configuration.";
+
+/// The start of every binary: settings, or exit 78 listing every configuration problem; with
+/// `--check-config`, report and exit without contacting anything.
+pub fn settings_or_exit<T>(
+    program: &str,
+    loaded: Result<T, crate::config::ConfigError>,
+    check_only: bool,
+) -> Result<T, std::process::ExitCode> {
+    match loaded {
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            Err(crate::exit::code(crate::exit::CONFIG))
+        }
+        Ok(_) if check_only => {
+            println!("{program}: configuration is valid");
+            Err(crate::exit::code(crate::exit::OK))
+        }
+        Ok(s) => Ok(s),
+    }
+}

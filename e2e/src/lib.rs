@@ -126,6 +126,22 @@ impl TestStack {
             .expect("runner settings")
     }
 
+    /// Server settings that reach CouchDB through a fault proxy the test can cut.
+    pub async fn server_behind_proxy(&self) -> (FaultProxy, ServerSettings) {
+        let upstream = self
+            .couchdb_url
+            .trim_start_matches("http://")
+            .trim_end_matches('/');
+        let proxy = FaultProxy::start(upstream).await;
+        let mut sources = self.sources();
+        sources.set("couchdb.url", Some(format!("http://{}", proxy.addr())));
+        let settings = config::load(&sources)
+            .expect("load")
+            .server()
+            .expect("server settings");
+        (proxy, settings)
+    }
+
     /// The topology every program of this stack declares.
     pub fn topology(&self) -> vogeler_core::topology::Topology {
         self.server_settings().broker.topology

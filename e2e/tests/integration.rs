@@ -385,18 +385,7 @@ async fn duplicate_deliveries_leave_the_document_as_if_delivered_once() {
 #[tokio::test]
 async fn database_outage_holds_results_until_it_returns() {
     let stack = TestStack::new().await;
-    let couch_addr = stack
-        .couchdb_url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let proxy = FaultProxy::start(&couch_addr).await;
-    let mut sources = stack.sources();
-    sources.set("couchdb.url", Some(format!("http://{}", proxy.addr())));
-    let settings = vogeler_core::config::load(&sources)
-        .expect("load")
-        .server()
-        .expect("settings");
+    let (proxy, settings) = stack.server_behind_proxy().await;
     let _server = spawn_server(settings);
     let plugins = plugin_dir(&[("hello.toml", HELLO)]);
     let _agent = spawn_agent(stack.agent_settings("web01", plugins.path()));

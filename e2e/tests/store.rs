@@ -15,7 +15,7 @@ use vogeler_core::{
     topology::Topology,
     wire::{Announce, Message, Outcome, PluginResult},
 };
-use vogeler_e2e::{FaultProxy, TestStack, node, spawn_server, wait_for};
+use vogeler_e2e::{TestStack, node, spawn_server, wait_for};
 
 fn result(n: &str, plugin: &str, value: Value, at: DateTime<Utc>) -> Message {
     Message::Result(PluginResult {
@@ -108,20 +108,8 @@ async fn history_ids(stack: &TestStack) -> Vec<String> {
 #[tokio::test]
 async fn a_20_s_database_outage_loses_nothing_and_stores_nothing_twice() {
     let stack = TestStack::new().await;
-    let couch_addr = stack
-        .couchdb_url
-        .trim_start_matches("http://")
-        .trim_end_matches('/')
-        .to_string();
-    let proxy = FaultProxy::start(&couch_addr).await;
-    let mut sources = stack.sources();
-    sources.set("couchdb.url", Some(format!("http://{}", proxy.addr())));
-    let _server = spawn_server(
-        vogeler_core::config::load(&sources)
-            .expect("load")
-            .server()
-            .expect("settings"),
-    );
+    let (proxy, settings) = stack.server_behind_proxy().await;
+    let _server = spawn_server(settings);
     publish(&stack, &[announce("warmup", json!({}), Utc::now())]).await;
     stack.wait_registered(&["warmup"]).await;
 

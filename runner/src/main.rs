@@ -135,17 +135,12 @@ fn main() -> ExitCode {
     let mut sources = cli.common.sources();
     cli.couch.add_to(&mut sources);
     sources.set("runner.timeout", cli.timeout.as_ref());
-    let settings = match config::load(&sources).and_then(|raw| raw.runner()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("vogeler-runner: {e}");
-            return exit::code(exit::CONFIG);
-        }
-    };
-    if cli.check_config {
-        println!("vogeler-runner: configuration is valid");
-        return exit::code(exit::OK);
-    }
+    let loaded = config::load(&sources).and_then(|raw| raw.runner());
+    let settings =
+        match vogeler_core::cli::settings_or_exit("vogeler-runner", loaded, cli.check_config) {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
     telemetry::init(&settings.log_level);
     if let Some(command) = cli.command {
         return exit::block_on("vogeler-runner", inventory(&settings, command));

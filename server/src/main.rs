@@ -110,17 +110,12 @@ fn main() -> ExitCode {
     sources
         .set("server.prefetch", cli.prefetch)
         .set("server.batch_size", cli.batch_size);
-    let settings = match config::load(&sources).and_then(|raw| raw.server()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("vogeler-server: {e}");
-            return exit::code(exit::CONFIG);
-        }
-    };
-    if cli.check_config {
-        println!("vogeler-server: configuration is valid");
-        return exit::code(exit::OK);
-    }
+    let loaded = config::load(&sources).and_then(|raw| raw.server());
+    let settings =
+        match vogeler_core::cli::settings_or_exit("vogeler-server", loaded, cli.check_config) {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
     telemetry::init(&settings.log_level);
     if let Some(Command::Prune {
         older_than,
