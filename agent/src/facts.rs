@@ -4,7 +4,8 @@
 
 use serde_json::{Map, Value, json};
 
-/// `{hostname, os: {id, family, name, version}, kernel, arch}`; unknown parts are left out.
+/// `{hostname, os: {id, family, name, version}, kernel, arch, cpus, memory_mb}`; unknown
+/// parts are left out.
 pub fn collect() -> Map<String, Value> {
     let mut facts = Map::new();
     if let Some(h) = crate::hostname() {
@@ -22,6 +23,21 @@ pub fn collect() -> Map<String, Value> {
     }
     if let Ok(text) = std::fs::read_to_string("/etc/os-release") {
         facts.insert("os".into(), os(&text));
+    }
+    if let Ok(n) = std::thread::available_parallelism() {
+        facts.insert("cpus".into(), json!(n.get()));
+    }
+    if let Some(kib) = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines().find_map(|l| {
+            l.strip_prefix("MemTotal:")?
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+    }) {
+        facts.insert("memory_mb".into(), json!(kib / 1024));
     }
     facts
 }
@@ -84,5 +100,10 @@ mod tests {
         let f = collect();
         assert!(f["kernel"].as_str().is_some_and(|k| !k.is_empty()), "{f:?}");
         assert!(f["arch"].as_str().is_some_and(|a| !a.is_empty()), "{f:?}");
+        assert!(
+            f["cpus"].as_u64().is_some_and(|n| n >= 1)
+                && f["memory_mb"].as_u64().is_some_and(|m| m > 0),
+            "{f:?}"
+        );
     }
 }

@@ -218,7 +218,11 @@ async fn announce(
         plugins: catalog.infos(),
         started_at,
         sent_at: Utc::now(),
-        facts: facts::collect(),
+        facts: {
+            let mut f = facts::collect();
+            f.extend(s.facts.clone());
+            f
+        },
     });
     let key = Topology::announce_routing_key(&s.node);
     amqp::publish(
@@ -249,6 +253,12 @@ async fn handle(shared: &Shared, publisher: &Channel, delivery: Delivery) {
         && n != node
     {
         return refuse(&delivery, node, format!("command is for node {n}")).await;
+    }
+    if let Some(expired) = command.expires_at.filter(|t| *t < Utc::now()) {
+        // Whoever asked gave up long ago; running it now would only surprise.
+        info!(request_id = %command.request_id, plugin = %command.plugin, expired_at = %expired, "expired command not run");
+        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+        return;
     }
     let span = info_span!("command", request_id = %command.request_id, plugin = %command.plugin);
     async {

@@ -107,11 +107,26 @@ pub async fn publish(
     routing_key: &str,
     message: &wire::Message,
 ) -> Result<(), AmqpError> {
+    publish_expiring(ch, exchange, routing_key, message, None).await
+}
+
+/// [`publish`], with a time-to-live after which the broker drops the message from queues
+/// (a command for an agent that stays offline does not wait forever).
+pub async fn publish_expiring(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    message: &wire::Message,
+    ttl: Option<Duration>,
+) -> Result<(), AmqpError> {
     let body = wire::encode(message);
-    let props = BasicProperties::default()
+    let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_type(message.kind().into());
+    if let Some(ttl) = ttl {
+        props = props.with_expiration(ttl.as_millis().max(1).to_string().as_str().into());
+    }
     let confirm = ch
         .basic_publish(
             exchange.into(),

@@ -34,6 +34,8 @@ pub mod defaults {
     pub const SERVER_STALE_AFTER_SECS: u64 = 24 * 3600;
     pub const SERVER_HISTORY_RETENTION_SECS: u64 = 90 * 24 * 3600;
     pub const RUNNER_TIMEOUT_SECS: u64 = 10;
+    pub const RUNNER_TTL_SECS: u64 = 3600;
+    pub const RUNNER_FRESHNESS_SECS: u64 = 24 * 3600;
     /// Daemons log their work; the runner is interactive and keeps stderr for problems.
     pub const LOG_LEVEL: &str = "info";
     pub const RUNNER_LOG_LEVEL: &str = "warn";
@@ -94,6 +96,10 @@ pub struct RawAgent {
     /// How often the agent re-announces itself, so the server sees it is alive.
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub heartbeat: Option<Duration>,
+    /// Facts the operator assigns (role, datacenter, ...), announced with the measured ones
+    /// and usable in node sets (`-n role=web`).
+    #[serde(default)]
+    pub facts: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -115,6 +121,12 @@ pub struct RawServer {
 pub struct RawRunner {
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub timeout: Option<Duration>,
+    /// Commands not delivered within this are dropped, and agents do not run them late.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub ttl: Option<Duration>,
+    /// Registered nodes seen within this are expected to answer.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub freshness: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,6 +216,8 @@ pub struct AgentSettings {
     pub concurrency: usize,
     /// Interval between announcements while connected.
     pub heartbeat: Duration,
+    /// Operator-assigned facts, announced on top of the measured ones.
+    pub facts: serde_json::Map<String, serde_json::Value>,
     pub log_level: String,
 }
 
@@ -224,6 +238,8 @@ pub struct RunnerSettings {
     pub broker: BrokerSettings,
     pub couch: CouchSettings,
     pub timeout: Duration,
+    pub ttl: Duration,
+    pub freshness: Duration,
     pub log_level: String,
 }
 
@@ -446,6 +462,7 @@ impl RawConfig {
                     .unwrap_or_else(|| defaults::PLUGIN_DIR.into()),
                 concurrency,
                 heartbeat,
+                facts: self.agent.facts.clone(),
                 log_level,
             })
         })
@@ -503,12 +520,25 @@ impl RawConfig {
         if timeout.is_zero() {
             p.0.push("runner.timeout: must be longer than zero".into());
         }
+        let ttl = self
+            .runner
+            .ttl
+            .unwrap_or(Duration::from_secs(defaults::RUNNER_TTL_SECS));
+        if ttl < Duration::from_secs(1) {
+            p.0.push("runner.ttl: must be at least 1s".into());
+        }
+        let freshness = self
+            .runner
+            .freshness
+            .unwrap_or(Duration::from_secs(defaults::RUNNER_FRESHNESS_SECS));
         let log_level = validate_level(&mut p, &self.log, defaults::RUNNER_LOG_LEVEL);
         p.finish(|| {
             Some(RunnerSettings {
                 broker: broker?,
                 couch: couch?,
                 timeout,
+                ttl,
+                freshness,
                 log_level,
             })
         })

@@ -73,6 +73,10 @@ pub struct Command {
     pub plugin: PluginName,
     pub target: Target,
     pub issued_at: DateTime<Utc>,
+    /// An agent that receives the command after this does not run it (it was offline too
+    /// long for the answer to matter to whoever asked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// How a plugin run ended. `status` is what the runner shows.
@@ -284,6 +288,7 @@ mod tests {
             plugin: PluginName::new("rpms").expect("name"),
             target: Target::All,
             issued_at: ts("2026-11-22T05:00:00Z"),
+            expires_at: Some(ts("2026-11-22T06:00:00Z")),
         })
     }
 

@@ -245,6 +245,27 @@ pub fn spawn_server(settings: ServerSettings) -> Running<vogeler_server::ServerE
     }
 }
 
+/// Run `plugin` on the `nodes` expression (as `-n` takes it) through the real runner code.
+pub async fn ask(
+    stack: &TestStack,
+    plugin: &str,
+    nodes: &str,
+    timeout: &str,
+) -> vogeler_runner::Report {
+    let settings = stack.runner_settings(timeout);
+    let q = vogeler_runner::Query {
+        plugin: vogeler_core::names::PluginName::new(plugin).expect("plugin"),
+        nodes: vogeler_runner::target::parse(nodes, &vogeler_runner::target::Files)
+            .expect("node set"),
+        nodes_text: nodes.to_string(),
+        timeout: settings.timeout,
+        ttl: settings.ttl,
+    };
+    vogeler_runner::query(&settings, &q, &CancellationToken::new(), &mut |_| {})
+        .await
+        .expect("query")
+}
+
 /// A plugin directory with the given files (name, TOML body).
 pub fn plugin_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("plugin dir");

@@ -12,24 +12,11 @@ use vogeler_core::{
     names::PluginName,
     secret::SecretUrl,
     topology::Topology,
-    wire::{Message, Outcome, PluginResult, Target},
+    wire::{Message, Outcome, PluginResult},
 };
 use vogeler_e2e::{
-    FaultProxy, HELLO, TestStack, node, plugin_dir, spawn_agent, spawn_server, wait_for,
+    FaultProxy, HELLO, TestStack, ask, node, plugin_dir, spawn_agent, spawn_server, wait_for,
 };
-use vogeler_runner::{Query, Report};
-
-async fn ask(stack: &TestStack, plugin: &str, target: Target, timeout: &str) -> Report {
-    let settings = stack.runner_settings(timeout);
-    let q = Query {
-        plugin: PluginName::new(plugin).expect("plugin"),
-        target,
-        timeout: settings.timeout,
-    };
-    vogeler_runner::query(&settings, &q, &CancellationToken::new())
-        .await
-        .expect("query")
-}
 
 #[tokio::test]
 async fn fan_out_to_all_stores_one_document_per_node_and_updates_it() {
@@ -43,7 +30,7 @@ async fn fan_out_to_all_stores_one_document_per_node_and_updates_it() {
         .collect();
     stack.wait_registered(&nodes).await;
 
-    let first = ask(&stack, "hello", Target::All, "10").await;
+    let first = ask(&stack, "hello", "all", "10").await;
     assert!(first.success(), "{}", first.render_table());
     assert_eq!(first.replies.len(), 3);
     assert!(first.render_table().contains("3/3 nodes answered"));
@@ -77,7 +64,7 @@ async fn fan_out_to_all_stores_one_document_per_node_and_updates_it() {
     let created: Vec<_> = futures_created(&stack, &nodes).await;
 
     // A second run updates the same documents: no new ones, created_at kept.
-    let second = ask(&stack, "hello", Target::All, "10").await;
+    let second = ask(&stack, "hello", "all", "10").await;
     assert!(second.success(), "{}", second.render_table());
     for n in nodes {
         wait_for(
@@ -113,7 +100,7 @@ async fn single_node_target_runs_only_there() {
     let _b = spawn_agent(stack.agent_settings("node-b", plugins.path()));
     stack.wait_registered(&["node-a", "node-b"]).await;
 
-    let r = ask(&stack, "hello", Target::Node(node("node-a")), "10").await;
+    let r = ask(&stack, "hello", "node-a", "10").await;
     assert!(r.success(), "{}", r.render_table());
     assert_eq!(
         r.replies.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
@@ -151,7 +138,7 @@ async fn failures_are_reported_and_keep_the_last_good_value() {
     let _server = spawn_server(stack.server_settings());
     let _agent = spawn_agent(stack.agent_settings("web01", plugins.path()));
     stack.wait_registered(&["web01"]).await;
-    let web01 = || Target::Node(node("web01"));
+    let web01 = || "web01";
 
     let ok = ask(&stack, "flaky", web01(), "10").await;
     assert!(ok.success(), "{}", ok.render_table());
@@ -220,7 +207,7 @@ async fn failures_are_reported_and_keep_the_last_good_value() {
 #[tokio::test]
 async fn all_with_no_registered_node_waits_the_timeout_and_says_so() {
     let stack = TestStack::new().await;
-    let r = ask(&stack, "hello", Target::All, "700ms").await;
+    let r = ask(&stack, "hello", "all", "700ms").await;
     assert!(!r.success());
     assert!(r.replies.is_empty() && r.expected.is_empty());
     // The timeout fires: no earlier (nothing to wait for is not "done"), and not much later.
@@ -242,7 +229,7 @@ async fn a_silent_node_is_named_in_no_response_from() {
     stack.wait_registered(&["alive", "gone"]).await;
     gone.stop().await.expect("agent stops cleanly");
 
-    let r = ask(&stack, "hello", Target::All, "1500ms").await;
+    let r = ask(&stack, "hello", "all", "1500ms").await;
     assert!(!r.success());
     assert!(
         r.render_table().contains("1/2 nodes answered"),
@@ -301,7 +288,7 @@ async fn malformed_messages_are_dropped_and_traffic_keeps_flowing() {
         publish_raw(&stack, &t.results_exchange(), "result.garbage", body).await;
         publish_raw(&stack, &t.commands_exchange(), "all", body).await;
     }
-    let r = ask(&stack, "hello", Target::All, "10").await;
+    let r = ask(&stack, "hello", "all", "10").await;
     assert!(r.success(), "{}", r.render_table());
     // Nothing was requeued forever: the results queue drains to empty.
     let conn = amqp::connect(
@@ -392,7 +379,7 @@ async fn database_outage_holds_results_until_it_returns() {
     stack.wait_registered(&["web01"]).await;
 
     proxy.cut();
-    let r = ask(&stack, "hello", Target::Node(node("web01")), "10").await;
+    let r = ask(&stack, "hello", "web01", "10").await;
     assert!(
         r.success(),
         "the runner does not need the database for a named node"
@@ -458,7 +445,7 @@ async fn agent_reconnects_after_the_broker_connection_is_cut() {
     proxy.restore();
     // The agent's own reconnect loop brings it back; its queue is durable, so a command sent
     // right after the restore is answered once it is back.
-    let r = ask(&stack, "hello", Target::Node(node("web01")), "20").await;
+    let r = ask(&stack, "hello", "web01", "20").await;
     assert!(r.success(), "{}", r.render_table());
 }
 

@@ -5,29 +5,12 @@
 use std::{path::Path, process::Stdio, time::Duration};
 
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
-use vogeler_core::{
-    names::PluginName,
-    wire::{Outcome, Target},
-};
+use vogeler_core::wire::Outcome;
 use vogeler_e2e::{
-    HELLO, TestStack, node, plugin_dir,
+    HELLO, TestStack, ask, node, plugin_dir,
     programs::{bare, program},
     spawn_agent, spawn_server, wait_for,
 };
-use vogeler_runner::{Query, Report};
-
-async fn ask(stack: &TestStack, plugin: &str, on: &str, timeout: &str) -> Report {
-    let settings = stack.runner_settings(timeout);
-    let q = Query {
-        plugin: PluginName::new(plugin).expect("plugin"),
-        target: Target::Node(node(on)),
-        timeout: settings.timeout,
-    };
-    vogeler_runner::query(&settings, &q, &CancellationToken::new())
-        .await
-        .expect("query")
-}
 
 /// A server, so agents register; commands to a node are only routed once its queue exists.
 async fn ready(

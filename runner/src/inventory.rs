@@ -11,14 +11,15 @@ use vogeler_core::{
     document::HistoryEntry,
 };
 
-use crate::RunnerError;
+use crate::{RunnerError, target::NodeSet};
 
 fn client(settings: &CouchSettings) -> Result<CouchClient, RunnerError> {
     CouchClient::new(&settings.url, settings.credentials.clone())
         .map_err(|e| RunnerError::Http(e.to_string()))
 }
 
-fn registry(e: CouchError) -> RunnerError {
+/// A failed read of the inventory, with a hint when the server has not set it up yet.
+pub(crate) fn registry_error(e: CouchError) -> RunnerError {
     match &e {
         CouchError::Status { status, .. } if status.as_u16() == 404 => RunnerError::NotReady(e),
         _ => RunnerError::Registry(e),
@@ -53,7 +54,7 @@ pub async fn find_package(
     let rows = client(settings)?
         .view(&settings.database, design::NODES_DDOC, "packages", &params)
         .await
-        .map_err(registry)?;
+        .map_err(registry_error)?;
     Ok(rows
         .into_iter()
         .filter_map(|r| r.id)
@@ -94,7 +95,7 @@ pub async fn find_fact(
         let rows = couch
             .view(&settings.database, design::NODES_DDOC, "facts", &params)
             .await
-            .map_err(registry)?;
+            .map_err(registry_error)?;
         nodes.extend(rows.into_iter().filter_map(|r| r.id));
     }
     Ok(nodes.into_iter().collect())
@@ -115,11 +116,81 @@ pub async fn history(
     let rows = client(settings)?
         .view(&db, design::HISTORY_DDOC, "by_node_plugin", &params)
         .await
-        .map_err(registry)?;
+        .map_err(registry_error)?;
     Ok(rows
         .into_iter()
         .filter_map(|r| serde_json::from_value(r.doc?).ok())
         .collect())
+}
+
+/// A registered node, for `nodes`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct NodeInfo {
+    pub node: String,
+    pub last_seen: Option<chrono::DateTime<chrono::Utc>>,
+    pub agent_version: Option<String>,
+    /// Not seen within the freshness window.
+    pub stale: bool,
+}
+
+/// Registered nodes in `set`, stale ones included (and flagged).
+pub async fn nodes(
+    settings: &CouchSettings,
+    set: &NodeSet,
+    freshness: std::time::Duration,
+) -> Result<Vec<NodeInfo>, RunnerError> {
+    let registry = crate::registry(settings, freshness).await?;
+    Ok(registry
+        .iter()
+        .filter(|(n, k)| set.matches(n, Some(k)))
+        .map(|(n, k)| NodeInfo {
+            node: n.to_string(),
+            last_seen: k.last_seen,
+            agent_version: k.agent_version.clone(),
+            stale: !k.fresh,
+        })
+        .collect())
+}
+
+pub fn render_nodes(nodes: &[NodeInfo]) -> String {
+    let width = nodes.iter().map(|n| n.node.len()).max().unwrap_or(4).max(4);
+    let mut out = format!(
+        "{:<width$}  {:<20}  {:<8}  {}\n",
+        "NODE", "LAST SEEN", "VERSION", "STALE"
+    );
+    for n in nodes {
+        let seen = n.last_seen.map_or("never".into(), |t| {
+            t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        });
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<20}  {:<8}  {}",
+            n.node,
+            seen,
+            n.agent_version.as_deref().unwrap_or("-"),
+            if n.stale { "stale" } else { "" }
+        );
+    }
+    let stale = nodes.iter().filter(|n| n.stale).count();
+    let _ = writeln!(out, "{} node(s), {stale} stale", nodes.len());
+    out
+}
+
+/// A node's stored document, or one plugin's value (with its collection metadata).
+pub async fn show(
+    settings: &CouchSettings,
+    node: &str,
+    plugin: Option<&str>,
+) -> Result<Option<Value>, RunnerError> {
+    let doc: Option<Value> = client(settings)?
+        .get(&settings.database, node)
+        .await
+        .map_err(registry_error)?;
+    Ok(match (doc, plugin) {
+        (None, _) => None,
+        (Some(d), None) => Some(d),
+        (Some(d), Some(p)) => d.get(p).cloned(),
+    })
 }
 
 /// One block per change: its time, and for lists the added and removed entries, otherwise

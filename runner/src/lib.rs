@@ -9,6 +9,7 @@
 
 pub mod inventory;
 pub mod report;
+pub mod target;
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -22,12 +23,15 @@ use vogeler_core::{
     amqp::{self, AmqpError},
     config::{CouchSettings, RunnerSettings},
     couch::{CouchClient, CouchError},
+    design,
     names::{NodeName, PluginName},
     topology::Topology,
+    wire::PluginResult,
     wire::{self, Command, Message, Target},
 };
 
 pub use crate::report::Report;
+use crate::target::{Known, NodeSet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -58,68 +62,96 @@ impl RunnerError {
 #[derive(Debug, Clone)]
 pub struct Query {
     pub plugin: PluginName,
-    pub target: Target,
+    pub nodes: NodeSet,
+    /// The `-n` expression as typed, for reports.
+    pub nodes_text: String,
     pub timeout: Duration,
+    pub ttl: Duration,
 }
 
-/// Parse `-n`: `all` or a node name.
-pub fn parse_target(s: &str) -> Result<Target, String> {
-    match s {
-        "all" => Ok(Target::All),
-        name => NodeName::new(name)
-            .map(Target::Node)
-            .map_err(|e| format!("{e}; use 'all' or a node name")),
-    }
-}
-
-/// The registered nodes: every node document in the database.
-pub async fn known_nodes(settings: &CouchSettings) -> Result<Vec<NodeName>, RunnerError> {
+/// The node registry: every registered node with its facts and whether it was seen within
+/// `freshness`. A database the server has not created yet is an empty registry.
+pub async fn registry(
+    settings: &CouchSettings,
+    freshness: Duration,
+) -> Result<BTreeMap<NodeName, Known>, RunnerError> {
     let couch = CouchClient::new(&settings.url, settings.credentials.clone())
         .map_err(|e| RunnerError::Http(e.to_string()))?;
-    let Some(ids) = couch
-        .all_ids(&settings.database)
+    let rows = match couch
+        .view(&settings.database, design::NODES_DDOC, "registry", &[])
         .await
-        .map_err(RunnerError::Registry)?
-    else {
-        warn!(database = %settings.database, "database does not exist yet: no node is registered (has vogeler-server run?)");
-        return Ok(vec![]);
+    {
+        Ok(rows) => rows,
+        Err(CouchError::Status {
+            status, ref reason, ..
+        }) if status.as_u16() == 404 && reason.contains("no_db_file") => {
+            warn!(database = %settings.database, "database does not exist yet: no node is registered (has vogeler-server run?)");
+            return Ok(BTreeMap::new());
+        }
+        Err(e) => return Err(inventory::registry_error(e)),
     };
-    // Anything that is not a valid node name was not written by Vogeler; leave it out.
-    Ok(ids
+    let cutoff =
+        Utc::now() - chrono::Duration::from_std(freshness).unwrap_or(chrono::Duration::MAX);
+    Ok(rows
         .into_iter()
-        .filter_map(|id| NodeName::new(id).ok())
+        .filter_map(|r| {
+            // Anything that is not a valid node name was not written by Vogeler; leave it out.
+            let name = NodeName::new(r.id?).ok()?;
+            let last_seen = r
+                .value
+                .get("last_seen")
+                .and_then(|v| v.as_str())
+                .and_then(|t| t.parse::<chrono::DateTime<Utc>>().ok());
+            let facts = r
+                .value
+                .get("facts")
+                .and_then(|f| f.as_object())
+                .cloned()
+                .unwrap_or_default();
+            let agent_version = r
+                .value
+                .get("agent_version")
+                .and_then(|v| v.as_str())
+                .map(str::to_string);
+            Some((
+                name,
+                Known {
+                    facts,
+                    fresh: last_seen.is_some_and(|t| t >= cutoff),
+                    last_seen,
+                    agent_version,
+                },
+            ))
+        })
         .collect())
 }
 
 /// Publish the command and collect replies until every expected node answered, the timeout
-/// passes, or `cancel` fires.
+/// passes, or `cancel` fires. `on_reply` sees each reply as it arrives (streaming output).
 pub async fn query(
     settings: &RunnerSettings,
     q: &Query,
     cancel: &CancellationToken,
+    on_reply: &mut (dyn FnMut(&PluginResult) + Send),
 ) -> Result<Report, RunnerError> {
-    let expected = match &q.target {
-        Target::All => known_nodes(&settings.couch).await?.into_iter().collect(),
-        Target::Node(n) => [n.clone()].into(),
+    // Names alone need no registry: they are commanded whatever it says.
+    let expected = match &q.nodes {
+        NodeSet::Names(names) => names.clone(),
+        set => set.resolve(&registry(&settings.couch, settings.freshness).await?),
     };
     let b = &settings.broker;
     let conn =
-        match amqp::connect_with_retry(&b.url, "vogeler-runner", Some(b.connect_timeout), cancel)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => return Err(e.into()),
-        };
-    let request_id = Uuid::new_v4();
+        amqp::connect_with_retry(&b.url, "vogeler-runner", Some(b.connect_timeout), cancel).await?;
     let mut report = Report {
-        request_id,
+        request_id: Uuid::new_v4(),
         plugin: q.plugin.clone(),
-        target: q.target.clone(),
+        nodes: q.nodes_text.clone(),
+        broadcast: q.nodes.is_all(),
         expected,
         replies: BTreeMap::new(),
         elapsed: Duration::ZERO,
     };
-    let result = collect(&conn, b.topology.clone(), q, &mut report, cancel).await;
+    let result = collect(&conn, b.topology.clone(), q, &mut report, cancel, on_reply).await;
     let _ = conn.close(200, "runner done".into()).await;
     result.map(|()| report)
 }
@@ -130,6 +162,7 @@ async fn collect(
     q: &Query,
     report: &mut Report,
     cancel: &CancellationToken,
+    on_reply: &mut (dyn FnMut(&PluginResult) + Send),
 ) -> Result<(), RunnerError> {
     let ch = amqp::publisher_channel(conn)
         .await
@@ -157,24 +190,40 @@ async fn collect(
         .await
         .map_err(AmqpError::from)?;
 
-    let command = Message::Command(Command {
-        request_id: report.request_id,
-        plugin: q.plugin.clone(),
-        target: q.target.clone(),
-        issued_at: Utc::now(),
-    });
+    let issued_at = Utc::now();
+    let expires_at = issued_at + chrono::Duration::from_std(q.ttl).unwrap_or(chrono::Duration::MAX);
+    let command = |target: Target| {
+        Message::Command(Command {
+            request_id: report.request_id,
+            plugin: q.plugin.clone(),
+            target,
+            issued_at,
+            expires_at: Some(expires_at),
+        })
+    };
     let started = tokio::time::Instant::now();
     let deadline = started + q.timeout;
-    amqp::publish(
-        &ch,
-        &topology.commands_exchange(),
-        &Topology::command_routing_key(&q.target),
-        &command,
-    )
-    .await?;
-    info!(request_id = %report.request_id, plugin = %q.plugin, target = %q.target, expected = report.expected.len(), "command sent");
+    // `all` is one broadcast; any other set is one command per node, so only the targeted
+    // agents ever see it.
+    let targets: Vec<Target> = if report.broadcast {
+        vec![Target::All]
+    } else {
+        report.expected.iter().cloned().map(Target::Node).collect()
+    };
+    for target in targets {
+        let key = Topology::command_routing_key(&target);
+        amqp::publish_expiring(
+            &ch,
+            &topology.commands_exchange(),
+            &key,
+            &command(target),
+            Some(q.ttl),
+        )
+        .await?;
+    }
+    info!(request_id = %report.request_id, plugin = %q.plugin, nodes = %q.nodes_text, expected = report.expected.len(), "command sent");
 
-    while report.expected.is_empty()
+    while report.broadcast && report.expected.is_empty()
         || report
             .expected
             .iter()
@@ -193,7 +242,10 @@ async fn collect(
         match wire::decode(&delivery.data) {
             Ok(Message::Result(r)) if r.request_id == report.request_id => {
                 debug!(node = %r.node, outcome = r.outcome.status(), "reply");
-                report.replies.entry(r.node.clone()).or_insert(r);
+                if !report.replies.contains_key(&r.node) {
+                    on_reply(&r);
+                    report.replies.insert(r.node.clone(), r);
+                }
             }
             Ok(other) => debug!(
                 kind = other.kind(),

@@ -1,19 +1,18 @@
-//! `vogeler-runner`: parse flags, load config, run one query, print the table.
+//! `vogeler-runner`: parse flags, load config, run one query or inventory question, print.
 
-use std::process::ExitCode;
+use std::{io::Write as _, process::ExitCode};
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use vogeler_core::{
     cli::{CommonArgs, CouchArgs},
     config, exit,
     names::PluginName,
     shutdown, telemetry,
-    wire::Target,
 };
-use vogeler_runner::{Query, parse_target};
+use vogeler_runner::{Query, RunnerError, inventory as inv, target};
 
-/// Ask a set of nodes to run a plugin and show who answered. Results are also stored in
-/// CouchDB by vogeler-server. Results go to stdout, logs to stderr.
+/// Ask a set of nodes to run a plugin and show who answered, or ask the inventory in CouchDB.
+/// Results go to stdout, logs to stderr.
 #[derive(Debug, Parser)]
 #[command(
     name = "vogeler-runner",
@@ -23,10 +22,18 @@ use vogeler_runner::{Query, parse_target};
     after_help = vogeler_core::cli::ENV_HELP,
     after_long_help = concat!(
         "Examples:\n",
-        "  vogeler-runner -c rpms -n all            every registered node\n",
+        "  vogeler-runner -c rpms -n all                every registered node\n",
         "  vogeler-runner -c facts -n web01 --timeout 3\n",
-        "  vogeler-runner -c dpkg -n all --timeout 500ms\n",
-        "  vogeler-runner find package openssl=3.0.11-1   nodes with that package (from CouchDB)\n",
+        "  vogeler-runner -c dpkg -n 'web01,web02'\n",
+        "  vogeler-runner -c dpkg -n 'web*'             globs: 'db-[0-9]*'\n",
+        "  vogeler-runner -c dpkg -n @nodes.txt         names from a file; '-' reads stdin\n",
+        "  vogeler-runner -c dpkg -n os.family=Debian   facts: = != =~ (regex) > < >= <=\n",
+        "  vogeler-runner -c dpkg -n 'kernel=~^6\\.'  'memory_mb>16000'\n",
+        "  vogeler-runner -c dpkg -n 'web* and not (os.family=RedHat or cpus<4)'\n",
+        "  vogeler-runner -c hello -n all --output jsonl | jq .\n",
+        "  vogeler-runner nodes -n 'db*'                registered nodes, last seen, stale\n",
+        "  vogeler-runner show web01 dpkg               a stored document or value\n",
+        "  vogeler-runner find package openssl=3.0.11-1  nodes with that package (from CouchDB)\n",
         "  vogeler-runner find fact os.family=Debian\n",
         "  vogeler-runner history web01 dpkg             how a plugin's value changed\n\n",
         "Exit codes: 0 every node answered ok; 1 a node failed or did not answer; 2 usage;\n",
@@ -46,22 +53,60 @@ struct Cli {
     #[arg(short = 'c', long = "command", value_name = "PLUGIN", value_parser = PluginName::new_checked, required = true)]
     plugin: Option<PluginName>,
 
-    /// Nodes: `all` (every registered node) or one node name
-    #[arg(short = 'n', long = "nodes", value_name = "NODES", value_parser = parse_target, default_value = "all")]
-    nodes: Target,
+    /// Nodes: all, a name, a list, a glob, @file, -, fact filters, combined with and/or/not
+    /// and parentheses (see the examples below)
+    #[arg(
+        short = 'n',
+        long = "nodes",
+        value_name = "NODES",
+        default_value = "all",
+        global = true
+    )]
+    nodes: String,
 
     /// How long to wait for replies, in seconds (10) or with a unit (500ms)
     /// [env: VOGELER_RUNNER__TIMEOUT] [default: 10]
     #[arg(long, value_name = "DURATION")]
     timeout: Option<String>,
 
+    /// Drop the command if it is not delivered within this, and let agents that come back
+    /// later skip it [env: VOGELER_RUNNER__TTL] [default: 1h]
+    #[arg(long, value_name = "DURATION")]
+    ttl: Option<String>,
+
+    /// Output: table (default), json (one document), jsonl (one line per node as replies
+    /// arrive), yaml
+    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+
+    /// Print values in full instead of a short summary
+    #[arg(long, global = true)]
+    full: bool,
+
     /// Validate the configuration, print the problems, and exit (0 valid, 78 invalid)
     #[arg(long)]
     check_config: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Jsonl,
+    Yaml,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Registered nodes (of -n, default all): last seen, agent version, stale flag
+    Nodes,
+    /// A node's stored document, or one plugin's value
+    Show {
+        /// The node's name
+        node: String,
+        /// Only this plugin's value
+        plugin: Option<String>,
+    },
     /// Find nodes in the inventory (no fan-out): one node name per line
     Find {
         #[command(subcommand)]
@@ -81,60 +126,118 @@ enum Command {
 enum Find {
     /// Nodes with an installed package (from the dpkg and rpms plugins): NAME or NAME=VERSION
     Package {
-        #[arg(value_name = "NAME[=VERSION]", value_parser = vogeler_runner::inventory::parse_package)]
+        #[arg(value_name = "NAME[=VERSION]", value_parser = inv::parse_package)]
         spec: (String, Option<String>),
     },
     /// Nodes whose reported fact has a value: KEY=VALUE, e.g. os.family=Debian, kernel=6.1.0-18-amd64
     Fact {
-        #[arg(value_name = "KEY=VALUE", value_parser = vogeler_runner::inventory::parse_fact)]
+        #[arg(value_name = "KEY=VALUE", value_parser = inv::parse_fact)]
         spec: (String, serde_json::Value),
     },
 }
 
-async fn inventory(settings: &vogeler_core::config::RunnerSettings, command: Command) -> ExitCode {
-    use vogeler_runner::inventory as inv;
+fn fail(e: RunnerError) -> ExitCode {
+    eprintln!("vogeler-runner: {e}");
+    exit::code(if e.is_unavailable() {
+        exit::UNAVAILABLE
+    } else {
+        exit::FAILURE
+    })
+}
+
+fn print_doc(output: Output, v: &serde_json::Value) {
+    match output {
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(v).unwrap_or_default()),
+        Output::Jsonl => println!("{v}"),
+        _ => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+    }
+}
+
+async fn inventory(
+    settings: &vogeler_core::config::RunnerSettings,
+    cli: &Cli,
+    command: &Command,
+) -> ExitCode {
+    let lines = |names: Vec<String>| {
+        names
+            .into_iter()
+            .map(|n| format!("{n}\n"))
+            .collect::<String>()
+    };
     let result = match command {
         Command::Find {
             what: Find::Package {
                 spec: (name, version),
             },
-        } => inv::find_package(&settings.couch, &name, version.as_deref())
+        } => inv::find_package(&settings.couch, name, version.as_deref())
             .await
-            .map(|n| lines(&n)),
+            .map(lines),
         Command::Find {
             what: Find::Fact { spec: (key, value) },
-        } => inv::find_fact(&settings.couch, &key, &value)
-            .await
-            .map(|n| lines(&n)),
-        Command::History { node, plugin } => inv::history(&settings.couch, &node, &plugin)
+        } => inv::find_fact(&settings.couch, key, value).await.map(lines),
+        Command::History { node, plugin } => inv::history(&settings.couch, node, plugin)
             .await
             .map(|h| inv::render_history(&h)),
+        Command::Nodes => {
+            let set = match target::parse(&cli.nodes, &target::Files) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("vogeler-runner: -n: {e}");
+                    return exit::code(exit::USAGE);
+                }
+            };
+            match inv::nodes(&settings.couch, &set, settings.freshness).await {
+                Ok(nodes) if cli.output == Output::Table => Ok(inv::render_nodes(&nodes)),
+                Ok(nodes) => {
+                    print_doc(
+                        cli.output,
+                        &serde_json::to_value(&nodes).unwrap_or_default(),
+                    );
+                    return exit::code(exit::OK);
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Show { node, plugin } => {
+            match inv::show(&settings.couch, node, plugin.as_deref()).await {
+                Ok(Some(v)) => {
+                    print_doc(
+                        if cli.output == Output::Table {
+                            Output::Json
+                        } else {
+                            cli.output
+                        },
+                        &v,
+                    );
+                    return exit::code(exit::OK);
+                }
+                Ok(None) => {
+                    eprintln!(
+                        "vogeler-runner: no stored {} for node {node}",
+                        plugin.as_deref().unwrap_or("document")
+                    );
+                    return exit::code(exit::FAILURE);
+                }
+                Err(e) => Err(e),
+            }
+        }
     };
     match result {
         Ok(text) => {
             print!("{text}");
             exit::code(exit::OK)
         }
-        Err(e) => {
-            eprintln!("vogeler-runner: {e}");
-            exit::code(if e.is_unavailable() {
-                exit::UNAVAILABLE
-            } else {
-                exit::FAILURE
-            })
-        }
+        Err(e) => fail(e),
     }
-}
-
-fn lines(names: &[String]) -> String {
-    names.iter().map(|n| format!("{n}\n")).collect()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut sources = cli.common.sources();
     cli.couch.add_to(&mut sources);
-    sources.set("runner.timeout", cli.timeout.as_ref());
+    sources
+        .set("runner.timeout", cli.timeout.as_ref())
+        .set("runner.ttl", cli.ttl.as_ref());
     let loaded = config::load(&sources).and_then(|raw| raw.runner());
     let settings =
         match vogeler_core::cli::settings_or_exit("vogeler-runner", loaded, cli.check_config) {
@@ -142,35 +245,49 @@ fn main() -> ExitCode {
             Err(code) => return code,
         };
     telemetry::init(&settings.log_level);
-    if let Some(command) = cli.command {
-        return exit::block_on("vogeler-runner", inventory(&settings, command));
+    if let Some(command) = &cli.command {
+        return exit::block_on("vogeler-runner", inventory(&settings, &cli, command));
     }
-    let Some(plugin) = cli.plugin else {
+    let Some(plugin) = cli.plugin.clone() else {
         unreachable!("clap requires -c without a subcommand")
+    };
+    let nodes = match target::parse(&cli.nodes, &target::Files) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("vogeler-runner: -n: {e}");
+            return exit::code(exit::USAGE);
+        }
     };
     let query = Query {
         plugin,
-        target: cli.nodes,
+        nodes,
+        nodes_text: cli.nodes.clone(),
         timeout: settings.timeout,
+        ttl: settings.ttl,
     };
-    exit::block_on("vogeler-runner", async {
-        match vogeler_runner::query(&settings, &query, &shutdown::on_signals()).await {
+    let (output, full) = (cli.output, cli.full);
+    exit::block_on("vogeler-runner", async move {
+        let mut stream = |r: &vogeler_core::wire::PluginResult| {
+            if output == Output::Jsonl {
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{}", vogeler_runner::report::reply_json(r, full));
+                let _ = out.flush();
+            }
+        };
+        match vogeler_runner::query(&settings, &query, &shutdown::on_signals(), &mut stream).await {
             Ok(report) => {
-                print!("{}", report.render_table());
+                match output {
+                    Output::Table => print!("{}", report.render_table_with(full)),
+                    Output::Jsonl => report.missing_lines().iter().for_each(|l| println!("{l}")),
+                    Output::Json | Output::Yaml => print_doc(output, &report.to_json(full)),
+                }
                 exit::code(if report.success() {
                     exit::OK
                 } else {
                     exit::FAILURE
                 })
             }
-            Err(e) => {
-                eprintln!("vogeler-runner: {e}");
-                exit::code(if e.is_unavailable() {
-                    exit::UNAVAILABLE
-                } else {
-                    exit::FAILURE
-                })
-            }
+            Err(e) => fail(e),
         }
     })
 }

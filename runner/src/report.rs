@@ -10,7 +10,7 @@ use serde_json::Value;
 use uuid::Uuid;
 use vogeler_core::{
     names::{NodeName, PluginName},
-    wire::{PluginResult, Target},
+    wire::PluginResult,
 };
 
 /// The outcome of one fan-out.
@@ -18,7 +18,10 @@ use vogeler_core::{
 pub struct Report {
     pub request_id: Uuid,
     pub plugin: PluginName,
-    pub target: Target,
+    /// The `-n` expression.
+    pub nodes: String,
+    /// Sent to every agent (`-n all`): any agent answering is welcome.
+    pub broadcast: bool,
     /// Nodes that should answer: the registered nodes for `all`, the named node otherwise.
     pub expected: BTreeSet<NodeName>,
     /// Every reply received, by node (a node answers a request once).
@@ -38,20 +41,20 @@ impl Report {
     /// Nodes that answered without being expected. For `all` every agent is welcome (a node
     /// may have started after the registry was read), so only named targets have these.
     pub fn unexpected(&self) -> Vec<&NodeName> {
-        match self.target {
-            Target::All => vec![],
-            Target::Node(_) => self
-                .replies
+        if self.broadcast {
+            vec![]
+        } else {
+            self.replies
                 .keys()
                 .filter(|n| !self.expected.contains(*n))
-                .collect(),
+                .collect()
         }
     }
 
     /// Nodes the summary counts: the expected ones plus, for `all`, any late joiner.
     fn counted(&self) -> BTreeSet<&NodeName> {
         let mut s: BTreeSet<&NodeName> = self.expected.iter().collect();
-        if self.target == Target::All {
+        if self.broadcast {
             s.extend(self.replies.keys());
         }
         s
@@ -68,6 +71,11 @@ impl Report {
 
     /// The default text output: a row per node, then a summary.
     pub fn render_table(&self) -> String {
+        self.render_table_with(false)
+    }
+
+    /// [`Report::render_table`], with values printed in full when `full`.
+    pub fn render_table_with(&self, full: bool) -> String {
         let counted = self.counted();
         let width = counted
             .iter()
@@ -84,6 +92,7 @@ impl Report {
                 Some(r) => {
                     let detail = match (&r.value, r.outcome.error_text()) {
                         (_, Some(err)) => err,
+                        (Some(v), None) if full => v.to_string(),
                         (Some(v), None) => {
                             summarize(v) + if r.truncated { " (truncated)" } else { "" }
                         }
@@ -94,7 +103,7 @@ impl Report {
                         "{node:<width$}  {:<15}  {:>7}  {}",
                         r.outcome.status(),
                         format!("{}ms", r.duration_ms),
-                        one_line(&detail, 100)
+                        if full { detail } else { one_line(&detail, 100) }
                     )
                 }
                 None => writeln!(out, "{node:<width$}  {:<15}  {:>7}", "no response", "-"),
@@ -131,6 +140,65 @@ impl Report {
         }
         out
     }
+}
+
+impl Report {
+    /// The whole report as one JSON document: request, per-node results, summary. Values
+    /// are summarised unless `full`.
+    pub fn to_json(&self, full: bool) -> Value {
+        let counted = self.counted();
+        let results: serde_json::Map<String, Value> = self
+            .replies
+            .iter()
+            .map(|(n, r)| (n.to_string(), reply_json(r, full)))
+            .collect();
+        let failed: Vec<&str> = counted
+            .iter()
+            .filter(|n| self.replies.get(**n).is_some_and(|r| !r.outcome.is_ok()))
+            .map(|n| n.as_str())
+            .collect();
+        serde_json::json!({
+            "request_id": self.request_id,
+            "plugin": self.plugin,
+            "nodes": self.nodes,
+            "elapsed_ms": self.elapsed.as_millis() as u64,
+            "results": results,
+            "summary": {
+                "expected": counted.len(),
+                "answered": counted.iter().filter(|n| self.replies.contains_key(**n)).count(),
+                "failed": failed,
+                "no_response": self.missing().iter().map(|n| n.as_str()).collect::<Vec<_>>(),
+                "unexpected": self.unexpected().iter().map(|n| n.as_str()).collect::<Vec<_>>(),
+                "success": self.success(),
+            }
+        })
+    }
+
+    /// The `jsonl` lines for nodes that did not answer, printed after the streamed replies.
+    pub fn missing_lines(&self) -> Vec<String> {
+        self.missing()
+            .iter()
+            .map(|n| serde_json::json!({"node": n, "status": "no_response"}).to_string())
+            .collect()
+    }
+}
+
+/// One node's reply as JSON: status, outcome details, duration, value.
+pub fn reply_json(r: &PluginResult, full: bool) -> Value {
+    let value = match &r.value {
+        Some(v) if full => v.clone(),
+        Some(v) => Value::String(summarize(v)),
+        None => Value::Null,
+    };
+    serde_json::json!({
+        "node": r.node,
+        "status": r.outcome.status(),
+        "error": r.outcome.error_text(),
+        "exit_code": r.outcome.exit_code(),
+        "duration_ms": r.duration_ms,
+        "truncated": r.truncated,
+        "value": value,
+    })
 }
 
 /// A short, human summary of a plugin value.
@@ -200,11 +268,16 @@ mod tests {
         )
     }
 
-    fn report(target: Target, expected: &[&str], replies: Vec<(NodeName, PluginResult)>) -> Report {
+    fn report(
+        broadcast: bool,
+        expected: &[&str],
+        replies: Vec<(NodeName, PluginResult)>,
+    ) -> Report {
         Report {
             request_id: Uuid::nil(),
             plugin: PluginName::new("hello").expect("plugin"),
-            target,
+            nodes: "test".into(),
+            broadcast,
             expected: expected.iter().map(|n| node(n)).collect(),
             replies: replies.into_iter().collect(),
             elapsed: Duration::from_millis(1500),
@@ -214,7 +287,7 @@ mod tests {
     #[test]
     fn all_answered_ok() {
         let r = report(
-            Target::All,
+            true,
             &["a", "b"],
             vec![
                 reply("a", Outcome::Ok, Some(json!(["x", "y"]))),
@@ -237,7 +310,7 @@ mod tests {
             stderr_tail: "boom".into(),
         };
         let r = report(
-            Target::All,
+            true,
             &["a", "b", "c"],
             vec![
                 reply("a", Outcome::Ok, Some(json!("v"))),
@@ -255,7 +328,7 @@ mod tests {
     #[test]
     fn named_target_reports_unexpected_responders() {
         let r = report(
-            Target::Node(node("a")),
+            false,
             &["a"],
             vec![
                 reply("a", Outcome::Ok, Some(json!(1))),
@@ -271,9 +344,37 @@ mod tests {
 
     #[test]
     fn nobody_is_not_success() {
-        let r = report(Target::All, &[], vec![]);
+        let r = report(true, &[], vec![]);
         assert!(!r.success());
         assert!(r.render_table().contains("0/0 nodes answered"));
+    }
+
+    #[test]
+    fn json_report_parses_back_with_the_summary() {
+        let failed = Outcome::Failed {
+            exit_code: Some(3),
+            signal: None,
+            stderr_tail: "boom".into(),
+        };
+        let r = report(
+            false,
+            &["a", "b", "c"],
+            vec![
+                reply("a", Outcome::Ok, Some(json!(["x", "y"]))),
+                reply("b", failed, None),
+            ],
+        );
+        let text = serde_json::to_string(&r.to_json(false)).expect("encode");
+        let v: Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(v["summary"]["expected"], 3);
+        assert_eq!(v["summary"]["answered"], 2);
+        assert_eq!(v["summary"]["failed"], json!(["b"]));
+        assert_eq!(v["summary"]["no_response"], json!(["c"]));
+        assert_eq!(v["results"]["a"]["value"], "2 items: x, y");
+        assert_eq!(v["results"]["b"]["error"], "exit code 3: boom");
+        assert_eq!(r.to_json(true)["results"]["a"]["value"], json!(["x", "y"]));
+        let line: Value = serde_json::from_str(&r.missing_lines()[0]).expect("jsonl line");
+        assert_eq!(line, json!({"node": "c", "status": "no_response"}));
     }
 
     #[test]
