@@ -122,6 +122,67 @@ async fn runner_agents_server_and_couchdb_end_to_end() {
         );
     }
 
+    // Machine-readable output parses back, from the real binary.
+    for format in ["json", "yaml"] {
+        let mut runner = with_couch(program("vogeler-runner", &stack), &stack);
+        runner.args(["-c", "hello", "-n", "e2e-*", "--output", format, "--full"]);
+        let out = run(runner).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{format}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let doc: serde_json::Value = match format {
+            "json" => serde_json::from_slice(&out.stdout).expect("json output"),
+            _ => serde_yaml_ng::from_slice(&out.stdout).expect("yaml output"),
+        };
+        assert_eq!(doc["summary"]["answered"], 3, "{doc:#}");
+        assert_eq!(
+            doc["results"]["e2e-db01"]["value"],
+            json!(["alpha", "beta"]),
+            "{doc:#}"
+        );
+    }
+    let mut runner = with_couch(program("vogeler-runner", &stack), &stack);
+    runner.args([
+        "-c",
+        "hello",
+        "-n",
+        "e2e-web01,e2e-gone",
+        "--output",
+        "jsonl",
+        "--timeout",
+        "2",
+    ]);
+    let out = run(runner).await;
+    assert_eq!(out.status.code(), Some(1), "a node did not answer");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("jsonl line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert_eq!(
+        (lines[0]["node"].as_str(), lines[0]["status"].as_str()),
+        (Some("e2e-web01"), Some("ok"))
+    );
+    assert_eq!(
+        (lines[1]["node"].as_str(), lines[1]["status"].as_str()),
+        (Some("e2e-gone"), Some("no_response"))
+    );
+    // Global flags work after a subcommand too.
+    let mut nodes_cmd = with_couch(program("vogeler-runner", &stack), &stack);
+    nodes_cmd.args(["nodes", "--output", "json", "-n", "e2e-web*"]);
+    let out = run(nodes_cmd).await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nodes json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed:#}");
+
     for (agent, n) in agents.into_iter().zip(nodes) {
         terminate(agent, n).await;
     }

@@ -126,13 +126,22 @@ pub async fn registry(
         .collect())
 }
 
+/// What a running query reports as it goes, for progress display and streaming output.
+#[derive(Debug)]
+pub enum Progress<'a> {
+    /// The command is out; this many nodes are expected (0 for `all` with none registered).
+    Sent { expected: usize },
+    /// A node answered (each node once).
+    Reply(&'a PluginResult),
+}
+
 /// Publish the command and collect replies until every expected node answered, the timeout
 /// passes, or `cancel` fires. `on_reply` sees each reply as it arrives (streaming output).
 pub async fn query(
     settings: &RunnerSettings,
     q: &Query,
     cancel: &CancellationToken,
-    on_reply: &mut (dyn FnMut(&PluginResult) + Send),
+    on_reply: &mut (dyn FnMut(Progress<'_>) + Send),
 ) -> Result<Report, RunnerError> {
     // Names alone need no registry: they are commanded whatever it says.
     let expected = match &q.nodes {
@@ -162,7 +171,7 @@ async fn collect(
     q: &Query,
     report: &mut Report,
     cancel: &CancellationToken,
-    on_reply: &mut (dyn FnMut(&PluginResult) + Send),
+    on_reply: &mut (dyn FnMut(Progress<'_>) + Send),
 ) -> Result<(), RunnerError> {
     let ch = amqp::publisher_channel(conn)
         .await
@@ -222,6 +231,9 @@ async fn collect(
         .await?;
     }
     info!(request_id = %report.request_id, plugin = %q.plugin, nodes = %q.nodes_text, expected = report.expected.len(), "command sent");
+    on_reply(Progress::Sent {
+        expected: report.expected.len(),
+    });
 
     while report.broadcast && report.expected.is_empty()
         || report
@@ -243,7 +255,7 @@ async fn collect(
             Ok(Message::Result(r)) if r.request_id == report.request_id => {
                 debug!(node = %r.node, outcome = r.outcome.status(), "reply");
                 if !report.replies.contains_key(&r.node) {
-                    on_reply(&r);
+                    on_reply(Progress::Reply(&r));
                     report.replies.insert(r.node.clone(), r);
                 }
             }

@@ -83,6 +83,10 @@ struct Cli {
     #[arg(long, global = true)]
     full: bool,
 
+    /// No progress bar on stderr (it is shown only when stderr is a terminal anyway)
+    #[arg(long, global = true)]
+    no_progress: bool,
+
     /// Validate the configuration, print the problems, and exit (0 valid, 78 invalid)
     #[arg(long)]
     check_config: bool,
@@ -231,6 +235,22 @@ async fn inventory(
     }
 }
 
+/// Answered so far and time elapsed, on stderr, only when stderr is a terminal.
+fn progress_bar(disabled: bool) -> indicatif::ProgressBar {
+    use std::io::IsTerminal;
+    if disabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} {pos} answered, {elapsed}")
+    {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    bar
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let mut sources = cli.common.sources();
@@ -266,15 +286,35 @@ fn main() -> ExitCode {
         ttl: settings.ttl,
     };
     let (output, full) = (cli.output, cli.full);
+    let progress = progress_bar(cli.no_progress);
     exit::block_on("vogeler-runner", async move {
-        let mut stream = |r: &vogeler_core::wire::PluginResult| {
+        let bar = progress.clone();
+        let mut stream = |event: vogeler_runner::Progress<'_>| {
+            let r = match event {
+                vogeler_runner::Progress::Sent { expected } => {
+                    if expected > 0 {
+                        bar.set_length(expected as u64);
+                        if let Ok(style) = indicatif::ProgressStyle::with_template(
+                            "{bar:30} {pos}/{len} answered, {elapsed}",
+                        ) {
+                            bar.set_style(style);
+                        }
+                    }
+                    return;
+                }
+                vogeler_runner::Progress::Reply(r) => r,
+            };
+            bar.inc(1);
             if output == Output::Jsonl {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{}", vogeler_runner::report::reply_json(r, full));
                 let _ = out.flush();
             }
         };
-        match vogeler_runner::query(&settings, &query, &shutdown::on_signals(), &mut stream).await {
+        let result =
+            vogeler_runner::query(&settings, &query, &shutdown::on_signals(), &mut stream).await;
+        progress.finish_and_clear();
+        match result {
             Ok(report) => {
                 match output {
                     Output::Table => print!("{}", report.render_table_with(full)),

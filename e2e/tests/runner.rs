@@ -1,0 +1,184 @@
+//! The runner's node sets, TTLs and inventory questions against several real agents.
+
+use std::{collections::BTreeSet, path::Path, time::Duration};
+
+use vogeler_e2e::{Running, TestStack, ask, plugin_dir, spawn_agent, spawn_server, wait_for};
+
+/// An agent whose `mark` plugin leaves a file named after the node in `marks`, so a test can
+/// see which agents actually ran a command (not only which answered).
+fn marking_agent(
+    stack: &TestStack,
+    node: &str,
+    role: &str,
+    marks: &Path,
+) -> (Running<vogeler_agent::AgentError>, tempfile::TempDir) {
+    let mark = format!(
+        "name = \"mark\"\ncommand = [\"sh\", \"-c\", \"echo ran >> {}/{node}\"]\nformat = \"lines\"\n",
+        marks.display()
+    );
+    let dir = plugin_dir(&[("mark.toml", &mark)]);
+    let mut sources = stack.sources();
+    sources
+        .set("agent.node", Some(node))
+        .set("agent.plugin_dir", Some(dir.path().display()))
+        .set("agent.facts.role", Some(role));
+    let settings = vogeler_core::config::load(&sources)
+        .expect("load")
+        .agent(None)
+        .expect("settings");
+    (spawn_agent(settings), dir)
+}
+
+fn ran(marks: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(marks)
+        .expect("marks")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect()
+}
+
+fn clear(marks: &Path) {
+    for e in std::fs::read_dir(marks).expect("marks").flatten() {
+        std::fs::remove_file(e.path()).expect("clear mark");
+    }
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn every_targeting_form_reaches_exactly_the_right_agents() {
+    let stack = TestStack::new().await;
+    let marks = tempfile::tempdir().expect("marks");
+    let _server = spawn_server(stack.server_settings());
+    let nodes = [
+        ("web01", "web"),
+        ("web02", "web"),
+        ("db-1", "db"),
+        ("db-2", "db"),
+        ("cache01", "cache"),
+    ];
+    let _agents: Vec<_> = nodes
+        .iter()
+        .map(|(n, role)| marking_agent(&stack, n, role, marks.path()))
+        .collect();
+    stack.wait_registered(&nodes.map(|(n, _)| n)).await;
+    // Registration comes from the first announcement; wait until facts are there too.
+    wait_for("roles registered", Duration::from_secs(10), || async {
+        vogeler_runner::inventory::find_fact(
+            &stack.runner_settings("5").couch,
+            "role",
+            &"db".into(),
+        )
+        .await
+        .is_ok_and(|n| n.len() == 2)
+    })
+    .await;
+
+    let list = tempfile::NamedTempFile::new().expect("list");
+    std::fs::write(list.path(), "web02\n# a comment\ncache01\n").expect("write list");
+    let from_file = format!("@{}", list.path().display());
+    for (expr, want) in [
+        ("all", set(&["web01", "web02", "db-1", "db-2", "cache01"])),
+        ("web01", set(&["web01"])),
+        ("web01,db-1", set(&["web01", "db-1"])),
+        ("web*", set(&["web01", "web02"])),
+        ("db-[0-9]*", set(&["db-1", "db-2"])),
+        (from_file.as_str(), set(&["web02", "cache01"])),
+        ("role=db", set(&["db-1", "db-2"])),
+        ("role=~^(web|cache)$", set(&["web01", "web02", "cache01"])),
+        (
+            "cpus>=1 and not role=web",
+            set(&["db-1", "db-2", "cache01"]),
+        ),
+        (
+            "web* or (role=db and not db-2)",
+            set(&["web01", "web02", "db-1"]),
+        ),
+    ] {
+        clear(marks.path());
+        let r = ask(&stack, "mark", expr, "10").await;
+        assert!(r.success(), "{expr}:\n{}", r.render_table());
+        let answered: BTreeSet<String> = r.replies.keys().map(|n| n.to_string()).collect();
+        assert_eq!(answered, want, "{expr}: who answered");
+        // Only the targeted agents ran it (the marks are written before the reply is sent).
+        assert_eq!(ran(marks.path()), want, "{expr}: who ran it");
+    }
+
+    // A named node nobody knows is still commanded, and reported missing.
+    let r = ask(&stack, "mark", "web01,ghost01", "1500ms").await;
+    assert!(
+        r.render_table().contains("no response from: ghost01\n"),
+        "{}",
+        r.render_table()
+    );
+
+    // The inventory side of node sets.
+    let settings = stack.runner_settings("5");
+    let set_db = vogeler_runner::target::parse("db*", &vogeler_runner::target::Files).expect("set");
+    let listed = vogeler_runner::inventory::nodes(&settings.couch, &set_db, settings.freshness)
+        .await
+        .expect("nodes");
+    assert_eq!(
+        listed.iter().map(|n| n.node.as_str()).collect::<Vec<_>>(),
+        ["db-1", "db-2"]
+    );
+    assert!(listed.iter().all(|n| !n.stale && n.agent_version.is_some()));
+    let shown = vogeler_runner::inventory::show(&settings.couch, "web01", Some("mark"))
+        .await
+        .expect("show");
+    assert_eq!(shown, Some(serde_json::json!([])));
+}
+
+#[tokio::test]
+async fn a_command_whose_ttl_passed_while_the_agent_was_down_is_not_run() {
+    let stack = TestStack::new().await;
+    let marks = tempfile::tempdir().expect("marks");
+    let _server = spawn_server(stack.server_settings());
+    let (agent, dir) = marking_agent(&stack, "late01", "web", marks.path());
+    stack.wait_registered(&["late01"]).await;
+    agent.stop().await.expect("agent stops");
+
+    // Sent while the agent is down, with a TTL shorter than the outage.
+    let mut settings = stack.runner_settings("500ms");
+    settings.ttl = Duration::from_secs(1);
+    let q = vogeler_runner::Query {
+        plugin: vogeler_core::names::PluginName::new("mark").expect("plugin"),
+        nodes: vogeler_runner::target::parse("late01", &vogeler_runner::target::Files)
+            .expect("set"),
+        nodes_text: "late01".into(),
+        timeout: settings.timeout,
+        ttl: settings.ttl,
+    };
+    let stale = vogeler_runner::query(
+        &settings,
+        &q,
+        &tokio_util::sync::CancellationToken::new(),
+        &mut |_| {},
+    )
+    .await
+    .expect("query");
+    assert!(stale.replies.is_empty());
+    let expired_at = chrono::Utc::now() + chrono::Duration::seconds(1);
+    wait_for("the TTL to pass", Duration::from_secs(5), || async {
+        chrono::Utc::now() > expired_at
+    })
+    .await;
+
+    // The agent comes back; a fresh command is queued behind the stale one, so once it is
+    // answered the stale one has been dealt with.
+    let mut sources = stack.sources();
+    sources
+        .set("agent.node", Some("late01"))
+        .set("agent.plugin_dir", Some(dir.path().display()));
+    let _back = spawn_agent(
+        vogeler_core::config::load(&sources)
+            .expect("load")
+            .agent(None)
+            .expect("settings"),
+    );
+    let fresh = ask(&stack, "mark", "late01", "10").await;
+    assert!(fresh.success(), "{}", fresh.render_table());
+    let runs = std::fs::read_to_string(marks.path().join("late01")).expect("mark file");
+    assert_eq!(runs.lines().count(), 1, "only the fresh command ran");
+}
