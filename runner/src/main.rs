@@ -235,20 +235,28 @@ async fn inventory(
     }
 }
 
-/// Answered so far and time elapsed, on stderr, only when stderr is a terminal.
-fn progress_bar(disabled: bool) -> indicatif::ProgressBar {
+/// Answered / expected and time elapsed, on stderr, only when stderr is a terminal.
+fn progress_bar(disabled: bool, expected: usize) -> Option<indicatif::ProgressBar> {
     use std::io::IsTerminal;
     if disabled || !std::io::stderr().is_terminal() {
-        return indicatif::ProgressBar::hidden();
+        return None;
     }
-    let bar = indicatif::ProgressBar::new_spinner();
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("{spinner} {pos} answered, {elapsed}")
-    {
+    let (bar, template) = if expected > 0 {
+        (
+            indicatif::ProgressBar::new(expected as u64),
+            "{bar:30} {pos}/{len} answered, {elapsed}",
+        )
+    } else {
+        (
+            indicatif::ProgressBar::new_spinner(),
+            "{spinner} {pos} answered, {elapsed}",
+        )
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
         bar.set_style(style);
     }
     bar.enable_steady_tick(std::time::Duration::from_millis(100));
-    bar
+    Some(bar)
 }
 
 fn main() -> ExitCode {
@@ -286,25 +294,20 @@ fn main() -> ExitCode {
         ttl: settings.ttl,
     };
     let (output, full) = (cli.output, cli.full);
-    let progress = progress_bar(cli.no_progress);
+    let no_progress = cli.no_progress;
     exit::block_on("vogeler-runner", async move {
-        let bar = progress.clone();
+        let mut bar: Option<indicatif::ProgressBar> = None;
         let mut stream = |event: vogeler_runner::Progress<'_>| {
             let r = match event {
                 vogeler_runner::Progress::Sent { expected } => {
-                    if expected > 0 {
-                        bar.set_length(expected as u64);
-                        if let Ok(style) = indicatif::ProgressStyle::with_template(
-                            "{bar:30} {pos}/{len} answered, {elapsed}",
-                        ) {
-                            bar.set_style(style);
-                        }
-                    }
+                    bar = progress_bar(no_progress, expected);
                     return;
                 }
                 vogeler_runner::Progress::Reply(r) => r,
             };
-            bar.inc(1);
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
             if output == Output::Jsonl {
                 let mut out = std::io::stdout().lock();
                 let _ = writeln!(out, "{}", vogeler_runner::report::reply_json(r, full));
@@ -313,7 +316,9 @@ fn main() -> ExitCode {
         };
         let result =
             vogeler_runner::query(&settings, &query, &shutdown::on_signals(), &mut stream).await;
-        progress.finish_and_clear();
+        if let Some(b) = bar {
+            b.finish_and_clear();
+        }
         match result {
             Ok(report) => {
                 match output {
