@@ -260,6 +260,7 @@ pub async fn ask(
         nodes_text: nodes.to_string(),
         timeout: settings.timeout,
         ttl: settings.ttl,
+        batch: None,
     };
     vogeler_runner::query(&settings, &q, &CancellationToken::new(), &mut |_| {})
         .await

@@ -149,6 +149,7 @@ async fn a_command_whose_ttl_passed_while_the_agent_was_down_is_not_run() {
         nodes_text: "late01".into(),
         timeout: settings.timeout,
         ttl: settings.ttl,
+        batch: None,
     };
     let stale = vogeler_runner::query(
         &settings,
@@ -181,4 +182,64 @@ async fn a_command_whose_ttl_passed_while_the_agent_was_down_is_not_run() {
     assert!(fresh.success(), "{}", fresh.render_table());
     let runs = std::fs::read_to_string(marks.path().join("late01")).expect("mark file");
     assert_eq!(runs.lines().count(), 1, "only the fresh command ran");
+}
+
+#[tokio::test]
+async fn batch_2_over_5_agents_never_runs_more_than_2_at_once() {
+    let stack = TestStack::new().await;
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let busy = format!(
+        "name = \"busy\"\ncommand = [\"sh\", \"-c\", \"echo start $(date +%s%N) >> {0}; sleep 0.3; echo end $(date +%s%N) >> {0}\"]\nformat = \"lines\"\n",
+        log.path().display()
+    );
+    let plugins = plugin_dir(&[("busy.toml", &busy)]);
+    let _server = spawn_server(stack.server_settings());
+    let names = ["b1", "b2", "b3", "b4", "b5"];
+    let _agents: Vec<_> = names
+        .iter()
+        .map(|n| spawn_agent(stack.agent_settings(n, plugins.path())))
+        .collect();
+    stack.wait_registered(&names).await;
+
+    let settings = stack.runner_settings("10");
+    let q = vogeler_runner::Query {
+        plugin: vogeler_core::names::PluginName::new("busy").expect("plugin"),
+        nodes: vogeler_runner::target::parse("b*", &vogeler_runner::target::Files).expect("set"),
+        nodes_text: "b*".into(),
+        timeout: settings.timeout,
+        ttl: settings.ttl,
+        batch: Some(vogeler_runner::Batch {
+            size: vogeler_runner::BatchSize::Nodes(2),
+            pause: Duration::from_millis(100),
+        }),
+    };
+    let r = vogeler_runner::query(
+        &settings,
+        &q,
+        &tokio_util::sync::CancellationToken::new(),
+        &mut |_| {},
+    )
+    .await
+    .expect("query");
+    assert!(r.success() && r.replies.len() == 5, "{}", r.render_table());
+
+    let text = std::fs::read_to_string(log.path()).expect("log");
+    let mut events: Vec<(u128, i32)> = text
+        .lines()
+        .map(|l| {
+            let (kind, t) = l.split_once(' ').expect("event");
+            (
+                t.parse().expect("time"),
+                if kind == "start" { 1 } else { -1 },
+            )
+        })
+        .collect();
+    assert_eq!(events.len(), 10, "{text}");
+    events.sort();
+    let (mut running, mut peak) = (0, 0);
+    for (_, d) in events {
+        running += d;
+        peak = peak.max(running);
+    }
+    assert_eq!(peak, 2, "with --batch 2, {peak} ran at once\n{text}");
 }

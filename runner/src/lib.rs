@@ -67,6 +67,47 @@ pub struct Query {
     pub nodes_text: String,
     pub timeout: Duration,
     pub ttl: Duration,
+    /// Run on at most this many nodes at a time (each batch waited for, up to `timeout`).
+    pub batch: Option<Batch>,
+}
+
+/// `--batch`: how many nodes at a time, and the pause between batches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Batch {
+    pub size: BatchSize,
+    pub pause: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSize {
+    Nodes(usize),
+    Percent(u8),
+}
+
+impl BatchSize {
+    /// `5` or `20%`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?}: write a number of nodes (5) or a percentage (20%)");
+        match s.strip_suffix('%') {
+            Some(p) => match p.parse::<u8>() {
+                Ok(p @ 1..=100) => Ok(BatchSize::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => match s.parse::<usize>() {
+                Ok(n @ 1..) => Ok(BatchSize::Nodes(n)),
+                _ => Err(bad()),
+            },
+        }
+    }
+
+    /// Nodes per batch out of `total` (at least one).
+    pub fn of(self, total: usize) -> usize {
+        match self {
+            BatchSize::Nodes(n) => n,
+            BatchSize::Percent(p) => (total * usize::from(p)).div_ceil(100),
+        }
+        .max(1)
+    }
 }
 
 /// The node registry: every registered node with its facts and whether it was seen within
@@ -211,61 +252,110 @@ async fn collect(
         })
     };
     let started = tokio::time::Instant::now();
-    let deadline = started + q.timeout;
     // `all` is one broadcast; any other set is one command per node, so only the targeted
-    // agents ever see it.
-    let targets: Vec<Target> = if report.broadcast {
-        vec![Target::All]
-    } else {
-        report.expected.iter().cloned().map(Target::Node).collect()
+    // agents ever see it. Batches go out one after the other, each waited for.
+    let waves: Vec<Vec<Target>> = match (&q.batch, report.broadcast) {
+        (None, true) => vec![vec![Target::All]],
+        (None, false) => vec![report.expected.iter().cloned().map(Target::Node).collect()],
+        (Some(b), _) => {
+            let nodes: Vec<NodeName> = report.expected.iter().cloned().collect();
+            let size = b.size.of(nodes.len());
+            nodes
+                .chunks(size)
+                .map(|c| c.iter().cloned().map(Target::Node).collect())
+                .collect()
+        }
     };
-    for target in targets {
-        let key = Topology::command_routing_key(&target);
-        amqp::publish_expiring(
-            &ch,
-            &topology.commands_exchange(),
-            &key,
-            &command(target),
-            Some(q.ttl),
-        )
-        .await?;
+    // Batched, `all` means the registered nodes, each commanded by name.
+    if q.batch.is_some() {
+        report.broadcast = false;
     }
-    info!(request_id = %report.request_id, plugin = %q.plugin, nodes = %q.nodes_text, expected = report.expected.len(), "command sent");
     on_reply(Progress::Sent {
         expected: report.expected.len(),
     });
-
-    while report.broadcast && report.expected.is_empty()
-        || report
-            .expected
+    let pause = q.batch.as_ref().map_or(Duration::ZERO, |b| b.pause);
+    let count = waves.len();
+    for (i, wave) in waves.into_iter().enumerate() {
+        let wave_nodes: Vec<NodeName> = wave
             .iter()
-            .any(|n| !report.replies.contains_key(n))
-    {
-        let delivery = tokio::select! {
-            () = cancel.cancelled() => break,
-            () = tokio::time::sleep_until(deadline) => break,
-            d = replies.next() => d,
-        };
-        let delivery = match delivery {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(AmqpError::from(e).into()),
-            None => return Err(AmqpError::ConsumerEnded { queue: reply_queue }.into()),
-        };
-        match wire::decode(&delivery.data) {
-            Ok(Message::Result(r)) if r.request_id == report.request_id => {
-                debug!(node = %r.node, outcome = r.outcome.status(), "reply");
-                if !report.replies.contains_key(&r.node) {
-                    on_reply(Progress::Reply(&r));
-                    report.replies.insert(r.node.clone(), r);
-                }
+            .filter_map(|t| match t {
+                Target::Node(n) => Some(n.clone()),
+                Target::All => None,
+            })
+            .collect();
+        for target in wave {
+            let key = Topology::command_routing_key(&target);
+            amqp::publish_expiring(
+                &ch,
+                &topology.commands_exchange(),
+                &key,
+                &command(target),
+                Some(q.ttl),
+            )
+            .await?;
+        }
+        info!(request_id = %report.request_id, plugin = %q.plugin, nodes = %q.nodes_text, batch = i + 1, of = count, expected = report.expected.len(), "command sent");
+        let deadline = tokio::time::Instant::now() + q.timeout;
+        let waiting_for = |r: &Report| {
+            if r.broadcast {
+                r.expected.is_empty() || r.expected.iter().any(|n| !r.replies.contains_key(n))
+            } else {
+                wave_nodes.iter().any(|n| !r.replies.contains_key(n))
             }
-            Ok(other) => debug!(
-                kind = other.kind(),
-                "ignored a message that is not a reply to this request"
-            ),
-            Err(e) => warn!(error = %e, "ignored a malformed reply"),
+        };
+        while waiting_for(report) {
+            let delivery = tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep_until(deadline) => break,
+                d = replies.next() => d,
+            };
+            let delivery = match delivery {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(AmqpError::from(e).into()),
+                None => return Err(AmqpError::ConsumerEnded { queue: reply_queue }.into()),
+            };
+            match wire::decode(&delivery.data) {
+                Ok(Message::Result(r)) if r.request_id == report.request_id => {
+                    debug!(node = %r.node, outcome = r.outcome.status(), "reply");
+                    if !report.replies.contains_key(&r.node) {
+                        on_reply(Progress::Reply(&r));
+                        report.replies.insert(r.node.clone(), r);
+                    }
+                }
+                Ok(other) => debug!(
+                    kind = other.kind(),
+                    "ignored a message that is not a reply to this request"
+                ),
+                Err(e) => warn!(error = %e, "ignored a malformed reply"),
+            }
+        }
+        if cancel.is_cancelled() {
+            break;
+        }
+        if i + 1 < count && !pause.is_zero() {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(pause) => {}
+            }
         }
     }
     report.elapsed = started.elapsed();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_sizes() {
+        assert_eq!(BatchSize::parse("2"), Ok(BatchSize::Nodes(2)));
+        assert_eq!(BatchSize::parse("25%"), Ok(BatchSize::Percent(25)));
+        for bad in ["0", "0%", "101%", "x", "-1"] {
+            assert!(BatchSize::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(BatchSize::Percent(25).of(5), 2, "rounded up");
+        assert_eq!(BatchSize::Percent(1).of(5), 1, "at least one");
+        assert_eq!(BatchSize::Nodes(2).of(5), 2);
+    }
 }

@@ -31,6 +31,7 @@ use vogeler_runner::{Query, RunnerError, inventory as inv, target};
         "  vogeler-runner -c dpkg -n 'kernel=~^6\\.'  'memory_mb>16000'\n",
         "  vogeler-runner -c dpkg -n 'web* and not (os.family=RedHat or cpus<4)'\n",
         "  vogeler-runner -c hello -n all --output jsonl | jq .\n",
+        "  vogeler-runner -c upgrade_check -n 'web*' --batch 25% --batch-pause 30s\n",
         "  vogeler-runner nodes -n 'db*'                registered nodes, last seen, stale\n",
         "  vogeler-runner show web01 dpkg               a stored document or value\n",
         "  vogeler-runner find package openssl=3.0.11-1  nodes with that package (from CouchDB)\n",
@@ -73,6 +74,15 @@ struct Cli {
     /// later skip it [env: VOGELER_RUNNER__TTL] [default: 1h]
     #[arg(long, value_name = "DURATION")]
     ttl: Option<String>,
+
+    /// Run on at most this many nodes at a time: a number (5) or a percentage (20%); each
+    /// batch is waited for (up to --timeout) before the next
+    #[arg(long, value_name = "N|P%", value_parser = vogeler_runner::BatchSize::parse)]
+    batch: Option<vogeler_runner::BatchSize>,
+
+    /// Pause between batches, in seconds or with a unit [default: 0]
+    #[arg(long, value_name = "DURATION", value_parser = vogeler_core::duration::parse, requires = "batch")]
+    batch_pause: Option<std::time::Duration>,
 
     /// Output: table (default), json (one document), jsonl (one line per node as replies
     /// arrive), yaml
@@ -292,6 +302,10 @@ fn main() -> ExitCode {
         nodes_text: cli.nodes.clone(),
         timeout: settings.timeout,
         ttl: settings.ttl,
+        batch: cli.batch.map(|size| vogeler_runner::Batch {
+            size,
+            pause: cli.batch_pause.unwrap_or_default(),
+        }),
     };
     let (output, full) = (cli.output, cli.full);
     let no_progress = cli.no_progress;
