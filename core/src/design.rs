@@ -11,7 +11,7 @@ pub const HISTORY_DDOC: &str = "vogeler_history";
 
 /// Bumped whenever a view below changes: servers upgrade older design documents on start and
 /// leave newer ones (from a newer server) alone.
-pub const VERSION: u64 = 2;
+pub const VERSION: u64 = 3;
 
 /// Views of the node database. Keys:
 /// - `nodes_by_last_seen`: last seen time → null
@@ -19,6 +19,8 @@ pub const VERSION: u64 = 2;
 /// - `packages`: `[name, version]` → source plugin, for installed `dpkg` and `rpms` entries
 /// - `facts`: `[fact path, value]` → null, from the facts agents report (`os.family`,
 ///   `kernel`, `arch`, ...)
+/// - `collected`: `[plugin, node]` → `{collected_at, outcome}`, for answering from stored
+///   values (`--cached`)
 /// - `registry`: node name → `{last_seen, agent_version, facts}`, what the runner resolves
 ///   node sets against without reading whole documents
 pub fn nodes() -> Value {
@@ -30,6 +32,7 @@ pub fn nodes() -> Value {
             "nodes_by_last_seen": { "map": "function (doc) { if (doc.vogeler && doc.vogeler.last_seen) { emit(doc.vogeler.last_seen, null); } }" },
             "nodes_by_plugin": { "map": "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit(name, p[name].outcome); } }" },
             "packages": { "map": "function (doc) { ['dpkg', 'rpms'].forEach(function (source) { var list = doc[source]; if (!Array.isArray(list)) { return; } list.forEach(function (pkg) { if (!pkg || typeof pkg.name !== 'string') { return; } if (pkg.status && pkg.status !== 'installed') { return; } emit([pkg.name, pkg.version || null], source); }); }); }" },
+            "collected": { "map": "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome }); } }" },
             "registry": { "map": "function (doc) { if (doc.vogeler) { emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {} }); } }" },
             "facts": { "map": "function (doc) { var f = doc.vogeler && doc.vogeler.facts; if (!f) { return; } function walk(prefix, o) { for (var k in o) { var v = o[k]; var key = prefix ? prefix + '.' + k : k; if (v !== null && typeof v === 'object' && !Array.isArray(v)) { walk(key, v); } else if (v === null || typeof v !== 'object') { emit([key, v], null); } } } walk('', f); }" }
         }

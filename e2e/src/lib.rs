@@ -261,6 +261,7 @@ pub async fn ask(
         timeout: settings.timeout,
         ttl: settings.ttl,
         batch: None,
+        cached: None,
     };
     vogeler_runner::query(&settings, &q, &CancellationToken::new(), &mut |_| {})
         .await

@@ -150,6 +150,7 @@ async fn a_command_whose_ttl_passed_while_the_agent_was_down_is_not_run() {
         timeout: settings.timeout,
         ttl: settings.ttl,
         batch: None,
+        cached: None,
     };
     let stale = vogeler_runner::query(
         &settings,
@@ -208,6 +209,7 @@ async fn batch_2_over_5_agents_never_runs_more_than_2_at_once() {
         nodes_text: "b*".into(),
         timeout: settings.timeout,
         ttl: settings.ttl,
+        cached: None,
         batch: Some(vogeler_runner::Batch {
             size: vogeler_runner::BatchSize::Nodes(2),
             pause: Duration::from_millis(100),
@@ -242,4 +244,80 @@ async fn batch_2_over_5_agents_never_runs_more_than_2_at_once() {
         peak = peak.max(running);
     }
     assert_eq!(peak, 2, "with --batch 2, {peak} ran at once\n{text}");
+}
+
+#[tokio::test]
+async fn cached_answers_from_stored_values_and_asks_only_the_rest() {
+    let stack = TestStack::new().await;
+    let marks = tempfile::tempdir().expect("marks");
+    let _server = spawn_server(stack.server_settings());
+    let names = ["c1", "c2", "c3"];
+    let _agents: Vec<_> = names
+        .iter()
+        .map(|n| marking_agent(&stack, n, "web", marks.path()))
+        .collect();
+    stack.wait_registered(&names).await;
+
+    // c1 and c2 have a fresh stored value; c3 has none.
+    let first = ask(&stack, "mark", "c1,c2", "10").await;
+    assert!(first.success(), "{}", first.render_table());
+    wait_for("values stored", Duration::from_secs(10), || async {
+        let mut all = true;
+        for n in ["c1", "c2"] {
+            all &= stack.document(n).await.is_some_and(|d| {
+                d.meta
+                    .plugins
+                    .get("mark")
+                    .is_some_and(|m| m.request_id == first.request_id)
+            });
+        }
+        all
+    })
+    .await;
+    clear(marks.path());
+
+    let settings = stack.runner_settings("10");
+    let q = vogeler_runner::Query {
+        plugin: vogeler_core::names::PluginName::new("mark").expect("plugin"),
+        nodes: vogeler_runner::target::parse("all", &vogeler_runner::target::Files).expect("set"),
+        nodes_text: "all".into(),
+        timeout: settings.timeout,
+        ttl: settings.ttl,
+        batch: None,
+        cached: Some(Duration::from_secs(3600)),
+    };
+    let r = vogeler_runner::query(
+        &settings,
+        &q,
+        &tokio_util::sync::CancellationToken::new(),
+        &mut |_| {},
+    )
+    .await
+    .expect("query");
+    assert!(r.success(), "{}", r.render_table());
+    assert_eq!(
+        r.cached.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
+        ["c1", "c2"]
+    );
+    assert_eq!(
+        r.replies.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
+        ["c3"]
+    );
+    assert_eq!(
+        ran(marks.path()),
+        set(&["c3"]),
+        "only the node without a fresh value was asked"
+    );
+    let table = r.render_table();
+    assert!(
+        table.contains("1/1 nodes answered, 2 from stored values"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("c1") && l.contains("cached") && l.contains("stored")),
+        "{table}"
+    );
+    assert_eq!(r.to_json(false)["results"]["c2"]["status"], "cached");
 }

@@ -69,6 +69,61 @@ pub struct Query {
     pub ttl: Duration,
     /// Run on at most this many nodes at a time (each batch waited for, up to `timeout`).
     pub batch: Option<Batch>,
+    /// Answer from stored values no older than this; ask only the other nodes.
+    pub cached: Option<Duration>,
+}
+
+/// Stored `plugin` values of `nodes` collected (successfully) within `max_age`.
+pub async fn stored_values(
+    settings: &CouchSettings,
+    plugin: &PluginName,
+    nodes: &std::collections::BTreeSet<NodeName>,
+    max_age: Duration,
+) -> Result<BTreeMap<NodeName, report::Cached>, RunnerError> {
+    let couch = CouchClient::new(&settings.url, settings.credentials.clone())
+        .map_err(|e| RunnerError::Http(e.to_string()))?;
+    let params = [
+        ("startkey", serde_json::json!([plugin]).to_string()),
+        ("endkey", serde_json::json!([plugin, {}]).to_string()),
+    ];
+    let rows = couch
+        .view(&settings.database, design::NODES_DDOC, "collected", &params)
+        .await
+        .map_err(inventory::registry_error)?;
+    let cutoff = Utc::now() - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+    let fresh: Vec<String> = rows
+        .into_iter()
+        .filter(|r| r.value.get("outcome").and_then(|o| o.as_str()) == Some("ok"))
+        .filter(|r| {
+            r.value
+                .get("collected_at")
+                .and_then(|t| t.as_str())
+                .and_then(|t| t.parse::<chrono::DateTime<Utc>>().ok())
+                .is_some_and(|t| t >= cutoff)
+        })
+        .filter_map(|r| r.id)
+        .filter(|id| nodes.iter().any(|n| n.as_str() == id))
+        .collect();
+    let ids: Vec<&str> = fresh.iter().map(String::as_str).collect();
+    let docs = couch
+        .get_many::<vogeler_core::document::NodeDocument>(&settings.database, &ids)
+        .await
+        .map_err(inventory::registry_error)?;
+    Ok(docs
+        .into_iter()
+        .filter_map(|(id, doc)| {
+            let doc = doc?;
+            let collected_at = doc.meta.plugins.get(plugin.as_str())?.collected_at;
+            let value = doc.value(plugin.as_str())?.clone();
+            Some((
+                NodeName::new(id).ok()?,
+                report::Cached {
+                    value,
+                    collected_at,
+                },
+            ))
+        })
+        .collect())
 }
 
 /// `--batch`: how many nodes at a time, and the pause between batches.
@@ -199,8 +254,17 @@ pub async fn query(
         broadcast: q.nodes.is_all(),
         expected,
         replies: BTreeMap::new(),
+        cached: BTreeMap::new(),
         elapsed: Duration::ZERO,
     };
+    if let Some(max_age) = q.cached {
+        report.cached =
+            stored_values(&settings.couch, &q.plugin, &report.expected, max_age).await?;
+        if !report.cached.is_empty() {
+            // Only the rest is asked, by name.
+            report.broadcast = false;
+        }
+    }
     let result = collect(&conn, b.topology.clone(), q, &mut report, cancel, on_reply).await;
     let _ = conn.close(200, "runner done".into()).await;
     result.map(|()| report)
@@ -254,11 +318,17 @@ async fn collect(
     let started = tokio::time::Instant::now();
     // `all` is one broadcast; any other set is one command per node, so only the targeted
     // agents ever see it. Batches go out one after the other, each waited for.
+    let asked: Vec<NodeName> = report
+        .expected
+        .iter()
+        .filter(|n| !report.cached.contains_key(*n))
+        .cloned()
+        .collect();
     let waves: Vec<Vec<Target>> = match (&q.batch, report.broadcast) {
         (None, true) => vec![vec![Target::All]],
-        (None, false) => vec![report.expected.iter().cloned().map(Target::Node).collect()],
+        (None, false) => vec![asked.iter().cloned().map(Target::Node).collect()],
         (Some(b), _) => {
-            let nodes: Vec<NodeName> = report.expected.iter().cloned().collect();
+            let nodes: Vec<NodeName> = asked.clone();
             let size = b.size.of(nodes.len());
             nodes
                 .chunks(size)

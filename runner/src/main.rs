@@ -31,6 +31,7 @@ use vogeler_runner::{Query, RunnerError, inventory as inv, target};
         "  vogeler-runner -c dpkg -n 'kernel=~^6\\.'  'memory_mb>16000'\n",
         "  vogeler-runner -c dpkg -n 'web* and not (os.family=RedHat or cpus<4)'\n",
         "  vogeler-runner -c hello -n all --output jsonl | jq .\n",
+        "  vogeler-runner -c rpms -n all --cached 1h      stored values up to 1h old, ask the rest\n",
         "  vogeler-runner -c upgrade_check -n 'web*' --batch 25% --batch-pause 30s\n",
         "  vogeler-runner nodes -n 'db*'                registered nodes, last seen, stale\n",
         "  vogeler-runner show web01 dpkg               a stored document or value\n",
@@ -83,6 +84,11 @@ struct Cli {
     /// Pause between batches, in seconds or with a unit [default: 0]
     #[arg(long, value_name = "DURATION", value_parser = vogeler_core::duration::parse, requires = "batch")]
     batch_pause: Option<std::time::Duration>,
+
+    /// Answer from values stored within this age (1h, 30m) and ask only the other nodes;
+    /// stored answers are marked with their age
+    #[arg(long, value_name = "MAXAGE", value_parser = vogeler_core::duration::parse)]
+    cached: Option<std::time::Duration>,
 
     /// Output: table (default), json (one document), jsonl (one line per node as replies
     /// arrive), yaml
@@ -302,6 +308,7 @@ fn main() -> ExitCode {
         nodes_text: cli.nodes.clone(),
         timeout: settings.timeout,
         ttl: settings.ttl,
+        cached: cli.cached,
         batch: cli.batch.map(|size| vogeler_runner::Batch {
             size,
             pause: cli.batch_pause.unwrap_or_default(),

@@ -13,6 +13,21 @@ use vogeler_core::{
     wire::PluginResult,
 };
 
+/// A stored value used instead of asking the node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cached {
+    pub value: Value,
+    pub collected_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Cached {
+    fn age(&self) -> std::time::Duration {
+        (chrono::Utc::now() - self.collected_at)
+            .to_std()
+            .unwrap_or_default()
+    }
+}
+
 /// The outcome of one fan-out.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -26,6 +41,8 @@ pub struct Report {
     pub expected: BTreeSet<NodeName>,
     /// Every reply received, by node (a node answers a request once).
     pub replies: BTreeMap<NodeName, PluginResult>,
+    /// Nodes answered from stored values (`--cached`) instead of being asked.
+    pub cached: BTreeMap<NodeName, Cached>,
     pub elapsed: Duration,
 }
 
@@ -34,7 +51,7 @@ impl Report {
     pub fn missing(&self) -> Vec<&NodeName> {
         self.expected
             .iter()
-            .filter(|n| !self.replies.contains_key(*n))
+            .filter(|n| !self.replies.contains_key(*n) && !self.cached.contains_key(*n))
             .collect()
     }
 
@@ -64,9 +81,10 @@ impl Report {
     pub fn success(&self) -> bool {
         let counted = self.counted();
         !counted.is_empty()
-            && counted
-                .iter()
-                .all(|n| self.replies.get(*n).is_some_and(|r| r.outcome.is_ok()))
+            && counted.iter().all(|n| {
+                self.cached.contains_key(*n)
+                    || self.replies.get(*n).is_some_and(|r| r.outcome.is_ok())
+            })
     }
 
     /// The default text output: a row per node, then a summary.
@@ -106,18 +124,42 @@ impl Report {
                         if full { detail } else { one_line(&detail, 100) }
                     )
                 }
-                None => writeln!(out, "{node:<width$}  {:<15}  {:>7}", "no response", "-"),
+                None => match self.cached.get(node) {
+                    Some(c) => {
+                        let value = if full {
+                            c.value.to_string()
+                        } else {
+                            one_line(&summarize(&c.value), 100)
+                        };
+                        let age = vogeler_core::duration::format(std::time::Duration::from_secs(
+                            c.age().as_secs(),
+                        ));
+                        writeln!(
+                            out,
+                            "{node:<width$}  {:<15}  {:>7}  stored {age} ago: {value}",
+                            "cached", "-"
+                        )
+                    }
+                    None => writeln!(out, "{node:<width$}  {:<15}  {:>7}", "no response", "-"),
+                },
             };
         }
         let answered = counted
             .iter()
             .filter(|n| self.replies.contains_key(**n))
             .count();
+        let cached = counted
+            .iter()
+            .filter(|n| self.cached.contains_key(**n))
+            .count();
         let failed = counted
             .iter()
             .filter(|n| self.replies.get(**n).is_some_and(|r| !r.outcome.is_ok()))
             .count();
-        let _ = write!(out, "{answered}/{} nodes answered", counted.len());
+        let _ = write!(out, "{answered}/{} nodes answered", counted.len() - cached);
+        if cached > 0 {
+            let _ = write!(out, ", {cached} from stored values");
+        }
         if failed > 0 {
             let _ = write!(out, ", {failed} failed");
         }
@@ -147,11 +189,20 @@ impl Report {
     /// are summarised unless `full`.
     pub fn to_json(&self, full: bool) -> Value {
         let counted = self.counted();
-        let results: serde_json::Map<String, Value> = self
+        let mut results: serde_json::Map<String, Value> = self
             .replies
             .iter()
             .map(|(n, r)| (n.to_string(), reply_json(r, full)))
             .collect();
+        for (n, c) in &self.cached {
+            let value = if full {
+                c.value.clone()
+            } else {
+                Value::String(summarize(&c.value))
+            };
+            let entry = serde_json::json!({"node": n, "status": "cached", "collected_at": c.collected_at, "age_s": c.age().as_secs(), "value": value});
+            results.insert(n.to_string(), entry);
+        }
         let failed: Vec<&str> = counted
             .iter()
             .filter(|n| self.replies.get(**n).is_some_and(|r| !r.outcome.is_ok()))
@@ -280,6 +331,7 @@ mod tests {
             broadcast,
             expected: expected.iter().map(|n| node(n)).collect(),
             replies: replies.into_iter().collect(),
+            cached: BTreeMap::new(),
             elapsed: Duration::from_millis(1500),
         }
     }
