@@ -321,3 +321,94 @@ async fn cached_answers_from_stored_values_and_asks_only_the_rest() {
     );
     assert_eq!(r.to_json(false)["results"]["c2"]["status"], "cached");
 }
+
+#[tokio::test]
+async fn an_unexpected_responder_is_reported_without_failing_the_run() {
+    use futures_util::StreamExt;
+    use vogeler_core::{amqp, secret::SecretUrl, topology::Topology, wire};
+    let stack = TestStack::new().await;
+    let _server = spawn_server(stack.server_settings());
+    // web01 takes half a second, so the rogue's instant reply is in before web01's.
+    let slow = "name = \"mark\"\ncommand = [\"sh\", \"-c\", \"sleep 0.5; echo done\"]\nformat = \"lines\"\n";
+    let plugins = plugin_dir(&[("mark.toml", slow)]);
+    let _agent = spawn_agent(stack.agent_settings("web01", plugins.path()));
+    stack.wait_registered(&["web01"]).await;
+
+    // An eavesdropper gets a copy of web01's commands and answers as another node.
+    let conn = amqp::connect(
+        &SecretUrl::parse(&stack.amqp_url).expect("url"),
+        "test-rogue",
+    )
+    .await
+    .expect("connect");
+    let ch = amqp::publisher_channel(&conn).await.expect("channel");
+    let t = stack.topology();
+    let opts = lapin::options::QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare("".into(), opts, Default::default())
+        .await
+        .expect("queue");
+    ch.queue_bind(
+        q.name().clone(),
+        t.commands_exchange().as_str().into(),
+        "node.web01".into(),
+        Default::default(),
+        Default::default(),
+    )
+    .await
+    .expect("bind");
+    let no_ack = lapin::options::BasicConsumeOptions {
+        no_ack: true,
+        ..Default::default()
+    };
+    let mut commands = ch
+        .basic_consume(q.name().clone(), "".into(), no_ack, Default::default())
+        .await
+        .expect("consume");
+    let rogue = tokio::spawn(async move {
+        let d = commands.next().await.expect("stream").expect("delivery");
+        let wire::Message::Command(c) = wire::decode(&d.data).expect("command") else {
+            panic!("not a command")
+        };
+        let reply = wire::Message::Result(wire::PluginResult {
+            request_id: c.request_id,
+            node: vogeler_e2e::node("rogue01"),
+            plugin: c.plugin,
+            outcome: wire::Outcome::Ok,
+            value: Some(serde_json::json!(["not me"])),
+            truncated: false,
+            collected_at: chrono::Utc::now(),
+            duration_ms: 1,
+            agent_version: "rogue".into(),
+        });
+        amqp::publish(
+            &ch,
+            &t.results_exchange(),
+            &Topology::result_routing_key(c.request_id),
+            &reply,
+        )
+        .await
+        .expect("reply");
+        conn
+    });
+
+    let r = ask(&stack, "mark", "web01", "5").await;
+    let _conn = rogue.await.expect("rogue task");
+    let table = r.render_table();
+    assert!(
+        r.success(),
+        "unexpected responders alone do not fail the run:\n{table}"
+    );
+    assert!(
+        r.replies.contains_key(&vogeler_e2e::node("web01")),
+        "{table}"
+    );
+    assert!(
+        table.contains("unexpected response from: rogue01"),
+        "{table}"
+    );
+}
