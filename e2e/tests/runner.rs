@@ -310,7 +310,7 @@ async fn cached_answers_from_stored_values_and_asks_only_the_rest() {
     );
     let table = r.render_table();
     assert!(
-        table.contains("1/1 nodes answered, 2 from stored values"),
+        table.contains("3/3 nodes answered, 2 from stored values"),
         "{table}"
     );
     assert!(

@@ -156,7 +156,12 @@ impl Report {
             .iter()
             .filter(|n| self.replies.get(**n).is_some_and(|r| !r.outcome.is_ok()))
             .count();
-        let _ = write!(out, "{answered}/{} nodes answered", counted.len() - cached);
+        let _ = write!(
+            out,
+            "{}/{} nodes answered",
+            answered + cached,
+            counted.len()
+        );
         if cached > 0 {
             let _ = write!(out, ", {cached} from stored values");
         }
