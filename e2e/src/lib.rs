@@ -252,8 +252,19 @@ pub async fn ask(
     nodes: &str,
     timeout: &str,
 ) -> vogeler_runner::Report {
+    ask_with(stack, plugin, nodes, timeout, |_| {}).await
+}
+
+/// [`ask`], with the query adjusted first (batches, `--cached`, TTL).
+pub async fn ask_with(
+    stack: &TestStack,
+    plugin: &str,
+    nodes: &str,
+    timeout: &str,
+    adjust: impl FnOnce(&mut vogeler_runner::Query),
+) -> vogeler_runner::Report {
     let settings = stack.runner_settings(timeout);
-    let q = vogeler_runner::Query {
+    let mut q = vogeler_runner::Query {
         plugin: vogeler_core::names::PluginName::new(plugin).expect("plugin"),
         nodes: vogeler_runner::target::parse(nodes, &vogeler_runner::target::Files)
             .expect("node set"),
@@ -263,9 +274,41 @@ pub async fn ask(
         batch: None,
         cached: None,
     };
+    adjust(&mut q);
     vogeler_runner::query(&settings, &q, &CancellationToken::new(), &mut |_| {})
         .await
         .expect("query")
+}
+
+/// A plugin that logs `start <ns>` and `end <ns>` lines around a 0.3 s sleep, to measure
+/// how many runs overlap.
+pub fn busy_plugin(log: &Path) -> String {
+    format!(
+        "name = \"busy\"\ncommand = [\"sh\", \"-c\", \"echo start $(date +%s%N) >> {0}; sleep 0.3; echo end $(date +%s%N) >> {0}\"]\nformat = \"lines\"\n",
+        log.display()
+    )
+}
+
+/// The most runs in progress at once in a [`busy_plugin`] log, and how many runs it holds.
+pub fn peak_overlap(log: &str) -> (usize, usize) {
+    let mut events: Vec<(u128, i32)> = log
+        .lines()
+        .map(|l| {
+            let (kind, t) = l.split_once(' ').expect("event");
+            (
+                t.parse().expect("time"),
+                if kind == "start" { 1 } else { -1 },
+            )
+        })
+        .collect();
+    // Ends sort before starts at the same instant.
+    events.sort();
+    let (mut running, mut peak) = (0i32, 0i32);
+    for (_, d) in &events {
+        running += d;
+        peak = peak.max(running);
+    }
+    (usize::try_from(peak).unwrap_or(0), events.len() / 2)
 }
 
 /// A plugin directory with the given files (name, TOML body).

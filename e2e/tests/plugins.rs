@@ -136,10 +136,7 @@ async fn user_nobody_runs_as_uid_65534() {
 async fn no_more_than_the_concurrency_limit_of_runs_overlap() {
     let stack = TestStack::new().await;
     let log = tempfile::NamedTempFile::new().expect("log");
-    let body = format!(
-        "name = \"busy\"\ncommand = [\"sh\", \"-c\", \"echo start $(date +%s%N) >> {0}; sleep 0.3; echo end $(date +%s%N) >> {0}\"]\nformat = \"lines\"\n",
-        log.path().display()
-    );
+    let body = vogeler_e2e::busy_plugin(log.path());
     let plugins = plugin_dir(&[("busy.toml", &body)]);
     let mut sources = stack.sources();
     sources
@@ -160,24 +157,8 @@ async fn no_more_than_the_concurrency_limit_of_runs_overlap() {
         assert!(r.success(), "{}", r.render_table());
     }
     let text = std::fs::read_to_string(log.path()).expect("read log");
-    let mut events: Vec<(u128, i32)> = text
-        .lines()
-        .map(|l| {
-            let (kind, t) = l.split_once(' ').expect("event");
-            (
-                t.parse().expect("time"),
-                if kind == "start" { 1 } else { -1 },
-            )
-        })
-        .collect();
-    assert_eq!(events.len(), 12, "{text}");
-    // Ends sort before starts at the same instant.
-    events.sort();
-    let (mut running, mut peak) = (0, 0);
-    for (_, d) in events {
-        running += d;
-        peak = peak.max(running);
-    }
+    let (peak, runs) = vogeler_e2e::peak_overlap(&text);
+    assert_eq!(runs, 6, "{text}");
     assert_eq!(
         peak, 2,
         "runs overlapped {peak} at once with a limit of 2\n{text}"

@@ -140,26 +140,10 @@ async fn a_command_whose_ttl_passed_while_the_agent_was_down_is_not_run() {
     agent.stop().await.expect("agent stops");
 
     // Sent while the agent is down, with a TTL shorter than the outage.
-    let mut settings = stack.runner_settings("500ms");
-    settings.ttl = Duration::from_secs(1);
-    let q = vogeler_runner::Query {
-        plugin: vogeler_core::names::PluginName::new("mark").expect("plugin"),
-        nodes: vogeler_runner::target::parse("late01", &vogeler_runner::target::Files)
-            .expect("set"),
-        nodes_text: "late01".into(),
-        timeout: settings.timeout,
-        ttl: settings.ttl,
-        batch: None,
-        cached: None,
-    };
-    let stale = vogeler_runner::query(
-        &settings,
-        &q,
-        &tokio_util::sync::CancellationToken::new(),
-        &mut |_| {},
-    )
-    .await
-    .expect("query");
+    let stale = vogeler_e2e::ask_with(&stack, "mark", "late01", "500ms", |q| {
+        q.ttl = Duration::from_secs(1);
+    })
+    .await;
     assert!(stale.replies.is_empty());
     let expired_at = chrono::Utc::now() + chrono::Duration::seconds(1);
     wait_for("the TTL to pass", Duration::from_secs(5), || async {
@@ -189,10 +173,7 @@ async fn a_command_whose_ttl_passed_while_the_agent_was_down_is_not_run() {
 async fn batch_2_over_5_agents_never_runs_more_than_2_at_once() {
     let stack = TestStack::new().await;
     let log = tempfile::NamedTempFile::new().expect("log");
-    let busy = format!(
-        "name = \"busy\"\ncommand = [\"sh\", \"-c\", \"echo start $(date +%s%N) >> {0}; sleep 0.3; echo end $(date +%s%N) >> {0}\"]\nformat = \"lines\"\n",
-        log.path().display()
-    );
+    let busy = vogeler_e2e::busy_plugin(log.path());
     let plugins = plugin_dir(&[("busy.toml", &busy)]);
     let _server = spawn_server(stack.server_settings());
     let names = ["b1", "b2", "b3", "b4", "b5"];
@@ -202,47 +183,18 @@ async fn batch_2_over_5_agents_never_runs_more_than_2_at_once() {
         .collect();
     stack.wait_registered(&names).await;
 
-    let settings = stack.runner_settings("10");
-    let q = vogeler_runner::Query {
-        plugin: vogeler_core::names::PluginName::new("busy").expect("plugin"),
-        nodes: vogeler_runner::target::parse("b*", &vogeler_runner::target::Files).expect("set"),
-        nodes_text: "b*".into(),
-        timeout: settings.timeout,
-        ttl: settings.ttl,
-        cached: None,
-        batch: Some(vogeler_runner::Batch {
+    let r = vogeler_e2e::ask_with(&stack, "busy", "b*", "10", |q| {
+        q.batch = Some(vogeler_runner::Batch {
             size: vogeler_runner::BatchSize::Nodes(2),
             pause: Duration::from_millis(100),
-        }),
-    };
-    let r = vogeler_runner::query(
-        &settings,
-        &q,
-        &tokio_util::sync::CancellationToken::new(),
-        &mut |_| {},
-    )
-    .await
-    .expect("query");
+        });
+    })
+    .await;
     assert!(r.success() && r.replies.len() == 5, "{}", r.render_table());
 
     let text = std::fs::read_to_string(log.path()).expect("log");
-    let mut events: Vec<(u128, i32)> = text
-        .lines()
-        .map(|l| {
-            let (kind, t) = l.split_once(' ').expect("event");
-            (
-                t.parse().expect("time"),
-                if kind == "start" { 1 } else { -1 },
-            )
-        })
-        .collect();
-    assert_eq!(events.len(), 10, "{text}");
-    events.sort();
-    let (mut running, mut peak) = (0, 0);
-    for (_, d) in events {
-        running += d;
-        peak = peak.max(running);
-    }
+    let (peak, runs) = vogeler_e2e::peak_overlap(&text);
+    assert_eq!(runs, 5, "{text}");
     assert_eq!(peak, 2, "with --batch 2, {peak} ran at once\n{text}");
 }
 
@@ -276,24 +228,10 @@ async fn cached_answers_from_stored_values_and_asks_only_the_rest() {
     .await;
     clear(marks.path());
 
-    let settings = stack.runner_settings("10");
-    let q = vogeler_runner::Query {
-        plugin: vogeler_core::names::PluginName::new("mark").expect("plugin"),
-        nodes: vogeler_runner::target::parse("all", &vogeler_runner::target::Files).expect("set"),
-        nodes_text: "all".into(),
-        timeout: settings.timeout,
-        ttl: settings.ttl,
-        batch: None,
-        cached: Some(Duration::from_secs(3600)),
-    };
-    let r = vogeler_runner::query(
-        &settings,
-        &q,
-        &tokio_util::sync::CancellationToken::new(),
-        &mut |_| {},
-    )
-    .await
-    .expect("query");
+    let r = vogeler_e2e::ask_with(&stack, "mark", "all", "10", |q| {
+        q.cached = Some(Duration::from_secs(3600));
+    })
+    .await;
     assert!(r.success(), "{}", r.render_table());
     assert_eq!(
         r.cached.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
