@@ -142,6 +142,23 @@ impl TestStack {
         (proxy, settings)
     }
 
+    /// A connection and a confirming channel on this stack's broker, with the shared
+    /// topology declared: what a test needs to publish as an agent or a runner would.
+    pub async fn publisher(&self, name: &str) -> (lapin::Connection, lapin::Channel) {
+        let url = SecretUrl::parse(&self.amqp_url).expect("url");
+        let conn = vogeler_core::amqp::connect(&url, name)
+            .await
+            .expect("connect");
+        self.topology()
+            .declare_shared(&conn)
+            .await
+            .expect("declare");
+        let ch = vogeler_core::amqp::publisher_channel(&conn)
+            .await
+            .expect("channel");
+        (conn, ch)
+    }
+
     /// The topology every program of this stack declares.
     pub fn topology(&self) -> vogeler_core::topology::Topology {
         self.server_settings().broker.topology

@@ -246,15 +246,7 @@ async fn a_silent_node_is_named_in_no_response_from() {
 
 /// Publish raw bytes the way a broken or hostile client would.
 async fn publish_raw(stack: &TestStack, exchange: &str, key: &str, body: &[u8]) {
-    let conn = amqp::connect(&SecretUrl::parse(&stack.amqp_url).expect("url"), "test-raw")
-        .await
-        .expect("connect");
-    let ch = amqp::publisher_channel(&conn).await.expect("channel");
-    stack
-        .topology()
-        .declare_shared(&conn)
-        .await
-        .expect("declare");
+    let (conn, ch) = stack.publisher("test-raw").await;
     ch.basic_publish(
         exchange.into(),
         key.into(),

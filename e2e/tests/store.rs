@@ -44,18 +44,7 @@ fn announce(n: &str, facts: Value, at: DateTime<Utc>) -> Message {
 
 /// Publish messages as agents do (persistent, confirmed), on one connection.
 async fn publish(stack: &TestStack, messages: &[Message]) {
-    let conn = amqp::connect(
-        &SecretUrl::parse(&stack.amqp_url).expect("url"),
-        "test-publisher",
-    )
-    .await
-    .expect("connect");
-    stack
-        .topology()
-        .declare_shared(&conn)
-        .await
-        .expect("declare");
-    let ch = amqp::publisher_channel(&conn).await.expect("channel");
+    let (conn, ch) = stack.publisher("test-publisher").await;
     let t = stack.topology();
     for m in messages {
         let key = match m {
@@ -71,15 +60,7 @@ async fn publish(stack: &TestStack, messages: &[Message]) {
 }
 
 async fn publish_raw(stack: &TestStack, bodies: &[&[u8]]) {
-    let conn = amqp::connect(&SecretUrl::parse(&stack.amqp_url).expect("url"), "test-raw")
-        .await
-        .expect("connect");
-    stack
-        .topology()
-        .declare_shared(&conn)
-        .await
-        .expect("declare");
-    let ch = amqp::publisher_channel(&conn).await.expect("channel");
+    let (conn, ch) = stack.publisher("test-raw").await;
     for body in bodies {
         ch.basic_publish(
             stack.topology().results_exchange().as_str().into(),
