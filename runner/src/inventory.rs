@@ -13,7 +13,7 @@ use vogeler_core::{
 
 use crate::{RunnerError, target::NodeSet};
 
-fn client(settings: &CouchSettings) -> Result<CouchClient, RunnerError> {
+pub(crate) fn client(settings: &CouchSettings) -> Result<CouchClient, RunnerError> {
     CouchClient::new(&settings.url, settings.credentials.clone())
         .map_err(|e| RunnerError::Http(e.to_string()))
 }

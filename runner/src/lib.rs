@@ -22,7 +22,7 @@ use uuid::Uuid;
 use vogeler_core::{
     amqp::{self, AmqpError},
     config::{CouchSettings, RunnerSettings},
-    couch::{CouchClient, CouchError},
+    couch::CouchError,
     design,
     names::{NodeName, PluginName},
     topology::Topology,
@@ -80,8 +80,7 @@ pub async fn stored_values(
     nodes: &std::collections::BTreeSet<NodeName>,
     max_age: Duration,
 ) -> Result<BTreeMap<NodeName, report::Cached>, RunnerError> {
-    let couch = CouchClient::new(&settings.url, settings.credentials.clone())
-        .map_err(|e| RunnerError::Http(e.to_string()))?;
+    let couch = inventory::client(settings)?;
     let params = [
         ("startkey", serde_json::json!([plugin]).to_string()),
         ("endkey", serde_json::json!([plugin, {}]).to_string()),
@@ -171,18 +170,22 @@ pub async fn registry(
     settings: &CouchSettings,
     freshness: Duration,
 ) -> Result<BTreeMap<NodeName, Known>, RunnerError> {
-    let couch = CouchClient::new(&settings.url, settings.credentials.clone())
-        .map_err(|e| RunnerError::Http(e.to_string()))?;
+    let couch = inventory::client(settings)?;
     let rows = match couch
         .view(&settings.database, design::NODES_DDOC, "registry", &[])
         .await
     {
         Ok(rows) => rows,
-        Err(CouchError::Status {
-            status, ref reason, ..
-        }) if status.as_u16() == 404 && reason.contains("no_db_file") => {
-            warn!(database = %settings.database, "database does not exist yet: no node is registered (has vogeler-server run?)");
-            return Ok(BTreeMap::new());
+        // Missing database or missing view: the error bodies differ between CouchDB and
+        // PouchDB, so ask about the database itself.
+        Err(e @ CouchError::Status { status, .. }) if status.as_u16() == 404 => {
+            match couch.doc_count(&settings.database).await {
+                Err(CouchError::Status { status, .. }) if status.as_u16() == 404 => {
+                    warn!(database = %settings.database, "database does not exist yet: no node is registered (has vogeler-server run?)");
+                    return Ok(BTreeMap::new());
+                }
+                _ => return Err(inventory::registry_error(e)),
+            }
         }
         Err(e) => return Err(inventory::registry_error(e)),
     };
