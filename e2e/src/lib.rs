@@ -159,6 +159,26 @@ impl TestStack {
         (conn, ch)
     }
 
+    /// Publish raw bytes to `exchange` the way a broken or hostile client would, each
+    /// confirmed by the broker.
+    pub async fn publish_raw(&self, exchange: &str, key: &str, bodies: &[&[u8]]) {
+        let (conn, ch) = self.publisher("test-raw").await;
+        for body in bodies {
+            ch.basic_publish(
+                exchange.into(),
+                key.into(),
+                Default::default(),
+                body,
+                Default::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+
     /// The topology every program of this stack declares.
     pub fn topology(&self) -> vogeler_core::topology::Topology {
         self.server_settings().broker.topology

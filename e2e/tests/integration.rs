@@ -244,23 +244,6 @@ async fn a_silent_node_is_named_in_no_response_from() {
     drop(live);
 }
 
-/// Publish raw bytes the way a broken or hostile client would.
-async fn publish_raw(stack: &TestStack, exchange: &str, key: &str, body: &[u8]) {
-    let (conn, ch) = stack.publisher("test-raw").await;
-    ch.basic_publish(
-        exchange.into(),
-        key.into(),
-        Default::default(),
-        body,
-        Default::default(),
-    )
-    .await
-    .expect("publish")
-    .await
-    .expect("confirm");
-    let _ = conn.close(200, "done".into()).await;
-}
-
 #[tokio::test]
 async fn malformed_messages_are_dropped_and_traffic_keeps_flowing() {
     let stack = TestStack::new().await;
@@ -277,8 +260,12 @@ async fn malformed_messages_are_dropped_and_traffic_keeps_flowing() {
         b"\xff\xfe\x00",
     ];
     for body in garbage {
-        publish_raw(&stack, &t.results_exchange(), "result.garbage", body).await;
-        publish_raw(&stack, &t.commands_exchange(), "all", body).await;
+        stack
+            .publish_raw(&t.results_exchange(), "result.garbage", &[body])
+            .await;
+        stack
+            .publish_raw(&t.commands_exchange(), "all", &[body])
+            .await;
     }
     let r = ask(&stack, "hello", "all", "10").await;
     assert!(r.success(), "{}", r.render_table());
@@ -323,14 +310,18 @@ async fn duplicate_deliveries_leave_the_document_as_if_delivered_once() {
     };
     let body = vogeler_core::wire::encode(&Message::Result(result.clone()));
     let key = Topology::result_routing_key(result.request_id);
-    publish_raw(&stack, &t.results_exchange(), &key, &body).await;
+    stack
+        .publish_raw(&t.results_exchange(), &key, &[&body])
+        .await;
     wait_for("first copy stored", Duration::from_secs(10), || async {
         stack.document("dup01").await.is_some()
     })
     .await;
     // Two more copies, in whatever batches the server makes of them.
     for _ in 0..2 {
-        publish_raw(&stack, &t.results_exchange(), &key, &body).await;
+        stack
+            .publish_raw(&t.results_exchange(), &key, &[&body])
+            .await;
     }
     // A later, different result proves the duplicates before it were processed.
     let mut later = result.clone();
@@ -338,13 +329,13 @@ async fn duplicate_deliveries_leave_the_document_as_if_delivered_once() {
     later.collected_at = Utc::now() + chrono::Duration::seconds(1);
     later.value = Some(json!(["y"]));
     let body = vogeler_core::wire::encode(&Message::Result(later.clone()));
-    publish_raw(
-        &stack,
-        &t.results_exchange(),
-        &Topology::result_routing_key(later.request_id),
-        &body,
-    )
-    .await;
+    stack
+        .publish_raw(
+            &t.results_exchange(),
+            &Topology::result_routing_key(later.request_id),
+            &[&body],
+        )
+        .await;
     wait_for("later result stored", Duration::from_secs(10), || async {
         stack
             .document("dup01")

@@ -59,24 +59,6 @@ async fn publish(stack: &TestStack, messages: &[Message]) {
     let _ = conn.close(200, "done".into()).await;
 }
 
-async fn publish_raw(stack: &TestStack, bodies: &[&[u8]]) {
-    let (conn, ch) = stack.publisher("test-raw").await;
-    for body in bodies {
-        ch.basic_publish(
-            stack.topology().results_exchange().as_str().into(),
-            "result.raw".into(),
-            Default::default(),
-            body,
-            Default::default(),
-        )
-        .await
-        .expect("publish")
-        .await
-        .expect("confirm");
-    }
-    let _ = conn.close(200, "done".into()).await;
-}
-
 async fn history_ids(stack: &TestStack) -> Vec<String> {
     stack
         .couch
@@ -206,7 +188,9 @@ async fn poison_messages_are_dead_lettered_with_their_reason_while_valid_ones_fl
         b"{\"schema\":1,\"kind\":\"result\",\"node\":\"_users\"}",
         b"{\"schema\":1,\"kind\":\"command\",\"request_id\":\"7d0b8a39-52a4-4d3c-9a9f-6a0d1f0c2b11\",\"plugin\":\"x\",\"target\":\"all\",\"issued_at\":\"2026-11-22T05:00:00Z\"}",
     ];
-    publish_raw(&stack, &poison).await;
+    stack
+        .publish_raw(&stack.topology().results_exchange(), "result.raw", &poison)
+        .await;
     publish(
         &stack,
         &[result("valid01", "hello", json!(["ok"]), Utc::now())],

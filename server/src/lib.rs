@@ -357,11 +357,8 @@ fn delivery(d: Option<Result<Delivery, lapin::Error>>, queue: &str) -> Result<De
 fn batch_nodes(batch: &[Decoded]) -> BTreeSet<String> {
     batch
         .iter()
-        .filter_map(|(m, _)| match m {
-            Ok(Message::Result(r)) => Some(r.node.to_string()),
-            Ok(Message::Announce(a)) => Some(a.node.to_string()),
-            _ => None,
-        })
+        .filter_map(|(m, _)| m.as_ref().ok().and_then(store::node_of))
+        .map(|n| n.to_string())
         .collect()
 }
 

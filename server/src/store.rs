@@ -55,9 +55,6 @@ impl Store {
     pub fn history_database(&self) -> &str {
         &self.history_db
     }
-    pub fn couch(&self) -> &CouchClient {
-        &self.couch
-    }
 
     /// Apply results and announcements (any order, any duplication) to their nodes'
     /// documents. Returns one [`Stored`] per message, in order. An `Err` is transient (the
@@ -177,7 +174,8 @@ impl Store {
     }
 }
 
-fn node_of(m: &Message) -> Option<&NodeName> {
+/// The node a result or announcement is about.
+pub(crate) fn node_of(m: &Message) -> Option<&NodeName> {
     match m {
         Message::Result(r) => Some(&r.node),
         Message::Announce(a) => Some(&a.node),
