@@ -21,6 +21,9 @@ cleanup() {
   curl -fsS -X DELETE "http://127.0.0.1:5984/$run_id" >/dev/null || true
 }
 trap cleanup EXIT
+keys=$(mktemp -d)
+"$bin/vogeler-runner" keygen --out "$keys/keys" >/dev/null
+export VOGELER_RUNNER__SIGNING_KEY=$keys/keys/runner.key VOGELER_AGENT__AUTHORIZED_KEYS=$keys/keys/runner.pub VOGELER_AGENT__STATE_DIR=$keys/state
 "$bin/vogeler-server" 2>/dev/null &
 pids+=($!)
 for i in $(seq -w 1 "$n"); do

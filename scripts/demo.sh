@@ -27,11 +27,21 @@ echo "== building" >&2
 cargo build --quiet --bins
 bin=target/debug
 
+# Security is on by default: agents obey only commands signed by a key they trust. The demo
+# makes one key pair (kept between runs) and gives each agent its own state directory.
+demo=${VOGELER_DEMO_DIR:-$HOME/.local/state/vogeler-demo}
+if [ ! -f "$demo/keys/runner.key" ]; then
+  echo "== creating the runner's signing key in $demo/keys" >&2
+  "$bin/vogeler-runner" keygen --out "$demo/keys" --comment demo@"$(hostname)" >&2
+fi
+export VOGELER_RUNNER__SIGNING_KEY="$demo/keys/runner.key"
+
 echo "== starting vogeler-server and agents ${nodes[*]} (plugins from ./plugins)" >&2
 "$bin/vogeler-server" >"$logs/server.log" 2>&1 &
 pids+=($!)
 for n in "${nodes[@]}"; do
-  "$bin/vogeler-agent" --node "$n" --plugin-dir plugins >"$logs/agent-$n.log" 2>&1 &
+  "$bin/vogeler-agent" --node "$n" --plugin-dir plugins \
+    --authorized-keys "$demo/keys/runner.pub" --state-dir "$demo/state" >"$logs/agent-$n.log" 2>&1 &
   pids+=($!)
 done
 
@@ -63,4 +73,5 @@ for k, v in doc.items():
 print(json.dumps(doc, indent=2))'
 fi
 echo
+echo "Each agent's audit log of the commands it ran: $demo/state/<node>/audit.log"
 echo "Browse every node document in the web UI: http://127.0.0.1:5984/_utils/#database/system_records/_all_docs"

@@ -6,18 +6,30 @@
 //! - [`exec`]: bounded plugin execution.
 //! - [`reload`]: hot reload of the plugin directory (inotify and SIGHUP).
 //! - [`local`]: `plugins list|check|run`, the tools for plugin authors.
+//! - [`guard`]: the checks every command passes (signature, time, target, restrictions).
+//! - [`replay`]: the on-disk cache of request ids that refuses replays.
+//! - [`audit`]: the audit log of accepted, refused and finished commands.
 //!
 //! [`run`] is the whole agent; it takes its settings and a shutdown token so tests run it
 //! in-process against a real broker.
 
+pub mod audit;
 pub mod exec;
 pub mod facts;
 pub mod format;
+pub mod guard;
 pub mod local;
 pub mod plugin;
 pub mod reload;
+pub mod replay;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::DirBuilderExt,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -36,11 +48,17 @@ use vogeler_core::{
     VERSION,
     amqp::{self, AmqpError},
     config::AgentSettings,
+    signing::{AuthorizedKeys, PrivateKey},
     topology::Topology,
-    wire::{self, Announce, Command, Message, Outcome, PluginResult, Target},
+    wire::{self, Announce, Command, Message, Outcome, PluginResult},
 };
 
-use crate::plugin::Catalog;
+use crate::{
+    audit::AuditLog,
+    guard::{Guard, Rejection, Seen},
+    plugin::Catalog,
+    replay::ReplayCache,
+};
 
 /// Pause before a command whose result could not be published goes back to the queue.
 const PUBLISH_RETRY: Duration = Duration::from_secs(5);
@@ -52,9 +70,26 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub enum AgentError {
     #[error(transparent)]
     Broker(#[from] AmqpError),
+    #[error(
+        "no runner key is authorized in {path}: this agent would obey no one. Create a key with `vogeler-runner keygen --out /etc/vogeler/keys` and install runner.pub as {path} (or as a *.pub file in it, if it is a directory)"
+    )]
+    NoAuthorizedKeys { path: String },
+    #[error("{0}")]
+    Keys(#[from] vogeler_core::signing::KeyError),
+    #[error("cannot use state directory {path}: {source}")]
+    State {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl AgentError {
+    /// Keys or state are misconfigured: restarting will not help (exit 78).
+    pub fn is_config(&self) -> bool {
+        !matches!(self, AgentError::Broker(_))
+    }
+
     /// The broker could not be reached at start-up (exit 69).
     pub fn is_unavailable(&self) -> bool {
         matches!(self, AgentError::Broker(AmqpError::Unavailable { .. }))
@@ -63,9 +98,7 @@ impl AgentError {
 
 /// The host name, used as the node name when none is configured.
 pub fn hostname() -> Option<String> {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
+    vogeler_core::hostname()
 }
 
 /// What every command handler shares.
@@ -74,12 +107,104 @@ struct Shared {
     /// The current plugins; the reloader task replaces them.
     catalog: watch::Receiver<Arc<Catalog>>,
     runs: Semaphore,
+    guard: Guard,
+    /// This node's own key: results and announcements are signed with it.
+    key: PrivateKey,
+    replay: Mutex<ReplayCache>,
+    audit: AuditLog,
+    /// Refused commands by class, for the log (and metrics).
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// The publishing channel of the current connection: a result computed before a
+    /// reconnect is published on the new one.
+    publisher: Mutex<Option<Channel>>,
+}
+
+impl Shared {
+    fn publisher(&self) -> Option<Channel> {
+        self.publisher.lock().ok().and_then(|p| p.clone())
+    }
+}
+
+/// What an agent needs from its state directory and key files before it may connect.
+pub struct Security {
+    pub guard: Guard,
+    pub key: PrivateKey,
+    replay: ReplayCache,
+    audit: AuditLog,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("node", &self.guard.node)
+            .field("trusted_keys", &self.guard.keys.len())
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Security {
+    /// Load the authorized keys (refusing to go on without one), create the node's state
+    /// directory (0700), its key on first start, the replay cache and the audit log.
+    pub fn load(settings: &AgentSettings) -> Result<Self, AgentError> {
+        let path = &settings.authorized_keys;
+        let keys = if path.exists() {
+            AuthorizedKeys::load(path)?
+        } else {
+            AuthorizedKeys::default()
+        };
+        if keys.is_empty() {
+            return Err(AgentError::NoAuthorizedKeys {
+                path: path.display().to_string(),
+            });
+        }
+        let dir = &settings.state_dir;
+        let state = |source| AgentError::State {
+            path: dir.display().to_string(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(state)?;
+        let (key, created) = PrivateKey::load_or_create(&dir.join("agent.key"))?;
+        if created {
+            info!(node = %settings.node, key = %key.public(), "created this node's signing key");
+        }
+        let replay = ReplayCache::open(&dir.join("replay"), Utc::now()).map_err(state)?;
+        let audit = AuditLog::open(&dir.join("audit.log")).map_err(state)?;
+        Ok(Self {
+            guard: Guard {
+                node: settings.node.clone(),
+                keys,
+                max_clock_skew: settings.max_clock_skew,
+                max_ttl: settings.max_command_ttl,
+            },
+            key,
+            replay,
+            audit,
+        })
+    }
+
+    /// Where the audit log of this node is.
+    pub fn audit_path(state_dir: &Path) -> std::path::PathBuf {
+        state_dir.join("audit.log")
+    }
 }
 
 /// Run the agent until `cancel` fires. Gives up with [`AmqpError::Unavailable`] only when the
 /// broker cannot be reached within the connect timeout at start-up; later losses of the
 /// connection are retried without limit.
 pub async fn run(settings: AgentSettings, cancel: CancellationToken) -> Result<(), AgentError> {
+    let security = Security::load(&settings)?;
+    info!(
+        node = %settings.node,
+        trusted_keys = security.guard.keys.len(),
+        key = %security.key.public(),
+        state_dir = %settings.state_dir.display(),
+        "command signatures are checked"
+    );
     let catalog = reload::load_logged(&settings.plugin_dir);
     let names: Vec<&str> = catalog.plugins().map(|p| p.name.as_str()).collect();
     info!(dir = %settings.plugin_dir.display(), plugins = %names.join(","), "plugins loaded");
@@ -93,6 +218,12 @@ pub async fn run(settings: AgentSettings, cancel: CancellationToken) -> Result<(
         runs: Semaphore::new(settings.concurrency),
         catalog: catalog_rx,
         settings,
+        guard: security.guard,
+        key: security.key,
+        replay: Mutex::new(security.replay),
+        audit: security.audit,
+        rejected: Mutex::default(),
+        publisher: Mutex::default(),
     });
     let s = &shared.settings;
     let name = format!("vogeler-agent {}", s.node);
@@ -150,6 +281,9 @@ async fn serve(
     let topology = &s.broker.topology;
     let publisher = amqp::publisher_channel(conn).await?;
     topology.declare_shared(conn).await?;
+    if let Ok(mut current) = shared.publisher.lock() {
+        *current = Some(publisher.clone());
+    }
 
     let consumer_ch = conn.create_channel().await?;
     let prefetch = u16::try_from(s.concurrency).unwrap_or(u16::MAX);
@@ -200,8 +334,8 @@ async fn serve(
             None => return Err(AmqpError::ConsumerEnded { queue }),
         };
         let shared = Arc::clone(shared);
-        let publisher = publisher.clone();
-        tracker.spawn(async move { handle(&shared, &publisher, delivery).await });
+        let cancel = cancel.clone();
+        tracker.spawn(async move { handle(&shared, delivery, &cancel).await });
     }
 }
 
@@ -230,72 +364,166 @@ async fn announce(
         &s.broker.topology.results_exchange(),
         &key,
         &message,
+        &shared.key,
     )
     .await
 }
 
-/// Handle one delivery from the agent's queue.
-async fn handle(shared: &Shared, publisher: &Channel, delivery: Delivery) {
-    let node = &shared.settings.node;
-    let command = match wire::decode(&delivery.data) {
-        Ok(Message::Command(c)) => c,
-        Ok(other) => {
-            return refuse(
-                &delivery,
-                node,
-                format!("expected a command, got a {} message", other.kind()),
-            )
-            .await;
+/// Handle one delivery from the agent's queue: check it, run it at most once, publish the
+/// signed result.
+async fn handle(shared: &Shared, delivery: Delivery, cancel: &CancellationToken) {
+    let mut seen = Seen::default();
+    let command = match admit(shared, &delivery, &mut seen) {
+        Ok(c) => c,
+        Err(Rejection::Replayed(id)) if delivery.redelivered => {
+            // The broker handing back a command we took before a reconnect is not an
+            // attack: it ran (or is running) once already, and that is all it gets.
+            info!(request_id = %id, "redelivered command was already accepted; not run again");
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            return;
         }
-        Err(e) => return refuse(&delivery, node, e.to_string()).await,
+        Err(rejection) => {
+            refuse(shared, &seen, &rejection);
+            // Not requeued: it would come straight back.
+            let _ = delivery
+                .acker
+                .reject(BasicRejectOptions { requeue: false })
+                .await;
+            if let Rejection::UnknownPlugin(_) = rejection
+                && let Some(command) = wire::decode_command(&delivery.data).ok()
+            {
+                // Authentic, but for a plugin this node lacks: say so, or the runner
+                // cannot tell "no such plugin" from "no answer".
+                let result = result_of(shared, &command, Outcome::UnknownPlugin);
+                publish_result(shared, &command, result, cancel).await;
+            }
+            return;
+        }
     };
-    if let Target::Node(n) = &command.target
-        && n != node
-    {
-        return refuse(&delivery, node, format!("command is for node {n}")).await;
-    }
-    if let Some(expired) = command.expires_at.filter(|t| *t < Utc::now()) {
-        // Whoever asked gave up long ago; running it now would only surprise.
-        info!(request_id = %command.request_id, plugin = %command.plugin, expired_at = %expired, "expired command not run");
-        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-        return;
-    }
-    let span = info_span!("command", request_id = %command.request_id, plugin = %command.plugin);
+    shared.audit.accepted(&seen);
+    let span = info_span!("command", request_id = %command.request_id, plugin = %command.plugin, key = seen.key_id.as_deref().unwrap_or(""));
     async {
         let result = run_command(shared, &command).await;
-        let topology = &shared.settings.broker.topology;
-        let key = Topology::result_routing_key(command.request_id);
-        match amqp::publish(
-            publisher,
-            &topology.results_exchange(),
-            &key,
-            &Message::Result(result),
-        )
-        .await
-        {
-            Ok(()) => {
-                // Ack only once the broker holds the result: a crash before this re-runs the plugin.
-                if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
-                    warn!(error = %e, "could not ack command; it will be redelivered");
-                }
+        shared.audit.finished(&seen, result.outcome.status());
+        if publish_result(shared, &command, result, cancel).await {
+            // Ack only once the broker holds the result.
+            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+                warn!(error = %e, "could not ack command; a redelivery will be refused as a replay");
             }
-            Err(e) => {
-                warn!(error = %e, retry_in_s = PUBLISH_RETRY.as_secs(), "could not publish result (broker down or results queue full); command returned to the queue");
-                // Requeued at once it would come straight back and re-run the plugin in a
-                // tight loop while the results queue is full.
-                tokio::time::sleep(PUBLISH_RETRY).await;
-                let _ = delivery
-                    .acker
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-            }
+        } else {
+            // Shutting down before the result got out: it is lost, but the command will
+            // not run twice (a redelivery is refused by the replay cache).
+            let _ = delivery.acker.nack(BasicNackOptions::default()).await;
         }
     }
     .instrument(span)
     .await;
+}
+
+/// Every check, in order; the replay cache last, so only commands that would run are
+/// remembered.
+fn admit(shared: &Shared, delivery: &Delivery, seen: &mut Seen) -> Result<Command, Rejection> {
+    let (key, signature) = amqp::signature_of(&delivery.properties);
+    let now = Utc::now();
+    let command = shared.guard.check(
+        &delivery.data,
+        key.as_deref(),
+        signature.as_deref(),
+        now,
+        seen,
+    )?;
+    if !shared.catalog.borrow().contains(&command.plugin) {
+        return Err(Rejection::UnknownPlugin(command.plugin.to_string()));
+    }
+    let until = shared.guard.remember_until(&command);
+    let fresh = match shared.replay.lock() {
+        Ok(mut cache) => cache.insert(command.request_id, until, now),
+        Err(poisoned) => poisoned.into_inner().insert(command.request_id, until, now),
+    };
+    match fresh {
+        Ok(true) => Ok(command),
+        Ok(false) => Err(Rejection::Replayed(command.request_id)),
+        Err(e) => {
+            // Without a durable record the command could be replayed later: do not run it.
+            Err(Rejection::Denied(format!(
+                "cannot record the request id in the replay cache: {e}"
+            )))
+        }
+    }
+}
+
+fn refuse(shared: &Shared, seen: &Seen, rejection: &Rejection) {
+    let class = rejection.class();
+    let total = match shared.rejected.lock() {
+        Ok(mut counts) => {
+            let n = counts.entry(class).or_default();
+            *n += 1;
+            *n
+        }
+        Err(_) => 0,
+    };
+    shared.audit.rejected(seen, class, &rejection.to_string());
+    warn!(
+        node = %shared.settings.node,
+        class,
+        request_id = ?seen.request_id,
+        key = seen.key_id.as_deref().unwrap_or("-"),
+        reason = %rejection,
+        rejected_of_class = total,
+        "refused a command"
+    );
+}
+
+/// Publish a result, retrying in place while the broker refuses it (results queue full) so
+/// the command is never run twice. Returns false only when shutting down first.
+async fn publish_result(
+    shared: &Shared,
+    command: &Command,
+    result: PluginResult,
+    cancel: &CancellationToken,
+) -> bool {
+    let topology = &shared.settings.broker.topology;
+    let key = Topology::result_routing_key(command.request_id);
+    let message = Message::Result(result);
+    loop {
+        let sent = match shared.publisher() {
+            Some(publisher) => {
+                amqp::publish(
+                    &publisher,
+                    &topology.results_exchange(),
+                    &key,
+                    &message,
+                    &shared.key,
+                )
+                .await
+            }
+            None => Err(AmqpError::Cancelled),
+        };
+        match sent {
+            Ok(()) => return true,
+            Err(e) => {
+                warn!(error = %e, retry_in_s = PUBLISH_RETRY.as_secs(), "could not publish result (broker down or results queue full); retrying");
+                tokio::select! {
+                    () = cancel.cancelled() => return false,
+                    () = tokio::time::sleep(PUBLISH_RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
+fn result_of(shared: &Shared, command: &Command, outcome: Outcome) -> PluginResult {
+    PluginResult {
+        request_id: command.request_id,
+        node: shared.settings.node.clone(),
+        plugin: command.plugin.clone(),
+        outcome,
+        value: None,
+        truncated: false,
+        collected_at: Utc::now(),
+        duration_ms: 0,
+        agent_version: VERSION.to_string(),
+    }
 }
 
 /// Run the plugin a command names, within the concurrency limit. Unknown plugins are
@@ -342,13 +570,4 @@ async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
         "plugin finished"
     );
     collected(e.outcome, e.value, e.truncated, e.duration)
-}
-
-async fn refuse(delivery: &Delivery, node: &vogeler_core::names::NodeName, reason: String) {
-    warn!(node = %node, reason = %reason, "refused a malformed message");
-    // Not requeued: it would come straight back.
-    let _ = delivery
-        .acker
-        .reject(BasicRejectOptions { requeue: false })
-        .await;
 }

@@ -14,7 +14,9 @@ use vogeler_core::{cli::CommonArgs, config, exit, names::PluginName, shutdown, t
     args_override_self = true,
     after_help = vogeler_core::cli::ENV_HELP,
     after_long_help = concat!(
-        "Example:\n  vogeler-agent --node web01 --plugin-dir ./plugins\n\n",
+        "Example:\n  vogeler-agent --node web01 --plugin-dir ./plugins --authorized-keys ./keys/runner.pub --state-dir ./state\n\n",
+        "Every command must be signed by a key in --authorized-keys (see `vogeler-runner keygen`);\n",
+        "refused commands are logged, and every command is recorded in <state-dir>/<node>/audit.log.\n\n",
         "Plugins are *.toml files: name, command (argv, no shell), format (lines, string, json, kv),\n",
         "optional description and timeout (default 60s).\n\n",
     ),
@@ -42,6 +44,18 @@ struct Cli {
     /// [env: VOGELER_AGENT__HEARTBEAT] [default: 60s]
     #[arg(long, value_name = "DURATION")]
     heartbeat: Option<String>,
+
+    /// Runner public keys to obey: a file of `ed25519 <key>` lines (optionally restricted,
+    /// `plugins=dpkg nodes=web* ed25519 ...`) or a directory of *.pub files. Without one the
+    /// agent refuses to start [env: VOGELER_AGENT__AUTHORIZED_KEYS]
+    /// [default: /etc/vogeler/keys/authorized_keys]
+    #[arg(long, value_name = "PATH")]
+    authorized_keys: Option<PathBuf>,
+
+    /// Base directory for this node's key, replay cache and audit log (kept in
+    /// DIR/<node>/) [env: VOGELER_AGENT__STATE_DIR] [default: /var/lib/vogeler]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 
     /// Validate the configuration, print the problems, and exit (0 valid, 78 invalid)
     #[arg(long)]
@@ -162,7 +176,15 @@ fn main() -> ExitCode {
             cli.plugin_dir.as_ref().map(|p| p.display()),
         )
         .set("agent.concurrency", cli.concurrency)
-        .set("agent.heartbeat", cli.heartbeat.as_ref());
+        .set("agent.heartbeat", cli.heartbeat.as_ref())
+        .set(
+            "agent.authorized_keys",
+            cli.authorized_keys.as_ref().map(|p| p.display()),
+        )
+        .set(
+            "agent.state_dir",
+            cli.state_dir.as_ref().map(|p| p.display()),
+        );
     let loaded = config::load(&sources).and_then(|raw| raw.agent(vogeler_agent::hostname()));
     let settings =
         match vogeler_core::cli::settings_or_exit("vogeler-agent", loaded, cli.check_config) {
@@ -173,6 +195,11 @@ fn main() -> ExitCode {
     exit::block_on("vogeler-agent", async {
         match vogeler_agent::run(settings, shutdown::on_signals()).await {
             Ok(()) => exit::code(exit::OK),
+            Err(e) if e.is_config() => {
+                tracing::error!(error = %e, "agent cannot start");
+                eprintln!("vogeler-agent: {e}");
+                exit::code(exit::CONFIG)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "agent stopped");
                 eprintln!(

@@ -100,13 +100,21 @@ async fn server_rate(cli: &Cli, mode: Mode) -> Result<f64> {
             agent_version: "bench".into(),
         }))
     };
+    // Results are signed as agents sign them: verifying is part of the server's work.
+    let agent_key = vogeler_core::signing::PrivateKey::generate()?;
     let bodies: Vec<Vec<u8>> = (0..cli.results)
         .map(|n| result(n, format!("bench{n:05}")).map(|m| wire::encode(&m)))
         .collect::<Result<_>>()?;
     let publish_all = async {
         let mut confirms = Vec::with_capacity(bodies.len());
         for body in &bodies {
-            let props = lapin::BasicProperties::default().with_delivery_mode(2);
+            let props = lapin::BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(amqp::signature_headers(
+                    &agent_key,
+                    vogeler_core::signing::Purpose::Agent,
+                    body,
+                ));
             confirms.push(
                 ch.basic_publish(
                     topology.results_exchange().as_str().into(),
@@ -143,6 +151,7 @@ async fn server_rate(cli: &Cli, mode: Mode) -> Result<f64> {
                 &topology.results_exchange(),
                 "result.sentinel",
                 &sentinel,
+                &agent_key,
             )
             .await?;
             let ready = Instant::now();

@@ -1,15 +1,22 @@
-//! The broker connection: connect with retry, open channels, publish with confirms.
+//! The broker connection: connect with retry, open channels, publish signed messages with
+//! confirms.
 
 use std::time::Duration;
 
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
     options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::{AMQPValue, FieldTable},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{backoff, secret::SecretUrl, wire};
+use crate::{
+    backoff,
+    secret::SecretUrl,
+    signing::{KEY_HEADER, PrivateKey, Purpose, SIGNATURE_HEADER},
+    wire,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
@@ -100,14 +107,48 @@ pub async fn publisher_channel(conn: &Connection) -> Result<Channel, lapin::Erro
     Ok(ch)
 }
 
-/// Publish a persistent message and wait for the broker's confirm.
+/// Publish a persistent message signed with `signer`, and wait for the broker's confirm.
 pub async fn publish(
     ch: &Channel,
     exchange: &str,
     routing_key: &str,
     message: &wire::Message,
+    signer: &PrivateKey,
 ) -> Result<(), AmqpError> {
-    publish_expiring(ch, exchange, routing_key, message, None).await
+    publish_expiring(ch, exchange, routing_key, message, signer, None).await
+}
+
+/// The purpose a message of this kind is signed for.
+pub fn purpose_of(message: &wire::Message) -> Purpose {
+    match message {
+        wire::Message::Command(_) => Purpose::Command,
+        wire::Message::Result(_) | wire::Message::Announce(_) => Purpose::Agent,
+    }
+}
+
+/// Headers carrying the signature of `body`.
+pub fn signature_headers(signer: &PrivateKey, purpose: Purpose, body: &[u8]) -> FieldTable {
+    let (key, sig) = signer.sign(purpose, body);
+    let mut headers = FieldTable::default();
+    headers.insert(KEY_HEADER.into(), AMQPValue::LongString(key.into()));
+    headers.insert(SIGNATURE_HEADER.into(), AMQPValue::LongString(sig.into()));
+    headers
+}
+
+/// The (public key, signature) header values of a delivery, when present as strings.
+pub fn signature_of(props: &BasicProperties) -> (Option<String>, Option<String>) {
+    let get = |name: &str| {
+        props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name))
+            .and_then(|v| match v {
+                AMQPValue::LongString(s) => Some(s.to_string()),
+                AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+                _ => None,
+            })
+    };
+    (get(KEY_HEADER), get(SIGNATURE_HEADER))
 }
 
 /// [`publish`], with a time-to-live after which the broker drops the message from queues
@@ -117,10 +158,12 @@ pub async fn publish_expiring(
     exchange: &str,
     routing_key: &str,
     message: &wire::Message,
+    signer: &PrivateKey,
     ttl: Option<Duration>,
 ) -> Result<(), AmqpError> {
     let body = wire::encode(message);
     let mut props = BasicProperties::default()
+        .with_headers(signature_headers(signer, purpose_of(message), &body))
         .with_delivery_mode(2)
         .with_content_type("application/json".into())
         .with_type(message.kind().into());

@@ -29,6 +29,11 @@ pub mod defaults {
     pub const PLUGIN_DIR: &str = "/etc/vogeler/plugins.d";
     pub const AGENT_CONCURRENCY: usize = 4;
     pub const AGENT_HEARTBEAT_SECS: u64 = 60;
+    pub const AUTHORIZED_KEYS: &str = "/etc/vogeler/keys/authorized_keys";
+    pub const STATE_DIR: &str = "/var/lib/vogeler";
+    pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
+    pub const MAX_COMMAND_TTL_SECS: u64 = 24 * 3600;
+    pub const SIGNING_KEY: &str = "/etc/vogeler/keys/runner.key";
     pub const SERVER_PREFETCH: u16 = 512;
     pub const SERVER_BATCH_SIZE: usize = 256;
     pub const SERVER_STALE_AFTER_SECS: u64 = 24 * 3600;
@@ -100,6 +105,16 @@ pub struct RawAgent {
     /// and usable in node sets (`-n role=web`).
     #[serde(default)]
     pub facts: serde_json::Map<String, serde_json::Value>,
+    /// Runner public keys this agent obeys: a file of key lines or a directory of `*.pub`.
+    pub authorized_keys: Option<PathBuf>,
+    /// Where agents keep their own key, replay cache and audit log, one subdirectory per node.
+    pub state_dir: Option<PathBuf>,
+    /// How far a command's issue time may be ahead of this node's clock.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub max_clock_skew: Option<Duration>,
+    /// Commands valid for longer than this are refused (it bounds the replay cache).
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub max_command_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -127,6 +142,8 @@ pub struct RawRunner {
     /// Registered nodes seen within this are expected to answer.
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub freshness: Option<Duration>,
+    /// The Ed25519 private key commands are signed with (`vogeler-runner keygen`).
+    pub signing_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -218,6 +235,11 @@ pub struct AgentSettings {
     pub heartbeat: Duration,
     /// Operator-assigned facts, announced on top of the measured ones.
     pub facts: serde_json::Map<String, serde_json::Value>,
+    pub authorized_keys: PathBuf,
+    /// This node's own state directory (`<agent.state_dir>/<node>`).
+    pub state_dir: PathBuf,
+    pub max_clock_skew: Duration,
+    pub max_command_ttl: Duration,
     pub log_level: String,
 }
 
@@ -240,6 +262,7 @@ pub struct RunnerSettings {
     pub timeout: Duration,
     pub ttl: Duration,
     pub freshness: Duration,
+    pub signing_key: PathBuf,
     pub log_level: String,
 }
 
@@ -450,11 +473,36 @@ impl RawConfig {
         if concurrency == 0 {
             p.0.push("agent.concurrency: must be at least 1".into());
         }
+        let max_clock_skew = self
+            .agent
+            .max_clock_skew
+            .unwrap_or(Duration::from_secs(defaults::MAX_CLOCK_SKEW_SECS));
+        let max_command_ttl = self
+            .agent
+            .max_command_ttl
+            .unwrap_or(Duration::from_secs(defaults::MAX_COMMAND_TTL_SECS));
+        if max_command_ttl < Duration::from_secs(1) {
+            p.0.push("agent.max_command_ttl: must be at least 1s".into());
+        }
         let log_level = validate_level(&mut p, &self.log, defaults::LOG_LEVEL);
+        let state_base = self
+            .agent
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| defaults::STATE_DIR.into());
         p.finish(|| {
+            let node = node?;
             Some(AgentSettings {
+                state_dir: state_base.join(node.as_str()),
+                authorized_keys: self
+                    .agent
+                    .authorized_keys
+                    .clone()
+                    .unwrap_or_else(|| defaults::AUTHORIZED_KEYS.into()),
+                max_clock_skew,
+                max_command_ttl,
                 broker: broker?,
-                node: node?,
+                node,
                 plugin_dir: self
                     .agent
                     .plugin_dir
@@ -539,6 +587,11 @@ impl RawConfig {
                 timeout,
                 ttl,
                 freshness,
+                signing_key: self
+                    .runner
+                    .signing_key
+                    .clone()
+                    .unwrap_or_else(|| defaults::SIGNING_KEY.into()),
                 log_level,
             })
         })

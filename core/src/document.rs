@@ -22,6 +22,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::signing::PublicKey;
 use crate::{
     names::{NodeName, RESERVED_PLUGIN_NAME},
     wire::{Announce, Outcome, PluginResult},
@@ -65,6 +66,10 @@ pub struct NodeMeta {
     /// Facts the agent last announced (`os.family`, `kernel`, `arch`, ...).
     #[serde(default)]
     pub facts: serde_json::Map<String, Value>,
+    /// The node's public key (base64), pinned on first contact: results signed by any other
+    /// key are refused. `vogeler-runner nodes forget` clears it for a reinstalled node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl NodeMeta {
@@ -78,6 +83,7 @@ impl NodeMeta {
             agent_plugins: BTreeMap::new(),
             announced_at: None,
             facts: serde_json::Map::new(),
+            key: None,
         }
     }
 
@@ -171,6 +177,27 @@ impl NodeDocument {
             rev: None,
             meta: NodeMeta::new(now),
             values: BTreeMap::new(),
+        }
+    }
+
+    /// Check that `signer` (base64 public key) is this node's key, pinning it if the node has
+    /// none yet. Returns whether the pin was set now (the document changed), or why the
+    /// signer is refused.
+    pub fn pin_key(&mut self, signer: &PublicKey) -> Result<bool, String> {
+        let b64 = signer.to_base64();
+        match &self.meta.key {
+            None => {
+                self.meta.key = Some(b64);
+                Ok(true)
+            }
+            Some(pinned) if *pinned == b64 => Ok(false),
+            Some(pinned) => Err(format!(
+                "node {} is pinned to key {} but this message is signed by key {}; if the node was reinstalled, run: vogeler-runner nodes forget {}",
+                self.id,
+                PublicKey::from_base64(pinned).map_or_else(|| "(unreadable)".into(), |k| k.id()),
+                signer.id(),
+                self.id
+            )),
         }
     }
 

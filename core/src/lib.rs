@@ -7,6 +7,7 @@
 //! - [`couch`]: a small CouchDB HTTP client that keeps to the documented API.
 //! - [`document`]: the node document shape and how results merge into it.
 //! - [`design`]: the design documents (views) the server installs.
+//! - [`signing`]: Ed25519 keys, signatures and authorized-keys files.
 //! - [`config`]: layered configuration (defaults < file < `VOGELER_*` env < flags).
 //! - [`cli`]: the connection flags every program shares.
 //! - [`duration`], [`secret`]: value types used by config.
@@ -24,9 +25,17 @@ pub mod exit;
 pub mod names;
 pub mod secret;
 pub mod shutdown;
+pub mod signing;
 pub mod telemetry;
 pub mod topology;
 pub mod wire;
 
 /// The version every program reports in its announcements and results.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The host name: the default node name, and the default comment of a new key.
+pub fn hostname() -> Option<String> {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+}

@@ -18,6 +18,9 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Messages larger than this are refused before parsing (a plugin's output is capped far lower).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// Commands are a few hundred bytes; anything near this is not from a runner.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
 /// The largest plugin value (as JSON) an agent publishes. RabbitMQ 4 refuses messages over
 /// 16 MiB by default; this leaves room for the rest of the result.
 pub const MAX_VALUE_BYTES: usize = 15 * 1024 * 1024;
@@ -197,8 +200,12 @@ pub struct Announce {
 /// Why a message was refused. The text goes into logs (and later the dead-letter reason).
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    #[error("message of {0} bytes is larger than the {MAX_MESSAGE_BYTES} byte limit")]
-    TooLarge(usize),
+    #[error("message of {size} bytes is larger than the {limit} byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("message repeats a key or is not JSON: {0}")]
+    Ambiguous(#[source] serde_json::Error),
+    #[error("expected a command, got a {0} message")]
+    NotACommand(&'static str),
     #[error("message is not JSON: {0}")]
     NotJson(#[source] serde_json::Error),
     #[error("message has no schema version")]
@@ -242,7 +249,10 @@ pub fn encode(message: &Message) -> Vec<u8> {
 /// Parse and validate a message received from the broker.
 pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
     if bytes.len() > MAX_MESSAGE_BYTES {
-        return Err(WireError::TooLarge(bytes.len()));
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_MESSAGE_BYTES,
+        });
     }
     // One parse in the common case; only a failure pays for a second look at the schema
     // version, to say why.
@@ -264,6 +274,78 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
         }
         Some(Value::Number(n)) => Err(WireError::UnsupportedSchema(n.as_u64().unwrap_or(0))),
         Some(_) => Err(WireError::NoSchema),
+    }
+}
+
+/// Parse a command strictly: size-capped, and refused when any object repeats a key
+/// (parsers disagree on which copy wins, and a signed command must mean one thing).
+pub fn decode_command(bytes: &[u8]) -> Result<Command, WireError> {
+    if bytes.len() > MAX_COMMAND_BYTES {
+        return Err(WireError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_COMMAND_BYTES,
+        });
+    }
+    serde_json::from_slice::<unique::Unique>(bytes).map_err(WireError::Ambiguous)?;
+    match decode(bytes)? {
+        Message::Command(c) => Ok(c),
+        other => Err(WireError::NotACommand(other.kind())),
+    }
+}
+
+/// A JSON walker that fails on a repeated object key at any depth.
+mod unique {
+    use std::collections::HashSet;
+
+    use serde::de::{Deserialize, Deserializer, Error, MapAccess, SeqAccess, Visitor};
+
+    pub struct Unique;
+
+    impl<'de> Deserialize<'de> for Unique {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_any(UniqueVisitor)
+        }
+    }
+
+    struct UniqueVisitor;
+
+    impl<'de> Visitor<'de> for UniqueVisitor {
+        type Value = Unique;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_unit<E>(self) -> Result<Unique, E> {
+            Ok(Unique)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Unique, A::Error> {
+            while a.next_element::<Unique>()?.is_some() {}
+            Ok(Unique)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Unique, A::Error> {
+            let mut seen = HashSet::new();
+            while let Some(key) = a.next_key::<String>()? {
+                if !seen.insert(key.clone()) {
+                    return Err(A::Error::custom(format!("duplicate key {key:?}")));
+                }
+                a.next_value::<Unique>()?;
+            }
+            Ok(Unique)
+        }
     }
 }
 
@@ -393,6 +475,35 @@ mod tests {
             .expect_err("bad node")
             .to_string();
         assert!(err.contains("node name"), "{err}");
+    }
+
+    #[test]
+    fn commands_are_decoded_strictly() {
+        let fixture = golden("command.json");
+        assert_eq!(
+            decode_command(fixture.as_bytes())
+                .map(Message::Command)
+                .ok(),
+            Some(command())
+        );
+        for dup in [
+            fixture.replace("\"plugin\"", "\"plugin\": \"evil\", \"plugin\""),
+            fixture.replace("\"schema\"", "\"schema\": 1, \"schema\""),
+            fixture.replace("{", "{\"x\": {\"a\": 1, \"a\": 2},"),
+        ] {
+            let err = decode_command(dup.as_bytes()).expect_err(&dup).to_string();
+            assert!(err.contains("duplicate key"), "{err}");
+        }
+        let big = format!("{}{}", " ".repeat(MAX_COMMAND_BYTES), fixture);
+        assert!(matches!(
+            decode_command(big.as_bytes()),
+            Err(WireError::TooLarge { .. })
+        ));
+        let result = golden("result.json");
+        assert!(matches!(
+            decode_command(result.as_bytes()),
+            Err(WireError::NotACommand("result"))
+        ));
     }
 
     #[test]

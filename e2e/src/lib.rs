@@ -25,6 +25,7 @@ use vogeler_core::{
     document::NodeDocument,
     names::NodeName,
     secret::SecretUrl,
+    signing::{PrivateKey, Purpose},
 };
 
 pub use proxy::FaultProxy;
@@ -51,6 +52,13 @@ pub struct TestStack {
     pub amqp_url: String,
     pub couchdb_url: String,
     pub couch: CouchClient,
+    /// `runner.key`/`runner.pub` (the runner key every agent of this stack trusts) and
+    /// `state/`, the agents' state directories.
+    pub keys: tempfile::TempDir,
+    /// The key this stack's runner signs with.
+    pub runner_key: PrivateKey,
+    /// A key for tests that publish results as an agent would.
+    pub agent_key: PrivateKey,
 }
 
 impl TestStack {
@@ -75,13 +83,34 @@ impl TestStack {
                 "the CouchDB-compatible server is not reachable at {couchdb_url}: {e}\nstart the stack with: scripts/stack.sh up"
             );
         }
+        let keys = tempfile::tempdir().expect("key directory");
+        vogeler_runner::inventory::keygen(keys.path(), "test").expect("runner key");
+        let runner_key = PrivateKey::load(&keys.path().join("runner.key")).expect("runner key");
         Self {
             collective: format!("test-{}", &id[..12]),
             database: format!("test_{}", &id[..12]),
             amqp_url,
             couchdb_url,
             couch,
+            keys,
+            runner_key,
+            agent_key: PrivateKey::generate().expect("agent key"),
         }
+    }
+
+    /// The public key file every agent of this stack trusts.
+    pub fn authorized_keys(&self) -> std::path::PathBuf {
+        self.keys.path().join("runner.pub")
+    }
+
+    /// The base state directory of this stack's agents.
+    pub fn state_dir(&self) -> std::path::PathBuf {
+        self.keys.path().join("state")
+    }
+
+    /// The audit log of one of this stack's agents.
+    pub fn audit_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.state_dir().join(node).join("audit.log")).unwrap_or_default()
     }
 
     /// Config sources for this stack, exactly as flags would give them (no environment).
@@ -96,7 +125,16 @@ impl TestStack {
             .set("couchdb.url", Some(&self.couchdb_url))
             .set("couchdb.database", Some(&self.database))
             .set("connect_timeout", Some("10"))
-            .set("log.level", Some("warn"));
+            .set("log.level", Some("warn"))
+            .set(
+                "agent.authorized_keys",
+                Some(self.authorized_keys().display()),
+            )
+            .set("agent.state_dir", Some(self.state_dir().display()))
+            .set(
+                "runner.signing_key",
+                Some(self.keys.path().join("runner.key").display()),
+            );
         s
     }
 
@@ -159,22 +197,19 @@ impl TestStack {
         (conn, ch)
     }
 
-    /// Publish raw bytes to `exchange` the way a broken or hostile client would, each
-    /// confirmed by the broker.
+    /// Publish raw bytes to `exchange` the way a broken client would, each confirmed by the
+    /// broker: signed with the stack's runner key (commands exchange) or agent key (results
+    /// exchange), so what is tested is what lies beyond the signature check.
     pub async fn publish_raw(&self, exchange: &str, key: &str, bodies: &[&[u8]]) {
+        let (signer, purpose) = if exchange == self.topology().commands_exchange() {
+            (&self.runner_key, Purpose::Command)
+        } else {
+            (&self.agent_key, Purpose::Agent)
+        };
         let (conn, ch) = self.publisher("test-raw").await;
         for body in bodies {
-            ch.basic_publish(
-                exchange.into(),
-                key.into(),
-                Default::default(),
-                body,
-                Default::default(),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+            let headers = vogeler_core::amqp::signature_headers(signer, purpose, body);
+            publish_bytes(&ch, exchange, key, body, Some(headers)).await;
         }
         let _ = conn.close(200, "done".into()).await;
     }
@@ -237,6 +272,27 @@ impl Drop for TestStack {
         })
         .join();
     }
+}
+
+/// Publish one body with optional headers and wait for the broker's confirm.
+pub async fn publish_bytes(
+    ch: &lapin::Channel,
+    exchange: &str,
+    key: &str,
+    body: &[u8],
+    headers: Option<lapin::types::FieldTable>,
+) {
+    let mut props = lapin::BasicProperties::default();
+    if let Some(h) = headers {
+        props = props.with_headers(h);
+    }
+    let confirm = ch
+        .basic_publish(exchange.into(), key.into(), Default::default(), body, props)
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "the broker refused a message");
 }
 
 /// A program running in-process; cancelled when dropped.

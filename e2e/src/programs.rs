@@ -60,7 +60,13 @@ pub fn program(name: &str, stack: &TestStack) -> Command {
         "--connect-timeout",
         "10",
     ])
-    .env("VOGELER_AMQP__QUEUE_EXPIRES", crate::QUEUE_EXPIRES);
+    .env("VOGELER_AMQP__QUEUE_EXPIRES", crate::QUEUE_EXPIRES)
+    .env("VOGELER_AGENT__AUTHORIZED_KEYS", stack.authorized_keys())
+    .env("VOGELER_AGENT__STATE_DIR", stack.state_dir())
+    .env(
+        "VOGELER_RUNNER__SIGNING_KEY",
+        stack.keys.path().join("runner.key"),
+    );
     cmd
 }
 

@@ -459,3 +459,25 @@ async fn unreachable_broker_and_database_are_named_without_passwords() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn an_agent_without_an_authorized_key_refuses_to_start() {
+    let stack = TestStack::new().await;
+    let plugins = plugin_dir(&[("hello.toml", HELLO)]);
+    let mut settings = stack.agent_settings("web01", plugins.path());
+    let empty = stack.keys.path().join("empty.pub");
+    std::fs::write(&empty, "# nobody yet\n").expect("write");
+    for path in [empty, stack.keys.path().join("missing.pub")] {
+        settings.authorized_keys = path;
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            vogeler_agent::run(settings.clone(), CancellationToken::new()),
+        )
+        .await
+        .expect("refused at once, before connecting")
+        .expect_err("no key");
+        assert!(err.is_config(), "{err}");
+        let text = err.to_string();
+        assert!(text.contains("vogeler-runner keygen"), "{text}");
+    }
+}

@@ -307,6 +307,7 @@ async fn an_unexpected_responder_is_reported_without_failing_the_run() {
         .basic_consume(q.name().clone(), "".into(), no_ack, Default::default())
         .await
         .expect("consume");
+    let rogue_key = stack.agent_key.clone();
     let rogue = tokio::spawn(async move {
         let d = commands.next().await.expect("stream").expect("delivery");
         let wire::Message::Command(c) = wire::decode(&d.data).expect("command") else {
@@ -328,6 +329,7 @@ async fn an_unexpected_responder_is_reported_without_failing_the_run() {
             &t.results_exchange(),
             &Topology::result_routing_key(c.request_id),
             &reply,
+            &rogue_key,
         )
         .await
         .expect("reply");

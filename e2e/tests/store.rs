@@ -52,7 +52,7 @@ async fn publish(stack: &TestStack, messages: &[Message]) {
             Message::Announce(a) => Topology::announce_routing_key(&a.node),
             Message::Command(_) => "command".into(),
         };
-        amqp::publish(&ch, &t.results_exchange(), &key, m)
+        amqp::publish(&ch, &t.results_exchange(), &key, m, &stack.agent_key)
             .await
             .expect("publish");
     }

@@ -8,7 +8,8 @@ use vogeler_core::{
     config::CouchSettings,
     couch::{CouchClient, CouchError},
     design,
-    document::HistoryEntry,
+    document::{HistoryEntry, NodeDocument},
+    signing::{KeyError, PrivateKey, PublicKey},
 };
 
 use crate::{RunnerError, target::NodeSet};
@@ -24,6 +25,68 @@ pub(crate) fn registry_error(e: CouchError) -> RunnerError {
         CouchError::Status { status, .. } if status.as_u16() == 404 => RunnerError::NotReady(e),
         _ => RunnerError::Registry(e),
     }
+}
+
+/// Clear a node's pinned key, so the next key it signs with is pinned (a reinstalled node
+/// has a new key). Returns the id of the key that was pinned, or `None` when none was.
+pub async fn forget(settings: &CouchSettings, node: &str) -> Result<Option<String>, RunnerError> {
+    let couch = client(settings)?;
+    // A result arriving in between changes the revision: read and write again.
+    for _ in 0..5 {
+        let Some(mut doc) = couch
+            .get::<NodeDocument>(&settings.database, node)
+            .await
+            .map_err(registry_error)?
+        else {
+            return Err(RunnerError::NoSuchNode(node.to_string()));
+        };
+        let Some(old) = doc.meta.key.take() else {
+            return Ok(None);
+        };
+        match couch.put(&settings.database, node, &doc).await {
+            Ok(_) => {
+                return Ok(Some(
+                    PublicKey::from_base64(&old).map_or_else(|| old.clone(), |k| k.id()),
+                ));
+            }
+            Err(CouchError::Status { status, .. }) if status.as_u16() == 409 => continue,
+            Err(e) => return Err(RunnerError::Registry(e)),
+        }
+    }
+    Err(RunnerError::Registry(CouchError::Conflict {
+        db: settings.database.clone(),
+        id: node.to_string(),
+    }))
+}
+
+/// Write a new key pair into `dir` (created 0700 if missing): `runner.key` (0600) and
+/// `runner.pub`. Returns the two paths and the key id.
+pub fn keygen(
+    dir: &std::path::Path,
+    comment: &str,
+) -> Result<(std::path::PathBuf, std::path::PathBuf, String), KeyError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| KeyError::Write {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    let (private, public) = (dir.join("runner.key"), dir.join("runner.pub"));
+    if public.exists() {
+        return Err(KeyError::Exists { path: public });
+    }
+    let key = PrivateKey::generate()?;
+    key.save(&private)?;
+    std::fs::write(&public, format!("{}\n", key.public().to_line(comment))).map_err(|source| {
+        KeyError::Write {
+            path: public.clone(),
+            source,
+        }
+    })?;
+    Ok((private, public, key.public().id()))
 }
 
 /// `NAME` or `NAME=VERSION`.

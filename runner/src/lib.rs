@@ -25,6 +25,7 @@ use vogeler_core::{
     couch::CouchError,
     design,
     names::{NodeName, PluginName},
+    signing::{KeyError, PrivateKey, Purpose},
     topology::Topology,
     wire::PluginResult,
     wire::{self, Command, Message, Target},
@@ -45,9 +46,20 @@ pub enum RunnerError {
     NotReady(#[source] CouchError),
     #[error("cannot build the HTTP client: {0}")]
     Http(String),
+    #[error("node {0} has no document in the inventory")]
+    NoSuchNode(String),
+    #[error(
+        "{0}; commands must be signed: create a key pair with `vogeler-runner keygen --out /etc/vogeler/keys`, install runner.pub in every agent's authorized keys, and point runner.signing_key (or --signing-key, or VOGELER_RUNNER__SIGNING_KEY) at runner.key"
+    )]
+    SigningKey(#[source] KeyError),
 }
 
 impl RunnerError {
+    /// The signing key is missing or unusable (exit 78).
+    pub fn is_config(&self) -> bool {
+        matches!(self, RunnerError::SigningKey(_))
+    }
+
     /// Broker or database unreachable (exit 69).
     pub fn is_unavailable(&self) -> bool {
         match self {
@@ -242,6 +254,7 @@ pub async fn query(
     cancel: &CancellationToken,
     on_reply: &mut (dyn FnMut(Progress<'_>) + Send),
 ) -> Result<Report, RunnerError> {
+    let signer = PrivateKey::load(&settings.signing_key).map_err(RunnerError::SigningKey)?;
     // Names alone need no registry: they are commanded whatever it says.
     let expected = match &q.nodes {
         NodeSet::Names(names) => names.clone(),
@@ -268,7 +281,16 @@ pub async fn query(
             report.broadcast = false;
         }
     }
-    let result = collect(&conn, b.topology.clone(), q, &mut report, cancel, on_reply).await;
+    let result = collect(
+        &conn,
+        b.topology.clone(),
+        q,
+        &signer,
+        &mut report,
+        cancel,
+        on_reply,
+    )
+    .await;
     let _ = conn.close(200, "runner done".into()).await;
     result.map(|()| report)
 }
@@ -277,6 +299,7 @@ async fn collect(
     conn: &lapin::Connection,
     topology: Topology,
     q: &Query,
+    signer: &PrivateKey,
     report: &mut Report,
     cancel: &CancellationToken,
     on_reply: &mut (dyn FnMut(Progress<'_>) + Send),
@@ -363,6 +386,7 @@ async fn collect(
                 &topology.commands_exchange(),
                 &key,
                 &command(target),
+                signer,
                 Some(q.ttl),
             )
             .await?;
@@ -387,6 +411,16 @@ async fn collect(
                 Some(Err(e)) => return Err(AmqpError::from(e).into()),
                 None => return Err(AmqpError::ConsumerEnded { queue: reply_queue }.into()),
             };
+            let (key, signature) = amqp::signature_of(&delivery.properties);
+            if let Err(e) = vogeler_core::signing::verify(
+                Purpose::Agent,
+                &delivery.data,
+                key.as_deref(),
+                signature.as_deref(),
+            ) {
+                warn!(error = %e, "ignored a reply with a bad signature");
+                continue;
+            }
             match wire::decode(&delivery.data) {
                 Ok(Message::Result(r)) if r.request_id == report.request_id => {
                     debug!(node = %r.node, outcome = r.outcome.status(), "reply");

@@ -37,7 +37,9 @@ use vogeler_runner::{Query, RunnerError, inventory as inv, target};
         "  vogeler-runner show web01 dpkg               a stored document or value\n",
         "  vogeler-runner find package openssl=3.0.11-1  nodes with that package (from CouchDB)\n",
         "  vogeler-runner find fact os.family=Debian\n",
-        "  vogeler-runner history web01 dpkg             how a plugin's value changed\n\n",
+        "  vogeler-runner history web01 dpkg             how a plugin's value changed\n",
+        "  vogeler-runner keygen --out /etc/vogeler/keys  a key pair to sign commands with\n",
+        "  vogeler-runner nodes forget web01             accept a reinstalled node's new key\n\n",
         "Exit codes: 0 every node answered ok; 1 a node failed or did not answer; 2 usage;\n",
         "69 broker or database unavailable; 78 bad configuration.\n",
     ),
@@ -103,6 +105,11 @@ struct Cli {
     #[arg(long, global = true)]
     no_progress: bool,
 
+    /// The private key commands are signed with (see `keygen`)
+    /// [env: VOGELER_RUNNER__SIGNING_KEY] [default: /etc/vogeler/keys/runner.key]
+    #[arg(long, value_name = "FILE", global = true)]
+    signing_key: Option<std::path::PathBuf>,
+
     /// Validate the configuration, print the problems, and exit (0 valid, 78 invalid)
     #[arg(long)]
     check_config: bool,
@@ -119,7 +126,20 @@ enum Output {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Registered nodes (of -n, default all): last seen, agent version, stale flag
-    Nodes,
+    Nodes {
+        #[command(subcommand)]
+        action: Option<NodesAction>,
+    },
+    /// Create a signing key pair: DIR/runner.key (mode 0600, keep it secret) and
+    /// DIR/runner.pub (install it in each agent's authorized keys)
+    Keygen {
+        /// Directory to write the two files to (created with mode 0700 if missing)
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// Comment stored in runner.pub [default: user@host]
+        #[arg(long)]
+        comment: Option<String>,
+    },
     /// A node's stored document, or one plugin's value
     Show {
         /// The node's name
@@ -143,6 +163,16 @@ enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+enum NodesAction {
+    /// Forget a node's pinned key: the next key it signs with is pinned instead (after
+    /// reinstalling a node, whose new agent has a new key). Needs write access to the database
+    Forget {
+        /// The node's name
+        node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Find {
     /// Nodes with an installed package (from the dpkg and rpms plugins): NAME or NAME=VERSION
     Package {
@@ -160,9 +190,37 @@ fn fail(e: RunnerError) -> ExitCode {
     eprintln!("vogeler-runner: {e}");
     exit::code(if e.is_unavailable() {
         exit::UNAVAILABLE
+    } else if e.is_config() {
+        exit::CONFIG
     } else {
         exit::FAILURE
     })
+}
+
+fn keygen(dir: &std::path::Path, comment: Option<&str>) -> ExitCode {
+    let default_comment = format!(
+        "{}@{}",
+        std::env::var("USER").unwrap_or_else(|_| "runner".into()),
+        vogeler_core::hostname().unwrap_or_else(|| "localhost".into())
+    );
+    match inv::keygen(dir, comment.unwrap_or(&default_comment)) {
+        Ok((private, public, id)) => {
+            println!(
+                "created key {id}:\n  {}  (private: keep it on this machine, mode 0600)\n  {}  (public: install it in each agent's authorized keys)",
+                private.display(),
+                public.display()
+            );
+            println!(
+                "sign with it: --signing-key {} (or runner.signing_key in the config file)",
+                private.display()
+            );
+            exit::code(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("vogeler-runner: keygen: {e}");
+            exit::code(exit::CONFIG)
+        }
+    }
 }
 
 fn print_doc(output: Output, v: &serde_json::Value) {
@@ -198,7 +256,17 @@ async fn inventory(
         Command::History { node, plugin } => inv::history(&settings.couch, node, plugin)
             .await
             .map(|h| inv::render_history(&h)),
-        Command::Nodes => {
+        Command::Keygen { .. } => unreachable!("keygen runs before configuration is loaded"),
+        Command::Nodes {
+            action: Some(NodesAction::Forget { node }),
+        } => match inv::forget(&settings.couch, node).await {
+            Ok(Some(old)) => Ok(format!(
+                "node {node}: forgot pinned key {old}; the next key it signs with will be pinned\n"
+            )),
+            Ok(None) => Ok(format!("node {node}: no key was pinned\n")),
+            Err(e) => Err(e),
+        },
+        Command::Nodes { action: None } => {
             let set = match target::parse(&cli.nodes, &target::Files) {
                 Ok(s) => s,
                 Err(e) => {
@@ -277,11 +345,18 @@ fn progress_bar(disabled: bool, expected: usize) -> Option<indicatif::ProgressBa
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Keygen { out, comment }) = &cli.command {
+        return keygen(out, comment.as_deref());
+    }
     let mut sources = cli.common.sources();
     cli.couch.add_to(&mut sources);
     sources
         .set("runner.timeout", cli.timeout.as_ref())
-        .set("runner.ttl", cli.ttl.as_ref());
+        .set("runner.ttl", cli.ttl.as_ref())
+        .set(
+            "runner.signing_key",
+            cli.signing_key.as_ref().map(|p| p.display()),
+        );
     let loaded = config::load(&sources).and_then(|raw| raw.runner());
     let settings =
         match vogeler_core::cli::settings_or_exit("vogeler-runner", loaded, cli.check_config) {

@@ -33,11 +33,12 @@ use vogeler_core::{
     config::{CouchSettings, ServerSettings},
     couch::{CouchClient, CouchError},
     design,
+    signing::{self, Purpose},
     topology::Topology,
     wire::{self, Message},
 };
 
-use crate::store::{Store, Stored};
+use crate::store::{Signed, Store, Stored};
 
 /// How long to wait for more results to fill a batch once one has arrived: long enough to
 /// group a fan-out's replies, short enough not to be noticed.
@@ -289,10 +290,7 @@ async fn serve(
                 }
             }
             // Decoding here overlaps it with the writer's database round trips.
-            let batch = batch
-                .into_iter()
-                .map(|d| (wire::decode(&d.data), d))
-                .collect();
+            let batch = batch.into_iter().map(|d| (verify(&d), d)).collect();
             if tx.send(batch).await.is_err() {
                 return Ok(()); // the writer stopped for shutdown
             }
@@ -357,13 +355,28 @@ fn delivery(d: Option<Result<Delivery, lapin::Error>>, queue: &str) -> Result<De
 fn batch_nodes(batch: &[Decoded]) -> BTreeSet<String> {
     batch
         .iter()
-        .filter_map(|(m, _)| m.as_ref().ok().and_then(store::node_of))
+        .filter_map(|(m, _)| m.as_ref().ok().and_then(|s| store::node_of(&s.message)))
         .map(|n| n.to_string())
         .collect()
 }
 
-/// A delivery with its decoded message (or why it could not be decoded).
-type Decoded = (Result<Message, wire::WireError>, Delivery);
+/// A delivery with its verified, decoded message (or why it was refused).
+type Decoded = (Result<Signed, String>, Delivery);
+
+/// Check the signature over the bytes received, then decode. The signer is only known to be
+/// the node's own key once the store compares it with the node's pin.
+fn verify(d: &Delivery) -> Result<Signed, String> {
+    let (key, signature) = amqp::signature_of(&d.properties);
+    let signer = signing::verify(
+        Purpose::Agent,
+        &d.data,
+        key.as_deref(),
+        signature.as_deref(),
+    )
+    .map_err(|e| e.to_string())?;
+    let message = wire::decode(&d.data).map_err(|e| e.to_string())?;
+    Ok(Signed { message, signer })
+}
 
 /// Store one batch and settle its messages; returns how many were stored and dead-lettered,
 /// or `None` when shutdown interrupted it (its messages stay unacked and are redelivered to
@@ -375,30 +388,38 @@ async fn handle_batch(
     batch: Vec<Decoded>,
     cancel: &CancellationToken,
 ) -> Option<(u64, u64)> {
-    let mut valid: Vec<(Message, Delivery)> = Vec::with_capacity(batch.len());
+    let mut valid: Vec<(Signed, Delivery)> = Vec::with_capacity(batch.len());
     let mut dead_count = 0;
     for (decoded, d) in batch {
         match decoded {
-            Ok(m @ (Message::Result(_) | Message::Announce(_))) => valid.push((m, d)),
+            Ok(
+                m @ Signed {
+                    message: Message::Result(_) | Message::Announce(_),
+                    ..
+                },
+            ) => valid.push((m, d)),
             Ok(other) => {
                 dead_count += 1;
                 dead_letter(
                     topology,
                     dead,
                     &d,
-                    &format!("the results queue does not take {} messages", other.kind()),
+                    &format!(
+                        "the results queue does not take {} messages",
+                        other.message.kind()
+                    ),
                 )
                 .await;
             }
             Err(e) => {
                 dead_count += 1;
-                dead_letter(topology, dead, &d, &e.to_string()).await;
+                dead_letter(topology, dead, &d, &e).await;
             }
         }
     }
     let mut delays = backoff::delays();
     let stored = loop {
-        let messages: Vec<&Message> = valid.iter().map(|(m, _)| m).collect();
+        let messages: Vec<&Signed> = valid.iter().map(|(m, _)| m).collect();
         match store.apply(&messages).await {
             Ok(outcome) => break outcome,
             Err(e) if is_permanent(&e) && valid.len() > 1 => {
@@ -435,11 +456,12 @@ async fn handle_batch(
     // Acked one by one: with several batches in flight a `multiple` ack could settle
     // another batch's messages before they are stored.
     let mut stored_count = 0;
+    let mut wrong_key = 0u64;
     for ((message, d), outcome) in valid.iter().zip(stored) {
         match outcome {
             Stored::Done => {
                 stored_count += 1;
-                log_stored(message);
+                log_stored(&message.message);
                 if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
                     // The write is idempotent, so a redelivery after this is harmless.
                     warn!(error = %e, "stored but could not ack; it will be redelivered");
@@ -448,6 +470,12 @@ async fn handle_batch(
             Stored::Refused(reason) => {
                 dead_count += 1;
                 error!(reason = %reason, "database refused a result");
+                dead_letter(topology, dead, d, &reason).await;
+            }
+            Stored::WrongKey(reason) => {
+                dead_count += 1;
+                wrong_key += 1;
+                warn!(reason = %reason, wrong_key_in_batch = wrong_key, "refused a message signed by another key than its node's");
                 dead_letter(topology, dead, d, &reason).await;
             }
         }

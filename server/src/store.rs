@@ -10,6 +10,7 @@ use vogeler_core::{
     couch::{CouchClient, CouchError},
     document::{Change, HistoryEntry, NodeDocument},
     names::NodeName,
+    signing::PublicKey,
     wire::Message,
 };
 
@@ -24,6 +25,15 @@ pub enum Stored {
     Done,
     /// The database refused this node's document; retrying will not help.
     Refused(String),
+    /// Signed by another key than the one pinned for its node.
+    WrongKey(String),
+}
+
+/// A message whose signature checked out, with its signer.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub message: Message,
+    pub signer: PublicKey,
 }
 
 /// The node database and its history database.
@@ -57,18 +67,19 @@ impl Store {
     }
 
     /// Apply results and announcements (any order, any duplication) to their nodes'
-    /// documents. Returns one [`Stored`] per message, in order. An `Err` is transient (the
+    /// documents, each only if its signer is the node's pinned key (pinned on first
+    /// contact). Returns one [`Stored`] per message, in order. An `Err` is transient (the
     /// database is down, or conflicts persisted): nothing may be acked, try again later.
-    pub async fn apply(&self, messages: &[&Message]) -> Result<Vec<Stored>, CouchError> {
+    pub async fn apply(&self, messages: &[&Signed]) -> Result<Vec<Stored>, CouchError> {
         let mut by_node: BTreeMap<&NodeName, Vec<usize>> = BTreeMap::new();
         for (i, m) in messages.iter().enumerate() {
-            if let Some(node) = node_of(m) {
+            if let Some(node) = node_of(&m.message) {
                 by_node.entry(node).or_default().push(i);
             }
         }
         // Oldest first, so every change between them lands in the history.
         for idx in by_node.values_mut() {
-            idx.sort_by_key(|i| time_of(messages[*i]));
+            idx.sort_by_key(|i| time_of(&messages[*i].message));
         }
         let mut outcome = vec![Stored::Done; messages.len()];
         let mut pending: Vec<&NodeName> = by_node.keys().copied().collect();
@@ -85,7 +96,14 @@ impl Store {
                 let mut doc = doc.unwrap_or_else(|| NodeDocument::new(node, now));
                 let mut changed = false;
                 for &i in &by_node[node] {
-                    let change = match messages[i] {
+                    match doc.pin_key(&messages[i].signer) {
+                        Ok(pinned) => changed |= pinned,
+                        Err(reason) => {
+                            outcome[i] = Stored::WrongKey(reason);
+                            continue;
+                        }
+                    }
+                    let change = match &messages[i].message {
                         Message::Result(r) => doc.apply_result_recording(r, now, &mut history),
                         Message::Announce(a) => doc.apply_announce(a, now),
                         Message::Command(_) => Change::Unchanged,

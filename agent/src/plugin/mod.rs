@@ -224,6 +224,10 @@ fn is_plugin_file(path: &Path) -> bool {
 }
 
 impl Catalog {
+    pub fn contains(&self, name: &PluginName) -> bool {
+        self.get(name).is_some()
+    }
+
     pub fn get(&self, name: &PluginName) -> Option<&Plugin> {
         self.plugins.get(name)
     }
