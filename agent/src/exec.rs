@@ -30,6 +30,12 @@ pub struct Execution {
 
 /// Run `plugin` to completion or timeout. Never panics, never hangs past the timeout.
 pub async fn execute(plugin: &Plugin) -> Execution {
+    execute_with(plugin, &[]).await
+}
+
+/// [`execute`], with variables the agent adds for this run (`VOGELER_REQUEST_ID`,
+/// `VOGELER_NODE`), so a plugin can tie its own logs to the request.
+pub async fn execute_with(plugin: &Plugin, run_env: &[(&str, &str)]) -> Execution {
     let started = tokio::time::Instant::now();
     let failed_to_start = |error: String| Execution {
         outcome: Outcome::FailedToStart { error },
@@ -44,6 +50,7 @@ pub async fn execute(plugin: &Plugin) -> Execution {
         .env("PATH", PLUGIN_PATH)
         .env("LANG", "C")
         .env("LC_ALL", "C")
+        .envs(run_env.iter().copied())
         .envs(&plugin.env)
         .current_dir("/")
         .stdin(Stdio::null())

@@ -549,7 +549,12 @@ async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
         unreachable!("the run semaphore is never closed")
     };
     debug!(program = %plugin.program.display(), "running plugin");
-    let mut e = exec::execute(plugin).await;
+    let request_id = command.request_id.to_string();
+    let run_env = [
+        ("VOGELER_REQUEST_ID", request_id.as_str()),
+        ("VOGELER_NODE", shared.settings.node.as_str()),
+    ];
+    let mut e = exec::execute_with(plugin, &run_env).await;
     if let Some(v) = &e.value {
         let size = serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());
         if size > wire::MAX_VALUE_BYTES {
