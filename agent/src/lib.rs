@@ -87,7 +87,7 @@ pub enum AgentError {
 impl AgentError {
     /// Keys or state are misconfigured: restarting will not help (exit 78).
     pub fn is_config(&self) -> bool {
-        !matches!(self, AgentError::Broker(_))
+        !matches!(self, AgentError::Broker(e) if !matches!(e, AmqpError::Tls(_)))
     }
 
     /// The broker could not be reached at start-up (exit 69).
@@ -230,24 +230,20 @@ pub async fn run(settings: AgentSettings, cancel: CancellationToken) -> Result<(
     let started_at = Utc::now();
     let tracker = TaskTracker::new();
 
-    let mut conn = match amqp::connect_with_retry(
-        &s.broker.url,
-        &name,
-        Some(s.broker.connect_timeout),
-        &cancel,
-    )
-    .await
-    {
-        Ok(c) => c,
-        Err(AmqpError::Cancelled) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
+    let mut conn =
+        match amqp::connect_with_retry(&s.broker, &name, Some(s.broker.connect_timeout), &cancel)
+            .await
+        {
+            Ok(c) => c,
+            Err(AmqpError::Cancelled) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
     loop {
         match serve(&conn, &shared, started_at, &tracker, &cancel).await {
             Ok(()) => break,
             Err(e) => warn!(node = %s.node, error = %e, "lost the broker connection; reconnecting"),
         }
-        conn = match amqp::connect_with_retry(&s.broker.url, &name, None, &cancel).await {
+        conn = match amqp::connect_with_retry(&s.broker, &name, None, &cancel).await {
             Ok(c) => c,
             Err(_) => break,
         };

@@ -6,6 +6,7 @@ use std::time::Duration;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
     options::{BasicPublishOptions, ConfirmSelectOptions},
+    tcp::{OwnedIdentity, OwnedTLSConfig},
     types::{AMQPValue, FieldTable},
 };
 use tokio_util::sync::CancellationToken;
@@ -13,6 +14,7 @@ use tracing::{info, warn};
 
 use crate::{
     backoff,
+    config::{BrokerSettings, TlsFiles},
     secret::SecretUrl,
     signing::{KEY_HEADER, PrivateKey, Purpose, SIGNATURE_HEADER},
     wire,
@@ -42,6 +44,8 @@ pub enum AmqpError {
     ConsumerEnded { queue: String },
     #[error("shutting down")]
     Cancelled,
+    #[error("cannot set up TLS for the broker: {0}")]
+    Tls(String),
 }
 
 /// The broker refused a declaration because the exchange or queue exists with other
@@ -52,21 +56,60 @@ pub fn is_precondition_failed(e: &lapin::Error) -> bool {
         if matches!(err.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
 }
 
-/// Connect once. `name` shows in the broker's management UI.
+/// Connect once, without TLS settings. `name` shows in the broker's management UI.
 pub async fn connect(url: &SecretUrl, name: &str) -> Result<Connection, lapin::Error> {
+    connect_tls(url, &OwnedTLSConfig::default(), name).await
+}
+
+/// Connect once with TLS material (used only by `amqps://` URLs).
+pub async fn connect_tls(
+    url: &SecretUrl,
+    tls: &OwnedTLSConfig,
+    name: &str,
+) -> Result<Connection, lapin::Error> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url.expose().as_str(), props).await
+    let runtime = lapin::runtime::default_runtime()?;
+    // The config holds the client key: it is passed along, never logged.
+    Connection::connect_with_config(url.expose().as_str(), props, tls.clone(), runtime).await
+}
+
+/// Read the CA and client certificate files. Hostname verification is always on: the
+/// broker's certificate must name the host in the URL.
+pub fn tls_config(files: &TlsFiles) -> Result<OwnedTLSConfig, AmqpError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| AmqpError::Tls(format!("cannot read {}: {e}", p.display())))
+    };
+    let cert_chain = match &files.ca_file {
+        Some(p) => Some(
+            String::from_utf8(read(p)?)
+                .map_err(|_| AmqpError::Tls(format!("{} is not a PEM file", p.display())))?,
+        ),
+        None => None,
+    };
+    let identity = match &files.client {
+        Some((cert, key)) => Some(OwnedIdentity::PKCS8 {
+            pem: read(cert)?,
+            key: read(key)?,
+        }),
+        None => None,
+    };
+    Ok(OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
 }
 
 /// Connect, retrying with capped backoff. With `give_up_after` set (start-up), returns
 /// [`AmqpError::Unavailable`] once that time has passed; without it (reconnects), retries
 /// until `cancel` fires.
 pub async fn connect_with_retry(
-    url: &SecretUrl,
+    broker: &BrokerSettings,
     name: &str,
     give_up_after: Option<Duration>,
     cancel: &CancellationToken,
 ) -> Result<Connection, AmqpError> {
+    let url = &broker.url;
+    let tls = tls_config(&broker.tls)?;
     let started = tokio::time::Instant::now();
     let mut delays = backoff::delays();
     let mut attempt = 0u32;
@@ -74,7 +117,7 @@ pub async fn connect_with_retry(
         attempt += 1;
         let err = tokio::select! {
             () = cancel.cancelled() => return Err(AmqpError::Cancelled),
-            r = connect(url, name) => match r {
+            r = connect_tls(url, &tls, name) => match r {
                 Ok(conn) => {
                     info!(url = %url, attempt, "connected to broker");
                     return Ok(conn);

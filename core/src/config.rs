@@ -79,6 +79,11 @@ pub struct RawAmqp {
     pub results_queue_type: Option<String>,
     /// Results the queue holds at most before it refuses publishes.
     pub results_max_length: Option<u64>,
+    /// PEM CA certificate(s) to trust for `amqps://` (added to the system's).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and its PEM private key, for brokers that require one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,6 +95,8 @@ pub struct RawCouch {
     pub password: Option<Secret>,
     /// A file holding the password (for systemd credentials or secret managers).
     pub password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust for `https://` (added to the system's).
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -213,6 +220,16 @@ pub struct BrokerSettings {
     pub url: SecretUrl,
     pub topology: Topology,
     pub connect_timeout: Duration,
+    pub tls: TlsFiles,
+}
+
+/// TLS material for `amqps://`, read when connecting (so renewed certificates are picked up
+/// at the next reconnect).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, both or neither.
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 /// What the server and runner need to reach CouchDB.
@@ -222,6 +239,7 @@ pub struct CouchSettings {
     pub database: String,
     pub credentials: Option<Credentials>,
     pub connect_timeout: Duration,
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -390,7 +408,28 @@ impl RawConfig {
             Some(n) => results.max_length = n,
             None => {}
         }
+        let client = match (&self.amqp.cert_file, &self.amqp.key_file) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                p.0.push("amqp.cert_file and amqp.key_file: give both (a client certificate and its key) or neither".into());
+                None
+            }
+        };
+        let tls = TlsFiles {
+            ca_file: self.amqp.ca_file.clone(),
+            client,
+        };
+        if let Some(u) = &url
+            && u.expose().scheme() == "amqp"
+            && tls != TlsFiles::default()
+        {
+            p.0.push(format!(
+                "amqp.ca_file/cert_file/key_file are set but amqp.url {u} is not TLS: use amqps://"
+            ));
+        }
         Some(BrokerSettings {
+            tls,
             url: url?,
             topology: Topology::new(collective?, self.amqp.queue_expires)
                 .with_results_queue(results),
@@ -437,7 +476,15 @@ impl RawConfig {
                 None
             }
         };
+        if let (Some(u), Some(_)) = (&url, &c.ca_file)
+            && u.expose().scheme() == "http"
+        {
+            p.0.push(format!(
+                "couchdb.ca_file is set but couchdb.url {u} is not TLS: use https://"
+            ));
+        }
         Some(CouchSettings {
+            ca_file: c.ca_file.clone(),
             url: url?,
             database: database?,
             credentials,
@@ -723,6 +770,41 @@ mod tests {
                 .to_string()
                 .contains("agent.node")
         );
+    }
+
+    #[test]
+    fn tls_files_need_a_tls_url_and_come_in_pairs() {
+        let flags = [
+            ("amqp.ca_file", "/etc/vogeler/ca.pem"),
+            ("amqp.cert_file", "/etc/vogeler/agent.pem"),
+            ("couchdb.ca_file", "/etc/vogeler/ca.pem"),
+        ];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect_err("invalid");
+        let ConfigError::Invalid(problems) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        let text = err.to_string();
+        assert!(text.contains("give both"), "{text}");
+        assert!(text.contains("use amqps://"), "{text}");
+        assert!(text.contains("use https://"), "{text}");
+        let flags = [
+            ("amqp.url", "amqps://u:p@broker:5671/%2f"),
+            ("amqp.ca_file", "/etc/vogeler/ca.pem"),
+            ("amqp.cert_file", "/etc/vogeler/agent.pem"),
+            ("amqp.key_file", "/etc/vogeler/agent.key"),
+            ("couchdb.url", "https://couch:6984"),
+            ("couchdb.ca_file", "/etc/vogeler/ca.pem"),
+        ];
+        let s = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect("valid without the files existing");
+        assert!(s.broker.tls.client.is_some());
+        assert!(s.couch.ca_file.is_some());
     }
 
     #[test]

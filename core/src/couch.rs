@@ -22,7 +22,7 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CouchError {
-    #[error("database server at {url} is unreachable: {source}")]
+    #[error("database server at {url} is unreachable: {}", error_chain(source))]
     Unreachable {
         url: String,
         #[source]
@@ -45,6 +45,22 @@ pub enum CouchError {
         #[source]
         source: reqwest::Error,
     },
+}
+
+/// An error with its causes: reqwest's own message ("error sending request") hides the
+/// reason (refused, TLS certificate, DNS) in its sources.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 impl CouchError {
@@ -146,6 +162,32 @@ struct PutOk {
 impl CouchClient {
     /// Credentials embedded in the URL (`http://user:pass@host`) are used when none are given.
     pub fn new(url: &SecretUrl, credentials: Option<Credentials>) -> Result<Self, reqwest::Error> {
+        Self::with_ca(url, credentials, None)
+    }
+
+    /// A client for the configured server: its credentials and, for `https://`, its CA file.
+    pub fn from_settings(settings: &crate::config::CouchSettings) -> Result<Self, String> {
+        let ca = match &settings.ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("cannot read couchdb.ca_file {}: {e}", path.display()))?;
+                let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                    .map_err(|e| format!("couchdb.ca_file {} is not PEM: {e}", path.display()))?;
+                Some(certs)
+            }
+            None => None,
+        };
+        Self::with_ca(&settings.url, settings.credentials.clone(), ca)
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))
+    }
+
+    /// [`CouchClient::new`], also trusting `ca` (on top of the system's CAs). Host names are
+    /// always verified.
+    pub fn with_ca(
+        url: &SecretUrl,
+        credentials: Option<Credentials>,
+        ca: Option<Vec<reqwest::Certificate>>,
+    ) -> Result<Self, reqwest::Error> {
         let mut base = url.expose().clone();
         let from_url = (!base.username().is_empty()).then(|| Credentials {
             username: base.username().to_string(),
@@ -153,10 +195,13 @@ impl CouchClient {
         });
         let _ = base.set_username("");
         let _ = base.set_password(None);
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build()?;
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT);
+        for cert in ca.into_iter().flatten() {
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder.build()?;
         Ok(Self {
             http,
             base,

@@ -9,10 +9,12 @@
 //! - [`spawn_agent`], [`spawn_server`]: the real `run()` functions in-process.
 //! - [`FaultProxy`]: a TCP proxy that can cut a connection, to simulate outages without
 //!   stopping the shared servers.
+//! - [`tls`]: a throwaway CA and a TLS-terminating proxy.
 //! - [`wait_for`]: poll a condition with a deadline.
 
 pub mod programs;
 pub mod proxy;
+pub mod tls;
 
 use std::{future::Future, path::Path, time::Duration};
 
@@ -356,7 +358,16 @@ pub async fn ask_with(
     timeout: &str,
     adjust: impl FnOnce(&mut vogeler_runner::Query),
 ) -> vogeler_runner::Report {
-    let settings = stack.runner_settings(timeout);
+    ask_using(&stack.runner_settings(timeout), plugin, nodes, adjust).await
+}
+
+/// Run `plugin` on `nodes` with these runner settings (another signing key, TLS, ...).
+pub async fn ask_using(
+    settings: &RunnerSettings,
+    plugin: &str,
+    nodes: &str,
+    adjust: impl FnOnce(&mut vogeler_runner::Query),
+) -> vogeler_runner::Report {
     let mut q = vogeler_runner::Query {
         plugin: vogeler_core::names::PluginName::new(plugin).expect("plugin"),
         nodes: vogeler_runner::target::parse(nodes, &vogeler_runner::target::Files)
@@ -368,7 +379,7 @@ pub async fn ask_with(
         cached: None,
     };
     adjust(&mut q);
-    vogeler_runner::query(&settings, &q, &CancellationToken::new(), &mut |_| {})
+    vogeler_runner::query(settings, &q, &CancellationToken::new(), &mut |_| {})
         .await
         .expect("query")
 }

@@ -12,7 +12,8 @@ use vogeler_core::{
     wire::{Message, Outcome, PluginResult},
 };
 use vogeler_e2e::{
-    HELLO, TestStack, ask, ask_with, node, plugin_dir, spawn_agent, spawn_server, wait_for,
+    HELLO, TestStack, ask, ask_using, ask_with, node, plugin_dir, spawn_agent, spawn_server,
+    wait_for,
 };
 
 fn forged(node_name: &str, value: serde_json::Value) -> (PluginResult, Vec<u8>) {
@@ -146,32 +147,9 @@ async fn restricted_keys_may_run_only_their_plugins_on_their_nodes_and_all_is_au
         .collect();
     stack.wait_registered(&["web01", "db01"]).await;
 
-    let as_helpdesk = |plugin: &'static str| {
-        let stack = &stack;
-        let key = helpdesk.join("runner.key");
-        async move {
-            let mut settings = stack.runner_settings("3");
-            settings.signing_key = key;
-            let q = vogeler_runner::Query {
-                plugin: PluginName::new(plugin).expect("plugin"),
-                nodes: vogeler_runner::target::parse("all", &vogeler_runner::target::Files)
-                    .expect("nodes"),
-                nodes_text: "all".into(),
-                timeout: settings.timeout,
-                ttl: settings.ttl,
-                batch: None,
-                cached: None,
-            };
-            vogeler_runner::query(
-                &settings,
-                &q,
-                &tokio_util::sync::CancellationToken::new(),
-                &mut |_| {},
-            )
-            .await
-            .expect("query")
-        }
-    };
+    let mut helpdesk_settings = stack.runner_settings("3");
+    helpdesk_settings.signing_key = helpdesk.join("runner.key");
+    let as_helpdesk = |plugin: &'static str| ask_using(&helpdesk_settings, plugin, "all", |_| {});
     // hello: web01 answers; db01 is outside the key's nodes and stays silent.
     let r = as_helpdesk("hello").await;
     assert!(

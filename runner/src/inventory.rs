@@ -15,8 +15,7 @@ use vogeler_core::{
 use crate::{RunnerError, target::NodeSet};
 
 pub(crate) fn client(settings: &CouchSettings) -> Result<CouchClient, RunnerError> {
-    CouchClient::new(&settings.url, settings.credentials.clone())
-        .map_err(|e| RunnerError::Http(e.to_string()))
+    CouchClient::from_settings(settings).map_err(RunnerError::Http)
 }
 
 /// A failed read of the inventory, with a hint when the server has not set it up yet.

@@ -44,7 +44,7 @@ pub enum RunnerError {
         "{0}; vogeler-server creates the databases and views when it starts: is it running against this database?"
     )]
     NotReady(#[source] CouchError),
-    #[error("cannot build the HTTP client: {0}")]
+    #[error("{0}")]
     Http(String),
     #[error("node {0} has no document in the inventory")]
     NoSuchNode(String),
@@ -57,7 +57,12 @@ pub enum RunnerError {
 impl RunnerError {
     /// The signing key is missing or unusable (exit 78).
     pub fn is_config(&self) -> bool {
-        matches!(self, RunnerError::SigningKey(_))
+        matches!(
+            self,
+            RunnerError::SigningKey(_)
+                | RunnerError::Http(_)
+                | RunnerError::Broker(AmqpError::Tls(_))
+        )
     }
 
     /// Broker or database unreachable (exit 69).
@@ -262,7 +267,7 @@ pub async fn query(
     };
     let b = &settings.broker;
     let conn =
-        amqp::connect_with_retry(&b.url, "vogeler-runner", Some(b.connect_timeout), cancel).await?;
+        amqp::connect_with_retry(b, "vogeler-runner", Some(b.connect_timeout), cancel).await?;
     let mut report = Report {
         request_id: Uuid::new_v4(),
         plugin: q.plugin.clone(),

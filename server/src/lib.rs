@@ -67,14 +67,18 @@ pub enum ServerError {
         #[source]
         source: CouchError,
     },
-    #[error("cannot build the HTTP client: {0}")]
+    #[error("{0}")]
     Http(String),
 }
 
 impl ServerError {
     /// The broker holds a results queue declared with other settings (exit 78).
     pub fn is_config(&self) -> bool {
-        matches!(self, ServerError::Broker(AmqpError::Mismatch { .. }))
+        matches!(
+            self,
+            ServerError::Broker(AmqpError::Mismatch { .. } | AmqpError::Tls(_))
+                | ServerError::Http(_)
+        )
     }
 
     /// Broker or database unreachable at start-up (exit 69).
@@ -92,8 +96,7 @@ pub async fn connect_database(
     settings: &CouchSettings,
     cancel: &CancellationToken,
 ) -> Result<Option<CouchClient>, ServerError> {
-    let couch = CouchClient::new(&settings.url, settings.credentials.clone())
-        .map_err(|e| ServerError::Http(e.to_string()))?;
+    let couch = CouchClient::from_settings(settings).map_err(ServerError::Http)?;
     let started = tokio::time::Instant::now();
     let mut delays = backoff::delays();
     loop {
@@ -161,8 +164,7 @@ pub async fn run(settings: ServerSettings, cancel: CancellationToken) -> Result<
 
     let b = &settings.broker;
     let mut conn =
-        match amqp::connect_with_retry(&b.url, "vogeler-server", Some(b.connect_timeout), &cancel)
-            .await
+        match amqp::connect_with_retry(b, "vogeler-server", Some(b.connect_timeout), &cancel).await
         {
             Ok(c) => c,
             Err(AmqpError::Cancelled) => return Ok(()),
@@ -180,7 +182,7 @@ pub async fn run(settings: ServerSettings, cancel: CancellationToken) -> Result<
             }
             Err(e) => warn!(error = %e, "lost the broker connection; reconnecting"),
         }
-        conn = match amqp::connect_with_retry(&b.url, "vogeler-server", None, &cancel).await {
+        conn = match amqp::connect_with_retry(b, "vogeler-server", None, &cancel).await {
             Ok(c) => c,
             Err(_) => break,
         };
