@@ -4,13 +4,15 @@
 //! runner --(command, key "all" | "node.<name>")--> <c>.commands (topic)
 //!   --> <c>.agent.<node>   (durable; one per agent, bound to "all" and "node.<name>")
 //! agent  --(result, key "result.<request id>"; announce, key "announce.<node>")--> <c>.results (topic)
-//!   --> <c>.results        (durable; bound to "#", drained by the servers; bounded, and
+//!   --> <c>.ingest         (durable; bound to "#", drained by the servers; bounded, and
 //!                           refused messages go to <c>.dead (fanout) --> <c>.dead-letters)
 //!   --> reply queue        (exclusive; one per runner request, bound to "result.<request id>")
 //! ```
 //! `<c>` is the collective, so several fleets or test runs can share one broker. Every program
-//! declares the shared part on connect (declarations are idempotent), so results are kept in
-//! the durable queue even when no server has ever run.
+//! checks the shared part on connect with passive declarations (which need no permissions)
+//! and declares what is missing, so results are kept in the durable queue even when no
+//! server has ever run. No exchange shares a queue's name, so broker permissions (regular
+//! expressions over names, see `deploy/rabbitmq/`) can tell them apart.
 
 use std::time::Duration;
 
@@ -108,7 +110,7 @@ impl Topology {
         format!("{}.results", self.collective)
     }
     pub fn results_queue(&self) -> String {
-        format!("{}.results", self.collective)
+        format!("{}.ingest", self.collective)
     }
     /// Where refused messages go, with the reason in the `x-vogeler-reason` header.
     pub fn dead_letter_exchange(&self) -> String {
@@ -231,33 +233,67 @@ impl Topology {
     /// queue so results are kept even before any server ran. An existing results queue is
     /// left as the server declared it (classic or quorum), whatever this program's settings.
     pub async fn declare_shared(&self, conn: &Connection) -> Result<(), lapin::Error> {
+        let exchanges = [
+            (self.commands_exchange(), ExchangeKind::Topic),
+            (self.results_exchange(), ExchangeKind::Topic),
+            (self.dead_letter_exchange(), ExchangeKind::Fanout),
+        ];
+        let mut missing_exchange = false;
+        for (name, kind) in &exchanges {
+            missing_exchange |= !self.exists(conn, name, Some(kind.clone())).await?;
+        }
+        let missing_queue = !self.exists(conn, &self.results_queue(), None).await?;
+        if !missing_exchange && !missing_queue {
+            return Ok(());
+        }
+        // Only a fresh broker gets here; declaring needs configure permissions, which a
+        // least-privilege agent or runner lacks until the server has run once.
         let ch = conn.create_channel().await?;
         self.declare_exchanges(&ch).await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        // A passive declare of a missing queue closes its channel, hence a channel of its own.
-        let probe = conn.create_channel().await?;
-        let exists = probe
-            .queue_declare(
-                self.results_queue().as_str().into(),
-                passive,
-                FieldTable::default(),
-            )
-            .await
-            .is_ok();
-        if exists {
-            let _ = probe.close(200, "done".into()).await;
-        } else {
+        if missing_queue {
             self.declare_results_queue(&ch).await?;
         }
         let _ = ch.close(200, "declared".into()).await;
         Ok(())
     }
 
-    /// Everything the server owns, declared with its settings: a results queue declared
-    /// differently before (say classic, now quorum) is an error naming the queue.
+    /// Whether an exchange (with `kind`) or a queue exists. A passive declaration of a
+    /// missing one closes its channel, hence a channel of its own.
+    async fn exists(
+        &self,
+        conn: &Connection,
+        name: &str,
+        kind: Option<ExchangeKind>,
+    ) -> Result<bool, lapin::Error> {
+        let probe = conn.create_channel().await?;
+        let found = match kind {
+            Some(kind) => {
+                let opts = ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                probe
+                    .exchange_declare(name.into(), kind, opts, FieldTable::default())
+                    .await
+                    .is_ok()
+            }
+            None => {
+                let opts = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                probe
+                    .queue_declare(name.into(), opts, FieldTable::default())
+                    .await
+                    .is_ok()
+            }
+        };
+        if found {
+            let _ = probe.close(200, "done".into()).await;
+        }
+        Ok(found)
+    }
+
     pub async fn declare_server(&self, ch: &Channel) -> Result<(), lapin::Error> {
         self.declare_exchanges(ch).await?;
         self.declare_results_queue(ch).await
@@ -326,7 +362,7 @@ mod tests {
         let t = Topology::new("fleet-a", None);
         let n = NodeName::new("web01.example.com").expect("name");
         assert_eq!(t.commands_exchange(), "fleet-a.commands");
-        assert_eq!(t.results_queue(), "fleet-a.results");
+        assert_eq!(t.results_queue(), "fleet-a.ingest");
         assert_eq!(t.agent_queue(&n), "fleet-a.agent.web01.example.com");
         assert_eq!(Topology::command_routing_key(&Target::All), "all");
         assert_eq!(
