@@ -157,8 +157,9 @@ async fn no_crafted_command_runs_and_every_valid_one_runs_once() {
     let stranger = PrivateKey::generate().expect("key");
     let t = stack.topology();
     let (conn, ch) = stack.publisher("test-attacker").await;
-    // The agent's queue exists once it announced; wait for its first audit-free start.
-    wait_for("agent queue declared", Duration::from_secs(20), || async {
+    // The agent consumes only after its queue is bound: before that, commands would be
+    // unroutable and dropped.
+    wait_for("agent consuming", Duration::from_secs(20), || async {
         let opts = lapin::options::QueueDeclareOptions {
             passive: true,
             ..Default::default()
@@ -171,7 +172,7 @@ async fn no_crafted_command_runs_and_every_valid_one_runs_once() {
                 Default::default(),
             )
             .await
-            .is_ok()
+            .is_ok_and(|q| q.consumer_count() > 0)
     })
     .await;
 
