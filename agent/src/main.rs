@@ -192,6 +192,7 @@ fn main() -> ExitCode {
             Err(code) => return code,
         };
     telemetry::init(&settings.log_level);
+    tracing::info!(settings = ?settings, "configuration (secrets redacted)");
     exit::block_on("vogeler-agent", async {
         match vogeler_agent::run(settings, shutdown::on_signals()).await {
             Ok(()) => exit::code(exit::OK),

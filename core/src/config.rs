@@ -79,6 +79,9 @@ pub struct RawAmqp {
     pub results_queue_type: Option<String>,
     /// Results the queue holds at most before it refuses publishes.
     pub results_max_length: Option<u64>,
+    /// A file holding the broker password, used instead of the one in `amqp.url` (so the
+    /// URL can live in a shared config and the password in a root-only file).
+    pub password_file: Option<PathBuf>,
     /// PEM CA certificate(s) to trust for `amqps://` (added to the system's).
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate and its PEM private key, for brokers that require one.
@@ -393,6 +396,20 @@ impl RawConfig {
             defaults::AMQP_URL,
             &["amqp", "amqps"],
         );
+        let mut url = url;
+        if let (Some(u), Some(file)) = (url.as_mut(), &self.amqp.password_file) {
+            match std::fs::read_to_string(file) {
+                Ok(pw) => {
+                    if !u.set_password(pw.trim_end_matches(['\r', '\n'])) {
+                        p.0.push("amqp.password_file: amqp.url cannot carry a password".into());
+                    }
+                }
+                Err(e) => p.0.push(format!(
+                    "amqp.password_file: cannot read {}: {e}",
+                    file.display()
+                )),
+            }
+        }
         let collective = validate_collective(p, self.amqp.collective.as_deref());
         let mut results = ResultsQueue::default();
         if let Some(kind) = &self.amqp.results_queue_type {
@@ -805,6 +822,29 @@ mod tests {
             .expect("valid without the files existing");
         assert!(s.broker.tls.client.is_some());
         assert!(s.couch.ca_file.is_some());
+    }
+
+    #[test]
+    fn broker_password_from_a_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").expect("write");
+        let flags = [
+            ("amqp.url", "amqp://agent@broker:5672/vogeler"),
+            ("amqp.password_file", file.to_str().expect("path")),
+        ];
+        let s = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect("valid");
+        assert_eq!(s.broker.url.expose().password(), Some("s3cret"));
+        assert!(!format!("{s:?}").contains("s3cret"));
+        let flags = [("amqp.password_file", "/nonexistent/pw")];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect_err("missing file");
+        assert!(err.to_string().contains("amqp.password_file"), "{err}");
     }
 
     #[test]

@@ -49,6 +49,11 @@ impl SecretUrl {
     pub fn expose(&self) -> &Url {
         &self.0
     }
+    /// Replace the password (from a password file). Returns false for a URL that cannot
+    /// carry one (no host).
+    pub fn set_password(&mut self, password: &str) -> bool {
+        self.0.set_password(Some(password)).is_ok()
+    }
     /// The URL with any password replaced by `***`.
     pub fn redacted(&self) -> String {
         let mut u = self.0.clone();

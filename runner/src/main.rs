@@ -364,6 +364,7 @@ fn main() -> ExitCode {
             Err(code) => return code,
         };
     telemetry::init(&settings.log_level);
+    tracing::info!(settings = ?settings, "configuration (secrets redacted)");
     if let Some(command) = &cli.command {
         return exit::block_on("vogeler-runner", inventory(&settings, &cli, command));
     }

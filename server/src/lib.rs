@@ -192,6 +192,7 @@ pub async fn run(settings: ServerSettings, cancel: CancellationToken) -> Result<
     info!(
         stored = stats.total_stored,
         dead_lettered = stats.total_dead,
+        wrong_key = stats.total_wrong_key,
         "server stopped"
     );
     Ok(())
@@ -203,13 +204,16 @@ struct Throughput {
     stored: u64,
     total_stored: u64,
     total_dead: u64,
+    /// Results refused because their signer is not the node's pinned key.
+    total_wrong_key: u64,
     batches: u64,
     since: Option<tokio::time::Instant>,
     reports: u64,
 }
 
 impl Throughput {
-    fn record(&mut self, stored: u64, dead: u64) {
+    fn record(&mut self, stored: u64, dead: u64, wrong_key: u64) {
+        self.total_wrong_key += wrong_key;
         self.stored += stored;
         self.total_stored += stored;
         self.total_dead += dead;
@@ -229,6 +233,7 @@ impl Throughput {
                 info!(
                     stored_total = self.total_stored,
                     dead_lettered_total = self.total_dead,
+                    wrong_key_total = self.total_wrong_key,
                     per_second = format!("{rate:.0}"),
                     "ingest summary"
                 );
@@ -331,7 +336,7 @@ async fn serve(
                 Some((nodes, done)) = inflight.next(), if !inflight.is_empty() => {
                     busy.retain(|b| *b != nodes);
                     match done {
-                        Some((stored, dead_count)) => stats.record(stored, dead_count),
+                        Some((stored, dead_count, wrong_key)) => stats.record(stored, dead_count, wrong_key),
                         None => return, // shutdown interrupted a batch; it stays unacked
                     }
                 }
@@ -380,7 +385,7 @@ fn verify(d: &Delivery) -> Result<Signed, String> {
     Ok(Signed { message, signer })
 }
 
-/// Store one batch and settle its messages; returns how many were stored and dead-lettered,
+/// Store one batch and settle its messages; returns how many were stored, dead-lettered and refused for a wrong key,
 /// or `None` when shutdown interrupted it (its messages stay unacked and are redelivered to
 /// whoever consumes next).
 async fn handle_batch(
@@ -389,7 +394,7 @@ async fn handle_batch(
     dead: &Channel,
     batch: Vec<Decoded>,
     cancel: &CancellationToken,
-) -> Option<(u64, u64)> {
+) -> Option<(u64, u64, u64)> {
     let mut valid: Vec<(Signed, Delivery)> = Vec::with_capacity(batch.len());
     let mut dead_count = 0;
     for (decoded, d) in batch {
@@ -477,12 +482,12 @@ async fn handle_batch(
             Stored::WrongKey(reason) => {
                 dead_count += 1;
                 wrong_key += 1;
-                warn!(reason = %reason, wrong_key_in_batch = wrong_key, "refused a message signed by another key than its node's");
+                warn!(reason = %reason, "refused a message signed by another key than its node's");
                 dead_letter(topology, dead, d, &reason).await;
             }
         }
     }
-    Some((stored_count, dead_count))
+    Some((stored_count, dead_count, wrong_key))
 }
 
 /// Errors that retrying cannot fix for this request. Everything else (database down,

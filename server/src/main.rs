@@ -117,6 +117,7 @@ fn main() -> ExitCode {
             Err(code) => return code,
         };
     telemetry::init(&settings.log_level);
+    tracing::info!(settings = ?settings, "configuration (secrets redacted)");
     if let Some(Command::Prune {
         older_than,
         dry_run,
