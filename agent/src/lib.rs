@@ -286,7 +286,7 @@ async fn serve(
     consumer_ch
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
-    let queue = topology.declare_agent_queue(&consumer_ch, &s.node).await?;
+    let queue = topology.declare_agent_queue(conn, &s.node).await?;
 
     let mut catalog = shared.catalog.clone();
     let current = catalog.borrow_and_update().clone();

@@ -194,6 +194,50 @@ pub fn signature_of(props: &BasicProperties) -> (Option<String>, Option<String>)
     (get(KEY_HEADER), get(SIGNATURE_HEADER))
 }
 
+/// Whether the broker took a command for at least one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// In a queue (or several).
+    Queued,
+    /// No queue is bound for the routing key: no agent of that name ever connected (or its
+    /// queue expired).
+    Unroutable,
+    /// A queue refused it: an agent offline long enough for its bounded queue to fill.
+    Refused,
+}
+
+/// Publish a signed command as mandatory, so the broker says when no queue takes it instead
+/// of dropping it, and wait for the confirm.
+pub async fn publish_command(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    message: &wire::Message,
+    signer: &PrivateKey,
+    ttl: Duration,
+) -> Result<Delivery, AmqpError> {
+    let body = wire::encode(message);
+    let props = BasicProperties::default()
+        .with_headers(signature_headers(signer, purpose_of(message), &body))
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_type(message.kind().into())
+        .with_expiration(ttl.as_millis().max(1).to_string().as_str().into());
+    let opts = BasicPublishOptions {
+        mandatory: true,
+        ..Default::default()
+    };
+    let confirm = ch
+        .basic_publish(exchange.into(), routing_key.into(), opts, &body, props)
+        .await?
+        .await?;
+    Ok(match confirm {
+        Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Delivery::Unroutable,
+        Confirmation::Nack(None) => Delivery::Refused,
+        Confirmation::Ack(None) | Confirmation::NotRequested => Delivery::Queued,
+    })
+}
+
 /// [`publish`], with a time-to-live after which the broker drops the message from queues
 /// (a command for an agent that stays offline does not wait forever).
 pub async fn publish_expiring(

@@ -16,7 +16,7 @@ use crate::{
     duration,
     names::NodeName,
     secret::{Secret, SecretUrl},
-    topology::{QueueKind, ResultsQueue, Topology},
+    topology::{AgentQueue, QueueKind, ResultsQueue, Topology},
 };
 
 /// Defaults, in one place so docs and `--help` can quote them.
@@ -26,6 +26,7 @@ pub mod defaults {
     pub const COUCHDB_URL: &str = "http://127.0.0.1:5984";
     pub const DATABASE: &str = "system_records";
     pub const CONNECT_TIMEOUT_SECS: u64 = 30;
+    pub const AMQP_HEARTBEAT_SECS: u64 = 10;
     pub const PLUGIN_DIR: &str = "/etc/vogeler/plugins.d";
     pub const AGENT_CONCURRENCY: usize = 4;
     pub const AGENT_HEARTBEAT_SECS: u64 = 60;
@@ -79,6 +80,15 @@ pub struct RawAmqp {
     pub results_queue_type: Option<String>,
     /// Results the queue holds at most before it refuses publishes.
     pub results_max_length: Option<u64>,
+    /// AMQP heartbeat: a silent broker link is detected within about twice this.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub heartbeat: Option<Duration>,
+    /// Commands an offline agent's queue holds at most (more are refused, and the runner
+    /// says so).
+    pub agent_queue_max_length: Option<u64>,
+    /// Commands older than this are dropped from an offline agent's queue.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub agent_queue_max_age: Option<Duration>,
     /// A file holding the broker password, used instead of the one in `amqp.url` (so the
     /// URL can live in a shared config and the password in a root-only file).
     pub password_file: Option<PathBuf>,
@@ -397,6 +407,30 @@ impl RawConfig {
             &["amqp", "amqps"],
         );
         let mut url = url;
+        let heartbeat = self
+            .amqp
+            .heartbeat
+            .unwrap_or(Duration::from_secs(defaults::AMQP_HEARTBEAT_SECS));
+        if heartbeat.as_secs() == 0 || heartbeat.as_secs() > 600 {
+            p.0.push("amqp.heartbeat: must be between 1s and 10m".into());
+        } else if let Some(u) = url.as_mut() {
+            u.set_query_default("heartbeat", &heartbeat.as_secs().to_string());
+        }
+        let mut agent_queue = AgentQueue::default();
+        match self.amqp.agent_queue_max_length {
+            Some(0) => {
+                p.0.push("amqp.agent_queue_max_length: must be at least 1".into())
+            }
+            Some(n) => agent_queue.max_length = n,
+            None => {}
+        }
+        match self.amqp.agent_queue_max_age {
+            Some(d) if d < Duration::from_secs(1) => {
+                p.0.push("amqp.agent_queue_max_age: must be at least 1s".into())
+            }
+            Some(d) => agent_queue.max_age = d,
+            None => {}
+        }
         if let (Some(u), Some(file)) = (url.as_mut(), &self.amqp.password_file) {
             match std::fs::read_to_string(file) {
                 Ok(pw) => {
@@ -449,7 +483,8 @@ impl RawConfig {
             tls,
             url: url?,
             topology: Topology::new(collective?, self.amqp.queue_expires)
-                .with_results_queue(results),
+                .with_results_queue(results)
+                .with_agent_queue(agent_queue),
             connect_timeout: self.connect_timeout(),
         })
     }

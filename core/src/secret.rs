@@ -49,6 +49,14 @@ impl SecretUrl {
     pub fn expose(&self) -> &Url {
         &self.0
     }
+    /// Add `key=value` to the query unless the URL already sets `key` (an operator's own
+    /// `?heartbeat=30` wins over the configured default).
+    pub fn set_query_default(&mut self, key: &str, value: &str) {
+        if !self.0.query_pairs().any(|(k, _)| k == key) {
+            self.0.query_pairs_mut().append_pair(key, value);
+        }
+    }
+
     /// Replace the password (from a password file). Returns false for a URL that cannot
     /// carry one (no host).
     pub fn set_password(&mut self, password: &str) -> bool {

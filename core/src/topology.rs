@@ -74,6 +74,24 @@ impl Default for ResultsQueue {
     }
 }
 
+/// Bounds of each agent's command queue, so an agent offline for long does not collect
+/// commands without end: beyond `max_length` the broker refuses new commands (the runner
+/// reports "queue full"), and commands older than `max_age` are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentQueue {
+    pub max_length: u64,
+    pub max_age: Duration,
+}
+
+impl Default for AgentQueue {
+    fn default() -> Self {
+        Self {
+            max_length: 1000,
+            max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
 /// Names and declarations for one collective.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -82,6 +100,7 @@ pub struct Topology {
     /// and short-lived collectives set it so they leave nothing behind on a shared broker.
     queue_expires: Option<Duration>,
     results: ResultsQueue,
+    agent: AgentQueue,
 }
 
 impl Topology {
@@ -91,7 +110,14 @@ impl Topology {
             collective: collective.into(),
             queue_expires,
             results: ResultsQueue::default(),
+            agent: AgentQueue::default(),
         }
+    }
+
+    /// The same topology with these agent queue bounds.
+    pub fn with_agent_queue(mut self, agent: AgentQueue) -> Self {
+        self.agent = agent;
+        self
     }
 
     /// The same topology with these results queue settings.
@@ -302,16 +328,40 @@ impl Topology {
     /// An agent's own durable command queue, bound for commands addressed to it.
     pub async fn declare_agent_queue(
         &self,
-        ch: &Channel,
+        conn: &Connection,
         node: &NodeName,
     ) -> Result<String, lapin::Error> {
         let q = self.agent_queue(node);
-        ch.queue_declare(
-            q.as_str().into(),
-            QueueDeclareOptions::durable(),
-            self.queue_args(),
-        )
-        .await?;
+        let mut args = self.queue_args();
+        let max = i64::try_from(self.agent.max_length).unwrap_or(i64::MAX);
+        args.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
+        let age = i64::try_from(self.agent.max_age.as_millis()).unwrap_or(i64::MAX);
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(age.max(1)));
+        let mut ch = conn.create_channel().await?;
+        if let Err(e) = ch
+            .queue_declare(
+                q.as_str().into(),
+                QueueDeclareOptions::durable(),
+                args.clone(),
+            )
+            .await
+        {
+            if !crate::amqp::is_precondition_failed(&e) {
+                return Err(e);
+            }
+            // Declared by an older release or with other bounds. It holds only commands,
+            // which the runner can send again: replace it rather than refuse to start.
+            tracing::warn!(queue = %q, "agent queue exists with other settings; replacing it (pending commands in it are dropped)");
+            ch = conn.create_channel().await?;
+            ch.queue_delete(q.as_str().into(), Default::default())
+                .await?;
+            ch.queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), args)
+                .await?;
+        }
         for key in Self::agent_binding_keys(node) {
             ch.queue_bind(
                 q.as_str().into(),
@@ -322,11 +372,10 @@ impl Topology {
             )
             .await?;
         }
+        let _ = ch.close(200, "declared".into()).await;
         Ok(q)
     }
 
-    /// A runner's private reply queue for one request; the broker deletes it when the runner
-    /// disconnects.
     pub async fn declare_reply_queue(
         &self,
         ch: &Channel,

@@ -22,6 +22,9 @@ pub struct FaultProxy {
     down: Arc<AtomicBool>,
     /// Bumped on every cut, so live connections notice and close.
     generation: watch::Sender<u64>,
+    /// Bumped on every black hole: live connections stop forwarding but stay open, as when
+    /// a network path dies without a reset.
+    silence: watch::Sender<u64>,
     refused: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
@@ -34,8 +37,10 @@ impl FaultProxy {
         let down = Arc::new(AtomicBool::new(false));
         let refused = Arc::new(AtomicU64::new(0));
         let (generation, _) = watch::channel(0u64);
+        let (silence, _) = watch::channel(0u64);
         let upstream = upstream.to_string();
         let (d, r, g) = (down.clone(), refused.clone(), generation.clone());
+        let quiet = silence.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if d.load(Ordering::SeqCst) {
@@ -45,6 +50,7 @@ impl FaultProxy {
                 }
                 let upstream = upstream.clone();
                 let mut cut = g.subscribe();
+                let mut hush = quiet.subscribe();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&upstream).await else {
                         return;
@@ -53,6 +59,19 @@ impl FaultProxy {
                     tokio::select! {
                         _ = tokio::io::copy_bidirectional(&mut c, &mut s) => {}
                         _ = cut.changed() => {}
+                        _ = hush.changed() => {
+                            // Hold both sockets open, forwarding nothing, until a cut or
+                            // the client gives up.
+                            let mut buf = [0u8; 4096];
+                            loop {
+                                tokio::select! {
+                                    _ = cut.changed() => break,
+                                    n = tokio::io::AsyncReadExt::read(&mut c, &mut buf) => {
+                                        if matches!(n, Ok(0) | Err(_)) { break; }
+                                    }
+                                }
+                            }
+                        }
                     }
                 });
             }
@@ -61,6 +80,7 @@ impl FaultProxy {
             addr,
             down,
             generation,
+            silence,
             refused,
             task,
         }
@@ -74,6 +94,13 @@ impl FaultProxy {
     pub fn cut(&self) {
         self.down.store(true, Ordering::SeqCst);
         self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Stop forwarding on live connections without closing them, and refuse new ones: the
+    /// clients notice only through their own heartbeats or timeouts.
+    pub fn black_hole(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        self.silence.send_modify(|g| *g += 1);
     }
 
     pub fn restore(&self) {

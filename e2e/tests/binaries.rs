@@ -166,9 +166,16 @@ async fn runner_agents_server_and_couchdb_end_to_end() {
         (lines[0]["node"].as_str(), lines[0]["status"].as_str()),
         (Some("e2e-web01"), Some("ok"))
     );
+    // e2e-gone never connected: the broker returned its command.
     assert_eq!(
         (lines[1]["node"].as_str(), lines[1]["status"].as_str()),
-        (Some("e2e-gone"), Some("no_response"))
+        (Some("e2e-gone"), Some("not_delivered"))
+    );
+    assert!(
+        lines[1]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("never connected")),
+        "{lines:#?}"
     );
     // Global flags work after a subcommand too.
     let mut nodes_cmd = with_couch(program("vogeler-runner", &stack), &stack);

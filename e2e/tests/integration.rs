@@ -205,17 +205,14 @@ async fn failures_are_reported_and_keep_the_last_good_value() {
 }
 
 #[tokio::test]
-async fn all_with_no_registered_node_waits_the_timeout_and_says_so() {
+async fn all_with_no_agent_at_all_returns_at_once_and_says_so() {
     let stack = TestStack::new().await;
-    let r = ask(&stack, "hello", "all", "700ms").await;
+    let r = ask(&stack, "hello", "all", "20").await;
     assert!(!r.success());
     assert!(r.replies.is_empty() && r.expected.is_empty());
-    // The timeout fires: no earlier (nothing to wait for is not "done"), and not much later.
-    assert!(
-        r.elapsed >= Duration::from_millis(700) && r.elapsed < Duration::from_secs(3),
-        "{:?}",
-        r.elapsed
-    );
+    // No queue took the broadcast (the broker returned it): the 20 s timeout is not waited
+    // out (margin: 15 s).
+    assert!(r.elapsed < Duration::from_secs(5), "{:?}", r.elapsed);
     assert!(r.render_table().contains("no nodes are registered"));
 }
 

@@ -105,10 +105,11 @@ async fn every_targeting_form_reaches_exactly_the_right_agents() {
         assert_eq!(ran(marks.path()), want, "{expr}: who ran it");
     }
 
-    // A named node nobody knows is still commanded, and reported missing.
+    // A named node nobody knows is still commanded, and reported as not delivered.
     let r = ask(&stack, "mark", "web01,ghost01", "1500ms").await;
     assert!(
-        r.render_table().contains("no response from: ghost01\n"),
+        r.render_table()
+            .contains("not delivered to: ghost01 (no agent queue"),
         "{}",
         r.render_table()
     );

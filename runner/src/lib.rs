@@ -276,6 +276,7 @@ pub async fn query(
         expected,
         replies: BTreeMap::new(),
         cached: BTreeMap::new(),
+        undelivered: BTreeMap::new(),
         elapsed: Duration::ZERO,
     };
     if let Some(max_age) = q.cached {
@@ -384,28 +385,53 @@ async fn collect(
                 Target::All => None,
             })
             .collect();
+        // A broadcast no queue took cannot be answered: do not wait for it.
+        let mut nobody_listens = false;
         for target in wave {
             let key = Topology::command_routing_key(&target);
-            amqp::publish_expiring(
+            let delivered = amqp::publish_command(
                 &ch,
                 &topology.commands_exchange(),
                 &key,
-                &command(target),
+                &command(target.clone()),
                 signer,
-                Some(q.ttl),
+                q.ttl,
             )
             .await?;
+            let why = match delivered {
+                amqp::Delivery::Queued => continue,
+                amqp::Delivery::Unroutable => {
+                    "no agent queue: the agent never connected, or its queue expired"
+                }
+                amqp::Delivery::Refused => {
+                    "the agent's queue is full: it has been offline for long"
+                }
+            };
+            match target {
+                Target::Node(n) => {
+                    report.undelivered.insert(n, why.to_string());
+                }
+                Target::All => {
+                    nobody_listens = true;
+                    warn!(collective = %topology.collective(), "no agent queue is bound for broadcasts: no agent of this collective has ever connected");
+                    for n in &asked {
+                        report.undelivered.insert(n.clone(), why.to_string());
+                    }
+                }
+            }
         }
         info!(request_id = %report.request_id, plugin = %q.plugin, nodes = %q.nodes_text, batch = i + 1, of = count, expected = report.expected.len(), "command sent");
         let deadline = tokio::time::Instant::now() + q.timeout;
         let waiting_for = |r: &Report| {
+            let pending =
+                |n: &NodeName| !r.replies.contains_key(n) && !r.undelivered.contains_key(n);
             if r.broadcast {
-                r.expected.is_empty() || r.expected.iter().any(|n| !r.replies.contains_key(n))
+                r.expected.is_empty() || r.expected.iter().any(pending)
             } else {
-                wave_nodes.iter().any(|n| !r.replies.contains_key(n))
+                wave_nodes.iter().any(pending)
             }
         };
-        while waiting_for(report) {
+        while !nobody_listens && waiting_for(report) {
             let delivery = tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep_until(deadline) => break,

@@ -43,6 +43,9 @@ pub struct Report {
     pub replies: BTreeMap<NodeName, PluginResult>,
     /// Nodes answered from stored values (`--cached`) instead of being asked.
     pub cached: BTreeMap<NodeName, Cached>,
+    /// Nodes the broker could not deliver the command to, with why (no queue: the agent
+    /// never connected; queue full: it has been away long). Not waited for.
+    pub undelivered: BTreeMap<NodeName, String>,
     pub elapsed: Duration,
 }
 
@@ -51,7 +54,11 @@ impl Report {
     pub fn missing(&self) -> Vec<&NodeName> {
         self.expected
             .iter()
-            .filter(|n| !self.replies.contains_key(*n) && !self.cached.contains_key(*n))
+            .filter(|n| {
+                !self.replies.contains_key(*n)
+                    && !self.cached.contains_key(*n)
+                    && !self.undelivered.contains_key(*n)
+            })
             .collect()
     }
 
@@ -174,6 +181,14 @@ impl Report {
             let names: Vec<&str> = missing.iter().map(|n| n.as_str()).collect();
             let _ = writeln!(out, "no response from: {}", names.join(", "));
         }
+        if !self.undelivered.is_empty() {
+            let names: Vec<String> = self
+                .undelivered
+                .iter()
+                .map(|(n, why)| format!("{n} ({why})"))
+                .collect();
+            let _ = writeln!(out, "not delivered to: {}", names.join(", "));
+        }
         let unexpected = self.unexpected();
         if !unexpected.is_empty() {
             let names: Vec<&str> = unexpected.iter().map(|n| n.as_str()).collect();
@@ -224,6 +239,7 @@ impl Report {
                 "answered": counted.iter().filter(|n| self.replies.contains_key(**n)).count(),
                 "failed": failed,
                 "no_response": self.missing().iter().map(|n| n.as_str()).collect::<Vec<_>>(),
+                "not_delivered": &self.undelivered,
                 "unexpected": self.unexpected().iter().map(|n| n.as_str()).collect::<Vec<_>>(),
                 "success": self.success(),
             }
@@ -235,6 +251,9 @@ impl Report {
         self.missing()
             .iter()
             .map(|n| serde_json::json!({"node": n, "status": "no_response"}).to_string())
+            .chain(self.undelivered.iter().map(|(n, why)| {
+                serde_json::json!({"node": n, "status": "not_delivered", "reason": why}).to_string()
+            }))
             .collect()
     }
 }
@@ -337,6 +356,7 @@ mod tests {
             expected: expected.iter().map(|n| node(n)).collect(),
             replies: replies.into_iter().collect(),
             cached: BTreeMap::new(),
+            undelivered: BTreeMap::new(),
             elapsed: Duration::from_millis(1500),
         }
     }
