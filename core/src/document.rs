@@ -108,6 +108,13 @@ pub struct PluginMeta {
     pub hash: Option<String>,
     #[serde(default)]
     pub truncated: bool,
+    /// When the stored value was collected (the last `ok` run), which after a failure is
+    /// earlier than `collected_at`. Kept so that results merge to the same document in
+    /// any order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_request_id: Option<Uuid>,
 }
 
 /// One change of one plugin's value on one node, kept in the history database.
@@ -210,11 +217,17 @@ impl NodeDocument {
         }
     }
 
-    fn saw(&mut self, at: DateTime<Utc>, agent_version: &str) {
-        if self.meta.last_seen.is_none_or(|seen| seen < at) {
+    /// Note the node was seen at `at`; returns whether that changed the document.
+    fn saw(&mut self, at: DateTime<Utc>, agent_version: &str) -> bool {
+        // Ties go to the greater version string, so the order of arrival does not matter.
+        let newer = self.meta.last_seen.is_none_or(|seen| {
+            seen < at || (seen == at && self.meta.agent_version.as_deref() < Some(agent_version))
+        });
+        if newer {
             self.meta.last_seen = Some(at);
             self.meta.agent_version = Some(agent_version.to_string());
         }
+        newer
     }
 
     /// Merge one plugin result. A result already applied, or older than the stored one,
@@ -234,52 +247,79 @@ impl NodeDocument {
         if r.outcome == Outcome::UnknownPlugin {
             // Nothing was collected, and a typo in a runner command must not leave a key for
             // a plugin that does not exist in every document it reached.
-            self.saw(r.collected_at, &r.agent_version);
-            return Change::Unchanged;
+            return if self.saw(r.collected_at, &r.agent_version) {
+                self.meta.updated_at = now;
+                Change::Updated
+            } else {
+                Change::Unchanged
+            };
         }
         let key = r.plugin.as_str();
-        let previous = self.meta.plugins.get(key);
-        if previous.is_some_and(|p| p.request_id == r.request_id || p.collected_at > r.collected_at)
-        {
+        let stamp = (r.collected_at, r.request_id);
+        let previous = self.meta.plugins.get(key).cloned();
+        // Two last-writer-wins registers, ordered by (collected_at, request_id): the run's
+        // status, and the value of the newest `ok` run. Any order of the same results, with
+        // any duplicates, gives the same document.
+        let status_newer = previous
+            .as_ref()
+            .is_none_or(|p| stamp > (p.collected_at, p.request_id));
+        let value_stamp = previous
+            .as_ref()
+            .and_then(|p| Some((p.value_at?, p.value_request_id?)));
+        let value_newer = r.outcome.is_ok() && value_stamp.is_none_or(|v| stamp > v);
+        // Seen applies to every result, even one older than the stored status and value.
+        let seen = self.saw(r.collected_at, &r.agent_version);
+        if !status_newer && !value_newer {
+            if seen {
+                self.meta.updated_at = now;
+                return Change::Updated;
+            }
             return Change::Unchanged;
         }
-        let previous_hash = previous.and_then(|p| p.hash.clone());
-        let hash = if r.outcome.is_ok() {
+        let mut meta = previous.unwrap_or(PluginMeta {
+            collected_at: r.collected_at,
+            request_id: r.request_id,
+            outcome: String::new(),
+            error: None,
+            exit_code: None,
+            duration_ms: 0,
+            hash: None,
+            truncated: false,
+            value_at: None,
+            value_request_id: None,
+        });
+        if value_newer {
             let value = r.value.clone().unwrap_or(Value::Null);
             let hash = value_hash(&value);
             // The first value is not a change: the node document holds it already.
-            if previous_hash.as_deref().is_some_and(|h| h != hash) {
+            if meta.hash.as_deref().is_some_and(|h| h != hash) {
                 history.push(HistoryEntry {
                     id: HistoryEntry::id_for(&self.id, key, r.collected_at, r.request_id),
                     node: self.id.clone(),
                     plugin: key.to_string(),
                     at: r.collected_at,
                     request_id: r.request_id,
-                    old_hash: previous_hash,
+                    old_hash: meta.hash.clone(),
                     new_hash: hash.clone(),
                     old: self.values.get(key).cloned().unwrap_or(Value::Null),
                     new: value.clone(),
                 });
             }
             self.values.insert(key.to_string(), value);
-            Some(hash)
-        } else {
-            previous_hash
-        };
-        self.meta.plugins.insert(
-            key.to_string(),
-            PluginMeta {
-                collected_at: r.collected_at,
-                request_id: r.request_id,
-                outcome: r.outcome.status().to_string(),
-                error: r.outcome.error_text(),
-                exit_code: r.outcome.exit_code(),
-                duration_ms: r.duration_ms,
-                hash,
-                truncated: r.truncated,
-            },
-        );
-        self.saw(r.collected_at, &r.agent_version);
+            meta.hash = Some(hash);
+            meta.value_at = Some(r.collected_at);
+            meta.value_request_id = Some(r.request_id);
+        }
+        if status_newer {
+            meta.collected_at = r.collected_at;
+            meta.request_id = r.request_id;
+            meta.outcome = r.outcome.status().to_string();
+            meta.error = r.outcome.error_text();
+            meta.exit_code = r.outcome.exit_code();
+            meta.duration_ms = r.duration_ms;
+            meta.truncated = r.truncated;
+        }
+        self.meta.plugins.insert(key.to_string(), meta);
         self.meta.updated_at = now;
         Change::Updated
     }
@@ -419,10 +459,10 @@ mod tests {
     #[test]
     fn unknown_plugin_adds_no_key() {
         let mut d = doc();
-        assert_eq!(
-            d.apply_result(&result(1, "01", Outcome::UnknownPlugin, None), t("02")),
-            Change::Unchanged
-        );
+        // Only "last seen" moves, and only once.
+        let unknown = result(1, "01", Outcome::UnknownPlugin, None);
+        assert_eq!(d.apply_result(&unknown, t("02")), Change::Updated);
+        assert_eq!(d.apply_result(&unknown, t("03")), Change::Unchanged);
         assert!(d.meta.plugins.is_empty());
         assert!(d.values.is_empty());
     }

@@ -165,8 +165,13 @@ pub struct PluginResult {
     pub node: NodeName,
     pub plugin: PluginName,
     pub outcome: Outcome,
-    /// The parsed output; present only when `outcome` is `ok`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The parsed output; present only when `outcome` is `ok`. A plugin whose output is
+    /// JSON `null` has `Some(Null)`, which must survive the trip (found by proptest).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_value"
+    )]
     pub value: Option<Value>,
     /// The output hit the agent's cap and was cut before parsing.
     #[serde(default)]
@@ -174,6 +179,11 @@ pub struct PluginResult {
     pub collected_at: DateTime<Utc>,
     pub duration_ms: u64,
     pub agent_version: String,
+}
+
+/// A present field, even `null`, is `Some`; an absent one is `None` (via `default`).
+fn present_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// A plugin an agent offers, with a hash of its definition so changes are visible.

@@ -1,0 +1,215 @@
+//! Properties of the wire format and of the merge of results into a node document, over
+//! generated inputs (proptest).
+
+use chrono::{DateTime, TimeZone, Utc};
+use proptest::prelude::*;
+use serde_json::Value;
+use uuid::Uuid;
+use vogeler_core::{
+    document::NodeDocument,
+    names::{NodeName, PluginName},
+    wire::{self, Announce, Command, Message, Outcome, PluginInfo, PluginResult, Target},
+};
+
+fn time() -> impl Strategy<Value = DateTime<Utc>> {
+    (1_600_000_000i64..2_000_000_000, 0u32..1_000_000_000)
+        .prop_map(|(s, n)| Utc.timestamp_opt(s, n).single().expect("valid timestamp"))
+}
+
+fn node() -> impl Strategy<Value = NodeName> {
+    "[a-z0-9][a-z0-9._-]{0,40}".prop_map(|s| NodeName::new(s).expect("node name"))
+}
+
+fn plugin() -> impl Strategy<Value = PluginName> {
+    "p[a-z0-9_-]{0,20}".prop_map(|s| PluginName::new(s).expect("plugin name"))
+}
+
+fn uuid() -> impl Strategy<Value = Uuid> {
+    any::<u128>().prop_map(Uuid::from_u128)
+}
+
+/// JSON values without floats (a float's text form need not parse back to the same bits,
+/// which is serde_json's business, not ours).
+fn json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        ".*".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(4, 64, 8, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+            prop::collection::btree_map(".{0,12}", inner, 0..8)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        Just(Outcome::Ok),
+        (any::<Option<i32>>(), any::<Option<i32>>(), ".*").prop_map(|(e, s, t)| {
+            Outcome::Failed {
+                exit_code: e,
+                signal: s,
+                stderr_tail: t,
+            }
+        }),
+        (".*", ".*").prop_map(|(f, e)| Outcome::InvalidOutput {
+            format: f,
+            error: e
+        }),
+        any::<u64>().prop_map(|t| Outcome::TimedOut { timeout_ms: t }),
+        ".*".prop_map(|e| Outcome::FailedToStart { error: e }),
+        Just(Outcome::UnknownPlugin),
+    ]
+}
+
+fn result() -> impl Strategy<Value = PluginResult> {
+    (
+        uuid(),
+        node(),
+        plugin(),
+        outcome(),
+        proptest::option::of(json()),
+        any::<bool>(),
+        time(),
+        any::<u64>(),
+        ".{0,10}",
+    )
+        .prop_map(
+            |(request_id, node, plugin, outcome, value, truncated, collected_at, d, v)| {
+                PluginResult {
+                    request_id,
+                    node,
+                    plugin,
+                    outcome,
+                    value,
+                    truncated,
+                    collected_at,
+                    duration_ms: d,
+                    agent_version: v,
+                }
+            },
+        )
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    let command = (
+        uuid(),
+        plugin(),
+        prop_oneof![Just(Target::All), node().prop_map(Target::Node)],
+        time(),
+        proptest::option::of(time()),
+    )
+        .prop_map(|(request_id, plugin, target, issued_at, expires_at)| {
+            Message::Command(Command {
+                request_id,
+                plugin,
+                target,
+                issued_at,
+                expires_at,
+            })
+        });
+    let announce = (
+        node(),
+        ".{0,10}",
+        prop::collection::vec((plugin(), "[0-9a-f]{0,64}"), 0..5),
+        time(),
+        time(),
+        prop::collection::btree_map("[a-z.]{1,10}", json(), 0..5),
+    )
+        .prop_map(|(node, v, plugins, started_at, sent_at, facts)| {
+            Message::Announce(Announce {
+                node,
+                agent_version: v,
+                plugins: plugins
+                    .into_iter()
+                    .map(|(name, hash)| PluginInfo { name, hash })
+                    .collect(),
+                started_at,
+                sent_at,
+                facts: facts.into_iter().collect(),
+            })
+        });
+    prop_oneof![command, result().prop_map(Message::Result), announce]
+}
+
+/// Results of one node for a few plugins, with colliding times so that ties are tried.
+fn node_results() -> impl Strategy<Value = Vec<PluginResult>> {
+    let one = (
+        uuid(),
+        prop_oneof![Just("pa"), Just("pb")],
+        outcome(),
+        proptest::option::of(json()),
+        0i64..4,
+        prop_oneof![Just("1.0"), Just("1.1")],
+    )
+        .prop_map(|(request_id, plugin, outcome, value, t, v)| PluginResult {
+            request_id,
+            node: NodeName::new("web01").expect("node"),
+            plugin: PluginName::new(plugin).expect("plugin"),
+            value: if outcome.is_ok() { value } else { None },
+            outcome,
+            truncated: false,
+            collected_at: Utc
+                .timestamp_opt(1_800_000_000 + t, 0)
+                .single()
+                .expect("time"),
+            duration_ms: 1,
+            agent_version: v.to_string(),
+        });
+    // A request id names one result of one node: make them distinct.
+    prop::collection::vec(one, 1..10).prop_map(|mut rs| {
+        for (i, r) in rs.iter_mut().enumerate() {
+            r.request_id = Uuid::from_u128(i as u128 + 1);
+        }
+        rs
+    })
+}
+
+fn merged<'a>(results: impl IntoIterator<Item = &'a PluginResult>) -> Value {
+    let now = Utc.timestamp_opt(1_900_000_000, 0).single().expect("time");
+    let mut doc = NodeDocument::new(&NodeName::new("web01").expect("node"), now);
+    for r in results {
+        doc.apply_result(r, now);
+    }
+    serde_json::to_value(&doc).expect("document json")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn every_message_round_trips(m in message()) {
+        let bytes = wire::encode(&m);
+        prop_assert_eq!(wire::decode(&bytes).expect("decode"), m);
+    }
+
+    #[test]
+    fn decoding_any_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = wire::decode(&bytes);
+        let _ = wire::decode_command(&bytes);
+    }
+
+    #[test]
+    fn any_order_and_duplication_of_results_gives_the_same_document(
+        results in node_results(),
+        order in prop::collection::vec(any::<prop::sample::Index>(), 0..30),
+        seed in any::<u64>(),
+    ) {
+        let once = merged(&results);
+        // Every result at least once, in a shuffled order, plus duplicates.
+        let mut shuffled: Vec<&PluginResult> = results.iter().collect();
+        shuffled.extend(order.iter().map(|i| &results[i.index(results.len())]));
+        let mut state = seed;
+        for i in (1..shuffled.len()).rev() {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let j = (state >> 33) as usize % (i + 1);
+            shuffled.swap(i, j);
+        }
+        prop_assert_eq!(merged(shuffled), once);
+    }
+}
