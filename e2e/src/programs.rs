@@ -80,3 +80,13 @@ pub fn with_couch(mut cmd: Command, stack: &TestStack) -> Command {
     ]);
     cmd
 }
+
+/// A process's peak resident memory (VmHWM), in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("process status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}

@@ -194,12 +194,7 @@ async fn a_100_mib_flood_is_truncated_and_agent_memory_stays_bounded() {
         .expect("lines");
     // 4 MiB of 17-byte lines.
     assert!((240_000..=250_000).contains(&lines), "{lines} lines");
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
+    let peak_kib = vogeler_e2e::programs::peak_rss_kib(pid);
     eprintln!(
         "agent peak RSS after a 100 MiB flood: {} MiB",
         peak_kib / 1024

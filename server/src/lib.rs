@@ -396,7 +396,7 @@ async fn handle_batch(
     cancel: &CancellationToken,
 ) -> Option<(u64, u64, u64)> {
     let mut valid: Vec<(Signed, Delivery)> = Vec::with_capacity(batch.len());
-    let mut dead_count = 0;
+    let mut refused: Vec<(Delivery, String)> = Vec::new();
     for (decoded, d) in batch {
         match decoded {
             Ok(
@@ -406,24 +406,18 @@ async fn handle_batch(
                 },
             ) => valid.push((m, d)),
             Ok(other) => {
-                dead_count += 1;
-                dead_letter(
-                    topology,
-                    dead,
-                    &d,
-                    &format!(
-                        "the results queue does not take {} messages",
-                        other.message.kind()
-                    ),
-                )
-                .await;
+                let reason = format!(
+                    "the results queue does not take {} messages",
+                    other.message.kind()
+                );
+                refused.push((d, reason));
             }
-            Err(e) => {
-                dead_count += 1;
-                dead_letter(topology, dead, &d, &e).await;
-            }
+            Err(e) => refused.push((d, e)),
         }
     }
+    let mut dead_count = refused.len() as u64;
+    let refs: Vec<(&Delivery, &str)> = refused.iter().map(|(d, r)| (d, r.as_str())).collect();
+    dead_letter_all(topology, dead, &refs).await;
     let mut delays = backoff::delays();
     let stored = loop {
         let messages: Vec<&Signed> = valid.iter().map(|(m, _)| m).collect();
@@ -511,11 +505,33 @@ fn log_stored(message: &Message) {
     }
 }
 
-/// Move a message that can never be stored to the dead-letter queue, with its reason, and
-/// ack it so it stops blocking the queue. If the broker will not take the copy, the message
-/// is rejected instead (the results queue dead-letters it too, without our reason).
-async fn dead_letter(topology: &Topology, dead: &Channel, d: &Delivery, reason: &str) {
-    warn!(reason = %reason, redelivered = d.redelivered, bytes = d.data.len(), "dead-lettering a message");
+/// [`dead_letter`] for many messages, their copies published together and then confirmed
+/// (one confirm round trip each would make a flood of garbage slow to clear).
+async fn dead_letter_all(topology: &Topology, dead: &Channel, refused: &[(&Delivery, &str)]) {
+    let mut pending = Vec::with_capacity(refused.len());
+    for &(d, reason) in refused {
+        warn!(reason = %reason, redelivered = d.redelivered, bytes = d.data.len(), "dead-lettering a message");
+        let copy = dead
+            .basic_publish(
+                topology.dead_letter_exchange().as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                &d.data,
+                dead_letter_properties(d, reason),
+            )
+            .await;
+        pending.push((d, copy));
+    }
+    for (d, copy) in pending {
+        let confirmed = match copy {
+            Ok(c) => c.await.is_ok_and(|c| c.is_ack()),
+            Err(_) => false,
+        };
+        settle_dead(d, confirmed).await;
+    }
+}
+
+fn dead_letter_properties(d: &Delivery, reason: &str) -> BasicProperties {
     let mut headers = d.properties.headers().clone().unwrap_or_default();
     headers.insert(
         "x-vogeler-reason".into(),
@@ -525,26 +541,27 @@ async fn dead_letter(topology: &Topology, dead: &Channel, d: &Delivery, reason: 
         "x-vogeler-routing-key".into(),
         AMQPValue::LongString(d.routing_key.as_str().into()),
     );
-    let props = BasicProperties::default()
+    BasicProperties::default()
         .with_delivery_mode(2)
-        .with_headers(headers);
-    let copied = async {
-        dead.basic_publish(
-            topology.dead_letter_exchange().as_str().into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            &d.data,
-            props,
-        )
-        .await?
-        .await
-    }
-    .await;
-    let settled = match copied {
-        Ok(c) if c.is_ack() => d.acker.ack(BasicAckOptions::default()).await,
-        _ => d.acker.reject(BasicRejectOptions { requeue: false }).await,
+        .with_headers(headers)
+}
+
+/// Ack a dead-lettered message once its copy is confirmed; otherwise reject it (the results
+/// queue dead-letters it too, without our reason).
+async fn settle_dead(d: &Delivery, copied: bool) {
+    let settled = if copied {
+        d.acker.ack(BasicAckOptions::default()).await
+    } else {
+        d.acker.reject(BasicRejectOptions { requeue: false }).await
     };
     if let Err(e) = settled {
         warn!(error = %e, "could not settle a dead-lettered message; it will be redelivered");
     }
+}
+
+/// Move a message that can never be stored to the dead-letter queue, with its reason, and
+/// ack it so it stops blocking the queue. If the broker will not take the copy, the message
+/// is rejected instead (the results queue dead-letters it too, without our reason).
+async fn dead_letter(topology: &Topology, dead: &Channel, d: &Delivery, reason: &str) {
+    dead_letter_all(topology, dead, &[(d, reason)]).await;
 }
