@@ -69,7 +69,14 @@ async fn history_ids(stack: &TestStack) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn a_20_s_database_outage_loses_nothing_and_stores_nothing_twice() {
+async fn a_database_outage_loses_nothing_and_stores_nothing_twice() {
+    // 20 s here; scripts/faults.sh runs it with VOGELER_FAULT_DB_DOWN_SECS=30.
+    let down = Duration::from_secs(
+        std::env::var("VOGELER_FAULT_DB_DOWN_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(20),
+    );
     let stack = TestStack::new().await;
     let (proxy, settings) = stack.server_behind_proxy().await;
     let _server = spawn_server(settings);
@@ -97,13 +104,14 @@ async fn a_20_s_database_outage_loses_nothing_and_stores_nothing_twice() {
         || async { proxy.refused() >= 2 },
     )
     .await;
-    tokio::time::sleep(Duration::from_secs(20)).await; // the outage itself, not a wait for a condition
+    tokio::time::sleep(down).await; // the outage itself, not a wait for a condition
     assert_eq!(
         stack.node_ids().await,
         ["warmup"],
         "nothing stored while down"
     );
     proxy.restore();
+    let restored = std::time::Instant::now();
 
     wait_for(
         "all 200 results stored",
@@ -120,6 +128,7 @@ async fn a_20_s_database_outage_loses_nothing_and_stores_nothing_twice() {
         },
     )
     .await;
+    let drained = restored.elapsed();
     // Every value change recorded exactly once: 9 per node (the first value is not a change).
     let history = history_ids(&stack).await;
     let per_node = history
@@ -130,6 +139,11 @@ async fn a_20_s_database_outage_loses_nothing_and_stores_nothing_twice() {
     assert_eq!(
         history.iter().filter(|id| id.starts_with("out")).count(),
         180
+    );
+    println!(
+        "database down {}s: 200 results published, 200 stored, 0 lost, 0 stored twice (180 history entries); drained {:.1}s after it came back",
+        down.as_secs(),
+        drained.as_secs_f64()
     );
 }
 

@@ -374,13 +374,19 @@ pub fn load_file(path: &Path) -> Vec<Result<Plugin, String>> {
         return vec![Err("not UTF-8".to_string())];
     };
     let hash = format!("sha256:{:x}", Sha256::digest(&bytes));
+    parse_text(text, path, &hash)
+}
+
+/// Parse a plugin file's text as [`load_file`] does; `path` (its extension: `.cfg` is the
+/// legacy format) is used in messages and to resolve the program.
+pub fn parse_text(text: &str, path: &Path, hash: &str) -> Vec<Result<Plugin, String>> {
     if path.extension().is_some_and(|e| e == "cfg") {
         return legacy::definitions(text)
             .into_iter()
-            .map(|d| d.and_then(|d| d.build(path, &hash)))
+            .map(|d| d.and_then(|d| d.build(path, hash)))
             .collect();
     }
-    vec![toml_definition(text).and_then(|d| d.build(path, &hash))]
+    vec![toml_definition(text).and_then(|d| d.build(path, hash))]
 }
 
 fn toml_definition(text: &str) -> Result<Definition, String> {
