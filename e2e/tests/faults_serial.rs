@@ -135,9 +135,14 @@ async fn broker_restart_loses_nothing() {
     )
     .await;
     let history = history_ids(&stack).await;
-    let stored: BTreeSet<String> = history
+    // History ids are <node>:<plugin>:<time>:<request id>; one request goes to every node.
+    let stored: BTreeSet<(String, String)> = history
         .iter()
-        .filter_map(|id| id.rsplit(':').next().map(str::to_string))
+        .filter_map(|id| {
+            let node = id.split(':').next()?;
+            let request = id.rsplit(':').next()?;
+            Some((node.to_string(), request.to_string()))
+        })
         .collect();
     let duplicates = history.len() - stored.len();
     let stored_count = history.len() + nodes.len();
