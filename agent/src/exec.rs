@@ -1,7 +1,7 @@
 //! Running one plugin, bounded: a timeout that kills the whole process group, capped output,
 //! a clean environment, no stdin, and a typed outcome for every way a run can end.
 
-use std::{os::unix::process::ExitStatusExt, process::Stdio, time::Duration};
+use std::{os::unix::process::ExitStatusExt, path::Path, process::Stdio, time::Duration};
 
 use nix::{
     sys::signal::{Signal, killpg},
@@ -28,14 +28,67 @@ pub struct Execution {
     pub duration: Duration,
 }
 
+/// Kill what plugin runs of a previous life of this agent left behind (it was killed with
+/// SIGKILL, or the machine's OOM killer chose it): every process of a recorded process
+/// group whose environment carries `VOGELER_NODE=<node>`, so a reused process group id is
+/// never hit. Returns how many processes were killed.
+pub fn reap_orphans(running: &Path, node: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(running) else {
+        return 0;
+    };
+    let groups: Vec<i32> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let _ = std::fs::remove_file(e.path());
+            e.file_name().to_str()?.parse().ok()
+        })
+        .collect();
+    if groups.is_empty() {
+        return 0;
+    }
+    let marker = format!("VOGELER_NODE={node}");
+    let mut killed = 0;
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for p in procs.filter_map(|e| e.ok()) {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        // Field 5 of /proc/<pid>/stat, after the parenthesised command name.
+        let pgrp = std::fs::read_to_string(p.path().join("stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.to_string()))
+            .and_then(|rest| {
+                rest.split_whitespace()
+                    .nth(2)
+                    .and_then(|g| g.parse::<i32>().ok())
+            });
+        if !pgrp.is_some_and(|g| groups.contains(&g)) {
+            continue;
+        }
+        let ours = std::fs::read(p.path().join("environ"))
+            .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == marker.as_bytes()));
+        if ours && nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
+            killed += 1;
+        }
+    }
+    killed
+}
+
 /// Run `plugin` to completion or timeout. Never panics, never hangs past the timeout.
 pub async fn execute(plugin: &Plugin) -> Execution {
-    execute_with(plugin, &[]).await
+    execute_with(plugin, &[], None).await
 }
 
 /// [`execute`], with variables the agent adds for this run (`VOGELER_REQUEST_ID`,
-/// `VOGELER_NODE`), so a plugin can tie its own logs to the request.
-pub async fn execute_with(plugin: &Plugin, run_env: &[(&str, &str)]) -> Execution {
+/// `VOGELER_NODE`), so a plugin can tie its own logs to the request. With `running`, the
+/// run's process group is recorded there while it runs (see [`reap_orphans`]).
+pub async fn execute_with(
+    plugin: &Plugin,
+    run_env: &[(&str, &str)],
+    running: Option<&Path>,
+) -> Execution {
     let started = tokio::time::Instant::now();
     let failed_to_start = |error: String| Execution {
         outcome: Outcome::FailedToStart { error },
@@ -80,6 +133,10 @@ pub async fn execute_with(plugin: &Plugin, run_env: &[(&str, &str)]) -> Executio
         .id()
         .and_then(|id| i32::try_from(id).ok())
         .map(Pid::from_raw);
+    let record = running.zip(pgid).map(|(dir, p)| dir.join(p.to_string()));
+    if let Some(r) = &record {
+        let _ = std::fs::write(r, b"");
+    }
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         unreachable!("stdout and stderr are piped above")
     };
@@ -95,6 +152,9 @@ pub async fn execute_with(plugin: &Plugin, run_env: &[(&str, &str)]) -> Executio
     // Whatever happened, nothing the plugin started may outlive the run.
     if let Some(pgid) = pgid {
         let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    if let Some(r) = &record {
+        let _ = std::fs::remove_file(r);
     }
     let duration = started.elapsed();
 

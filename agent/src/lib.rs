@@ -168,6 +168,12 @@ impl Security {
             .mode(0o700)
             .create(dir)
             .map_err(state)?;
+        let running = dir.join("running");
+        std::fs::create_dir_all(&running).map_err(state)?;
+        let reaped = exec::reap_orphans(&running, settings.node.as_str());
+        if reaped > 0 {
+            warn!(node = %settings.node, processes = reaped, "killed plugin processes left running by a previous agent that did not stop cleanly");
+        }
         let (key, created) = PrivateKey::load_or_create(&dir.join("agent.key"))?;
         if created {
             info!(node = %settings.node, key = %key.public(), "created this node's signing key");
@@ -550,7 +556,8 @@ async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
         ("VOGELER_REQUEST_ID", request_id.as_str()),
         ("VOGELER_NODE", shared.settings.node.as_str()),
     ];
-    let mut e = exec::execute_with(plugin, &run_env).await;
+    let running = shared.settings.state_dir.join("running");
+    let mut e = exec::execute_with(plugin, &run_env, Some(&running)).await;
     if let Some(v) = &e.value {
         let size = serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());
         if size > wire::MAX_VALUE_BYTES {

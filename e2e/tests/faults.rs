@@ -174,3 +174,94 @@ async fn a_silent_broker_link_is_detected_by_heartbeat_and_nothing_is_lost() {
         silence.as_secs()
     );
 }
+
+/// Processes whose environment says they are a plugin run of `node`.
+fn plugin_processes(node: &str) -> usize {
+    let marker = format!("VOGELER_NODE={node}");
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+                })
+                .filter(|e| {
+                    std::fs::read(e.path().join("environ"))
+                        .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v == marker.as_bytes()))
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn an_agent_killed_mid_plugin_leaves_no_orphan_and_does_not_run_it_again() {
+    let stack = TestStack::new().await;
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let slow = format!(
+        "name = \"slow\"\ncommand = [\"sh\", \"-c\", \"echo start >> {}; sleep 300\"]\nformat = \"lines\"\ntimeout = \"10m\"\n",
+        log.path().display()
+    );
+    let plugins = plugin_dir(&[("slow.toml", &slow)]);
+    let agent_cmd = || {
+        let mut cmd = vogeler_e2e::programs::program("vogeler-agent", &stack);
+        cmd.args(["--node", "orphan01", "--plugin-dir"])
+            .arg(plugins.path())
+            .stderr(std::process::Stdio::null());
+        cmd
+    };
+    let _server = spawn_server(stack.server_settings());
+    let mut agent = agent_cmd().spawn().expect("agent");
+    stack.wait_registered(&["orphan01"]).await;
+    let asking = tokio::spawn({
+        let settings = stack.runner_settings("2");
+        async move { ask_using(&settings, "slow", "orphan01", |_| {}).await }
+    });
+    wait_for("the plugin running", Duration::from_secs(20), || async {
+        plugin_processes("orphan01") >= 1
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(agent.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill agent");
+    let _ = agent.wait().await;
+    let _ = asking.await;
+    assert!(
+        plugin_processes("orphan01") >= 1,
+        "a SIGKILLed agent cannot kill its plugin: the orphan is there to reap"
+    );
+
+    let mut again = agent_cmd().spawn().expect("agent again");
+    wait_for(
+        "the restarted agent to reap the orphan",
+        Duration::from_secs(20),
+        || async { plugin_processes("orphan01") == 0 },
+    )
+    .await;
+    // The command it was running is redelivered (never acked) and refused as already run.
+    let t = stack.topology();
+    let (conn, _) = stack.publisher("test-orphan").await;
+    wait_for(
+        "the redelivered command consumed",
+        Duration::from_secs(20),
+        || async {
+            let probe = conn.create_channel().await.expect("channel");
+            probe
+                .queue_declare(
+                    t.agent_queue(&node("orphan01")).as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+                .is_ok_and(|q| q.consumer_count() > 0 && q.message_count() == 0)
+        },
+    )
+    .await;
+    let runs = std::fs::read_to_string(log.path()).expect("log");
+    assert_eq!(runs.lines().count(), 1, "the plugin ran once: {runs}");
+    assert_eq!(plugin_processes("orphan01"), 0);
+    let _ = again.kill().await;
+}
