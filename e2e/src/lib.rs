@@ -32,6 +32,16 @@ use vogeler_core::{
 
 pub use proxy::FaultProxy;
 
+/// `host:port` of a server URL, for a proxy in front of it.
+pub fn upstream(url: &str) -> String {
+    let u = url::Url::parse(url).expect("url");
+    format!(
+        "{}:{}",
+        u.host_str().expect("host"),
+        u.port_or_known_default().expect("port")
+    )
+}
+
 /// Where the shared test servers listen; override with the usual `VOGELER_*` variables.
 pub fn amqp_url() -> String {
     std::env::var("VOGELER_TEST_AMQP_URL")
@@ -108,6 +118,42 @@ impl TestStack {
     /// The base state directory of this stack's agents.
     pub fn state_dir(&self) -> std::path::PathBuf {
         self.keys.path().join("state")
+    }
+
+    /// Ids of the history database's entries (design documents left out).
+    pub async fn history_ids(&self) -> Vec<String> {
+        self.couch
+            .all_ids(&format!("{}_history", self.database))
+            .await
+            .expect("history")
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| !id.starts_with("_design/"))
+            .collect()
+    }
+
+    /// Wait until an agent consumes from its queue (so its bindings exist: commands
+    /// published before that are unroutable).
+    pub async fn wait_consuming(&self, node: &str) {
+        let (conn, _) = self.publisher("test-probe").await;
+        let queue = self.topology().agent_queue(&self::node(node));
+        wait_for(
+            &format!("agent {node} consuming"),
+            Duration::from_secs(20),
+            || async {
+                let probe = conn.create_channel().await.expect("channel");
+                let opts = lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                probe
+                    .queue_declare(queue.as_str().into(), opts, Default::default())
+                    .await
+                    .is_ok_and(|q| q.consumer_count() > 0)
+            },
+        )
+        .await;
+        let _ = conn.close(200, "done".into()).await;
     }
 
     /// The audit log of one of this stack's agents.

@@ -158,23 +158,8 @@ async fn no_crafted_command_runs_and_every_valid_one_runs_once() {
     let t = stack.topology();
     let (conn, ch) = stack.publisher("test-attacker").await;
     // The agent consumes only after its queue is bound: before that, commands would be
-    // unroutable and dropped.
-    wait_for("agent consuming", Duration::from_secs(20), || async {
-        let opts = lapin::options::QueueDeclareOptions {
-            passive: true,
-            ..Default::default()
-        };
-        let probe = conn.create_channel().await.expect("channel");
-        probe
-            .queue_declare(
-                t.agent_queue(&node(NODE)).as_str().into(),
-                opts,
-                Default::default(),
-            )
-            .await
-            .is_ok_and(|q| q.consumer_count() > 0)
-    })
-    .await;
+    // unroutable.
+    stack.wait_consuming(NODE).await;
 
     let attacker = Attacker {
         stack: &stack,

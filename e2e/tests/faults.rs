@@ -12,15 +12,6 @@ use vogeler_e2e::{
     wait_for,
 };
 
-fn broker_upstream(stack: &TestStack) -> String {
-    let u = url::Url::parse(&stack.amqp_url).expect("url");
-    format!(
-        "{}:{}",
-        u.host_str().expect("host"),
-        u.port_or_known_default().expect("port")
-    )
-}
-
 #[tokio::test]
 async fn commands_no_queue_takes_are_reported_not_waited_for() {
     let stack = TestStack::new().await;
@@ -114,7 +105,7 @@ async fn a_silent_broker_link_is_detected_by_heartbeat_and_nothing_is_lost() {
             .unwrap_or(25),
     );
     let stack = TestStack::new().await;
-    let proxy = FaultProxy::start(&broker_upstream(&stack)).await;
+    let proxy = FaultProxy::start(&vogeler_e2e::upstream(&stack.amqp_url)).await;
     let plugins = plugin_dir(&[("hello.toml", HELLO)]);
     let mut sources = stack.sources();
     sources
@@ -239,6 +230,7 @@ async fn an_agent_killed_mid_plugin_leaves_no_orphan_and_does_not_run_it_again()
     )
     .await;
     // The command it was running is redelivered (never acked) and refused as already run.
+    stack.wait_consuming("orphan01").await;
     let t = stack.topology();
     let (conn, _) = stack.publisher("test-orphan").await;
     wait_for(
@@ -246,17 +238,18 @@ async fn an_agent_killed_mid_plugin_leaves_no_orphan_and_does_not_run_it_again()
         Duration::from_secs(20),
         || async {
             let probe = conn.create_channel().await.expect("channel");
+            let opts = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
             probe
                 .queue_declare(
                     t.agent_queue(&node("orphan01")).as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
+                    opts,
                     Default::default(),
                 )
                 .await
-                .is_ok_and(|q| q.consumer_count() > 0 && q.message_count() == 0)
+                .is_ok_and(|q| q.message_count() == 0)
         },
     )
     .await;

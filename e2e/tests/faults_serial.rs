@@ -33,18 +33,6 @@ fn rabbitmqctl(args: &[&str]) {
     );
 }
 
-async fn history_ids(stack: &TestStack) -> Vec<String> {
-    stack
-        .couch
-        .all_ids(&format!("{}_history", stack.database))
-        .await
-        .expect("history")
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|id| !id.starts_with("_design/"))
-        .collect()
-}
-
 /// Request ids every agent finished, from their audit logs.
 fn finished(stack: &TestStack, nodes: &[String]) -> BTreeSet<(String, String)> {
     let mut done = BTreeSet::new();
@@ -131,10 +119,10 @@ async fn broker_restart_loses_nothing() {
     wait_for(
         "every published result stored",
         Duration::from_secs(120),
-        || async { history_ids(&stack).await.len() + nodes.len() >= published.len() },
+        || async { stack.history_ids().await.len() + nodes.len() >= published.len() },
     )
     .await;
-    let history = history_ids(&stack).await;
+    let history = stack.history_ids().await;
     // History ids are <node>:<plugin>:<time>:<request id>; one request goes to every node.
     let stored: BTreeSet<(String, String)> = history
         .iter()
@@ -199,9 +187,9 @@ async fn a_server_killed_mid_batch_20_times_stores_every_result_once() {
             .spawn()
             .expect("server");
         // Once it is writing (the history grew), at a varying point after that.
-        let before = history_ids(&stack).await.len();
+        let before = stack.history_ids().await.len();
         wait_for("the server writing", Duration::from_secs(60), || async {
-            history_ids(&stack).await.len() > before
+            stack.history_ids().await.len() > before
         })
         .await;
         tokio::time::sleep(Duration::from_millis((k * 53) % 300)).await;
@@ -209,7 +197,7 @@ async fn a_server_killed_mid_batch_20_times_stores_every_result_once() {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill");
         let _ = server.wait().await;
         kills += 1;
-        written.push(history_ids(&stack).await.len());
+        written.push(stack.history_ids().await.len());
     }
     let stored_after_kills = stack.node_ids().await.len();
     let mut server = with_couch(program("vogeler-server", &stack), &stack)
@@ -235,7 +223,7 @@ async fn a_server_killed_mid_batch_20_times_stores_every_result_once() {
         },
     )
     .await;
-    let history = history_ids(&stack).await;
+    let history = stack.history_ids().await;
     let unique: BTreeSet<&String> = history.iter().collect();
     println!(
         "server SIGKILLed {kills} times mid-ingest of {total} results for 200 nodes (history entries after each kill: {written:?}; {stored_after_kills} nodes written before the last start): all stored, {} history entries (expected {}), {} duplicates; drained {:.1}s after the last start",

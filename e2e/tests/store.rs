@@ -59,15 +59,6 @@ async fn publish(stack: &TestStack, messages: &[Message]) {
     let _ = conn.close(200, "done".into()).await;
 }
 
-async fn history_ids(stack: &TestStack) -> Vec<String> {
-    stack
-        .couch
-        .all_ids(&format!("{}_history", stack.database))
-        .await
-        .expect("history")
-        .unwrap_or_default()
-}
-
 #[tokio::test]
 async fn a_database_outage_loses_nothing_and_stores_nothing_twice() {
     // 20 s here; scripts/faults.sh runs it with VOGELER_FAULT_DB_DOWN_SECS=30.
@@ -130,7 +121,7 @@ async fn a_database_outage_loses_nothing_and_stores_nothing_twice() {
     .await;
     let drained = restored.elapsed();
     // Every value change recorded exactly once: 9 per node (the first value is not a change).
-    let history = history_ids(&stack).await;
+    let history = stack.history_ids().await;
     let per_node = history
         .iter()
         .filter(|id| id.starts_with("out07:counter:"))

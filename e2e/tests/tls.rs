@@ -14,16 +14,8 @@ use vogeler_core::{
 use vogeler_e2e::{
     HELLO, TestStack, ask_using, plugin_dir, spawn_agent, spawn_server,
     tls::{TestCa, TlsProxy},
+    upstream,
 };
-
-fn upstream(url: &str) -> String {
-    let u = url::Url::parse(url).expect("url");
-    format!(
-        "{}:{}",
-        u.host_str().expect("host"),
-        u.port_or_known_default().expect("port")
-    )
-}
 
 async fn amqps(port: u16, files: TlsFiles) -> Result<lapin::Connection, String> {
     let url = SecretUrl::parse(&format!("amqps://guest:guest@localhost:{port}/%2f")).expect("url");
