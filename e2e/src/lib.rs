@@ -132,28 +132,36 @@ impl TestStack {
             .collect()
     }
 
+    /// An agent queue's consumers and ready messages, if the queue exists.
+    pub async fn agent_queue_state(&self, node: &str) -> Option<(u32, u32)> {
+        let (conn, ch) = self.publisher("test-probe").await;
+        let opts = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let queue = self.topology().agent_queue(&self::node(node));
+        let state = ch
+            .queue_declare(queue.as_str().into(), opts, Default::default())
+            .await
+            .ok()
+            .map(|q| (q.consumer_count(), q.message_count()));
+        let _ = conn.close(200, "done".into()).await;
+        state
+    }
+
     /// Wait until an agent consumes from its queue (so its bindings exist: commands
     /// published before that are unroutable).
     pub async fn wait_consuming(&self, node: &str) {
-        let (conn, _) = self.publisher("test-probe").await;
-        let queue = self.topology().agent_queue(&self::node(node));
         wait_for(
             &format!("agent {node} consuming"),
             Duration::from_secs(20),
             || async {
-                let probe = conn.create_channel().await.expect("channel");
-                let opts = lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                };
-                probe
-                    .queue_declare(queue.as_str().into(), opts, Default::default())
+                self.agent_queue_state(node)
                     .await
-                    .is_ok_and(|q| q.consumer_count() > 0)
+                    .is_some_and(|(c, _)| c > 0)
             },
         )
         .await;
-        let _ = conn.close(200, "done".into()).await;
     }
 
     /// The audit log of one of this stack's agents.

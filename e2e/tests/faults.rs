@@ -231,25 +231,14 @@ async fn an_agent_killed_mid_plugin_leaves_no_orphan_and_does_not_run_it_again()
     .await;
     // The command it was running is redelivered (never acked) and refused as already run.
     stack.wait_consuming("orphan01").await;
-    let t = stack.topology();
-    let (conn, _) = stack.publisher("test-orphan").await;
     wait_for(
         "the redelivered command consumed",
         Duration::from_secs(20),
         || async {
-            let probe = conn.create_channel().await.expect("channel");
-            let opts = lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            };
-            probe
-                .queue_declare(
-                    t.agent_queue(&node("orphan01")).as_str().into(),
-                    opts,
-                    Default::default(),
-                )
+            stack
+                .agent_queue_state("orphan01")
                 .await
-                .is_ok_and(|q| q.message_count() == 0)
+                .is_some_and(|(_, ready)| ready == 0)
         },
     )
     .await;
