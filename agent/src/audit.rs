@@ -16,6 +16,9 @@ use tracing::warn;
 
 use crate::guard::Seen;
 
+/// The audit log's file name in a node's state directory.
+pub const FILE: &str = "audit.log";
+
 #[derive(Debug)]
 pub struct AuditLog {
     file: Mutex<File>,

@@ -48,8 +48,10 @@ pub enum Rejection {
     Replayed(Uuid),
     #[error("{0}")]
     Denied(String),
-    #[error("no plugin {0} on this node")]
-    UnknownPlugin(String),
+    /// Authentic and well-formed, for a plugin this node lacks: the command is kept so the
+    /// agent can answer "no such plugin".
+    #[error("no plugin {} on this node", .0.plugin)]
+    UnknownPlugin(Box<Command>),
 }
 
 impl Rejection {

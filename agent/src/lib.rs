@@ -26,7 +26,6 @@ pub mod replay;
 use std::{
     collections::BTreeMap,
     os::unix::fs::DirBuilderExt,
-    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -62,6 +61,10 @@ use crate::{
 
 /// Pause before a command whose result could not be published goes back to the queue.
 const PUBLISH_RETRY: Duration = Duration::from_secs(5);
+
+/// Where, in a node's state directory, running plugins' process groups are recorded (see
+/// [`exec::reap_orphans`]).
+const RUNNING_DIR: &str = "running";
 
 /// How long in-flight plugin runs may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -168,7 +171,7 @@ impl Security {
             .mode(0o700)
             .create(dir)
             .map_err(state)?;
-        let running = dir.join("running");
+        let running = dir.join(RUNNING_DIR);
         std::fs::create_dir_all(&running).map_err(state)?;
         let reaped = exec::reap_orphans(&running, settings.node.as_str());
         if reaped > 0 {
@@ -179,7 +182,7 @@ impl Security {
             info!(node = %settings.node, key = %key.public(), "created this node's signing key");
         }
         let replay = ReplayCache::open(&dir.join("replay"), Utc::now()).map_err(state)?;
-        let audit = AuditLog::open(&dir.join("audit.log")).map_err(state)?;
+        let audit = AuditLog::open(&dir.join(audit::FILE)).map_err(state)?;
         Ok(Self {
             guard: Guard {
                 node: settings.node.clone(),
@@ -191,11 +194,6 @@ impl Security {
             replay,
             audit,
         })
-    }
-
-    /// Where the audit log of this node is.
-    pub fn audit_path(state_dir: &Path) -> std::path::PathBuf {
-        state_dir.join("audit.log")
     }
 }
 
@@ -391,12 +389,17 @@ async fn handle(shared: &Shared, delivery: Delivery, cancel: &CancellationToken)
                 .acker
                 .reject(BasicRejectOptions { requeue: false })
                 .await;
-            if let Rejection::UnknownPlugin(_) = rejection
-                && let Some(command) = wire::decode_command(&delivery.data).ok()
-            {
+            if let Rejection::UnknownPlugin(command) = rejection {
                 // Authentic, but for a plugin this node lacks: say so, or the runner
                 // cannot tell "no such plugin" from "no answer".
-                let result = result_of(shared, &command, Outcome::UnknownPlugin);
+                let result = result_of(
+                    shared,
+                    &command,
+                    Outcome::UnknownPlugin,
+                    None,
+                    false,
+                    Duration::ZERO,
+                );
                 publish_result(shared, &command, result, cancel).await;
             }
             return;
@@ -435,7 +438,7 @@ fn admit(shared: &Shared, delivery: &Delivery, seen: &mut Seen) -> Result<Comman
         seen,
     )?;
     if !shared.catalog.borrow().contains(&command.plugin) {
-        return Err(Rejection::UnknownPlugin(command.plugin.to_string()));
+        return Err(Rejection::UnknownPlugin(Box::new(command)));
     }
     let until = shared.guard.remember_until(&command);
     let fresh = match shared.replay.lock() {
@@ -514,24 +517,16 @@ async fn publish_result(
     }
 }
 
-fn result_of(shared: &Shared, command: &Command, outcome: Outcome) -> PluginResult {
+/// The result of `command` on this node.
+fn result_of(
+    shared: &Shared,
+    command: &Command,
+    outcome: Outcome,
+    value: Option<serde_json::Value>,
+    truncated: bool,
+    duration: Duration,
+) -> PluginResult {
     PluginResult {
-        request_id: command.request_id,
-        node: shared.settings.node.clone(),
-        plugin: command.plugin.clone(),
-        outcome,
-        value: None,
-        truncated: false,
-        collected_at: Utc::now(),
-        duration_ms: 0,
-        agent_version: VERSION.to_string(),
-    }
-}
-
-/// Run the plugin a command names, within the concurrency limit. Unknown plugins are
-/// answered, not ignored, so the runner can tell "no such plugin" from "no answer".
-async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
-    let collected = |outcome, value, truncated, duration: Duration| PluginResult {
         request_id: command.request_id,
         node: shared.settings.node.clone(),
         plugin: command.plugin.clone(),
@@ -541,6 +536,14 @@ async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
         collected_at: Utc::now(),
         duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
         agent_version: VERSION.to_string(),
+    }
+}
+
+/// Run the plugin a command names, within the concurrency limit. Unknown plugins are
+/// answered, not ignored, so the runner can tell "no such plugin" from "no answer".
+async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
+    let collected = |outcome, value, truncated, duration| {
+        result_of(shared, command, outcome, value, truncated, duration)
     };
     let catalog = shared.catalog.borrow().clone();
     let Some(plugin) = catalog.get(&command.plugin) else {
@@ -556,7 +559,7 @@ async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
         ("VOGELER_REQUEST_ID", request_id.as_str()),
         ("VOGELER_NODE", shared.settings.node.as_str()),
     ];
-    let running = shared.settings.state_dir.join("running");
+    let running = shared.settings.state_dir.join(RUNNING_DIR);
     let mut e = exec::execute_with(plugin, &run_env, Some(&running)).await;
     if let Some(v) = &e.value {
         let size = serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());

@@ -69,7 +69,7 @@ impl std::fmt::Display for Target {
 
 /// A request to run one configured plugin. It carries no arguments: an agent runs only what
 /// its own plugin files define.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
     /// Ties results to the request; also the idempotency key in the node document.
     pub request_id: Uuid,

@@ -166,7 +166,8 @@ impl TestStack {
 
     /// The audit log of one of this stack's agents.
     pub fn audit_log(&self, node: &str) -> String {
-        std::fs::read_to_string(self.state_dir().join(node).join("audit.log")).unwrap_or_default()
+        std::fs::read_to_string(self.state_dir().join(node).join(vogeler_agent::audit::FILE))
+            .unwrap_or_default()
     }
 
     /// Config sources for this stack, exactly as flags would give them (no environment).
