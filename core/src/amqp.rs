@@ -158,7 +158,43 @@ pub async fn publish(
     message: &wire::Message,
     signer: &PrivateKey,
 ) -> Result<(), AmqpError> {
-    publish_expiring(ch, exchange, routing_key, message, signer, None).await
+    match send(ch, exchange, routing_key, message, signer, None, false).await? {
+        Confirmation::Nack(_) => Err(AmqpError::Nacked {
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+        }),
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+    }
+}
+
+/// Publish a signed, persistent message and wait for the broker's confirm. `ttl` makes it
+/// expire in queues; `mandatory` makes the broker return it when no queue takes it.
+async fn send(
+    ch: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    message: &wire::Message,
+    signer: &PrivateKey,
+    ttl: Option<Duration>,
+    mandatory: bool,
+) -> Result<Confirmation, AmqpError> {
+    let body = wire::encode(message);
+    let mut props = BasicProperties::default()
+        .with_headers(signature_headers(signer, purpose_of(message), &body))
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_type(message.kind().into());
+    if let Some(ttl) = ttl {
+        props = props.with_expiration(ttl.as_millis().max(1).to_string().as_str().into());
+    }
+    let opts = BasicPublishOptions {
+        mandatory,
+        ..Default::default()
+    };
+    Ok(ch
+        .basic_publish(exchange.into(), routing_key.into(), opts, &body, props)
+        .await?
+        .await?)
 }
 
 /// The purpose a message of this kind is signed for.
@@ -216,62 +252,10 @@ pub async fn publish_command(
     signer: &PrivateKey,
     ttl: Duration,
 ) -> Result<Delivery, AmqpError> {
-    let body = wire::encode(message);
-    let props = BasicProperties::default()
-        .with_headers(signature_headers(signer, purpose_of(message), &body))
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_type(message.kind().into())
-        .with_expiration(ttl.as_millis().max(1).to_string().as_str().into());
-    let opts = BasicPublishOptions {
-        mandatory: true,
-        ..Default::default()
-    };
-    let confirm = ch
-        .basic_publish(exchange.into(), routing_key.into(), opts, &body, props)
-        .await?
-        .await?;
+    let confirm = send(ch, exchange, routing_key, message, signer, Some(ttl), true).await?;
     Ok(match confirm {
         Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => Delivery::Unroutable,
         Confirmation::Nack(None) => Delivery::Refused,
         Confirmation::Ack(None) | Confirmation::NotRequested => Delivery::Queued,
     })
-}
-
-/// [`publish`], with a time-to-live after which the broker drops the message from queues
-/// (a command for an agent that stays offline does not wait forever).
-pub async fn publish_expiring(
-    ch: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    message: &wire::Message,
-    signer: &PrivateKey,
-    ttl: Option<Duration>,
-) -> Result<(), AmqpError> {
-    let body = wire::encode(message);
-    let mut props = BasicProperties::default()
-        .with_headers(signature_headers(signer, purpose_of(message), &body))
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_type(message.kind().into());
-    if let Some(ttl) = ttl {
-        props = props.with_expiration(ttl.as_millis().max(1).to_string().as_str().into());
-    }
-    let confirm = ch
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            &body,
-            props,
-        )
-        .await?
-        .await?;
-    match confirm {
-        Confirmation::Nack(_) => Err(AmqpError::Nacked {
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
-        }),
-        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
-    }
 }

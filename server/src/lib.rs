@@ -458,6 +458,7 @@ async fn handle_batch(
     // another batch's messages before they are stored.
     let mut stored_count = 0;
     let mut wrong_key = 0u64;
+    let mut unstorable: Vec<(&Delivery, String)> = Vec::new();
     for ((message, d), outcome) in valid.iter().zip(stored) {
         match outcome {
             Stored::Done => {
@@ -469,18 +470,19 @@ async fn handle_batch(
                 }
             }
             Stored::Refused(reason) => {
-                dead_count += 1;
                 error!(reason = %reason, "database refused a result");
-                dead_letter(topology, dead, d, &reason).await;
+                unstorable.push((d, reason));
             }
             Stored::WrongKey(reason) => {
-                dead_count += 1;
                 wrong_key += 1;
                 warn!(reason = %reason, "refused a message signed by another key than its node's");
-                dead_letter(topology, dead, d, &reason).await;
+                unstorable.push((d, reason));
             }
         }
     }
+    dead_count += unstorable.len() as u64;
+    let refs: Vec<(&Delivery, &str)> = unstorable.iter().map(|(d, r)| (*d, r.as_str())).collect();
+    dead_letter_all(topology, dead, &refs).await;
     Some((stored_count, dead_count, wrong_key))
 }
 
@@ -505,8 +507,11 @@ fn log_stored(message: &Message) {
     }
 }
 
-/// [`dead_letter`] for many messages, their copies published together and then confirmed
-/// (one confirm round trip each would make a flood of garbage slow to clear).
+/// Move messages that can never be stored to the dead-letter queue, each with its reason,
+/// and ack them so they stop blocking the queue; a message whose copy the broker will not
+/// take is rejected instead (the results queue dead-letters it too, without our reason).
+/// The copies are published together and then confirmed: one confirm round trip each would
+/// make a flood of garbage slow to clear.
 async fn dead_letter_all(topology: &Topology, dead: &Channel, refused: &[(&Delivery, &str)]) {
     let mut pending = Vec::with_capacity(refused.len());
     for &(d, reason) in refused {
@@ -557,11 +562,4 @@ async fn settle_dead(d: &Delivery, copied: bool) {
     if let Err(e) = settled {
         warn!(error = %e, "could not settle a dead-lettered message; it will be redelivered");
     }
-}
-
-/// Move a message that can never be stored to the dead-letter queue, with its reason, and
-/// ack it so it stops blocking the queue. If the broker will not take the copy, the message
-/// is rejected instead (the results queue dead-letters it too, without our reason).
-async fn dead_letter(topology: &Topology, dead: &Channel, d: &Delivery, reason: &str) {
-    dead_letter_all(topology, dead, &[(d, reason)]).await;
 }
