@@ -341,6 +341,16 @@ fn validate_url(
     Some(url)
 }
 
+/// A password kept in a file (the trailing newline an editor adds is not part of it).
+fn read_password(p: &mut Problems, key: &str, file: &std::path::Path) -> Option<Secret> {
+    p.check(
+        key,
+        std::fs::read_to_string(file)
+            .map(|s| Secret::new(s.trim_end_matches(['\r', '\n'])))
+            .map_err(|e| format!("cannot read {}: {e}", file.display())),
+    )
+}
+
 /// Best-effort redaction for a string that failed to parse as a URL.
 fn redact(s: &str) -> String {
     match (s.find("://"), s.rfind('@')) {
@@ -431,18 +441,12 @@ impl RawConfig {
             Some(d) => agent_queue.max_age = d,
             None => {}
         }
-        if let (Some(u), Some(file)) = (url.as_mut(), &self.amqp.password_file) {
-            match std::fs::read_to_string(file) {
-                Ok(pw) => {
-                    if !u.set_password(pw.trim_end_matches(['\r', '\n'])) {
-                        p.0.push("amqp.password_file: amqp.url cannot carry a password".into());
-                    }
-                }
-                Err(e) => p.0.push(format!(
-                    "amqp.password_file: cannot read {}: {e}",
-                    file.display()
-                )),
-            }
+        if let Some(file) = &self.amqp.password_file
+            && let Some(pw) = read_password(p, "amqp.password_file", file)
+            && let Some(u) = url.as_mut()
+            && !u.set_password(pw.expose())
+        {
+            p.0.push("amqp.password_file: amqp.url cannot carry a password".into());
         }
         let collective = validate_collective(p, self.amqp.collective.as_deref());
         let mut results = ResultsQueue::default();
@@ -505,12 +509,7 @@ impl RawConfig {
                 None
             }
             (Some(pw), None) => Some(pw.clone()),
-            (None, Some(file)) => p.check(
-                "couchdb.password_file",
-                std::fs::read_to_string(file)
-                    .map(|s| Secret::new(s.trim_end_matches(['\r', '\n'])))
-                    .map_err(|e| format!("cannot read {}: {e}", file.display())),
-            ),
+            (None, Some(file)) => read_password(p, "couchdb.password_file", file),
             (None, None) => None,
         };
         let credentials = match (&c.username, password) {
