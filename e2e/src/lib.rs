@@ -164,6 +164,16 @@ impl TestStack {
         .await;
     }
 
+    /// The audit lines of one of this stack's agents with this `event` (`accepted`,
+    /// `rejected`, `finished`), parsed; a line still being written is not one yet.
+    pub fn audit_events(&self, node: &str, event: &str) -> Vec<serde_json::Value> {
+        self.audit_log(node)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+
     /// The audit log of one of this stack's agents.
     pub fn audit_log(&self, node: &str) -> String {
         std::fs::read_to_string(self.state_dir().join(node).join(vogeler_agent::audit::FILE))

@@ -67,21 +67,15 @@ fn count_lines(path: &Path) -> BTreeMap<String, usize> {
 /// The rejection classes of the audit lines after the first `skip` rejected ones.
 fn rejection_classes(stack: &TestStack, skip: usize) -> std::collections::BTreeSet<String> {
     stack
-        .audit_log(NODE)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["event"] == "rejected")
+        .audit_events(NODE, "rejected")
+        .into_iter()
         .skip(skip)
         .filter_map(|v| v["outcome"].as_str().map(str::to_string))
         .collect()
 }
 
 fn audit_count(stack: &TestStack, event: &str) -> usize {
-    stack
-        .audit_log(NODE)
-        .lines()
-        .filter(|l| l.contains(&format!("\"event\":\"{event}\"")))
-        .count()
+    stack.audit_events(NODE, event).len()
 }
 
 /// Publishes crafted commands to the canary agent's queue and watches what it did.

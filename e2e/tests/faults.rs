@@ -80,14 +80,7 @@ async fn an_offline_agents_queue_is_bounded_and_the_runner_is_told() {
     wait_for(
         "the two queued commands run",
         Duration::from_secs(20),
-        || async {
-            stack
-                .audit_log("away01")
-                .lines()
-                .filter(|l| l.contains("\"finished\""))
-                .count()
-                >= 2
-        },
+        || async { stack.audit_events("away01", "finished").len() >= 2 },
     )
     .await;
     let r = ask_using(&runner, "hello", "away01", |_| {}).await;

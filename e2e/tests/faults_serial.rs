@@ -37,14 +37,11 @@ fn rabbitmqctl(args: &[&str]) {
 fn finished(stack: &TestStack, nodes: &[String]) -> BTreeSet<(String, String)> {
     let mut done = BTreeSet::new();
     for n in nodes {
-        for line in stack.audit_log(n).lines() {
-            let v: serde_json::Value = serde_json::from_str(line).expect("audit line");
-            if v["event"] == "finished" {
-                done.insert((
-                    n.clone(),
-                    v["request_id"].as_str().unwrap_or("").to_string(),
-                ));
-            }
+        for v in stack.audit_events(n, "finished") {
+            done.insert((
+                n.clone(),
+                v["request_id"].as_str().unwrap_or("").to_string(),
+            ));
         }
     }
     done

@@ -99,10 +99,6 @@ async fn publish_all(
     }
 }
 
-fn count(text: &str, needle: &str) -> usize {
-    text.lines().filter(|l| l.contains(needle)).count()
-}
-
 #[tokio::test]
 async fn malformed_messages_crash_nothing_and_are_all_refused() {
     let malformed_n = malformed_count();
@@ -201,15 +197,16 @@ async fn malformed_messages_crash_nothing_and_are_all_refused() {
         "the agent to decide on every command",
         Duration::from_secs(120),
         || async {
-            let audit = stack.audit_log("hostile01");
-            count(&audit, "\"rejected\"") >= malformed_n
-                && count(&audit, "\"finished\"") >= valid_ids.len()
+            stack.audit_events("hostile01", "rejected").len() >= malformed_n
+                && stack.audit_events("hostile01", "finished").len() >= valid_ids.len()
         },
     )
     .await;
     let agent_took = started.elapsed();
-    let audit = stack.audit_log("hostile01");
-    assert_eq!(count(&audit, "\"rejected\""), malformed_n);
+    assert_eq!(
+        stack.audit_events("hostile01", "rejected").len(),
+        malformed_n
+    );
     let ran = std::fs::read_to_string(marker.path()).expect("marker");
     let ran: Vec<&str> = ran.lines().collect();
     assert_eq!(ran.len(), valid_ids.len(), "only the valid commands ran");
