@@ -57,9 +57,13 @@ struct Cli {
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
-    /// Validate the configuration, print the problems, and exit (0 valid, 78 invalid)
-    #[arg(long)]
-    check_config: bool,
+    /// Serve /healthz and /metrics (Prometheus) on this local address, e.g. 127.0.0.1:9188
+    /// [env: VOGELER_AGENT__HTTP_LISTEN] [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    http_listen: Option<String>,
+
+    #[command(flatten)]
+    config: vogeler_core::cli::ConfigArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,6 +174,7 @@ fn main() -> ExitCode {
     }
     let mut sources = cli.common.sources();
     sources
+        .set("agent.http_listen", cli.http_listen.as_ref())
         .set("agent.node", cli.node.as_ref())
         .set(
             "agent.plugin_dir",
@@ -186,11 +191,10 @@ fn main() -> ExitCode {
             cli.state_dir.as_ref().map(|p| p.display()),
         );
     let loaded = config::load(&sources).and_then(|raw| raw.agent(vogeler_agent::hostname()));
-    let settings =
-        match vogeler_core::cli::settings_or_exit("vogeler-agent", loaded, cli.check_config) {
-            Ok(s) => s,
-            Err(code) => return code,
-        };
+    let settings = match vogeler_core::cli::settings_or_exit("vogeler-agent", loaded, &cli.config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     telemetry::init(&settings.log_level);
     tracing::info!(settings = ?settings, "configuration (secrets redacted)");
     exit::block_on("vogeler-agent", async {

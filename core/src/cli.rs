@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::config::Sources;
+use crate::config::{ProgramSettings, Sources};
 
 /// Broker connection and config file flags (all programs).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -76,22 +76,42 @@ VOGELER_COUCHDB__USERNAME, VOGELER_COUCHDB__PASSWORD.
 
 Exit codes: 0 ok, 1 failure, 2 usage, 69 broker or database unavailable, 78 bad configuration.";
 
-/// The start of every binary: settings, or exit 78 listing every configuration problem; with
-/// `--check-config`, report and exit without contacting anything.
-pub fn settings_or_exit<T>(
+/// What to do with the configuration before (instead of) running.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ConfigArgs {
+    /// Validate the configuration without contacting anything or reading the files it names,
+    /// print every problem, and exit (0 valid, 78 invalid)
+    #[arg(long, global = true)]
+    pub check_config: bool,
+
+    /// Print the effective configuration (defaults, file, environment and flags merged) as
+    /// TOML with secrets replaced by ***, and exit
+    #[arg(long, global = true, conflicts_with = "check_config")]
+    pub print_config: bool,
+}
+
+/// The start of every binary: settings with their password files read, or exit 78 listing
+/// every configuration problem. `--check-config` and `--print-config` report and exit
+/// without contacting anything or reading secret files.
+pub fn settings_or_exit<T: ProgramSettings>(
     program: &str,
     loaded: Result<T, crate::config::ConfigError>,
-    check_only: bool,
+    args: &ConfigArgs,
 ) -> Result<T, std::process::ExitCode> {
+    let fail = |e: crate::config::ConfigError| {
+        eprintln!("{program}: {e}");
+        crate::exit::code(crate::exit::CONFIG)
+    };
     match loaded {
-        Err(e) => {
-            eprintln!("{program}: {e}");
-            Err(crate::exit::code(crate::exit::CONFIG))
-        }
-        Ok(_) if check_only => {
+        Err(e) => Err(fail(e)),
+        Ok(_) if args.check_config => {
             println!("{program}: configuration is valid");
             Err(crate::exit::code(crate::exit::OK))
         }
-        Ok(s) => Ok(s),
+        Ok(s) if args.print_config => {
+            print!("{}", s.to_toml());
+            Err(crate::exit::code(crate::exit::OK))
+        }
+        Ok(s) => s.read_secrets().map_err(fail),
     }
 }

@@ -7,7 +7,10 @@
 //! environment can serve them all; a program ignores the sections it does not use, while a
 //! misspelt key anywhere is an error.
 
-use std::{collections::HashMap, path::PathBuf, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+mod effective;
+pub use effective::ProgramSettings;
 
 use serde::Deserialize;
 
@@ -135,6 +138,8 @@ pub struct RawAgent {
     /// Commands valid for longer than this are refused (it bounds the replay cache).
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub max_command_ttl: Option<Duration>,
+    /// `host:port` for `/healthz` and `/metrics`; unset, no HTTP listener.
+    pub http_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +154,8 @@ pub struct RawServer {
     /// History entries older than this are deleted.
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub history_retention: Option<Duration>,
+    /// `host:port` for `/healthz` and `/metrics`; unset, no HTTP listener.
+    pub http_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -234,6 +241,8 @@ pub struct BrokerSettings {
     pub topology: Topology,
     pub connect_timeout: Duration,
     pub tls: TlsFiles,
+    /// `amqp.password_file`, read into `url` by [`ProgramSettings::read_secrets`] at start-up.
+    pub password_file: Option<PathBuf>,
 }
 
 /// TLS material for `amqps://`, read when connecting (so renewed certificates are picked up
@@ -251,6 +260,8 @@ pub struct CouchSettings {
     pub url: SecretUrl,
     pub database: String,
     pub credentials: Option<Credentials>,
+    /// `couchdb.username` with `couchdb.password_file`: `credentials` once read at start-up.
+    pub password_file: Option<(String, PathBuf)>,
     pub connect_timeout: Duration,
     pub ca_file: Option<PathBuf>,
 }
@@ -271,6 +282,7 @@ pub struct AgentSettings {
     pub state_dir: PathBuf,
     pub max_clock_skew: Duration,
     pub max_command_ttl: Duration,
+    pub http_listen: Option<SocketAddr>,
     pub log_level: String,
 }
 
@@ -283,6 +295,7 @@ pub struct ServerSettings {
     pub batch_size: usize,
     pub stale_after: Duration,
     pub history_retention: Duration,
+    pub http_listen: Option<SocketAddr>,
     pub log_level: String,
 }
 
@@ -341,13 +354,14 @@ fn validate_url(
     Some(url)
 }
 
-/// A password kept in a file (the trailing newline an editor adds is not part of it).
-fn read_password(p: &mut Problems, key: &str, file: &std::path::Path) -> Option<Secret> {
+/// `host:port` for the health and metrics listener.
+fn validate_listen(p: &mut Problems, key: &str, raw: Option<&str>) -> Option<SocketAddr> {
+    let raw = raw?;
     p.check(
         key,
-        std::fs::read_to_string(file)
-            .map(|s| Secret::new(s.trim_end_matches(['\r', '\n'])))
-            .map_err(|e| format!("cannot read {}: {e}", file.display())),
+        raw.parse::<SocketAddr>().map_err(|_| {
+            format!("{raw:?} is not an address to listen on; write host:port, e.g. 127.0.0.1:9187")
+        }),
     )
 }
 
@@ -441,10 +455,9 @@ impl RawConfig {
             Some(d) => agent_queue.max_age = d,
             None => {}
         }
-        if let Some(file) = &self.amqp.password_file
-            && let Some(pw) = read_password(p, "amqp.password_file", file)
-            && let Some(u) = url.as_mut()
-            && !u.set_password(pw.expose())
+        if self.amqp.password_file.is_some()
+            && let Some(u) = &url
+            && (u.expose().cannot_be_a_base() || u.expose().host().is_none())
         {
             p.0.push("amqp.password_file: amqp.url cannot carry a password".into());
         }
@@ -485,6 +498,7 @@ impl RawConfig {
         }
         Some(BrokerSettings {
             tls,
+            password_file: self.amqp.password_file.clone(),
             url: url?,
             topology: Topology::new(collective?, self.amqp.queue_expires)
                 .with_results_queue(results)
@@ -503,30 +517,25 @@ impl RawConfig {
             &["http", "https"],
         );
         let database = validate_database(p, c.database.as_deref());
-        let password = match (&c.password, &c.password_file) {
-            (Some(_), Some(_)) => {
-                p.0.push("couchdb.password and couchdb.password_file: give one, not both".into());
-                None
+        let mut credentials = None;
+        let mut password_file = None;
+        match (&c.username, &c.password, &c.password_file) {
+            (_, Some(_), Some(_)) => {
+                p.0.push("couchdb.password and couchdb.password_file: give one, not both".into())
             }
-            (Some(pw), None) => Some(pw.clone()),
-            (None, Some(file)) => read_password(p, "couchdb.password_file", file),
-            (None, None) => None,
-        };
-        let credentials = match (&c.username, password) {
-            (Some(u), Some(pw)) => Some(Credentials {
-                username: u.clone(),
-                password: pw,
-            }),
-            (None, None) => None,
-            (Some(_), None) => {
-                p.0.push("couchdb.username is set but no password: set couchdb.password or couchdb.password_file (or VOGELER_COUCHDB__PASSWORD)".into());
-                None
+            (Some(u), Some(pw), None) => {
+                credentials = Some(Credentials {
+                    username: u.clone(),
+                    password: pw.clone(),
+                })
             }
-            (None, Some(_)) => {
-                p.0.push("couchdb.password is set but no username: set couchdb.username".into());
-                None
+            (Some(u), None, Some(file)) => password_file = Some((u.clone(), file.clone())),
+            (None, None, None) => {}
+            (Some(_), None, None) => p.0.push("couchdb.username is set but no password: set couchdb.password or couchdb.password_file (or VOGELER_COUCHDB__PASSWORD)".into()),
+            (None, _, _) => {
+                p.0.push("couchdb.password is set but no username: set couchdb.username".into())
             }
-        };
+        }
         if let (Some(u), Some(_)) = (&url, &c.ca_file)
             && u.expose().scheme() == "http"
         {
@@ -539,6 +548,7 @@ impl RawConfig {
             url: url?,
             database: database?,
             credentials,
+            password_file,
             connect_timeout: self.connect_timeout(),
         })
     }
@@ -583,6 +593,11 @@ impl RawConfig {
             p.0.push("agent.max_command_ttl: must be at least 1s".into());
         }
         let log_level = validate_level(&mut p, &self.log, defaults::LOG_LEVEL);
+        let http_listen = validate_listen(
+            &mut p,
+            "agent.http_listen",
+            self.agent.http_listen.as_deref(),
+        );
         let state_base = self
             .agent
             .state_dir
@@ -609,6 +624,7 @@ impl RawConfig {
                 concurrency,
                 heartbeat,
                 facts: self.agent.facts.clone(),
+                http_listen,
                 log_level,
             })
         })
@@ -641,8 +657,14 @@ impl RawConfig {
             .history_retention
             .unwrap_or(Duration::from_secs(defaults::SERVER_HISTORY_RETENTION_SECS));
         let log_level = validate_level(&mut p, &self.log, defaults::LOG_LEVEL);
+        let http_listen = validate_listen(
+            &mut p,
+            "server.http_listen",
+            self.server.http_listen.as_deref(),
+        );
         p.finish(|| {
             Some(ServerSettings {
+                http_listen,
                 broker: broker?,
                 couch: couch?,
                 prefetch,
@@ -870,13 +892,18 @@ mod tests {
         let s = load(&sources(None, &[], &flags))
             .expect("load")
             .server()
-            .expect("valid");
+            .expect("valid")
+            .read_secrets()
+            .expect("readable");
         assert_eq!(s.broker.url.expose().password(), Some("s3cret"));
         assert!(!format!("{s:?}").contains("s3cret"));
+        assert!(!s.to_toml().contains("s3cret"));
         let flags = [("amqp.password_file", "/nonexistent/pw")];
         let err = load(&sources(None, &[], &flags))
             .expect("load")
             .server()
+            .expect("valid: the file is read at start-up")
+            .read_secrets()
             .expect_err("missing file");
         assert!(err.to_string().contains("amqp.password_file"), "{err}");
     }

@@ -47,7 +47,7 @@ impl QueueKind {
             )),
         }
     }
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             QueueKind::Classic => "classic",
             QueueKind::Quorum => "quorum",
@@ -128,6 +128,15 @@ impl Topology {
 
     pub fn collective(&self) -> &str {
         &self.collective
+    }
+    pub fn queue_expires(&self) -> Option<Duration> {
+        self.queue_expires
+    }
+    pub fn results_queue_settings(&self) -> ResultsQueue {
+        self.results
+    }
+    pub fn agent_queue_bounds(&self) -> AgentQueue {
+        self.agent
     }
     pub fn commands_exchange(&self) -> String {
         format!("{}.commands", self.collective)

@@ -54,7 +54,7 @@ struct Cli {
     couch: CouchArgs,
 
     /// Plugin to run on the nodes (as named in their plugin files)
-    #[arg(short = 'c', long = "command", value_name = "PLUGIN", value_parser = PluginName::new_checked, required = true)]
+    #[arg(short = 'c', long = "command", value_name = "PLUGIN", value_parser = PluginName::new_checked, required_unless_present_any = ["check_config", "print_config"])]
     plugin: Option<PluginName>,
 
     /// Nodes: all, a name, a list, a glob, @file, -, fact filters, combined with and/or/not
@@ -110,9 +110,8 @@ struct Cli {
     #[arg(long, value_name = "FILE", global = true)]
     signing_key: Option<std::path::PathBuf>,
 
-    /// Validate the configuration, print the problems, and exit (0 valid, 78 invalid)
-    #[arg(long)]
-    check_config: bool,
+    #[command(flatten)]
+    config: vogeler_core::cli::ConfigArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -358,11 +357,11 @@ fn main() -> ExitCode {
             cli.signing_key.as_ref().map(|p| p.display()),
         );
     let loaded = config::load(&sources).and_then(|raw| raw.runner());
-    let settings =
-        match vogeler_core::cli::settings_or_exit("vogeler-runner", loaded, cli.check_config) {
-            Ok(s) => s,
-            Err(code) => return code,
-        };
+    let settings = match vogeler_core::cli::settings_or_exit("vogeler-runner", loaded, &cli.config)
+    {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     telemetry::init(&settings.log_level);
     tracing::info!(settings = ?settings, "configuration (secrets redacted)");
     if let Some(command) = &cli.command {
