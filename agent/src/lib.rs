@@ -24,7 +24,6 @@ pub mod reload;
 pub mod replay;
 
 use std::{
-    collections::BTreeMap,
     os::unix::fs::DirBuilderExt,
     sync::{Arc, Mutex},
     time::Duration,
@@ -40,6 +39,7 @@ use lapin::{
     },
     types::FieldTable,
 };
+use prometheus_client::registry::Registry;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -47,6 +47,7 @@ use vogeler_core::{
     VERSION,
     amqp::{self, AmqpError},
     config::AgentSettings,
+    observe::{self, AgentMetrics, Observed},
     signing::{AuthorizedKeys, PrivateKey},
     topology::Topology,
     wire::{self, Announce, Command, Message, Outcome, PluginResult},
@@ -79,6 +80,12 @@ pub enum AgentError {
     NoAuthorizedKeys { path: String },
     #[error("{0}")]
     Keys(#[from] vogeler_core::signing::KeyError),
+    #[error("cannot listen on {addr} for /healthz and /metrics: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot use state directory {path}: {source}")]
     State {
         path: String,
@@ -115,8 +122,8 @@ struct Shared {
     key: PrivateKey,
     replay: Mutex<ReplayCache>,
     audit: AuditLog,
-    /// Refused commands by class, for the log (and metrics).
-    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// Counters for `/metrics` (refused commands by class also go to the log).
+    metrics: AgentMetrics,
     /// The publishing channel of the current connection: a result computed before a
     /// reconnect is published on the new one.
     publisher: Mutex<Option<Channel>>,
@@ -201,7 +208,29 @@ impl Security {
 /// broker cannot be reached within the connect timeout at start-up; later losses of the
 /// connection are retried without limit.
 pub async fn run(settings: AgentSettings, cancel: CancellationToken) -> Result<(), AgentError> {
+    run_with(settings, cancel, AgentMetrics::default()).await
+}
+
+/// [`run`], counting into `metrics` (tests read them; `/metrics` serves them when
+/// `agent.http_listen` is set).
+pub async fn run_with(
+    settings: AgentSettings,
+    cancel: CancellationToken,
+    metrics: AgentMetrics,
+) -> Result<(), AgentError> {
     let security = Security::load(&settings)?;
+    if let Some(addr) = settings.http_listen {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let observed = Arc::new(Observed {
+            registry,
+            broker: metrics.broker_up.clone(),
+            database: None,
+        });
+        observe::serve(addr, observed, cancel.clone())
+            .await
+            .map_err(|source| AgentError::Listen { addr, source })?;
+    }
     info!(
         node = %settings.node,
         trusted_keys = security.guard.keys.len(),
@@ -226,7 +255,7 @@ pub async fn run(settings: AgentSettings, cancel: CancellationToken) -> Result<(
         key: security.key,
         replay: Mutex::new(security.replay),
         audit: security.audit,
-        rejected: Mutex::default(),
+        metrics,
         publisher: Mutex::default(),
     });
     let s = &shared.settings;
@@ -243,7 +272,10 @@ pub async fn run(settings: AgentSettings, cancel: CancellationToken) -> Result<(
             Err(e) => return Err(e.into()),
         };
     loop {
-        match serve(&conn, &shared, started_at, &tracker, &cancel).await {
+        shared.metrics.broker_up.set(true);
+        let served = serve(&conn, &shared, started_at, &tracker, &cancel).await;
+        shared.metrics.broker_up.set(false);
+        match served {
             Ok(()) => break,
             Err(e) => warn!(node = %s.node, error = %e, "lost the broker connection; reconnecting"),
         }
@@ -372,6 +404,7 @@ async fn announce(
 /// Handle one delivery from the agent's queue: check it, run it at most once, publish the
 /// signed result.
 async fn handle(shared: &Shared, delivery: Delivery, cancel: &CancellationToken) {
+    shared.metrics.commands_received.inc();
     let mut seen = Seen::default();
     let command = match admit(shared, &delivery, &mut seen) {
         Ok(c) => c,
@@ -410,6 +443,9 @@ async fn handle(shared: &Shared, delivery: Delivery, cancel: &CancellationToken)
     async {
         let result = run_command(shared, &command).await;
         shared.audit.finished(&seen, result.outcome.status());
+        shared
+            .metrics
+            .plugin_run(command.plugin.as_str(), result.outcome.status());
         if publish_result(shared, &command, result, cancel).await {
             // Ack only once the broker holds the result.
             if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
@@ -459,14 +495,7 @@ fn admit(shared: &Shared, delivery: &Delivery, seen: &mut Seen) -> Result<Comman
 
 fn refuse(shared: &Shared, seen: &Seen, rejection: &Rejection) {
     let class = rejection.class();
-    let total = match shared.rejected.lock() {
-        Ok(mut counts) => {
-            let n = counts.entry(class).or_default();
-            *n += 1;
-            *n
-        }
-        Err(_) => 0,
-    };
+    let total = shared.metrics.rejected(class);
     shared.audit.rejected(seen, class, &rejection.to_string());
     warn!(
         node = %shared.settings.node,
@@ -505,8 +534,12 @@ async fn publish_result(
             None => Err(AmqpError::Cancelled),
         };
         match sent {
-            Ok(()) => return true,
+            Ok(()) => {
+                shared.metrics.results_published.inc();
+                return true;
+            }
             Err(e) => {
+                shared.metrics.publish_retries.inc();
                 warn!(error = %e, retry_in_s = PUBLISH_RETRY.as_secs(), "could not publish result (broker down or results queue full); retrying");
                 tokio::select! {
                     () = cancel.cancelled() => return false,

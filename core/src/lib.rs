@@ -23,6 +23,7 @@ pub mod document;
 pub mod duration;
 pub mod exit;
 pub mod names;
+pub mod observe;
 pub mod secret;
 pub mod shutdown;
 pub mod signing;

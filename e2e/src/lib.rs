@@ -26,6 +26,7 @@ use vogeler_core::{
     couch::CouchClient,
     document::NodeDocument,
     names::NodeName,
+    observe::{AgentMetrics, ServerMetrics},
     secret::SecretUrl,
     signing::{PrivateKey, Purpose},
 };
@@ -388,8 +389,16 @@ impl<E> Drop for Running<E> {
 }
 
 pub fn spawn_agent(settings: AgentSettings) -> Running<vogeler_agent::AgentError> {
+    spawn_agent_with(settings, AgentMetrics::default())
+}
+
+/// An agent counting into `metrics`.
+pub fn spawn_agent_with(
+    settings: AgentSettings,
+    metrics: AgentMetrics,
+) -> Running<vogeler_agent::AgentError> {
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(vogeler_agent::run(settings, cancel.clone()));
+    let task = tokio::spawn(vogeler_agent::run_with(settings, cancel.clone(), metrics));
     Running {
         cancel,
         task: Some(task),
@@ -397,8 +406,16 @@ pub fn spawn_agent(settings: AgentSettings) -> Running<vogeler_agent::AgentError
 }
 
 pub fn spawn_server(settings: ServerSettings) -> Running<vogeler_server::ServerError> {
+    spawn_server_with(settings, ServerMetrics::default())
+}
+
+/// A server counting into `metrics`.
+pub fn spawn_server_with(
+    settings: ServerSettings,
+    metrics: ServerMetrics,
+) -> Running<vogeler_server::ServerError> {
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(vogeler_server::run(settings, cancel.clone()));
+    let task = tokio::spawn(vogeler_server::run_with(settings, cancel.clone(), metrics));
     Running {
         cancel,
         task: Some(task),

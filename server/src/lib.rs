@@ -13,7 +13,7 @@
 pub mod maintenance;
 pub mod store;
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 use lapin::{
@@ -21,10 +21,11 @@ use lapin::{
     message::Delivery,
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        BasicRejectOptions,
+        BasicRejectOptions, QueueDeclareOptions,
     },
     types::{AMQPValue, FieldTable},
 };
+use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use vogeler_core::{
@@ -33,6 +34,7 @@ use vogeler_core::{
     config::{CouchSettings, ServerSettings},
     couch::{CouchClient, CouchError},
     design,
+    observe::{self, Observed, ServerMetrics},
     signing::{self, Purpose},
     topology::Topology,
     wire::{self, Message},
@@ -47,6 +49,8 @@ const LINGER: Duration = Duration::from_millis(20);
 const WRITERS: usize = 2;
 /// How often stale nodes are reported and old history expired.
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(3600);
+/// How often the results queue's length is read for the `queue_messages` gauge.
+const QUEUE_POLL_EVERY: Duration = Duration::from_secs(5);
 /// How often throughput is logged at DEBUG (and every tenth time at INFO).
 const THROUGHPUT_EVERY: Duration = Duration::from_secs(30);
 
@@ -69,15 +73,23 @@ pub enum ServerError {
     },
     #[error("{0}")]
     Http(String),
+    #[error("cannot listen on {addr} for /healthz and /metrics: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl ServerError {
-    /// The broker holds a results queue declared with other settings (exit 78).
+    /// The broker holds a results queue declared with other settings, bad TLS files, a
+    /// listen address that cannot be used (exit 78).
     pub fn is_config(&self) -> bool {
         matches!(
             self,
             ServerError::Broker(AmqpError::Mismatch { .. } | AmqpError::Tls(_))
                 | ServerError::Http(_)
+                | ServerError::Listen { .. }
         )
     }
 
@@ -148,9 +160,31 @@ pub async fn prepare_database(couch: &CouchClient, db: &str) -> Result<Store, Se
 
 /// Run the server until `cancel` fires.
 pub async fn run(settings: ServerSettings, cancel: CancellationToken) -> Result<(), ServerError> {
+    run_with(settings, cancel, ServerMetrics::default()).await
+}
+
+/// [`run`], counting into `metrics` (tests read them; `/metrics` serves them when
+/// `server.http_listen` is set).
+pub async fn run_with(
+    settings: ServerSettings,
+    cancel: CancellationToken,
+    metrics: ServerMetrics,
+) -> Result<(), ServerError> {
     let Some(couch) = connect_database(&settings.couch, &cancel).await? else {
         return Ok(());
     };
+    if let Some(addr) = settings.http_listen {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let observed = Arc::new(Observed {
+            registry,
+            broker: metrics.broker_up.clone(),
+            database: Some(couch.clone()),
+        });
+        observe::serve(addr, observed, cancel.clone())
+            .await
+            .map_err(|source| ServerError::Listen { addr, source })?;
+    }
     let store = prepare_database(&couch, &settings.couch.database).await?;
     let maintenance = tokio::spawn(maintenance::periodic(
         couch.clone(),
@@ -172,7 +206,10 @@ pub async fn run(settings: ServerSettings, cancel: CancellationToken) -> Result<
         };
     let mut stats = Throughput::default();
     loop {
-        match serve(&conn, &settings, &store, &mut stats, &cancel).await {
+        metrics.broker_up.set(true);
+        let served = serve(&conn, &settings, &store, &mut stats, &metrics, &cancel).await;
+        metrics.broker_up.set(false);
+        match served {
             Ok(()) => break,
             Err(e @ AmqpError::Mismatch { .. }) => {
                 let _ = conn.close(200, "server stopping".into()).await;
@@ -251,6 +288,7 @@ async fn serve(
     settings: &ServerSettings,
     store: &Store,
     stats: &mut Throughput,
+    metrics: &ServerMetrics,
     cancel: &CancellationToken,
 ) -> Result<(), AmqpError> {
     let topology = &settings.broker.topology;
@@ -296,6 +334,7 @@ async fn serve(
                     Err(_) => break,
                 }
             }
+            metrics.consumed.inc_by(batch.len() as u64);
             // Decoding here overlaps it with the writer's database round trips.
             let batch = batch.into_iter().map(|d| (verify(&d), d)).collect();
             if tx.send(batch).await.is_err() {
@@ -322,7 +361,10 @@ async fn serve(
                 busy.push(nodes);
                 let dead = &dead;
                 inflight.push(async move {
-                    (id, handle_batch(store, topology, dead, batch, cancel).await)
+                    (
+                        id,
+                        handle_batch(store, topology, dead, batch, metrics, cancel).await,
+                    )
                 });
             }
             tokio::select! {
@@ -344,8 +386,32 @@ async fn serve(
             }
         }
     };
-    let (result, ()) = tokio::join!(reader, writer);
-    result
+    // The ingest lag for /metrics: a passive declare answers with the queue's length.
+    let lag = async {
+        let queue = topology.results_queue();
+        loop {
+            if let Ok(q) = ch
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+            {
+                metrics.queue_messages.set(i64::from(q.message_count()));
+            }
+            tokio::time::sleep(QUEUE_POLL_EVERY).await;
+        }
+    };
+    // The poll never ends by itself: the reader and writer decide when this connection is
+    // done (so batches in flight finish on shutdown).
+    tokio::select! {
+        (result, ()) = async { tokio::join!(reader, writer) } => result,
+        () = lag => Ok(()),
+    }
 }
 
 fn delivery(d: Option<Result<Delivery, lapin::Error>>, queue: &str) -> Result<Delivery, AmqpError> {
@@ -393,6 +459,7 @@ async fn handle_batch(
     topology: &Topology,
     dead: &Channel,
     batch: Vec<Decoded>,
+    metrics: &ServerMetrics,
     cancel: &CancellationToken,
 ) -> Option<(u64, u64, u64)> {
     let mut valid: Vec<(Signed, Delivery)> = Vec::with_capacity(batch.len());
@@ -416,6 +483,7 @@ async fn handle_batch(
         }
     }
     let mut dead_count = refused.len() as u64;
+    metrics.dead_lettered("malformed", dead_count);
     let refs: Vec<(&Delivery, &str)> = refused.iter().map(|(d, r)| (d, r.as_str())).collect();
     dead_letter_all(topology, dead, &refs).await;
     let mut delays = backoff::delays();
@@ -445,6 +513,7 @@ async fn handle_batch(
             }
             Err(e) if is_permanent(&e) => break vec![Stored::Refused(e.to_string())],
             Err(e) => {
+                metrics.store_retries.inc();
                 let delay = delays.next().unwrap_or(backoff::MAX_DELAY);
                 warn!(error = %e, batch = valid.len(), retry_in_ms = delay.as_millis() as u64, "cannot store results yet, retrying; they stay in the queue");
                 tokio::select! {
@@ -481,6 +550,10 @@ async fn handle_batch(
         }
     }
     dead_count += unstorable.len() as u64;
+    metrics.batches.inc();
+    metrics.stored.inc_by(stored_count);
+    metrics.dead_lettered("wrong_key", wrong_key);
+    metrics.dead_lettered("refused", unstorable.len() as u64 - wrong_key);
     let refs: Vec<(&Delivery, &str)> = unstorable.iter().map(|(d, r)| (*d, r.as_str())).collect();
     dead_letter_all(topology, dead, &refs).await;
     Some((stored_count, dead_count, wrong_key))

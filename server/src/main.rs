@@ -40,9 +40,13 @@ struct Cli {
     #[arg(long, value_name = "N")]
     batch_size: Option<usize>,
 
-    /// Validate the configuration, print the problems, and exit (0 valid, 78 invalid)
-    #[arg(long)]
-    check_config: bool,
+    /// Serve /healthz and /metrics (Prometheus) on this local address, e.g. 127.0.0.1:9187
+    /// [env: VOGELER_SERVER__HTTP_LISTEN] [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    http_listen: Option<String>,
+
+    #[command(flatten)]
+    config: vogeler_core::cli::ConfigArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,14 +112,15 @@ fn main() -> ExitCode {
     let mut sources = cli.common.sources();
     cli.couch.add_to(&mut sources);
     sources
+        .set("server.http_listen", cli.http_listen.as_ref())
         .set("server.prefetch", cli.prefetch)
         .set("server.batch_size", cli.batch_size);
     let loaded = config::load(&sources).and_then(|raw| raw.server());
-    let settings =
-        match vogeler_core::cli::settings_or_exit("vogeler-server", loaded, cli.check_config) {
-            Ok(s) => s,
-            Err(code) => return code,
-        };
+    let settings = match vogeler_core::cli::settings_or_exit("vogeler-server", loaded, &cli.config)
+    {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     telemetry::init(&settings.log_level);
     tracing::info!(settings = ?settings, "configuration (secrets redacted)");
     if let Some(Command::Prune {

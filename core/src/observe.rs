@@ -1,0 +1,283 @@
+//! `/healthz` and `/metrics` on an optional local HTTP port (`agent.http_listen`,
+//! `server.http_listen`). Every metric name is defined here, so `docs/operations.md` can
+//! list them from one place.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use http_body_util::Full;
+use hyper::{
+    Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header::CONTENT_TYPE,
+    server::conn::http1,
+    service::service_fn,
+};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::couch::CouchClient;
+
+/// How long `/healthz` waits for the database before calling it down.
+const DATABASE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabels {
+    pub plugin: String,
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Whether the broker connection is up, as the program's own connection loop knows it (the
+/// AMQP heartbeat notices a dead link within about twice `amqp.heartbeat`).
+#[derive(Debug, Clone, Default)]
+pub struct BrokerUp(Arc<AtomicBool>);
+
+impl BrokerUp {
+    pub fn set(&self, up: bool) {
+        self.0.store(up, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// The server's counters. Cheap to clone; clones share the values.
+#[derive(Debug, Clone, Default)]
+pub struct ServerMetrics {
+    pub broker_up: BrokerUp,
+    pub consumed: Counter,
+    pub stored: Counter,
+    pub batches: Counter,
+    pub store_retries: Counter,
+    pub dead_lettered: Family<ReasonLabel, Counter>,
+    /// Messages waiting in the results queue at the last poll (the ingest lag).
+    pub queue_messages: Gauge,
+}
+
+impl ServerMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("vogeler_server");
+        r.register(
+            "messages_consumed",
+            "Messages taken from the results queue",
+            self.consumed.clone(),
+        );
+        r.register(
+            "results_stored",
+            "Results and announcements written to CouchDB",
+            self.stored.clone(),
+        );
+        r.register(
+            "batches",
+            "_bulk_docs batches written",
+            self.batches.clone(),
+        );
+        r.register(
+            "store_retries",
+            "Batch writes retried because the database was unavailable",
+            self.store_retries.clone(),
+        );
+        r.register(
+            "dead_lettered",
+            "Messages moved to the dead-letter queue, by reason (malformed, wrong_key, refused)",
+            self.dead_lettered.clone(),
+        );
+        r.register(
+            "queue_messages",
+            "Messages waiting in the results queue (polled every few seconds)",
+            self.queue_messages.clone(),
+        );
+    }
+    pub fn dead_lettered(&self, reason: &str, n: u64) {
+        if n > 0 {
+            self.dead_lettered
+                .get_or_create(&ReasonLabel {
+                    reason: reason.into(),
+                })
+                .inc_by(n);
+        }
+    }
+}
+
+/// The agent's counters. Cheap to clone; clones share the values.
+#[derive(Debug, Clone, Default)]
+pub struct AgentMetrics {
+    pub broker_up: BrokerUp,
+    pub commands_received: Counter,
+    pub commands_rejected: Family<ReasonLabel, Counter>,
+    pub plugin_runs: Family<PluginLabels, Counter>,
+    pub results_published: Counter,
+    pub publish_retries: Counter,
+}
+
+impl AgentMetrics {
+    pub fn register(&self, r: &mut Registry) {
+        let r = r.sub_registry_with_prefix("vogeler_agent");
+        r.register(
+            "commands_received",
+            "Messages taken from this agent's command queue",
+            self.commands_received.clone(),
+        );
+        r.register(
+            "commands_rejected",
+            "Commands refused, by reason (the audit log's rejection class)",
+            self.commands_rejected.clone(),
+        );
+        r.register(
+            "plugin_runs",
+            "Plugin runs, by plugin and outcome",
+            self.plugin_runs.clone(),
+        );
+        r.register(
+            "results_published",
+            "Results published to the broker",
+            self.results_published.clone(),
+        );
+        r.register(
+            "publish_retries",
+            "Result publishes retried after a broker error",
+            self.publish_retries.clone(),
+        );
+    }
+    /// Count a refused command; returns how many of its class were refused so far.
+    pub fn rejected(&self, reason: &str) -> u64 {
+        self.commands_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .inc()
+            + 1
+    }
+    pub fn plugin_run(&self, plugin: &str, outcome: &str) {
+        self.plugin_runs
+            .get_or_create(&PluginLabels {
+                plugin: plugin.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+}
+
+/// What `/healthz` checks and `/metrics` reports.
+#[derive(Debug)]
+pub struct Observed {
+    pub registry: Registry,
+    pub broker: BrokerUp,
+    /// The server's database, pinged on every `/healthz` (the agent has none).
+    pub database: Option<CouchClient>,
+}
+
+impl Observed {
+    /// The `/healthz` body and whether everything is up.
+    pub async fn health(&self) -> (bool, String) {
+        let broker = self.broker.get();
+        let mut body = format!("broker: {}\n", if broker { "up" } else { "down" });
+        let mut ok = broker;
+        if let Some(couch) = &self.database {
+            let db = match tokio::time::timeout(DATABASE_PROBE_TIMEOUT, couch.ping()).await {
+                Ok(Ok(())) => "up".to_string(),
+                Ok(Err(e)) => format!("down ({e})"),
+                Err(_) => format!("down (no answer within {DATABASE_PROBE_TIMEOUT:?})"),
+            };
+            ok &= db == "up";
+            body.push_str(&format!("database: {db}\n"));
+        }
+        (ok, body)
+    }
+
+    /// The `/metrics` body, Prometheus text format (OpenMetrics flavour).
+    pub fn metrics(&self) -> String {
+        let mut out = String::new();
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Listen on `addr`. Binding happens before this returns, so a taken port is a start-up
+/// error; requests are then served in the background until `cancel` fires.
+pub async fn serve(
+    addr: SocketAddr,
+    observed: Arc<Observed>,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(address = %local, "serving /healthz and /metrics");
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                () = cancel.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "accept failed");
+                        continue;
+                    }
+                },
+            };
+            let observed = observed.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let observed = observed.clone();
+                    async move { Ok::<_, std::convert::Infallible>(respond(&observed, req).await) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+async fn respond(observed: &Observed, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match req.uri().path() {
+        "/healthz" => {
+            let (ok, body) = observed.health().await;
+            let status = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            (status, "text/plain; charset=utf-8", body)
+        }
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            observed.metrics(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found: try /healthz or /metrics\n".into(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        response.headers_mut().insert(CONTENT_TYPE, v);
+    }
+    response
+}
