@@ -14,6 +14,7 @@
 //! in-process against a real broker.
 
 pub mod audit;
+pub mod cli;
 pub mod exec;
 pub mod facts;
 pub mod format;

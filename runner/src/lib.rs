@@ -7,6 +7,7 @@
 //! private reply queue *before* publishing so no reply is missed, and returns as soon as
 //! every expected node answered, or at the timeout.
 
+pub mod cli;
 pub mod inventory;
 pub mod report;
 pub mod target;

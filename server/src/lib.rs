@@ -10,6 +10,7 @@
 //! with their reason. [`run`] takes its settings and a shutdown token so tests run it
 //! in-process.
 
+pub mod cli;
 pub mod maintenance;
 pub mod store;
 

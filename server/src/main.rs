@@ -2,66 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use vogeler_core::{
-    cli::{CommonArgs, CouchArgs},
-    config, exit, shutdown, telemetry,
-};
-
-/// Drain agents' results from the broker into CouchDB: one document per node (`_id` = node
-/// name), each plugin's value under a key named after the plugin. Creates the database if
-/// it is missing.
-#[derive(Debug, Parser)]
-#[command(
-    name = "vogeler-server",
-    version,
-    args_override_self = true,
-    after_help = vogeler_core::cli::ENV_HELP,
-    after_long_help = concat!(
-        "Example:\n  vogeler-server --couchdb-url http://127.0.0.1:5984 --database system_records\n\n",
-        "Credentials: VOGELER_COUCHDB__USERNAME and VOGELER_COUCHDB__PASSWORD (or couchdb.password_file\n",
-        "in the config file). Without them requests are sent unauthenticated.\n",
-    ),
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
-
-    #[command(flatten)]
-    common: CommonArgs,
-    #[command(flatten)]
-    couch: CouchArgs,
-
-    /// Unacknowledged results the broker may hand over at once [env: VOGELER_SERVER__PREFETCH] [default: 512]
-    #[arg(long, value_name = "N")]
-    prefetch: Option<u16>,
-
-    /// Results written to CouchDB in one request at most [env: VOGELER_SERVER__BATCH_SIZE] [default: 256]
-    #[arg(long, value_name = "N")]
-    batch_size: Option<usize>,
-
-    /// Serve /healthz and /metrics (Prometheus) on this local address, e.g. 127.0.0.1:9187
-    /// [env: VOGELER_SERVER__HTTP_LISTEN] [default: off]
-    #[arg(long, value_name = "HOST:PORT")]
-    http_listen: Option<String>,
-
-    #[command(flatten)]
-    config: vogeler_core::cli::ConfigArgs,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Delete the documents of nodes not seen for a while (stale nodes are only reported
-    /// otherwise), e.g. `vogeler-server prune --older-than 30d`
-    Prune {
-        /// Delete nodes whose last sign of life is older than this (30d, 12h, ...)
-        #[arg(long, value_name = "AGE", value_parser = vogeler_core::duration::parse)]
-        older_than: std::time::Duration,
-        /// Only list the nodes that would be deleted
-        #[arg(long)]
-        dry_run: bool,
-    },
-}
+use clap::Parser;
+use vogeler_core::{config, exit, shutdown, telemetry};
+use vogeler_server::cli::{Cli, Command};
 
 async fn prune(
     settings: &vogeler_core::config::ServerSettings,

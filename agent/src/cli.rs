@@ -1,0 +1,107 @@
+//! `vogeler-agent`'s command line, in the library so that man pages and shell completions
+//! are generated from the same definitions (see `dist/`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use vogeler_core::{
+    cli::{CommonArgs, ConfigArgs},
+    names::PluginName,
+};
+
+/// Run on every node: wait for commands from `vogeler-runner`, run the named plugin from the
+/// plugin directory (never anything else) and publish the result for `vogeler-server`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vogeler-agent",
+    version,
+    args_override_self = true,
+    after_help = vogeler_core::cli::ENV_HELP,
+    after_long_help = concat!(
+        "Example:\n  vogeler-agent --node web01 --plugin-dir ./plugins --authorized-keys ./keys/runner.pub --state-dir ./state\n\n",
+        "Every command must be signed by a key in --authorized-keys (see `vogeler-runner keygen`);\n",
+        "refused commands are logged, and every command is recorded in <state-dir>/<node>/audit.log.\n\n",
+        "Plugins are *.toml files: name, command (argv, no shell), format (lines, string, json, kv),\n",
+        "optional description and timeout (default 60s).\n\n",
+    ),
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// This node's name: its document id in CouchDB [env: VOGELER_AGENT__NODE] [default: the host name]
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+
+    /// Directory of plugin files [env: VOGELER_AGENT__PLUGIN_DIR] [default: /etc/vogeler/plugins.d]
+    #[arg(long, value_name = "DIR")]
+    pub plugin_dir: Option<PathBuf>,
+
+    /// Plugin runs allowed at once [env: VOGELER_AGENT__CONCURRENCY] [default: 4]
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+
+    /// How often to re-announce this node to the server, in seconds or with a unit
+    /// [env: VOGELER_AGENT__HEARTBEAT] [default: 60s]
+    #[arg(long, value_name = "DURATION")]
+    pub heartbeat: Option<String>,
+
+    /// Runner public keys to obey: a file of `ed25519 <key>` lines (optionally restricted,
+    /// `plugins=dpkg nodes=web* ed25519 ...`) or a directory of *.pub files. Without one the
+    /// agent refuses to start [env: VOGELER_AGENT__AUTHORIZED_KEYS]
+    /// [default: /etc/vogeler/keys/authorized_keys]
+    #[arg(long, value_name = "PATH")]
+    pub authorized_keys: Option<PathBuf>,
+
+    /// Base directory for this node's key, replay cache and audit log (kept in
+    /// DIR/<node>/) [env: VOGELER_AGENT__STATE_DIR] [default: /var/lib/vogeler]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Serve /healthz and /metrics (Prometheus) on this local address, e.g. 127.0.0.1:9188
+    /// [env: VOGELER_AGENT__HTTP_LISTEN] [default: off]
+    #[arg(long, value_name = "HOST:PORT")]
+    pub http_listen: Option<String>,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Work with plugin files on this machine: no broker and no config file needed
+    Plugins {
+        #[command(subcommand)]
+        action: PluginsAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginsAction {
+    /// List the plugins of a directory: name, format, status, file
+    List {
+        /// Plugin directory [env: VOGELER_AGENT__PLUGIN_DIR] [default: /etc/vogeler/plugins.d]
+        #[arg(long, value_name = "DIR")]
+        plugin_dir: Option<PathBuf>,
+    },
+    /// Validate every plugin file and list all problems; exit 0 when all are valid, 78
+    /// otherwise (use it as a Puppet/Ansible validate_cmd). A program missing on this machine
+    /// is a warning, not an error
+    Check {
+        /// A plugin directory or a single plugin file [default: /etc/vogeler/plugins.d]
+        path: Option<PathBuf>,
+    },
+    /// Run one plugin here, exactly as the agent would, and print its parsed value as JSON
+    /// on stdout (diagnostics on stderr); exit 0 when it completed, 1 otherwise
+    Run {
+        /// The plugin's name
+        #[arg(value_parser = PluginName::new_checked)]
+        name: PluginName,
+        /// Plugin directory [env: VOGELER_AGENT__PLUGIN_DIR] [default: /etc/vogeler/plugins.d]
+        #[arg(long, value_name = "DIR")]
+        plugin_dir: Option<PathBuf>,
+    },
+}

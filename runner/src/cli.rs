@@ -1,0 +1,184 @@
+//! `vogeler-runner`'s command line, in the library so that man pages and shell completions
+//! are generated from the same definitions (see `dist/`).
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vogeler_core::{
+    cli::{CommonArgs, ConfigArgs, CouchArgs},
+    names::PluginName,
+};
+
+use crate::inventory as inv;
+
+/// Ask a set of nodes to run a plugin and show who answered, or ask the inventory in CouchDB.
+/// Results go to stdout, logs to stderr.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vogeler-runner",
+    version,
+    args_override_self = true,
+    subcommand_negates_reqs = true,
+    after_help = vogeler_core::cli::ENV_HELP,
+    after_long_help = concat!(
+        "Examples:\n",
+        "  vogeler-runner -c rpms -n all                every registered node\n",
+        "  vogeler-runner -c facts -n web01 --timeout 3\n",
+        "  vogeler-runner -c dpkg -n 'web01,web02'\n",
+        "  vogeler-runner -c dpkg -n 'web*'             globs: 'db-[0-9]*'\n",
+        "  vogeler-runner -c dpkg -n @nodes.txt         names from a file; '-' reads stdin\n",
+        "  vogeler-runner -c dpkg -n os.family=Debian   facts: = != =~ (regex) > < >= <=\n",
+        "  vogeler-runner -c dpkg -n 'kernel=~^6\\.'  'memory_mb>16000'\n",
+        "  vogeler-runner -c dpkg -n 'web* and not (os.family=RedHat or cpus<4)'\n",
+        "  vogeler-runner -c hello -n all --output jsonl | jq .\n",
+        "  vogeler-runner -c rpms -n all --cached 1h      stored values up to 1h old, ask the rest\n",
+        "  vogeler-runner -c upgrade_check -n 'web*' --batch 25% --batch-pause 30s\n",
+        "  vogeler-runner nodes -n 'db*'                registered nodes, last seen, stale\n",
+        "  vogeler-runner show web01 dpkg               a stored document or value\n",
+        "  vogeler-runner find package openssl=3.0.11-1  nodes with that package (from CouchDB)\n",
+        "  vogeler-runner find fact os.family=Debian\n",
+        "  vogeler-runner history web01 dpkg             how a plugin's value changed\n",
+        "  vogeler-runner keygen --out /etc/vogeler/keys  a key pair to sign commands with\n",
+        "  vogeler-runner nodes forget web01             accept a reinstalled node's new key\n\n",
+        "Exit codes: 0 every node answered ok; 1 a node failed or did not answer; 2 usage;\n",
+        "69 broker or database unavailable; 78 bad configuration.\n",
+    ),
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub couch: CouchArgs,
+
+    /// Plugin to run on the nodes (as named in their plugin files)
+    #[arg(short = 'c', long = "command", value_name = "PLUGIN", value_parser = PluginName::new_checked, required_unless_present_any = ["check_config", "print_config"])]
+    pub plugin: Option<PluginName>,
+
+    /// Nodes: all, a name, a list, a glob, @file, -, fact filters, combined with and/or/not
+    /// and parentheses (see the examples below)
+    #[arg(
+        short = 'n',
+        long = "nodes",
+        value_name = "NODES",
+        default_value = "all",
+        global = true
+    )]
+    pub nodes: String,
+
+    /// How long to wait for replies, in seconds (10) or with a unit (500ms)
+    /// [env: VOGELER_RUNNER__TIMEOUT] [default: 10]
+    #[arg(long, value_name = "DURATION")]
+    pub timeout: Option<String>,
+
+    /// Drop the command if it is not delivered within this, and let agents that come back
+    /// later skip it [env: VOGELER_RUNNER__TTL] [default: 1h]
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
+
+    /// Run on at most this many nodes at a time: a number (5) or a percentage (20%); each
+    /// batch is waited for (up to --timeout) before the next
+    #[arg(long, value_name = "N|P%", value_parser = crate::BatchSize::parse)]
+    pub batch: Option<crate::BatchSize>,
+
+    /// Pause between batches, in seconds or with a unit [default: 0]
+    #[arg(long, value_name = "DURATION", value_parser = vogeler_core::duration::parse, requires = "batch")]
+    pub batch_pause: Option<std::time::Duration>,
+
+    /// Answer from values stored within this age (1h, 30m) and ask only the other nodes;
+    /// stored answers are marked with their age
+    #[arg(long, value_name = "MAXAGE", value_parser = vogeler_core::duration::parse)]
+    pub cached: Option<std::time::Duration>,
+
+    /// Output: table (default), json (one document), jsonl (one line per node as replies
+    /// arrive), yaml
+    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+
+    /// Print values in full instead of a short summary
+    #[arg(long, global = true)]
+    pub full: bool,
+
+    /// No progress bar on stderr (it is shown only when stderr is a terminal anyway)
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+
+    /// The private key commands are signed with (see `keygen`)
+    /// [env: VOGELER_RUNNER__SIGNING_KEY] [default: /etc/vogeler/keys/runner.key]
+    #[arg(long, value_name = "FILE", global = true)]
+    pub signing_key: Option<std::path::PathBuf>,
+
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Jsonl,
+    Yaml,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Registered nodes (of -n, default all): last seen, agent version, stale flag
+    Nodes {
+        #[command(subcommand)]
+        action: Option<NodesAction>,
+    },
+    /// Create a signing key pair: DIR/runner.key (mode 0600, keep it secret) and
+    /// DIR/runner.pub (install it in each agent's authorized keys)
+    Keygen {
+        /// Directory to write the two files to (created with mode 0700 if missing)
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// Comment stored in runner.pub [default: user@host]
+        #[arg(long)]
+        comment: Option<String>,
+    },
+    /// A node's stored document, or one plugin's value
+    Show {
+        /// The node's name
+        node: String,
+        /// Only this plugin's value
+        plugin: Option<String>,
+    },
+    /// Find nodes in the inventory (no fan-out): one node name per line
+    Find {
+        #[command(subcommand)]
+        what: Find,
+    },
+    /// Show each recorded change of a plugin's value on a node: for lists the added (+) and
+    /// removed (-) entries, otherwise the old and new values
+    History {
+        /// The node's name
+        node: String,
+        /// The plugin's name
+        plugin: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesAction {
+    /// Forget a node's pinned key: the next key it signs with is pinned instead (after
+    /// reinstalling a node, whose new agent has a new key). Needs write access to the database
+    Forget {
+        /// The node's name
+        node: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Find {
+    /// Nodes with an installed package (from the dpkg and rpms plugins): NAME or NAME=VERSION
+    Package {
+        #[arg(value_name = "NAME[=VERSION]", value_parser = inv::parse_package)]
+        spec: (String, Option<String>),
+    },
+    /// Nodes whose reported fact has a value: KEY=VALUE, e.g. os.family=Debian, kernel=6.1.0-18-amd64
+    Fact {
+        #[arg(value_name = "KEY=VALUE", value_parser = inv::parse_fact)]
+        spec: (String, serde_json::Value),
+    },
+}
