@@ -39,8 +39,11 @@ pub fn write_assets(out: &Path) -> Result<Vec<PathBuf>> {
     let man = out.join("man");
     std::fs::create_dir_all(&man).with_context(|| format!("cannot create {}", man.display()))?;
     for cmd in programs() {
-        let bin = cmd.get_name().to_string();
-        write_man(&man, cmd.clone().bin_name(&bin), &mut written)?;
+        // Building first gives every subcommand its full bin name for the SYNOPSIS
+        // ("vogeler-runner nodes forget").
+        let mut built = cmd.clone().disable_help_subcommand(true);
+        built.build();
+        write_man(&man, built, &mut written)?;
         let name = cmd.get_name().to_string();
         for (shell, dir) in SHELLS {
             let dir = out.join("completions").join(dir);
@@ -59,7 +62,6 @@ pub fn write_assets(out: &Path) -> Result<Vec<PathBuf>> {
 /// One page for `cmd`, then one per subcommand (`vogeler-runner-keygen.1`), the way git and
 /// cargo ship theirs.
 fn write_man(dir: &Path, cmd: clap::Command, written: &mut Vec<PathBuf>) -> Result<()> {
-    let cmd = cmd.disable_help_subcommand(true);
     let name = cmd.get_display_name().unwrap_or(cmd.get_name()).to_string();
     let path = dir.join(format!("{name}.1"));
     let mut buf = Vec::new();
