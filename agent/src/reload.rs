@@ -49,8 +49,15 @@ pub async fn watch(dir: PathBuf, tx: watch::Sender<Arc<Catalog>>, cancel: Cancel
         }
     };
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    // A file that arrived between the first load and the watch being set up raised no
+    // event (a config-management run drops plugins right after starting the agent): look
+    // once more now that changes are watched.
+    let mut first = Some("watch started");
     loop {
-        let why = tokio::select! {
+        let why = if let Some(why) = first.take() {
+            why
+        } else {
+            tokio::select! {
             () = cancel.cancelled() => break,
             Some(()) = events.recv() => {
                 // Collapse a burst of events into one reload.
@@ -64,6 +71,7 @@ pub async fn watch(dir: PathBuf, tx: watch::Sender<Arc<Catalog>>, cancel: Cancel
             }
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
             () = async { match poll { Some(p) => tokio::time::sleep(p).await, None => std::future::pending().await } } => "poll",
+            }
         };
         let dir2 = dir.clone();
         let Ok(new) = tokio::task::spawn_blocking(move || Catalog::load_dir(&dir2)).await else {
@@ -71,7 +79,7 @@ pub async fn watch(dir: PathBuf, tx: watch::Sender<Arc<Catalog>>, cancel: Cancel
         };
         let new = match new {
             Ok(c) => c,
-            Err(_) if why == "poll" => continue,
+            Err(_) if why != "file change" && why != "SIGHUP" => continue,
             Err(problem) => {
                 warn!(%problem, "plugin directory unreadable; keeping the plugins loaded before");
                 continue;
