@@ -5,22 +5,47 @@
 #
 #   scripts/demo.sh                 query `dpkg` (installed packages) and `hello`
 #   scripts/demo.sh os_release      query another shipped plugin (see plugins/)
+#   scripts/demo.sh --keep          leave the server and agents running (for the README's tour);
+#                                   scripts/demo.sh --stop stops them
 #
-# The server and agents stop when the script ends; the documents stay in CouchDB
-# (database `system_records`) for you to browse at http://127.0.0.1:5984/_utils
+# Without --keep the server and agents stop when the script ends; the documents stay in
+# CouchDB (database `system_records`) for you to browse at http://127.0.0.1:5984/_utils
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
+demo=${VOGELER_DEMO_DIR:-$HOME/.local/state/vogeler-demo}
+keep=
+case ${1:-} in
+  --keep) keep=yes; shift ;;
+  --stop)
+    if [ -s "$demo/pids" ]; then
+      kill $(cat "$demo/pids") 2>/dev/null || true
+      rm -f "$demo/pids"
+      echo "demo server and agents stopped"
+    else
+      echo "no demo running"
+    fi
+    exit 0
+    ;;
+esac
 plugin=${1:-dpkg}
 nodes=(web01 web02 db01)
 logs=$(mktemp -d)
 pids=()
 cleanup() {
+  if [ -n "$keep" ]; then
+    echo "(server and agents keep running, logs in $logs; stop them with: scripts/demo.sh --stop)"
+    return
+  fi
   ((${#pids[@]})) && kill "${pids[@]}" 2>/dev/null && wait "${pids[@]}" 2>/dev/null
   echo "(server and agents stopped; their logs are in $logs)"
 }
 trap cleanup EXIT
+if [ -s "$demo/pids" ] && kill -0 $(cat "$demo/pids") 2>/dev/null; then
+  echo "a demo is still running (scripts/demo.sh --stop first)" >&2
+  exit 1
+fi
 
 scripts/stack.sh up
 echo "== building" >&2
@@ -29,7 +54,6 @@ bin=target/debug
 
 # Security is on by default: agents obey only commands signed by a key they trust. The demo
 # makes one key pair (kept between runs) and gives each agent its own state directory.
-demo=${VOGELER_DEMO_DIR:-$HOME/.local/state/vogeler-demo}
 if [ ! -f "$demo/keys/runner.key" ]; then
   echo "== creating the runner's signing key in $demo/keys" >&2
   "$bin/vogeler-runner" keygen --out "$demo/keys" --comment demo@"$(hostname)" >&2
@@ -44,6 +68,8 @@ for n in "${nodes[@]}"; do
     --authorized-keys "$demo/keys/runner.pub" --state-dir "$demo/state" >"$logs/agent-$n.log" 2>&1 &
   pids+=($!)
 done
+
+[ -n "$keep" ] && mkdir -p "$demo" && echo "${pids[*]}" > "$demo/pids"
 
 # Agents announce themselves; wait until the server has registered all three.
 for _ in $(seq 1 100); do
