@@ -14,5 +14,17 @@ echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== shipped plugin files" >&2
 cargo run --quiet -p vogeler-agent -- plugins check plugins
+echo "== deploy scripts (shell syntax) and example configs" >&2
+for f in deploy/*.sh deploy/*/*.sh deploy/lib/*.sh deploy/debian/*/* scripts/*.sh; do
+    bash -n "$f"
+done
+sh -n deploy/bin/vogeler-service
 echo "== cargo test" >&2
 cargo test --workspace
+# The unit files need the binaries the tests just built; systemd-analyze comes with systemd.
+if command -v systemd-analyze >/dev/null; then
+    echo "== systemd units" >&2
+    deploy/systemd/verify.sh target/debug
+else
+    echo "== systemd units: systemd-analyze is not installed here, not verified" >&2
+fi

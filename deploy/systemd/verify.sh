@@ -7,6 +7,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bin=${1:-}
+[[ -z $bin ]] || bin=$(cd "$bin" && pwd)
 if [[ -z $bin ]]; then
     for d in "$root/target/release" "$root/target/debug"; do
         [[ -x $d/vogeler-agent ]] && { bin=$d; break; }
