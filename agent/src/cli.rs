@@ -77,6 +77,25 @@ pub enum Command {
         #[command(subcommand)]
         action: PluginsAction,
     },
+    /// Run many simulated nodes in this one process, for load tests and benchmarks: each is a
+    /// full agent (its own name PREFIX0001..., key, state directory, queue and real plugin
+    /// runs) configured like this agent; they share broker connections, the plugin directory
+    /// and a limit on plugin processes running at once.
+    /// Example: vogeler-agent simulate --count 1000 --prefix sim- --plugin-dir ./plugins
+    Simulate {
+        /// How many nodes
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        count: u32,
+        /// Node name prefix; names are the prefix and a four-digit number
+        #[arg(long, value_name = "PREFIX", default_value = "sim-")]
+        prefix: String,
+        /// Nodes per broker connection (each node has its own channels)
+        #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        per_connection: u32,
+        /// Plugin processes running at once across all nodes
+        #[arg(long, value_name = "N", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        max_runs: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]

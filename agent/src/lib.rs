@@ -23,6 +23,7 @@ pub mod local;
 pub mod plugin;
 pub mod reload;
 pub mod replay;
+pub mod simulate;
 
 use std::{
     os::unix::fs::DirBuilderExt,
@@ -87,6 +88,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("simulation: {0}")]
+    Simulation(String),
     #[error("cannot use state directory {path}: {source}")]
     State {
         path: String,
@@ -117,7 +120,8 @@ struct Shared {
     settings: AgentSettings,
     /// The current plugins; the reloader task replaces them.
     catalog: watch::Receiver<Arc<Catalog>>,
-    runs: Semaphore,
+    /// Plugin runs allowed at once (shared by the nodes of a simulation).
+    runs: Arc<Semaphore>,
     guard: Guard,
     /// This node's own key: results and announcements are signed with it.
     key: PrivateKey,
@@ -131,6 +135,26 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(
+        settings: AgentSettings,
+        security: Security,
+        catalog: watch::Receiver<Arc<Catalog>>,
+        runs: Arc<Semaphore>,
+        metrics: AgentMetrics,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            runs,
+            catalog,
+            settings,
+            guard: security.guard,
+            key: security.key,
+            replay: Mutex::new(security.replay),
+            audit: security.audit,
+            metrics,
+            publisher: Mutex::default(),
+        })
+    }
+
     fn publisher(&self) -> Option<Channel> {
         self.publisher.lock().ok().and_then(|p| p.clone())
     }
@@ -220,18 +244,7 @@ pub async fn run_with(
     metrics: AgentMetrics,
 ) -> Result<(), AgentError> {
     let security = Security::load(&settings)?;
-    if let Some(addr) = settings.http_listen {
-        let mut registry = Registry::default();
-        metrics.register(&mut registry);
-        let observed = Arc::new(Observed {
-            registry,
-            broker: metrics.broker_up.clone(),
-            database: None,
-        });
-        observe::serve(addr, observed, cancel.clone())
-            .await
-            .map_err(|source| AgentError::Listen { addr, source })?;
-    }
+    serve_http(&settings, &metrics, &cancel).await?;
     info!(
         node = %settings.node,
         trusted_keys = security.guard.keys.len(),
@@ -248,17 +261,8 @@ pub async fn run_with(
         catalog_tx,
         cancel.clone(),
     ));
-    let shared = Arc::new(Shared {
-        runs: Semaphore::new(settings.concurrency),
-        catalog: catalog_rx,
-        settings,
-        guard: security.guard,
-        key: security.key,
-        replay: Mutex::new(security.replay),
-        audit: security.audit,
-        metrics,
-        publisher: Mutex::default(),
-    });
+    let runs = Arc::new(Semaphore::new(settings.concurrency));
+    let shared = Shared::new(settings, security, catalog_rx, runs, metrics);
     let s = &shared.settings;
     let name = format!("vogeler-agent {}", s.node);
     let started_at = Utc::now();
@@ -299,6 +303,27 @@ pub async fn run_with(
     let _ = conn.close(200, "agent shutting down".into()).await;
     let _ = reloader.await;
     info!(node = %s.node, "agent stopped");
+    Ok(())
+}
+
+/// `/healthz` and `/metrics` when `agent.http_listen` is set.
+async fn serve_http(
+    settings: &AgentSettings,
+    metrics: &AgentMetrics,
+    cancel: &CancellationToken,
+) -> Result<(), AgentError> {
+    if let Some(addr) = settings.http_listen {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let observed = Arc::new(Observed {
+            registry,
+            broker: metrics.broker_up.clone(),
+            database: None,
+        });
+        observe::serve(addr, observed, cancel.clone())
+            .await
+            .map_err(|source| AgentError::Listen { addr, source })?;
+    }
     Ok(())
 }
 

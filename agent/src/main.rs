@@ -73,9 +73,21 @@ fn plugins(action: PluginsAction) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Plugins { action }) = cli.command {
-        return plugins(action);
-    }
+    let simulation = match cli.command {
+        Some(Command::Plugins { action }) => return plugins(action),
+        Some(Command::Simulate {
+            count,
+            prefix,
+            per_connection,
+            max_runs,
+        }) => Some(vogeler_agent::simulate::Simulation {
+            count: count as usize,
+            prefix,
+            per_connection: per_connection as usize,
+            concurrency: max_runs as usize,
+        }),
+        None => None,
+    };
     let mut sources = cli.common.sources();
     sources
         .set("agent.http_listen", cli.http_listen.as_ref())
@@ -102,7 +114,14 @@ fn main() -> ExitCode {
     telemetry::init(&settings.log_level);
     tracing::info!(settings = ?settings, "configuration (secrets redacted)");
     exit::block_on("vogeler-agent", async {
-        match vogeler_agent::run(settings, shutdown::on_signals()).await {
+        let cancel = shutdown::on_signals();
+        let ran = match simulation {
+            Some(sim) => {
+                vogeler_agent::simulate::run(settings, sim, cancel, Default::default()).await
+            }
+            None => vogeler_agent::run(settings, cancel).await,
+        };
+        match ran {
             Ok(()) => exit::code(exit::OK),
             Err(e) if e.is_config() => {
                 tracing::error!(error = %e, "agent cannot start");
