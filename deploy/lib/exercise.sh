@@ -61,14 +61,15 @@ http_listen = "127.0.0.1:${agent_port:-9188}"
 TOML
 }
 
+# Run a program with this check's broker, collective and database. `exec`, so that a
+# program started in the background is the process whose pid `$!` holds.
 common_env() {
-    env -u VOGELER_CONFIG \
-        VOGELER_AMQP__URL="$amqp_url" VOGELER_AMQP__COLLECTIVE="$collective" VOGELER_AMQP__QUEUE_EXPIRES=10m \
+    exec env VOGELER_AMQP__URL="$amqp_url" VOGELER_AMQP__COLLECTIVE="$collective" VOGELER_AMQP__QUEUE_EXPIRES=10m \
         VOGELER_COUCHDB__URL="$couchdb_url" VOGELER_COUCHDB__DATABASE="$database" "$@"
 }
 
 start_server() {
-    common_env "$bin/vogeler-server" >"$work/server.log" 2>&1 &
+    (common_env "$bin/vogeler-server") >"$work/server.log" 2>&1 &
     server_pid=$!
     say "server pid $server_pid (log $work/server.log), database $database"
 }
@@ -76,8 +77,8 @@ start_server() {
 # Ask the node for a plugin through the runner; print the runner's table.
 query() {
     local plugin=$1
-    common_env VOGELER_RUNNER__SIGNING_KEY="$work/keys/runner.key" \
-        "${runner:-$bin/vogeler-runner}" -c "$plugin" -n "$node" --timeout 20s --no-progress
+    (common_env VOGELER_RUNNER__SIGNING_KEY="$work/keys/runner.key" \
+        "${runner:-$bin/vogeler-runner}" -c "$plugin" -n "$node" --timeout 20s --no-progress)
 }
 
 # The node's document holds a value for the plugin.

@@ -340,12 +340,7 @@ impl Plugin {
     /// Problems that will make every run fail on this machine, for `plugins check` and logs.
     pub fn warnings(&self) -> Vec<String> {
         let mut w = vec![];
-        let found = if self.program.components().count() > 1 {
-            self.program.is_file()
-        } else {
-            std::env::split_paths(crate::exec::PLUGIN_PATH).any(|d| d.join(&self.program).is_file())
-        };
-        if !found {
+        if crate::exec::find_program(&self.program).is_none() {
             w.push(format!(
                 "plugin {:?}: program {} not found on this machine",
                 self.name.as_str(),
