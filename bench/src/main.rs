@@ -1,311 +1,442 @@
-//! `vogeler-bench ingest`: how fast the server stores realistic results, next to how fast the
-//! same database takes raw `_bulk_docs` writes of documents of the same size, measured in the
-//! same run. Needs the stack up (`scripts/stack.sh up`); prints a table and writes it as JSON
-//! under `bench/results/`.
+//! `vogeler-bench`: benchmarks that print numbers (not tests). Needs the stack up
+//! (`scripts/stack.sh up`) and the release binaries (`bench/run.sh` builds both).
+//!
+//! - `fanout`: `-c hello -n all` round trips against `vogeler-agent simulate` fleets of 10 to
+//!   5,000 nodes: time to every reply, and to every node's document updated in CouchDB.
+//! - `targeting`: resolving a fact filter against 5,000 registered nodes.
+//! - `ingest`: results per second stored by the server versus the database's raw `_bulk_docs`.
+//! - `footprint`: one real agent idle for 60 s and during a burst of 100 commands; the
+//!   server's memory while ingesting.
+//! - `all` (default): everything, one table, written as JSON to `bench/results/`.
 
-use std::{path::PathBuf, time::Instant};
+mod fleet;
+mod ingest;
+
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use chrono::Utc;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
-use vogeler_core::{
-    amqp,
-    config::{self, Sources},
-    couch::CouchClient,
-    document::NodeDocument,
-    names::{NodeName, PluginName},
-    wire::{self, Message, Outcome, PluginResult},
-};
+use vogeler_core::config;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "vogeler-bench",
-    about = "Ingest throughput: server versus raw _bulk_docs"
+    about = "Vogeler benchmarks: fan-out, targeting, ingest, footprint"
 )]
 struct Cli {
-    /// Results to store, one per node
-    #[arg(long, default_value_t = 2000)]
-    results: usize,
-    /// Packages in each result's list (a realistic dpkg or rpm inventory is ~500)
-    #[arg(long, default_value_t = 500)]
-    packages: usize,
-    /// Runs; the table shows the median and the best
-    #[arg(long, default_value_t = 3)]
-    runs: usize,
-    #[arg(long, default_value = config::defaults::AMQP_URL)]
+    #[command(subcommand)]
+    what: Option<What>,
+    #[arg(long, default_value = config::defaults::AMQP_URL, global = true)]
     amqp_url: String,
-    #[arg(long, default_value = config::defaults::COUCHDB_URL)]
+    #[arg(long, default_value = config::defaults::COUCHDB_URL, global = true)]
     couchdb_url: String,
+    /// Repetitions of each measurement; the table shows the median (p50) and the maximum
+    #[arg(long, default_value_t = 5, global = true)]
+    runs: usize,
 }
 
-fn packages(n: usize, seed: usize) -> Value {
-    Value::Array(
-        (0..n)
-            .map(|i| json!({"name": format!("package-{i:04}"), "version": format!("{}.{}-{}", i % 7, seed % 13, i % 3), "arch": "amd64", "status": "installed"}))
-            .collect(),
-    )
+#[derive(Debug, Clone, Subcommand)]
+enum What {
+    /// Everything below
+    All,
+    /// Fan-out round trips against simulated fleets
+    Fanout {
+        /// Fleet sizes
+        #[arg(long, value_delimiter = ',', default_value = "10,100,1000,5000")]
+        nodes: Vec<usize>,
+    },
+    /// Fact-filter targeting against a simulated fleet
+    Targeting {
+        #[arg(long, default_value_t = 5000)]
+        nodes: usize,
+    },
+    /// Server ingest versus raw _bulk_docs
+    Ingest {
+        /// Results to store, one per node
+        #[arg(long, default_value_t = 2000)]
+        results: usize,
+        /// Packages in each result's list (a realistic dpkg or rpm inventory is ~500)
+        #[arg(long, default_value_t = 500)]
+        packages: usize,
+    },
+    /// Agent idle and burst footprint, server memory while ingesting
+    Footprint {
+        /// Seconds the idle agent is watched
+        #[arg(long, default_value_t = 60)]
+        idle: u64,
+        #[arg(long, default_value_t = 100)]
+        burst: usize,
+    },
 }
 
-fn sources(cli: &Cli, collective: &str, db: &str) -> Sources {
-    let mut s = Sources {
-        env: Some(Default::default()),
-        ..Default::default()
-    };
-    s.set("amqp.url", Some(&cli.amqp_url))
-        .set("amqp.collective", Some(collective))
-        .set("amqp.queue_expires", Some("120s"))
-        .set("couchdb.url", Some(&cli.couchdb_url))
-        .set("couchdb.database", Some(db))
-        .set("log.level", Some("warn"));
-    s
+/// Where the stack is.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    pub amqp_url: String,
+    pub couchdb_url: String,
 }
 
-/// How results meet the server in a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Every result is queued first, then the server starts and drains the queue: the
-    /// server's own storing rate (its start-up, about 0.1 s, included).
-    Drain,
-    /// The server is up and idle; results are published as agents would, while it stores
-    /// them: the broker's persisting of each message competes for the same two cores.
-    Live,
+/// The repository root (for `plugins/` and `bench/results/`).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Results per second through the server, timed until the last result is stored.
-async fn server_rate(cli: &Cli, mode: Mode) -> Result<f64> {
-    let id = Uuid::new_v4().simple().to_string();
-    let (collective, db) = (format!("bench-{}", &id[..8]), format!("bench_{}", &id[..8]));
-    let settings = config::load(&sources(cli, &collective, &db))?.server()?;
-    let couch = CouchClient::new(&settings.couch.url, None)?;
-    let topology = settings.broker.topology.clone();
-    let conn = amqp::connect(&settings.broker.url, "vogeler-bench").await?;
-    topology
-        .declare_server(&conn.create_channel().await?)
-        .await?;
-    let ch = amqp::publisher_channel(&conn).await?;
-    let now = Utc::now();
-    let result = |n: usize, name: String| -> Result<Message> {
-        Ok(Message::Result(PluginResult {
-            request_id: Uuid::new_v4(),
-            node: NodeName::new(name)?,
-            plugin: PluginName::new("dpkg")?,
-            outcome: Outcome::Ok,
-            value: Some(packages(cli.packages, n)),
-            truncated: false,
-            collected_at: now,
-            duration_ms: 10,
-            agent_version: "bench".into(),
-        }))
-    };
-    // Results are signed as agents sign them: verifying is part of the server's work.
-    let agent_key = vogeler_core::signing::PrivateKey::generate()?;
-    let bodies: Vec<Vec<u8>> = (0..cli.results)
-        .map(|n| result(n, format!("bench{n:05}")).map(|m| wire::encode(&m)))
-        .collect::<Result<_>>()?;
-    let publish_all = async {
-        let mut confirms = Vec::with_capacity(bodies.len());
-        for body in &bodies {
-            let props = lapin::BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_headers(amqp::signature_headers(
-                    &agent_key,
-                    vogeler_core::signing::Purpose::Agent,
-                    body,
-                ));
-            confirms.push(
-                ch.basic_publish(
-                    topology.results_exchange().as_str().into(),
-                    "result.bench".into(),
-                    Default::default(),
-                    body,
-                    props,
-                )
-                .await?,
-            );
-        }
-        for c in confirms {
-            anyhow::ensure!(c.await?.is_ack(), "the broker refused a result");
-        }
-        anyhow::Ok(())
-    };
+fn p50(v: &[f64]) -> f64 {
+    ingest::median(v.to_vec())
+}
 
-    let cancel = CancellationToken::new();
-    let (server, started) = match mode {
-        Mode::Drain => {
-            publish_all.await?;
-            let started = Instant::now();
-            (
-                tokio::spawn(vogeler_server::run(settings, cancel.clone())),
-                started,
-            )
-        }
-        Mode::Live => {
-            let server = tokio::spawn(vogeler_server::run(settings, cancel.clone()));
-            // Ready: a sentinel result went all the way into the database.
-            let sentinel = result(0, "sentinel".into())?;
-            amqp::publish(
-                &ch,
-                &topology.results_exchange(),
-                "result.sentinel",
-                &sentinel,
-                &agent_key,
-            )
-            .await?;
-            let ready = Instant::now();
-            while couch
-                .get::<NodeDocument>(&db, "sentinel")
-                .await
-                .ok()
-                .flatten()
-                .is_none()
-            {
-                anyhow::ensure!(
-                    ready.elapsed().as_secs() < 60,
-                    "the server did not start within 60 s"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            let started = Instant::now();
-            publish_all.await?;
-            (server, started)
-        }
-    };
-    let last = format!("bench{:05}", cli.results - 1);
-    // doc_count is cheap for the database: polling must not slow down what it measures.
-    let want = cli.results as u64 + 1 + u64::from(mode == Mode::Live); // design doc, sentinel
-    loop {
-        if couch.doc_count(&db).await.unwrap_or(0) >= want
-            && couch
-                .get::<NodeDocument>(&db, &last)
-                .await
-                .ok()
-                .flatten()
-                .is_some()
-        {
-            break;
-        }
-        anyhow::ensure!(
-            started.elapsed().as_secs() < 600,
-            "the server did not store {} results within 10 minutes",
-            cli.results
+fn max(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::MIN, f64::max)
+}
+
+/// Rows of the printed table: (benchmark, measure, p50, max, unit, target).
+type Row = (String, String, f64, f64, &'static str, String);
+
+async fn fanout(
+    stack: &Stack,
+    sizes: &[usize],
+    runs: usize,
+    rows: &mut Vec<Row>,
+    json: &mut Vec<Value>,
+    targeting_at: Option<usize>,
+) -> Result<()> {
+    for &n in sizes {
+        eprintln!("fanout: starting a simulated fleet of {n} nodes");
+        let (fleet, registered) = fleet::simulated(stack, n).await?;
+        eprintln!(
+            "fanout: {n} nodes registered in {:.1} s",
+            registered.as_secs_f64()
         );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    cancel.cancel();
-    server.await??;
-    let _ = conn.close(200, "done".into()).await;
-    couch.delete_database(&db).await?;
-    couch.delete_database(&format!("{db}_history")).await?;
-    Ok(cli.results as f64 / secs)
-}
-
-/// Documents per second the database takes through `_bulk_docs` in batches of the server's
-/// default size: the ceiling the server is measured against.
-async fn raw_rate(cli: &Cli) -> Result<f64> {
-    let db = format!("bench_raw_{}", &Uuid::new_v4().simple().to_string()[..8]);
-    let couch = CouchClient::new(
-        &vogeler_core::secret::SecretUrl::parse(&cli.couchdb_url)?,
-        None,
-    )?;
-    couch.ensure_database(&db).await?;
-    let docs: Vec<Value> = (0..cli.results)
-        .map(|n| json!({"_id": format!("bench{n:05}"), "dpkg": packages(cli.packages, n), "vogeler": {"created_at": Utc::now()}}))
-        .collect();
-    let started = Instant::now();
-    // Two requests in flight, as the server has: the ceiling, not a handicapped baseline.
-    let mut chunks = docs.chunks(config::defaults::SERVER_BATCH_SIZE).peekable();
-    while chunks.peek().is_some() {
-        let pair: Vec<&[Value]> = chunks.by_ref().take(2).collect();
-        let writes = pair.iter().map(|c| couch.bulk_docs(&db, c));
-        for results in futures_util::future::join_all(writes).await {
-            anyhow::ensure!(
-                results?.iter().all(|r| r.error.is_none()),
-                "raw write refused"
-            );
+        let (mut replies, mut stored) = (vec![], vec![]);
+        // One unmeasured run first: connections, caches and the registry view warm up.
+        let warm = fleet::round_trip(&fleet, n).await;
+        if let Err(e) = &warm {
+            eprintln!("fanout: warm-up run failed: {e:#}");
         }
+        for run in 1..=runs {
+            let rt = fleet::round_trip(&fleet, n)
+                .await
+                .with_context(|| format!("fan-out to {n} nodes, run {run}"))?;
+            eprintln!(
+                "fanout: {n} nodes, run {run}: replies {:.2} s, stored {:.2} s",
+                rt.replies_s, rt.stored_s
+            );
+            replies.push(rt.replies_s);
+            stored.push(rt.stored_s);
+        }
+        let target = match n {
+            1000 => ("< 2 s", "< 3 s"),
+            5000 => ("< 10 s", "< 10 s"),
+            _ => ("", ""),
+        };
+        rows.push((
+            format!("fan-out {n} nodes"),
+            "all replies".into(),
+            p50(&replies),
+            max(&replies),
+            "s",
+            target.0.into(),
+        ));
+        rows.push((
+            format!("fan-out {n} nodes"),
+            "all documents stored".into(),
+            p50(&stored),
+            max(&stored),
+            "s",
+            target.1.into(),
+        ));
+        json.push(json!({"benchmark": "fanout", "nodes": n, "registered_s": registered.as_secs_f64(), "replies_s": replies, "stored_s": stored}));
+        if targeting_at == Some(n) {
+            targeting_rows(&fleet, n, runs, rows, json).await?;
+        }
+        fleet.stop().await?;
     }
-    let secs = started.elapsed().as_secs_f64();
-    couch.delete_database(&db).await?;
-    Ok(cli.results as f64 / secs)
+    Ok(())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-#[tokio::main]
-async fn main() -> Result<()> {
-    let cli = Cli::parse();
+async fn targeting_rows(
+    fleet: &fleet::Fleet,
+    n: usize,
+    runs: usize,
+    rows: &mut Vec<Row>,
+    json: &mut Vec<Value>,
+) -> Result<()> {
+    // Every simulated node has sim_group g0..g9 and the machine's real facts.
+    let expr = "sim_group=g3 and os.family=Debian and cpus>=1";
+    let mut times = vec![];
+    let mut matched = 0;
+    for _ in 0..runs {
+        let (s, m) = fleet::targeting(fleet, expr).await?;
+        times.push(s);
+        matched = m;
+    }
     anyhow::ensure!(
-        cli.results > 0 && cli.runs > 0,
-        "--results and --runs must be at least 1"
+        matched == n / 10,
+        "the filter matched {matched} nodes, expected {}",
+        n / 10
     );
+    eprintln!("targeting: {expr:?} matched {matched} of {n} nodes");
+    rows.push((
+        format!("targeting {n} nodes"),
+        format!("resolve a fact filter ({matched} match)"),
+        p50(&times),
+        max(&times),
+        "s",
+        String::new(),
+    ));
+    json.push(json!({"benchmark": "targeting", "nodes": n, "expression": expr, "matched": matched, "seconds": times}));
+    Ok(())
+}
+
+async fn ingest_rows(
+    stack: &Stack,
+    ing: ingest::Ingest,
+    runs: usize,
+    rows: &mut Vec<Row>,
+    json: &mut Vec<Value>,
+) -> Result<()> {
     let (mut drain, mut live, mut raw) = (vec![], vec![], vec![]);
-    for run in 1..=cli.runs {
-        let r = raw_rate(&cli).await.context("raw _bulk_docs run")?;
-        let d = server_rate(&cli, Mode::Drain)
+    for run in 1..=runs {
+        let r = ingest::raw_rate(stack, ing)
+            .await
+            .context("raw _bulk_docs run")?;
+        let d = ingest::server_rate(stack, ing, ingest::Mode::Drain)
             .await
             .context("server drain run")?;
-        let l = server_rate(&cli, Mode::Live)
+        let l = ingest::server_rate(stack, ing, ingest::Mode::Live)
             .await
             .context("server live run")?;
         eprintln!(
-            "run {run}: server drain {d:.0}/s, server live {l:.0}/s, raw _bulk_docs {r:.0}/s"
+            "ingest: run {run}: server drain {d:.0}/s, server live {l:.0}/s, raw _bulk_docs {r:.0}/s"
         );
         drain.push(d);
         live.push(l);
         raw.push(r);
     }
-    let (d, l, r) = (
-        median(drain.clone()),
-        median(live.clone()),
-        median(raw.clone()),
-    );
-    let best = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-    let size = serde_json::to_vec(&packages(cli.packages, 0))?.len();
-    println!(
-        "ingest: {} results of {} packages (~{} KiB each), {} runs",
-        cli.results,
-        cli.packages,
-        size / 1024,
-        cli.runs
-    );
-    println!("{:<40} {:>10} {:>10}", "", "median/s", "best/s");
-    println!(
-        "{:<40} {:>10.0} {:>10.0}",
-        "raw _bulk_docs (256 per request, 2 at once)",
-        r,
-        best(&raw)
-    );
-    println!(
-        "{:<40} {:>10.0} {:>10.0}",
-        "vogeler-server draining a full queue",
-        d,
-        best(&drain)
-    );
-    println!(
-        "{:<40} {:>10.0} {:>10.0}",
-        "vogeler-server while results arrive",
-        l,
-        best(&live)
-    );
-    println!("{:<40} {:>9.0}%", "drain / raw", 100.0 * d / r);
-    println!("{:<40} {:>9.0}%", "live / raw", 100.0 * l / r);
+    let ratio = |v: &[f64]| {
+        v.iter()
+            .zip(&raw)
+            .map(|(s, r)| 100.0 * s / r)
+            .collect::<Vec<_>>()
+    };
+    let what = format!("ingest {} x {} packages", ing.results, ing.packages);
+    rows.push((
+        what.clone(),
+        "raw _bulk_docs".into(),
+        p50(&raw),
+        max(&raw),
+        "/s",
+        String::new(),
+    ));
+    rows.push((
+        what.clone(),
+        "server draining a full queue".into(),
+        p50(&drain),
+        max(&drain),
+        "/s",
+        String::new(),
+    ));
+    rows.push((
+        what.clone(),
+        "server while results arrive".into(),
+        p50(&live),
+        max(&live),
+        "/s",
+        String::new(),
+    ));
+    rows.push((
+        what.clone(),
+        "drain / raw".into(),
+        p50(&ratio(&drain)),
+        max(&ratio(&drain)),
+        "%",
+        ">= 80%".into(),
+    ));
+    rows.push((
+        what,
+        "live / raw".into(),
+        p50(&ratio(&live)),
+        max(&ratio(&live)),
+        "%",
+        String::new(),
+    ));
+    let size = serde_json::to_vec(&ingest::packages(ing.packages, 0))?.len();
+    json.push(json!({"benchmark": "ingest", "results": ing.results, "packages": ing.packages, "result_bytes": size,
+        "raw_per_s": raw, "drain_per_s": drain, "live_per_s": live, "drain_ratio_percent": ratio(&drain), "live_ratio_percent": ratio(&live)}));
+    Ok(())
+}
 
+async fn footprint_rows(
+    stack: &Stack,
+    idle: u64,
+    burst: usize,
+    rows: &mut Vec<Row>,
+    json: &mut Vec<Value>,
+) -> Result<()> {
+    eprintln!("footprint: one agent idle for {idle} s, then {burst} commands");
+    let a = fleet::agent_footprint(stack, Duration::from_secs(idle), burst).await?;
+    let mib = |k: u64| k as f64 / 1024.0;
+    rows.push((
+        format!("agent idle {idle} s"),
+        "RSS".into(),
+        mib(a.idle_rss_kib),
+        mib(a.idle_rss_kib),
+        "MiB",
+        "< 10 MiB".into(),
+    ));
+    rows.push((
+        format!("agent idle {idle} s"),
+        "CPU".into(),
+        a.idle_cpu_percent,
+        a.idle_cpu_percent,
+        "%",
+        "< 0.1%".into(),
+    ));
+    rows.push((
+        format!("agent burst {burst} commands"),
+        "all finished".into(),
+        a.burst_s,
+        a.burst_s,
+        "s",
+        String::new(),
+    ));
+    rows.push((
+        format!("agent burst {burst} commands"),
+        "peak RSS".into(),
+        mib(a.burst_peak_rss_kib),
+        mib(a.burst_peak_rss_kib),
+        "MiB",
+        String::new(),
+    ));
+    rows.push((
+        format!("agent burst {burst} commands"),
+        "CPU (with plugins)".into(),
+        a.burst_cpu_s,
+        a.burst_cpu_s,
+        "s",
+        String::new(),
+    ));
+    let ing = ingest::Ingest {
+        results: 2000,
+        packages: 500,
+    };
+    eprintln!("footprint: server storing {} results", ing.results);
+    let s = fleet::server_footprint(stack, ing).await?;
+    rows.push((
+        "server ingesting 2000 x 500 packages".into(),
+        "RSS idle".into(),
+        mib(s.idle_rss_kib),
+        mib(s.idle_rss_kib),
+        "MiB",
+        String::new(),
+    ));
+    rows.push((
+        "server ingesting 2000 x 500 packages".into(),
+        "peak RSS".into(),
+        mib(s.peak_rss_kib),
+        mib(s.peak_rss_kib),
+        "MiB",
+        String::new(),
+    ));
+    json.push(json!({"benchmark": "footprint", "idle_s": idle, "agent_idle_rss_kib": a.idle_rss_kib, "agent_idle_cpu_s": a.idle_cpu_s,
+        "agent_idle_cpu_percent": a.idle_cpu_percent, "burst": burst, "agent_burst_s": a.burst_s, "agent_burst_peak_rss_kib": a.burst_peak_rss_kib,
+        "agent_burst_cpu_s": a.burst_cpu_s, "server_idle_rss_kib": s.idle_rss_kib, "server_peak_rss_kib": s.peak_rss_kib, "server_ingest_s": s.seconds}));
+    Ok(())
+}
+
+fn print_table(rows: &[Row]) {
+    let header = ("benchmark", "measure", "p50", "max", "unit", "target");
+    println!(
+        "{:<38} {:<36} {:>9} {:>9} {:<4} {}",
+        header.0, header.1, header.2, header.3, header.4, header.5
+    );
+    for (b, m, p, x, unit, target) in rows {
+        println!("{b:<38} {m:<36} {p:>9.2} {x:>9.2} {unit:<4} {target}");
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    anyhow::ensure!(cli.runs > 0, "--runs must be at least 1");
+    let stack = Stack {
+        amqp_url: cli.amqp_url.clone(),
+        couchdb_url: cli.couchdb_url.clone(),
+    };
+    let what = cli.what.clone().unwrap_or(What::All);
+    let (mut rows, mut json) = (Vec::new(), Vec::new());
+    let name = match &what {
+        What::All => {
+            fanout(
+                &stack,
+                &[10, 100, 1000, 5000],
+                cli.runs,
+                &mut rows,
+                &mut json,
+                Some(5000),
+            )
+            .await?;
+            ingest_rows(
+                &stack,
+                ingest::Ingest {
+                    results: 2000,
+                    packages: 500,
+                },
+                3.min(cli.runs),
+                &mut rows,
+                &mut json,
+            )
+            .await?;
+            footprint_rows(&stack, 60, 100, &mut rows, &mut json).await?;
+            "all"
+        }
+        What::Fanout { nodes } => {
+            fanout(&stack, nodes, cli.runs, &mut rows, &mut json, None).await?;
+            "fanout"
+        }
+        What::Targeting { nodes } => {
+            let (fleet, _) = fleet::simulated(&stack, *nodes).await?;
+            targeting_rows(&fleet, *nodes, cli.runs, &mut rows, &mut json).await?;
+            fleet.stop().await?;
+            "targeting"
+        }
+        What::Ingest { results, packages } => {
+            anyhow::ensure!(*results > 0, "--results must be at least 1");
+            ingest_rows(
+                &stack,
+                ingest::Ingest {
+                    results: *results,
+                    packages: *packages,
+                },
+                cli.runs,
+                &mut rows,
+                &mut json,
+            )
+            .await?;
+            "ingest"
+        }
+        What::Footprint { idle, burst } => {
+            footprint_rows(&stack, *idle, *burst, &mut rows, &mut json).await?;
+            "footprint"
+        }
+    };
+    println!();
+    print_table(&rows);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let out = json!({
-        "benchmark": "ingest", "at": Utc::now(), "results": cli.results, "packages": cli.packages,
-        "result_bytes": size, "runs": cli.runs, "raw_per_s": raw, "drain_per_s": drain, "live_per_s": live,
-        "raw_median": r, "drain_median": d, "live_median": l, "drain_ratio": d / r, "live_ratio": l / r,
+        "at": Utc::now(), "benchmark": name, "runs": cli.runs, "cpus": cpus,
+        "version": env!("CARGO_PKG_VERSION"),
+        "table": rows.iter().map(|(b, m, p, x, u, t)| json!({"benchmark": b, "measure": m, "p50": p, "max": x, "unit": u, "target": t})).collect::<Vec<_>>(),
+        "details": json,
     });
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results");
+    let dir = repo().join("bench/results");
     std::fs::create_dir_all(&dir)?;
     let file = dir.join(format!(
-        "ingest-{}.json",
+        "{name}-{}.json",
         Utc::now().format("%Y%m%dT%H%M%SZ")
     ));
     std::fs::write(&file, serde_json::to_string_pretty(&out)?)?;

@@ -12,7 +12,10 @@ pub mod inventory;
 pub mod report;
 pub mod target;
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use chrono::Utc;
 use futures_util::StreamExt;
@@ -261,9 +264,23 @@ pub async fn query(
     on_reply: &mut (dyn FnMut(Progress<'_>) + Send),
 ) -> Result<Report, RunnerError> {
     let signer = PrivateKey::load(&settings.signing_key).map_err(RunnerError::SigningKey)?;
-    // Names alone need no registry: they are commanded whatever it says.
+    // Names alone need no registry: they are commanded whatever it says. A plain broadcast
+    // needs the registry only to know whom to wait for, so it is read while the command
+    // goes out and the first replies arrive: with a large fleet the view can take as long
+    // as the replies (the database re-indexes every document the last query updated).
+    let mut registry_pending = None;
     let expected = match &q.nodes {
         NodeSet::Names(names) => names.clone(),
+        NodeSet::All if q.batch.is_none() && q.cached.is_none() => {
+            let (couch, freshness, set) =
+                (settings.couch.clone(), settings.freshness, q.nodes.clone());
+            registry_pending = Some(tokio::spawn(async move {
+                registry(&couch, freshness)
+                    .await
+                    .map(|known| set.resolve(&known))
+            }));
+            BTreeSet::new()
+        }
         set => set.resolve(&registry(&settings.couch, settings.freshness).await?),
     };
     let b = &settings.broker;
@@ -288,29 +305,43 @@ pub async fn query(
             report.broadcast = false;
         }
     }
-    let result = collect(
-        &conn,
-        b.topology.clone(),
-        q,
-        &signer,
-        &mut report,
-        cancel,
-        on_reply,
-    )
-    .await;
+    let link = Link {
+        conn: &conn,
+        topology: b.topology.clone(),
+        signer: &signer,
+    };
+    let result = collect(&link, q, &mut report, registry_pending, cancel, on_reply).await;
     let _ = conn.close(200, "runner done".into()).await;
     result.map(|()| report)
 }
 
-async fn collect(
-    conn: &lapin::Connection,
+/// Why a command no queue took is not waited for.
+const NO_QUEUE: &str = "no agent queue: the agent never connected, or its queue expired";
+
+/// The registry read running alongside a broadcast: the nodes it expects.
+type PendingRegistry =
+    tokio::task::JoinHandle<Result<std::collections::BTreeSet<NodeName>, RunnerError>>;
+
+/// What a query publishes with: the connection, the collective's names and the key.
+struct Link<'a> {
+    conn: &'a lapin::Connection,
     topology: Topology,
+    signer: &'a PrivateKey,
+}
+
+async fn collect(
+    link: &Link<'_>,
     q: &Query,
-    signer: &PrivateKey,
     report: &mut Report,
+    mut registry_pending: Option<PendingRegistry>,
     cancel: &CancellationToken,
     on_reply: &mut (dyn FnMut(Progress<'_>) + Send),
 ) -> Result<(), RunnerError> {
+    let Link {
+        conn,
+        topology,
+        signer,
+    } = link;
     let ch = amqp::publisher_channel(conn)
         .await
         .map_err(AmqpError::from)?;
@@ -373,9 +404,11 @@ async fn collect(
     if q.batch.is_some() {
         report.broadcast = false;
     }
-    on_reply(Progress::Sent {
-        expected: report.expected.len(),
-    });
+    if registry_pending.is_none() {
+        on_reply(Progress::Sent {
+            expected: report.expected.len(),
+        });
+    }
     let pause = q.batch.as_ref().map_or(Duration::ZERO, |b| b.pause);
     let count = waves.len();
     for (i, wave) in waves.into_iter().enumerate() {
@@ -401,9 +434,7 @@ async fn collect(
             .await?;
             let why = match delivered {
                 amqp::Delivery::Queued => continue,
-                amqp::Delivery::Unroutable => {
-                    "no agent queue: the agent never connected, or its queue expired"
-                }
+                amqp::Delivery::Unroutable => NO_QUEUE,
                 amqp::Delivery::Refused => {
                     "the agent's queue is full: it has been offline for long"
                 }
@@ -423,19 +454,25 @@ async fn collect(
         }
         info!(request_id = %report.request_id, plugin = %q.plugin, nodes = %q.nodes_text, batch = i + 1, of = count, expected = report.expected.len(), "command sent");
         let deadline = tokio::time::Instant::now() + q.timeout;
-        let waiting_for = |r: &Report| {
+        let waiting_for = |r: &Report, registry_known: bool| {
             let pending =
                 |n: &NodeName| !r.replies.contains_key(n) && !r.undelivered.contains_key(n);
             if r.broadcast {
-                r.expected.is_empty() || r.expected.iter().any(pending)
+                !registry_known || r.expected.is_empty() || r.expected.iter().any(pending)
             } else {
                 wave_nodes.iter().any(pending)
             }
         };
-        while !nobody_listens && waiting_for(report) {
+        while !nobody_listens && waiting_for(report, registry_pending.is_none()) {
             let delivery = tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep_until(deadline) => break,
+                known = async { registry_pending.as_mut().expect("guarded").await }, if registry_pending.is_some() => {
+                    registry_pending = None;
+                    report.expected = known.map_err(|e| RunnerError::Http(format!("registry task: {e}")))??;
+                    on_reply(Progress::Sent { expected: report.expected.len() });
+                    continue;
+                }
                 d = replies.next() => d,
             };
             let delivery = match delivery {
@@ -466,6 +503,21 @@ async fn collect(
                     "ignored a message that is not a reply to this request"
                 ),
                 Err(e) => warn!(error = %e, "ignored a malformed reply"),
+            }
+        }
+        if let Some(pending) = registry_pending.take() {
+            // Timed out, cancelled or nobody listens before the registry arrived: the
+            // report still needs to know whom it expected.
+            report.expected = pending
+                .await
+                .map_err(|e| RunnerError::Http(format!("registry task: {e}")))??;
+            on_reply(Progress::Sent {
+                expected: report.expected.len(),
+            });
+            if nobody_listens {
+                for n in &report.expected {
+                    report.undelivered.insert(n.clone(), NO_QUEUE.to_string());
+                }
             }
         }
         if cancel.is_cancelled() {
