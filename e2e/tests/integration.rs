@@ -478,3 +478,60 @@ async fn an_agent_without_an_authorized_key_refuses_to_start() {
         assert!(text.contains("vogeler-runner keygen"), "{text}");
     }
 }
+
+/// Broadcasts are transient (persisting one costs the broker a write per agent queue);
+/// a command for one node is persistent. Both carry their TTL.
+#[tokio::test]
+async fn broadcasts_are_transient_and_node_commands_persistent() {
+    let stack = TestStack::new().await;
+    let topology = stack.topology();
+    let (conn, ch) = stack.publisher("test-persistence").await;
+    let node = node("persist01");
+    let queue = topology
+        .declare_agent_queue(&conn, &node)
+        .await
+        .expect("agent queue");
+    for (target, mode) in [
+        (vogeler_core::wire::Target::All, 1u8),
+        (vogeler_core::wire::Target::Node(node.clone()), 2u8),
+    ] {
+        let now = Utc::now();
+        let command = Message::Command(vogeler_core::wire::Command {
+            request_id: Uuid::new_v4(),
+            plugin: PluginName::new("hello").expect("name"),
+            target: target.clone(),
+            issued_at: now,
+            expires_at: Some(now + chrono::Duration::seconds(60)),
+        });
+        let delivered = amqp::publish_command(
+            &ch,
+            &topology.commands_exchange(),
+            &Topology::command_routing_key(&target),
+            &command,
+            &stack.runner_key,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("publish");
+        assert_eq!(delivered, amqp::Delivery::Queued);
+        let got = ch
+            .basic_get(queue.as_str().into(), Default::default())
+            .await
+            .expect("get")
+            .expect("a message in the agent's queue");
+        assert_eq!(
+            got.delivery.properties.delivery_mode(),
+            &Some(mode),
+            "{target:?}"
+        );
+        assert_eq!(
+            got.delivery
+                .properties
+                .expiration()
+                .as_ref()
+                .map(|e| e.as_str()),
+            Some("60000")
+        );
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
