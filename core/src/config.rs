@@ -30,6 +30,7 @@ pub mod defaults {
     pub const DATABASE: &str = "system_records";
     pub const CONNECT_TIMEOUT_SECS: u64 = 30;
     pub const AMQP_HEARTBEAT_SECS: u64 = 10;
+    pub const AMQP_FRAME_MAX: u32 = 16 * 1024;
     pub const PLUGIN_DIR: &str = "/etc/vogeler/plugins.d";
     pub const AGENT_CONCURRENCY: usize = 4;
     pub const AGENT_HEARTBEAT_SECS: u64 = 60;
@@ -86,6 +87,10 @@ pub struct RawAmqp {
     /// AMQP heartbeat: a silent broker link is detected within about twice this.
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub heartbeat: Option<Duration>,
+    /// Largest AMQP frame, in bytes. The client keeps 32 frames of buffer each way per
+    /// connection, so this sets its memory: 16 KiB gives 1 MiB (the broker's default of
+    /// 128 KiB would give 8 MiB, most of an idle agent). Bigger messages span frames.
+    pub frame_max: Option<u32>,
     /// Commands an offline agent's queue holds at most (more are refused, and the runner
     /// says so).
     pub agent_queue_max_length: Option<u64>,
@@ -439,6 +444,15 @@ impl RawConfig {
             p.0.push("amqp.heartbeat: must be between 1s and 10m".into());
         } else if let Some(u) = url.as_mut() {
             u.set_query_default("heartbeat", &heartbeat.as_secs().to_string());
+        }
+        let frame_max = self.amqp.frame_max.unwrap_or(defaults::AMQP_FRAME_MAX);
+        // RabbitMQ refuses frames under 4 KiB; over 1 MiB only costs memory.
+        if !(4096..=1024 * 1024).contains(&frame_max) {
+            p.0.push(format!(
+                "amqp.frame_max: {frame_max} must be between 4096 and 1048576 bytes"
+            ));
+        } else if let Some(u) = url.as_mut() {
+            u.set_query_default("frame_max", &frame_max.to_string());
         }
         let mut agent_queue = AgentQueue::default();
         match self.amqp.agent_queue_max_length {
@@ -906,6 +920,47 @@ mod tests {
             .read_secrets()
             .expect_err("missing file");
         assert!(err.to_string().contains("amqp.password_file"), "{err}");
+    }
+
+    #[test]
+    fn heartbeat_and_frame_max_go_into_the_broker_url_unless_it_sets_them() {
+        let s = load(&sources(None, &[], &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        let query = s
+            .broker
+            .url
+            .expose()
+            .query()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            query.contains("heartbeat=10") && query.contains("frame_max=16384"),
+            "{query}"
+        );
+        let flags = [
+            ("amqp.url", "amqp://h/v?frame_max=131072"),
+            ("amqp.frame_max", "8192"),
+        ];
+        let s = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect("valid");
+        assert!(
+            s.broker
+                .url
+                .expose()
+                .query()
+                .unwrap_or_default()
+                .contains("frame_max=131072")
+        );
+        let flags = [("amqp.frame_max", "1024")];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect_err("too small");
+        assert!(err.to_string().contains("amqp.frame_max"), "{err}");
     }
 
     #[test]

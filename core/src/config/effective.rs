@@ -53,6 +53,7 @@ impl BrokerSettings {
         let mut amqp = Table::new();
         amqp.insert("url".into(), self.url.redacted().into());
         amqp.insert("collective".into(), t.collective().into());
+        // heartbeat and frame_max are in the URL's query (`?heartbeat=10&frame_max=16384`).
         insert_path(&mut amqp, "password_file", self.password_file.as_deref());
         insert_path(&mut amqp, "ca_file", self.tls.ca_file.as_deref());
         if let Some((cert, key)) = &self.tls.client {
