@@ -20,6 +20,10 @@ use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
 use vogeler_core::config;
 
+/// The same allocator as `vogeler-server`, whose code the ingest benchmark runs in-process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "vogeler-bench",

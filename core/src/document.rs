@@ -29,7 +29,7 @@ use crate::{
 };
 
 /// One node's document.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct NodeDocument {
     #[serde(rename = "_id")]
     pub id: String,
@@ -37,11 +37,42 @@ pub struct NodeDocument {
     #[serde(rename = "_rev", default, skip_serializing_if = "Option::is_none")]
     pub rev: Option<String>,
     /// Missing on documents someone created by hand; adopted with fresh metadata.
-    #[serde(rename = "vogeler", default = "NodeMeta::adopted")]
+    #[serde(rename = "vogeler")]
     pub meta: NodeMeta,
     /// Plugin values by plugin name (and any other top-level fields, kept as they are).
     #[serde(flatten)]
     pub values: BTreeMap<String, Value>,
+}
+
+/// Read as one JSON object whose entries are then moved into place: a derived
+/// implementation with `#[serde(flatten)]` buffers the whole document (every package of
+/// every plugin) into an intermediate tree first, which doubled the cost of reading large
+/// documents.
+impl<'de> Deserialize<'de> for NodeDocument {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut fields = BTreeMap::<String, Value>::deserialize(d)?;
+        let id = match fields.remove("_id") {
+            Some(Value::String(id)) => id,
+            Some(_) => return Err(D::Error::custom("_id is not a string")),
+            None => return Err(D::Error::missing_field("_id")),
+        };
+        let rev = match fields.remove("_rev") {
+            Some(Value::String(rev)) => Some(rev),
+            None | Some(Value::Null) => None,
+            Some(_) => return Err(D::Error::custom("_rev is not a string")),
+        };
+        let meta = match fields.remove("vogeler") {
+            Some(v) => NodeMeta::deserialize(v).map_err(D::Error::custom)?,
+            None => NodeMeta::adopted(),
+        };
+        Ok(Self {
+            id,
+            rev,
+            meta,
+            values: fields,
+        })
+    }
 }
 
 /// Vogeler's own bookkeeping, under the reserved `vogeler` key.

@@ -233,10 +233,9 @@ struct EnvelopeRef<'a> {
     message: &'a Message,
 }
 
+/// The slow path's shape (the schema field is checked separately, and ignored here).
 #[derive(Deserialize)]
 struct Envelope {
-    #[serde(default)]
-    schema: Option<Value>,
     #[serde(flatten)]
     message: Message,
 }
@@ -244,6 +243,13 @@ struct Envelope {
 #[derive(Deserialize)]
 struct SchemaProbe {
     schema: Option<Value>,
+}
+
+/// The two fields that say how to read the rest; every other field is skipped.
+#[derive(Deserialize)]
+struct Header {
+    schema: Option<Value>,
+    kind: Option<String>,
 }
 
 /// Serialize a message with the current schema version.
@@ -264,15 +270,24 @@ pub fn decode(bytes: &[u8]) -> Result<Message, WireError> {
             limit: MAX_MESSAGE_BYTES,
         });
     }
-    // One parse in the common case; only a failure pays for a second look at the schema
-    // version, to say why.
-    if let Ok(Envelope {
+    // The common case: read the schema and kind first (the rest is skipped without
+    // allocating), then parse the body straight into its type. Going through `Envelope`
+    // (flatten + an internally tagged enum) buffers the whole message twice before building
+    // it, which made decoding the largest share of the server's CPU on 50 KiB results.
+    if let Ok(Header {
         schema: Some(Value::Number(n)),
-        message,
-    }) = serde_json::from_slice::<Envelope>(bytes)
+        kind: Some(kind),
+    }) = serde_json::from_slice::<Header>(bytes)
         && n.as_u64() == Some(u64::from(SCHEMA_VERSION))
     {
-        return Ok(message);
+        let parsed = match kind.as_str() {
+            "command" => serde_json::from_slice(bytes).map(Message::Command),
+            "result" => serde_json::from_slice(bytes).map(Message::Result),
+            "announce" => serde_json::from_slice(bytes).map(Message::Announce),
+            // An unknown kind: the slow path below says so in serde's words.
+            _ => serde_json::from_slice::<Envelope>(bytes).map(|e| e.message),
+        };
+        return parsed.map_err(WireError::Invalid);
     }
     let probe: SchemaProbe = serde_json::from_slice(bytes).map_err(WireError::NotJson)?;
     match probe.schema {
