@@ -77,11 +77,12 @@ pub enum Command {
         #[command(subcommand)]
         action: PluginsAction,
     },
-    /// Run many simulated nodes in this one process, for load tests and benchmarks: each is a
-    /// full agent (its own name PREFIX0001..., key, state directory, queue and real plugin
-    /// runs) configured like this agent; they share broker connections, the plugin directory
-    /// and a limit on plugin processes running at once.
-    /// Example: vogeler-agent simulate --count 1000 --prefix sim- --plugin-dir ./plugins
+    /// Run many simulated nodes in this one process, for load tests and benchmarks
+    ///
+    /// Each is a full agent (its own name PREFIX0001..., key, state directory, queue and real
+    /// plugin runs) configured like this agent; they share broker connections, the plugin
+    /// directory and a limit on plugin processes running at once. The agent's own flags go
+    /// before `simulate`: vogeler-agent --plugin-dir ./plugins simulate --count 1000 --prefix sim-
     Simulate {
         /// How many nodes
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]

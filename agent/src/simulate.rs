@@ -110,7 +110,12 @@ pub async fn run(
                 match amqp::connect_with_retry(b, &name, Some(b.connect_timeout), &cancel).await {
                     Ok(c) => c,
                     Err(AmqpError::Cancelled) => return Ok(()),
-                    Err(e) => return Err(AgentError::from(e)),
+                    Err(e) => {
+                        // Like a single agent: no broker within the connect timeout at
+                        // start-up stops the whole simulation (exit 69), not one group.
+                        cancel.cancel();
+                        return Err(AgentError::from(e));
+                    }
                 };
             loop {
                 metrics.broker_up.set(true);
@@ -124,6 +129,7 @@ pub async fn run(
                     let _ = conn.close(200, "simulation stopping".into()).await;
                     return Ok(());
                 }
+                metrics.broker_up.set(false);
                 warn!(
                     connection = g + 1,
                     nodes = group.len(),
