@@ -376,7 +376,117 @@ mod unique {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
+
+    /// The decoder before the fast path: one parse through `Envelope`, schema checked after.
+    fn decode_via_envelope(bytes: &[u8]) -> Option<Message> {
+        let probe: SchemaProbe = serde_json::from_slice(bytes).ok()?;
+        match probe.schema {
+            Some(Value::Number(n)) if n.as_u64() == Some(u64::from(SCHEMA_VERSION)) => {
+                serde_json::from_slice::<Envelope>(bytes)
+                    .ok()
+                    .map(|e| e.message)
+            }
+            _ => None,
+        }
+    }
+
+    /// Valid messages of each kind, as field -> raw JSON, for the differential test to mutate.
+    fn bases() -> Vec<Vec<(&'static str, &'static str)>> {
+        vec![
+            vec![
+                ("schema", "1"),
+                ("kind", r#""command""#),
+                ("request_id", r#""8b0c6f0e-3b8e-4d4f-9b7e-0c1d2e3f4a5b""#),
+                ("plugin", r#""dpkg""#),
+                ("target", r#""all""#),
+                ("issued_at", r#""2026-11-22T10:00:00Z""#),
+                ("expires_at", r#""2026-11-22T11:00:00Z""#),
+            ],
+            vec![
+                ("schema", "1"),
+                ("kind", r#""result""#),
+                ("request_id", r#""8b0c6f0e-3b8e-4d4f-9b7e-0c1d2e3f4a5b""#),
+                ("node", r#""web01""#),
+                ("plugin", r#""dpkg""#),
+                ("outcome", r#"{"status":"ok"}"#),
+                ("value", r#"[1,2,{"a":null}]"#),
+                ("collected_at", r#""2026-11-22T10:00:00Z""#),
+                ("duration_ms", "12"),
+                ("agent_version", r#""0.1.0""#),
+            ],
+            vec![
+                ("schema", "1"),
+                ("kind", r#""announce""#),
+                ("node", r#""web01""#),
+                ("agent_version", r#""0.1.0""#),
+                ("plugins", "[]"),
+                ("started_at", r#""2026-11-22T10:00:00Z""#),
+                ("sent_at", r#""2026-11-22T10:00:00Z""#),
+            ],
+        ]
+    }
+
+    proptest::proptest! {
+        /// The fast path accepts exactly what the old path accepted, with the same result:
+        /// valid messages of every kind with fields replaced, added and removed at random.
+        #[test]
+        fn fast_decode_agrees_with_the_envelope_path(
+            base in 0usize..3,
+            changes in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "schema", "kind", "request_id", "node", "plugin", "target", "issued_at",
+                        "expires_at", "outcome", "value", "truncated", "collected_at",
+                        "duration_ms", "agent_version", "plugins", "started_at", "sent_at",
+                        "facts", "extra",
+                    ]),
+                    proptest::option::of(proptest::sample::select(vec![
+                        "1", "2", r#""1""#, "null", r#""command""#, r#""result""#,
+                        r#""announce""#, r#""nonsense""#, r#""web01""#, r#""all""#,
+                        r#"{"node":"web01"}"#, r#""2026-11-22T10:00:00Z""#,
+                        r#"{"status":"ok"}"#, "[1,2]", "false", "[]", "{}",
+                    ])),
+                ),
+                0..4,
+            )
+        ) {
+            let mut fields: BTreeMap<&str, &str> = bases()[base].iter().copied().collect();
+            for (key, value) in changes {
+                match value {
+                    Some(v) => fields.insert(key, v),
+                    None => fields.remove(key),
+                };
+            }
+            let body = format!(
+                "{{{}}}",
+                fields
+                    .iter()
+                    .map(|(k, v)| format!("\"{k}\":{v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let fast = decode(body.as_bytes()).ok();
+            proptest::prop_assert_eq!(&fast, &decode_via_envelope(body.as_bytes()), "{}", body);
+        }
+    }
+
+    #[test]
+    fn the_differential_bases_decode() {
+        for fields in bases() {
+            let body = format!(
+                "{{{}}}",
+                fields
+                    .iter()
+                    .map(|(k, v)| format!("\"{k}\":{v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            assert!(decode(body.as_bytes()).is_ok(), "{body}");
+        }
+    }
 
     fn ts(s: &str) -> DateTime<Utc> {
         s.parse().expect("timestamp")
