@@ -203,14 +203,13 @@ mod tests {
 
     impl Fixture {
         fn command(&self, plugin: &str, target: Target, issued: i64, ttl: i64) -> Command {
-            let issued_at = self.now + chrono::Duration::seconds(issued);
-            Command {
-                request_id: Uuid::new_v4(),
-                plugin: PluginName::new(plugin).expect("plugin"),
+            Command::new(
+                Uuid::new_v4(),
+                PluginName::new(plugin).expect("plugin"),
                 target,
-                issued_at,
-                expires_at: Some(issued_at + chrono::Duration::seconds(ttl)),
-            }
+                self.now + chrono::Duration::seconds(issued),
+                chrono::Duration::seconds(ttl),
+            )
         }
         fn check_with(&self, key: &PrivateKey, c: &Command) -> Result<Command, Rejection> {
             let body = encode(&Message::Command(c.clone()));

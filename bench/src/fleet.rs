@@ -404,14 +404,13 @@ pub async fn agent_footprint(
     let finished_before = finished_lines(&audit);
     let started = Instant::now();
     for _ in 0..burst {
-        let now = Utc::now();
-        let command = Message::Command(WireCommand {
-            request_id: Uuid::new_v4(),
-            plugin: PluginName::new("hello")?,
-            target: target.clone(),
-            issued_at: now,
-            expires_at: Some(now + chrono::Duration::seconds(60)),
-        });
+        let command = Message::Command(WireCommand::new(
+            Uuid::new_v4(),
+            PluginName::new("hello")?,
+            target.clone(),
+            Utc::now(),
+            chrono::Duration::seconds(60),
+        ));
         amqp::publish_command(
             &ch,
             &topology.commands_exchange(),

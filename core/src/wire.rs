@@ -82,6 +82,26 @@ pub struct Command {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+impl Command {
+    /// A command issued at `issued_at` that expires `ttl` later (a TTL past the end of
+    /// time gives no expiry, which agents refuse).
+    pub fn new(
+        request_id: Uuid,
+        plugin: PluginName,
+        target: Target,
+        issued_at: DateTime<Utc>,
+        ttl: chrono::TimeDelta,
+    ) -> Self {
+        Self {
+            request_id,
+            plugin,
+            target,
+            issued_at,
+            expires_at: issued_at.checked_add_signed(ttl),
+        }
+    }
+}
+
 /// How a plugin run ended. `status` is what the runner shows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]

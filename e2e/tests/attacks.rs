@@ -23,14 +23,13 @@ const NODE: &str = "canary01";
 type Crafted = (Vec<u8>, Option<FieldTable>);
 
 fn command(plugin: &str, target: Target, issued: i64, ttl: i64) -> Command {
-    let issued_at = Utc::now() + chrono::Duration::seconds(issued);
-    Command {
-        request_id: Uuid::new_v4(),
-        plugin: PluginName::new(plugin).expect("plugin"),
+    Command::new(
+        Uuid::new_v4(),
+        PluginName::new(plugin).expect("plugin"),
         target,
-        issued_at,
-        expires_at: Some(issued_at + chrono::Duration::seconds(ttl)),
-    }
+        Utc::now() + chrono::Duration::seconds(issued),
+        chrono::Duration::seconds(ttl),
+    )
 }
 
 fn body(c: &Command) -> Vec<u8> {

@@ -128,12 +128,14 @@ async fn malformed_messages_crash_nothing_and_are_all_refused() {
     let (conn, ch) = stack.publisher("test-hostile").await;
     let mut rng = Rng(0x5eed);
     let node = NodeName::new("hostile01").expect("node");
-    let command = |plugin: &str| Command {
-        request_id: Uuid::new_v4(),
-        plugin: PluginName::new(plugin).expect("plugin"),
-        target: Target::Node(node.clone()),
-        issued_at: Utc::now(),
-        expires_at: Some(Utc::now() + chrono::Duration::minutes(10)),
+    let command = |plugin: &str| {
+        Command::new(
+            Uuid::new_v4(),
+            PluginName::new(plugin).expect("plugin"),
+            Target::Node(node.clone()),
+            Utc::now(),
+            chrono::Duration::minutes(10),
+        )
     };
     let template =
         String::from_utf8(wire::encode(&Message::Command(command("canary")))).expect("utf8");

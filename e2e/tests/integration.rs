@@ -495,14 +495,13 @@ async fn broadcasts_are_transient_and_node_commands_persistent() {
         (vogeler_core::wire::Target::All, 1u8),
         (vogeler_core::wire::Target::Node(node.clone()), 2u8),
     ] {
-        let now = Utc::now();
-        let command = Message::Command(vogeler_core::wire::Command {
-            request_id: Uuid::new_v4(),
-            plugin: PluginName::new("hello").expect("name"),
-            target: target.clone(),
-            issued_at: now,
-            expires_at: Some(now + chrono::Duration::seconds(60)),
-        });
+        let command = Message::Command(vogeler_core::wire::Command::new(
+            Uuid::new_v4(),
+            PluginName::new("hello").expect("name"),
+            target.clone(),
+            Utc::now(),
+            chrono::Duration::seconds(60),
+        ));
         let delivered = amqp::publish_command(
             &ch,
             &topology.commands_exchange(),

@@ -369,15 +369,15 @@ async fn collect(
         .map_err(AmqpError::from)?;
 
     let issued_at = Utc::now();
-    let expires_at = issued_at + chrono::Duration::from_std(q.ttl).unwrap_or(chrono::Duration::MAX);
+    let ttl = chrono::Duration::from_std(q.ttl).unwrap_or(chrono::Duration::MAX);
     let command = |target: Target| {
-        Message::Command(Command {
-            request_id: report.request_id,
-            plugin: q.plugin.clone(),
+        Message::Command(Command::new(
+            report.request_id,
+            q.plugin.clone(),
             target,
             issued_at,
-            expires_at: Some(expires_at),
-        })
+            ttl,
+        ))
     };
     let started = tokio::time::Instant::now();
     // `all` is one broadcast; any other set is one command per node, so only the targeted
