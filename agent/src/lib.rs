@@ -41,7 +41,6 @@ use lapin::{
     },
     types::FieldTable,
 };
-use prometheus_client::registry::Registry;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -49,7 +48,7 @@ use vogeler_core::{
     VERSION,
     amqp::{self, AmqpError},
     config::AgentSettings,
-    observe::{self, AgentMetrics, Observed},
+    observe::{self, AgentMetrics},
     signing::{AuthorizedKeys, PrivateKey},
     topology::Topology,
     wire::{self, Announce, Command, Message, Outcome, PluginResult},
@@ -313,14 +312,7 @@ async fn serve_http(
     cancel: &CancellationToken,
 ) -> Result<(), AgentError> {
     if let Some(addr) = settings.http_listen {
-        let mut registry = Registry::default();
-        metrics.register(&mut registry);
-        let observed = Arc::new(Observed {
-            registry,
-            broker: metrics.broker_up.clone(),
-            database: None,
-        });
-        observe::serve(addr, observed, cancel.clone())
+        observe::serve(addr, metrics, None, cancel.clone())
             .await
             .map_err(|source| AgentError::Listen { addr, source })?;
     }

@@ -71,8 +71,20 @@ pub struct ServerMetrics {
     pub queue_messages: Gauge,
 }
 
-impl ServerMetrics {
-    pub fn register(&self, r: &mut Registry) {
+/// A program's counters, as `/metrics` and `/healthz` need them.
+pub trait Metrics {
+    /// Add every metric to `r`.
+    fn register(&self, r: &mut Registry);
+    /// The program's own view of its broker connection.
+    fn broker_up(&self) -> &BrokerUp;
+}
+
+impl Metrics for ServerMetrics {
+    fn broker_up(&self) -> &BrokerUp {
+        &self.broker_up
+    }
+
+    fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("vogeler_server");
         r.register(
             "messages_consumed",
@@ -105,6 +117,9 @@ impl ServerMetrics {
             self.queue_messages.clone(),
         );
     }
+}
+
+impl ServerMetrics {
     pub fn dead_lettered(&self, reason: &str, n: u64) {
         if n > 0 {
             self.dead_lettered
@@ -127,8 +142,12 @@ pub struct AgentMetrics {
     pub publish_retries: Counter,
 }
 
-impl AgentMetrics {
-    pub fn register(&self, r: &mut Registry) {
+impl Metrics for AgentMetrics {
+    fn broker_up(&self) -> &BrokerUp {
+        &self.broker_up
+    }
+
+    fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("vogeler_agent");
         r.register(
             "commands_received",
@@ -156,6 +175,9 @@ impl AgentMetrics {
             self.publish_retries.clone(),
         );
     }
+}
+
+impl AgentMetrics {
     /// Count a refused command; returns how many of its class were refused so far.
     pub fn rejected(&self, reason: &str) -> u64 {
         self.commands_rejected
@@ -177,16 +199,16 @@ impl AgentMetrics {
 
 /// What `/healthz` checks and `/metrics` reports.
 #[derive(Debug)]
-pub struct Observed {
-    pub registry: Registry,
-    pub broker: BrokerUp,
+struct Observed {
+    registry: Registry,
+    broker: BrokerUp,
     /// The server's database, pinged on every `/healthz` (the agent has none).
-    pub database: Option<CouchClient>,
+    database: Option<CouchClient>,
 }
 
 impl Observed {
     /// The `/healthz` body and whether everything is up.
-    pub async fn health(&self) -> (bool, String) {
+    async fn health(&self) -> (bool, String) {
         let broker = self.broker.get();
         let mut body = format!("broker: {}\n", if broker { "up" } else { "down" });
         let mut ok = broker;
@@ -203,20 +225,29 @@ impl Observed {
     }
 
     /// The `/metrics` body, Prometheus text format (OpenMetrics flavour).
-    pub fn metrics(&self) -> String {
+    fn metrics(&self) -> String {
         let mut out = String::new();
         let _ = encode(&mut out, &self.registry);
         out
     }
 }
 
-/// Listen on `addr`. Binding happens before this returns, so a taken port is a start-up
-/// error; requests are then served in the background until `cancel` fires.
+/// Serve `metrics` (and `/healthz`, pinging `database` when given) on `addr`. Binding
+/// happens before this returns, so a taken port is a start-up error; requests are then
+/// served in the background until `cancel` fires.
 pub async fn serve(
     addr: SocketAddr,
-    observed: Arc<Observed>,
+    metrics: &impl Metrics,
+    database: Option<CouchClient>,
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+    let observed = Arc::new(Observed {
+        registry,
+        broker: metrics.broker_up().clone(),
+        database,
+    });
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     tracing::info!(address = %local, "serving /healthz and /metrics");

@@ -14,7 +14,7 @@ pub mod cli;
 pub mod maintenance;
 pub mod store;
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
 use futures_util::StreamExt;
 use lapin::{
@@ -26,7 +26,6 @@ use lapin::{
     },
     types::{AMQPValue, FieldTable},
 };
-use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use vogeler_core::{
@@ -35,7 +34,7 @@ use vogeler_core::{
     config::{CouchSettings, ServerSettings},
     couch::{CouchClient, CouchError},
     design,
-    observe::{self, Observed, ServerMetrics},
+    observe::{self, ServerMetrics},
     signing::{self, Purpose},
     topology::Topology,
     wire::{self, Message},
@@ -175,14 +174,7 @@ pub async fn run_with(
         return Ok(());
     };
     if let Some(addr) = settings.http_listen {
-        let mut registry = Registry::default();
-        metrics.register(&mut registry);
-        let observed = Arc::new(Observed {
-            registry,
-            broker: metrics.broker_up.clone(),
-            database: Some(couch.clone()),
-        });
-        observe::serve(addr, observed, cancel.clone())
+        observe::serve(addr, &metrics, Some(couch.clone()), cancel.clone())
             .await
             .map_err(|source| ServerError::Listen { addr, source })?;
     }
