@@ -449,6 +449,15 @@ mod tests {
         ]
     }
 
+    /// A JSON object from field names and raw JSON values, in the given order.
+    fn object<'a>(fields: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+        let members: Vec<String> = fields
+            .into_iter()
+            .map(|(k, v)| format!("\"{k}\":{v}"))
+            .collect();
+        format!("{{{}}}", members.join(","))
+    }
+
     proptest::proptest! {
         /// The fast path accepts exactly what the old path accepted, with the same result:
         /// valid messages of every kind with fields replaced, added and removed at random.
@@ -480,14 +489,7 @@ mod tests {
                     None => fields.remove(key),
                 };
             }
-            let body = format!(
-                "{{{}}}",
-                fields
-                    .iter()
-                    .map(|(k, v)| format!("\"{k}\":{v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
+            let body = object(fields);
             let fast = decode(body.as_bytes()).ok();
             proptest::prop_assert_eq!(&fast, &decode_via_envelope(body.as_bytes()), "{}", body);
         }
@@ -496,14 +498,7 @@ mod tests {
     #[test]
     fn the_differential_bases_decode() {
         for fields in bases() {
-            let body = format!(
-                "{{{}}}",
-                fields
-                    .iter()
-                    .map(|(k, v)| format!("\"{k}\":{v}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            );
+            let body = object(fields);
             assert!(decode(body.as_bytes()).is_ok(), "{body}");
         }
     }

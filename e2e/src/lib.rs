@@ -466,6 +466,15 @@ pub async fn ask_using(
         .expect("query")
 }
 
+/// A plugin named `canary` that appends the request id of each run to `marker`, so that
+/// "it ran" is observed, not inferred.
+pub fn canary_plugin(marker: &Path) -> String {
+    format!(
+        "name = \"canary\"\ncommand = [\"sh\", \"-c\", \"echo $VOGELER_REQUEST_ID >> {}\"]\nformat = \"lines\"\n",
+        marker.display()
+    )
+}
+
 /// A plugin that logs `start <ns>` and `end <ns>` lines around a 0.3 s sleep, to measure
 /// how many runs overlap.
 pub fn busy_plugin(log: &Path) -> String {

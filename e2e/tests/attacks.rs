@@ -139,10 +139,7 @@ struct Row {
 async fn no_crafted_command_runs_and_every_valid_one_runs_once() {
     let stack = TestStack::new().await;
     let marker = tempfile::NamedTempFile::new().expect("marker");
-    let canary_plugin = format!(
-        "name = \"canary\"\ncommand = [\"sh\", \"-c\", \"echo $VOGELER_REQUEST_ID >> {}\"]\nformat = \"lines\"\n",
-        marker.path().display()
-    );
+    let canary_plugin = vogeler_e2e::canary_plugin(marker.path());
     let plugins = plugin_dir(&[("canary.toml", &canary_plugin)]);
     let settings = stack.agent_settings(NODE, plugins.path());
     let mut agent = spawn_agent(settings.clone());

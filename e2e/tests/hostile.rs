@@ -104,10 +104,7 @@ async fn malformed_messages_crash_nothing_and_are_all_refused() {
     let malformed_n = malformed_count();
     let stack = TestStack::new().await;
     let marker = tempfile::NamedTempFile::new().expect("marker");
-    let canary = format!(
-        "name = \"canary\"\ncommand = [\"sh\", \"-c\", \"echo $VOGELER_REQUEST_ID >> {}\"]\nformat = \"lines\"\n",
-        marker.path().display()
-    );
+    let canary = vogeler_e2e::canary_plugin(marker.path());
     let plugins = plugin_dir(&[("canary.toml", &canary)]);
     let mut server = with_couch(program("vogeler-server", &stack), &stack)
         .stderr(Stdio::null())
