@@ -181,6 +181,11 @@ impl Security {
     /// Load the authorized keys (refusing to go on without one), create the node's state
     /// directory (0700), its key on first start, the replay cache and the audit log.
     pub fn load(settings: &AgentSettings) -> Result<Self, AgentError> {
+        Self::with_keys(settings, Self::authorized_keys(settings)?)
+    }
+
+    /// The runner keys `agent.authorized_keys` names; none is an error.
+    pub fn authorized_keys(settings: &AgentSettings) -> Result<AuthorizedKeys, AgentError> {
         let path = &settings.authorized_keys;
         let keys = if path.exists() {
             AuthorizedKeys::load(path)?
@@ -192,6 +197,12 @@ impl Security {
                 path: path.display().to_string(),
             });
         }
+        Ok(keys)
+    }
+
+    /// [`Security::load`] with the authorized keys already read (a simulation reads them
+    /// once for all its nodes).
+    pub fn with_keys(settings: &AgentSettings, keys: AuthorizedKeys) -> Result<Self, AgentError> {
         let dir = &settings.state_dir;
         let state = |source| AgentError::State {
             path: dir.display().to_string(),

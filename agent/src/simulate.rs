@@ -64,6 +64,7 @@ pub async fn run(
         cancel.clone(),
     ));
     let runs = Arc::new(Semaphore::new(sim.concurrency.max(1)));
+    let keys = Security::authorized_keys(&template)?;
 
     // Keys and state directories, created on first start like a real agent's.
     let started = std::time::Instant::now();
@@ -80,7 +81,7 @@ pub async fn run(
         settings
             .facts
             .insert("sim_group".into(), format!("g{}", i % 10).into());
-        let security = Security::load(&settings)?;
+        let security = Security::with_keys(&settings, keys.clone())?;
         nodes.push(Shared::new(
             settings,
             security,
