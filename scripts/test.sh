@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Run Vogeler's checks and tests on this machine: start the stack if needed, then format,
+# Run Vogeler's checks and tests on this machine: start the stack if needed (RabbitMQ and
+# Apache CouchDB), then format,
 # lint, and run every test (unit, integration against the real broker and database, and
 # end-to-end with the real binaries). This is what CI runs.
 set -euo pipefail
@@ -7,6 +8,9 @@ cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
 scripts/stack.sh up
+# The tests reach the stack through VOGELER_TEST_AMQP_URL and VOGELER_TEST_COUCHDB_URL (the
+# latter with the admin credentials: Apache CouchDB refuses anonymous requests).
+eval "$(scripts/stack.sh env | grep '^export VOGELER_TEST_')"
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

@@ -226,7 +226,12 @@ pub fn load(sources: &Sources) -> Result<RawConfig, ConfigError> {
     let env = config::Environment::with_prefix("VOGELER")
         .prefix_separator("_")
         .separator("__")
-        .source(sources.env.clone());
+        .source(Some(setting_variables(
+            sources
+                .env
+                .clone()
+                .unwrap_or_else(|| std::env::vars().collect()),
+        )));
     b = b.add_source(env);
     for (k, v) in &sources.overrides {
         b = b
@@ -237,6 +242,24 @@ pub fn load(sources: &Sources) -> Result<RawConfig, ConfigError> {
     loaded
         .try_deserialize()
         .map_err(|e| ConfigError::Load(e.to_string()))
+}
+
+/// The `VOGELER_*` variables that name a setting: `VOGELER_<SECTION>__<KEY>` for a section of
+/// [`RawConfig`], or one of its top-level keys (`VOGELER_CONNECT_TIMEOUT`). The rest
+/// (`VOGELER_TEST_AMQP_URL`, `VOGELER_STACK_DIR`, ...) belong to scripts and test runners and
+/// are left alone; a misspelt key inside a known section (`VOGELER_AMQP__URLL`) still reaches
+/// deserialization and is reported there.
+fn setting_variables(env: HashMap<String, String>) -> HashMap<String, String> {
+    let known = serde_aux::serde_introspection::serde_introspect::<RawConfig>();
+    env.into_iter()
+        .filter(|(name, _)| {
+            let Some(rest) = name.strip_prefix("VOGELER_") else {
+                return false;
+            };
+            let head = rest.split("__").next().unwrap_or_default();
+            known.iter().any(|k| k.eq_ignore_ascii_case(head))
+        })
+        .collect()
 }
 
 /// What every program needs to reach the broker.
@@ -785,6 +808,25 @@ mod tests {
         assert_eq!(s.couch.database, "from_env");
         assert_eq!(s.timeout, Duration::from_secs(3));
         assert_eq!(s.couch.connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn other_vogeler_variables_are_not_settings() {
+        let env = [
+            ("VOGELER_TEST_AMQP_URL", "amqp://elsewhere"),
+            ("VOGELER_STACK_DIR", "/tmp/stack"),
+            ("VOGELER_CONNECT_TIMEOUT", "7"),
+            ("VOGELER_COUCHDB__DATABASE", "from_env"),
+        ];
+        let s = load(&sources(None, &env, &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        assert_eq!(s.couch.database, "from_env");
+        assert_eq!(s.couch.connect_timeout, Duration::from_secs(7));
+        let misspelt = [("VOGELER_AMQP__URLL", "amqp://x")];
+        let err = load(&sources(None, &misspelt, &[])).expect_err("misspelt key");
+        assert!(err.to_string().contains("urll"), "{err}");
     }
 
     #[test]

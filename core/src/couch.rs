@@ -319,11 +319,32 @@ impl CouchClient {
     }
 
     /// Create `db` unless it exists. Returns whether it was created.
+    ///
+    /// Looks first (`HEAD /{db}`, which a database member may do) and creates only a missing
+    /// database: Apache CouchDB answers `PUT /{db}` with 401 for anyone but a server admin,
+    /// even when the database exists, and the server runs with a member account.
     pub async fn ensure_database(&self, db: &str) -> Result<bool, CouchError> {
+        let resp = self.send(Method::HEAD, &[db], None).await?;
+        match resp.status() {
+            s if s.is_success() => return Ok(false),
+            StatusCode::NOT_FOUND => {}
+            _ => return Err(self.error(Method::HEAD, &[db], resp).await),
+        }
         let resp = self.send(Method::PUT, &[db], None).await?;
         match resp.status() {
             StatusCode::CREATED | StatusCode::ACCEPTED => Ok(true),
+            // Created by someone else since we looked.
             StatusCode::PRECONDITION_FAILED => Ok(false),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(CouchError::Status {
+                method: Method::PUT,
+                path: format!("/{db}"),
+                url: self.base.to_string(),
+                status: resp.status(),
+                reason: format!(
+                    "database {db:?} does not exist and this account may not create it: \
+                     create it with deploy/couchdb/setup.sh (or as a CouchDB server admin)"
+                ),
+            }),
             _ => Err(self.error(Method::PUT, &[db], resp).await),
         }
     }

@@ -43,6 +43,18 @@ pub fn upstream(url: &str) -> String {
     )
 }
 
+/// `url` pointed at another scheme, host and port (a proxy in front of the server), keeping
+/// its credentials and path: Apache CouchDB refuses anonymous requests.
+pub fn retarget(url: &str, scheme: &str, host: &str, port: u16) -> String {
+    let u = url::Url::parse(url).expect("url");
+    let auth = match (u.username(), u.password()) {
+        ("", _) => String::new(),
+        (user, Some(pw)) => format!("{user}:{pw}@"),
+        (user, None) => format!("{user}@"),
+    };
+    format!("{scheme}://{auth}{host}:{port}{}", u.path())
+}
+
 /// Where the shared test servers listen; override with the usual `VOGELER_*` variables.
 pub fn amqp_url() -> String {
     std::env::var("VOGELER_TEST_AMQP_URL")
@@ -234,13 +246,18 @@ impl TestStack {
 
     /// Server settings that reach CouchDB through a fault proxy the test can cut.
     pub async fn server_behind_proxy(&self) -> (FaultProxy, ServerSettings) {
-        let upstream = self
-            .couchdb_url
-            .trim_start_matches("http://")
-            .trim_end_matches('/');
-        let proxy = FaultProxy::start(upstream).await;
+        let proxy = FaultProxy::start(&upstream(&self.couchdb_url)).await;
+        let addr = proxy.addr();
         let mut sources = self.sources();
-        sources.set("couchdb.url", Some(format!("http://{}", proxy.addr())));
+        sources.set(
+            "couchdb.url",
+            Some(retarget(
+                &self.couchdb_url,
+                "http",
+                &addr.ip().to_string(),
+                addr.port(),
+            )),
+        );
         let settings = config::load(&sources)
             .expect("load")
             .server()

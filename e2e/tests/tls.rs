@@ -12,7 +12,7 @@ use vogeler_core::{
     secret::SecretUrl,
 };
 use vogeler_e2e::{
-    HELLO, TestStack, ask_using, plugin_dir, spawn_agent, spawn_server,
+    HELLO, TestStack, ask_using, plugin_dir, retarget, spawn_agent, spawn_server,
     tls::{TestCa, TlsProxy},
     upstream,
 };
@@ -99,8 +99,11 @@ async fn database_over_tls_needs_the_right_ca_and_host_name() {
     let misnamed = TlsProxy::start(&db, &ca.issue("other", &["couch.invalid"]), None).await;
     let settings = |port: u16, ca_file: &std::path::Path| {
         let mut s = stack.sources();
-        s.set("couchdb.url", Some(format!("https://localhost:{port}")))
-            .set("couchdb.ca_file", Some(ca_file.display()));
+        s.set(
+            "couchdb.url",
+            Some(retarget(&stack.couchdb_url, "https", "localhost", port)),
+        )
+        .set("couchdb.ca_file", Some(ca_file.display()));
         config::load(&s)
             .expect("load")
             .server()
@@ -143,15 +146,22 @@ async fn the_whole_path_runs_over_tls() {
     sources
         .set(
             "amqp.url",
-            Some(format!(
-                "amqps://guest:guest@localhost:{}/%2f",
-                broker.port()
+            Some(retarget(
+                &stack.amqp_url,
+                "amqps",
+                "localhost",
+                broker.port(),
             )),
         )
         .set("amqp.ca_file", Some(ca.ca_file().display()))
         .set(
             "couchdb.url",
-            Some(format!("https://localhost:{}", couch.port())),
+            Some(retarget(
+                &stack.couchdb_url,
+                "https",
+                "localhost",
+                couch.port(),
+            )),
         )
         .set("couchdb.ca_file", Some(ca.ca_file().display()));
     let raw = config::load(&sources).expect("load");
