@@ -78,6 +78,19 @@ impl CouchError {
     }
 }
 
+/// The URL path segments of a document. Design and local documents live at
+/// `/{db}/_design/{name}` and `/{db}/_local/{name}`: Apache CouchDB answers an escaped
+/// `_design%2F{name}` with a redirect to its own idea of our URL (plain `http://` behind a TLS
+/// proxy), so their prefix is a segment of its own. Any other `/` in an id is escaped.
+fn doc_path<'a>(db: &'a str, id: &'a str) -> Vec<&'a str> {
+    for prefix in ["_design", "_local"] {
+        if let Some(name) = id.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) {
+            return vec![db, prefix, name];
+        }
+    }
+    vec![db, id]
+}
+
 /// Credentials for CouchDB's basic authentication.
 #[derive(Debug, Clone)]
 pub struct Credentials {
@@ -197,6 +210,9 @@ impl CouchClient {
         let _ = base.set_password(None);
         let mut builder = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
+            // The database never needs to send us elsewhere; following a redirect could carry
+            // our credentials to another origin or downgrade https to http.
+            .redirect(reqwest::redirect::Policy::none())
             .pool_idle_timeout(POOL_IDLE_TIMEOUT);
         for cert in ca.into_iter().flatten() {
             builder = builder.add_root_certificate(cert);
@@ -364,11 +380,12 @@ impl CouchClient {
         db: &str,
         id: &str,
     ) -> Result<Option<T>, CouchError> {
-        let resp = self.send(Method::GET, &[db, id], None).await?;
+        let path = doc_path(db, id);
+        let resp = self.send(Method::GET, &path, None).await?;
         match resp.status() {
             StatusCode::NOT_FOUND => Ok(None),
-            s if s.is_success() => self.json(&[db, id], resp).await.map(Some),
-            _ => Err(self.error(Method::GET, &[db, id], resp).await),
+            s if s.is_success() => self.json(&path, resp).await.map(Some),
+            _ => Err(self.error(Method::GET, &path, resp).await),
         }
     }
 
@@ -381,14 +398,15 @@ impl CouchClient {
         doc: &T,
     ) -> Result<String, CouchError> {
         let body = serde_json::to_vec(doc).unwrap_or_else(|e| unreachable!("document encode: {e}"));
-        let resp = self.send(Method::PUT, &[db, id], Some(&body)).await?;
+        let path = doc_path(db, id);
+        let resp = self.send(Method::PUT, &path, Some(&body)).await?;
         match resp.status() {
             StatusCode::CONFLICT => Err(CouchError::Conflict {
                 db: db.into(),
                 id: id.into(),
             }),
-            s if s.is_success() => Ok(self.json::<PutOk>(&[db, id], resp).await?.rev),
-            _ => Err(self.error(Method::PUT, &[db, id], resp).await),
+            s if s.is_success() => Ok(self.json::<PutOk>(&path, resp).await?.rev),
+            _ => Err(self.error(Method::PUT, &path, resp).await),
         }
     }
 
@@ -513,6 +531,18 @@ mod tests {
         assert_eq!(
             c.endpoint(&["db", "a/b c"]).as_str(),
             "http://127.0.0.1:5984/db/a%2Fb%20c"
+        );
+        assert_eq!(
+            c.endpoint(&doc_path("db", "_design/vogeler")).as_str(),
+            "http://127.0.0.1:5984/db/_design/vogeler"
+        );
+        assert_eq!(
+            c.endpoint(&doc_path("db", "_local/x/y")).as_str(),
+            "http://127.0.0.1:5984/db/_local/x%2Fy"
+        );
+        assert_eq!(
+            c.endpoint(&doc_path("db", "_designer/x")).as_str(),
+            "http://127.0.0.1:5984/db/_designer%2Fx"
         );
         let prefixed = SecretUrl::parse("http://h:5984/couch/").expect("url");
         let c = CouchClient::new(&prefixed, None).expect("client");
