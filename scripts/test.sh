@@ -11,6 +11,10 @@ scripts/stack.sh up
 # The tests reach the stack through VOGELER_TEST_AMQP_URL and VOGELER_TEST_COUCHDB_URL (the
 # latter with the admin credentials: Apache CouchDB refuses anonymous requests).
 eval "$(scripts/stack.sh env | grep '^export VOGELER_TEST_')"
+# The welcome is public: the log says which database and version the tests ran on.
+couch_host=${VOGELER_TEST_COUCHDB_URL#*://}
+couch_host=${couch_host#*@}
+echo "== database: $(curl -s "http://${couch_host%%/*}/")" >&2
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

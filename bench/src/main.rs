@@ -32,9 +32,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     what: Option<What>,
-    #[arg(long, default_value = config::defaults::AMQP_URL, global = true)]
+    /// The broker (`scripts/stack.sh env` exports VOGELER_TEST_AMQP_URL)
+    #[arg(long, env = "VOGELER_TEST_AMQP_URL", default_value = config::defaults::AMQP_URL, global = true)]
     amqp_url: String,
-    #[arg(long, default_value = config::defaults::COUCHDB_URL, global = true)]
+    /// The database, with admin credentials (`scripts/stack.sh env` exports
+    /// VOGELER_TEST_COUCHDB_URL)
+    #[arg(long, env = "VOGELER_TEST_COUCHDB_URL", default_value = config::defaults::COUCHDB_URL, global = true, hide_env_values = true)]
     couchdb_url: String,
     /// Repetitions of each measurement; the table shows the median (p50) and the maximum
     #[arg(long, default_value_t = 5, global = true)]
@@ -350,6 +353,27 @@ async fn footprint_rows(
     Ok(())
 }
 
+/// The database's `GET /` answer, recorded with every result.
+async fn database_welcome(stack: &Stack) -> Result<Value> {
+    let couch = vogeler_core::couch::CouchClient::new(
+        &vogeler_core::secret::SecretUrl::parse(&stack.couchdb_url)?,
+        None,
+    )?;
+    couch.welcome().await.with_context(|| {
+        format!(
+            "no database at {} (scripts/stack.sh up)",
+            redacted(&stack.couchdb_url)
+        )
+    })
+}
+
+/// A URL without its password, for messages.
+fn redacted(url: &str) -> String {
+    vogeler_core::secret::SecretUrl::parse(url)
+        .map(|u| u.to_string())
+        .unwrap_or_else(|_| "(unparsable URL)".into())
+}
+
 fn print_table(rows: &[Row]) {
     let header = ("benchmark", "measure", "p50", "max", "unit", "target");
     println!(
@@ -369,6 +393,17 @@ async fn main() -> Result<()> {
         amqp_url: cli.amqp_url.clone(),
         couchdb_url: cli.couchdb_url.clone(),
     };
+    let couchdb = database_welcome(&stack).await?;
+    let measured_on = format!(
+        "{} {}",
+        if couchdb["couchdb"] == "Welcome" {
+            "Apache CouchDB"
+        } else {
+            "a CouchDB-compatible server (not Apache CouchDB)"
+        },
+        couchdb["version"].as_str().unwrap_or("of unknown version")
+    );
+    eprintln!("measuring on {measured_on} at {}", redacted(&stack.couchdb_url));
     let what = cli.what.clone().unwrap_or(What::All);
     let (mut rows, mut json) = (Vec::new(), Vec::new());
     let name = match &what {
@@ -427,6 +462,7 @@ async fn main() -> Result<()> {
         }
     };
     println!();
+    println!("database: {measured_on}");
     print_table(&rows);
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -434,6 +470,7 @@ async fn main() -> Result<()> {
     let out = json!({
         "at": Utc::now(), "benchmark": name, "runs": cli.runs, "cpus": cpus,
         "version": env!("CARGO_PKG_VERSION"),
+        "couchdb": couchdb,
         "table": rows.iter().map(|(b, m, p, x, u, t)| json!({"benchmark": b, "measure": m, "p50": p, "max": x, "unit": u, "target": t})).collect::<Vec<_>>(),
         "details": json,
     });

@@ -104,7 +104,12 @@ async fn a_silent_broker_link_is_detected_by_heartbeat_and_nothing_is_lost() {
     sources
         .set(
             "amqp.url",
-            Some(format!("amqp://guest:guest@{}/%2f", proxy.addr())),
+            Some(vogeler_e2e::retarget(
+                &stack.amqp_url,
+                "amqp",
+                &proxy.addr().ip().to_string(),
+                proxy.addr().port(),
+            )),
         )
         .set("amqp.heartbeat", Some("10s"))
         .set("agent.node", Some("quiet01"))
