@@ -327,11 +327,17 @@ impl CouchClient {
 
     /// `GET /`: is the server there and answering?
     pub async fn ping(&self) -> Result<(), CouchError> {
+        self.welcome().await.map(|_| ())
+    }
+
+    /// `GET /`, the server's welcome: `{"couchdb":"Welcome","version":"3.4.3",...}` on
+    /// Apache CouchDB. Benchmarks record it so every number says what it was measured on.
+    pub async fn welcome(&self) -> Result<serde_json::Value, CouchError> {
         let resp = self.send(Method::GET, &[], None).await?;
         if !resp.status().is_success() {
             return Err(self.error(Method::GET, &[], resp).await);
         }
-        self.json::<serde_json::Value>(&[], resp).await.map(|_| ())
+        self.json::<serde_json::Value>(&[], resp).await
     }
 
     /// Create `db` unless it exists. Returns whether it was created.
