@@ -1,6 +1,6 @@
 //! The design documents the server installs: the views that answer operators' questions, in
-//! the CouchDB web UI as well as from the runner. Views are plain ES5 so that Apache CouchDB's
-//! and PouchDB's JavaScript engines both run them.
+//! the CouchDB web UI as well as from the runner. Views are plain ES5 so that every JavaScript
+//! engine Apache CouchDB 3 ships with (QuickJS in 3.4, SpiderMonkey before) runs them.
 
 use serde_json::{Value, json};
 

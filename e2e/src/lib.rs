@@ -60,9 +60,25 @@ pub fn amqp_url() -> String {
     std::env::var("VOGELER_TEST_AMQP_URL")
         .unwrap_or_else(|_| config::defaults::AMQP_URL.to_string())
 }
+///
+/// Without `VOGELER_TEST_COUCHDB_URL`, the admin password `scripts/stack.sh up` generated is
+/// used (Apache CouchDB refuses anonymous requests), so a plain `cargo test` works after it.
 pub fn couchdb_url() -> String {
-    std::env::var("VOGELER_TEST_COUCHDB_URL")
-        .unwrap_or_else(|_| config::defaults::COUCHDB_URL.to_string())
+    if let Ok(url) = std::env::var("VOGELER_TEST_COUCHDB_URL") {
+        return url;
+    }
+    let stack_dir = std::env::var_os("VOGELER_STACK_DIR")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache/vogeler-stack"))
+        });
+    let password = stack_dir
+        .and_then(|d| std::fs::read_to_string(d.join("couchdb-admin.password")).ok())
+        .map(|p| p.trim().to_string());
+    match password {
+        Some(pw) => format!("http://admin:{pw}@127.0.0.1:5984"),
+        None => config::defaults::COUCHDB_URL.to_string(),
+    }
 }
 
 /// How long our test queues live after their last use: long enough for any test, short
@@ -105,7 +121,8 @@ impl TestStack {
         .expect("http client");
         if let Err(e) = couch.ping().await {
             panic!(
-                "the CouchDB-compatible server is not reachable at {couchdb_url}: {e}\nstart the stack with: scripts/stack.sh up"
+                "CouchDB is not reachable at {}: {e}\nstart the stack with: scripts/stack.sh up",
+                SecretUrl::parse(&couchdb_url).expect("test CouchDB URL")
             );
         }
         let keys = tempfile::tempdir().expect("key directory");

@@ -1,5 +1,5 @@
 //! Integration tests: the real agent, server and runner code in-process, against the real
-//! RabbitMQ and CouchDB-compatible server, each test in its own collective and database.
+//! RabbitMQ and Apache CouchDB, each test in its own collective and database.
 
 use std::time::Duration;
 
