@@ -19,7 +19,8 @@
 #      of access control
 #
 # Environment:
-#   VOGELER_STACK_DIR          state: CouchDB's data, logs, pid files, the admin password
+#   VOGELER_STACK_DIR          state: CouchDB's data (couchdb3-data; older versions kept
+#                              pouchdb-server's in couchdb-data), logs, pid files, the admin password
 #                              (default ~/.cache/vogeler-stack)
 #   VOGELER_STACK_COUCHDB_PORT CouchDB's port (default 5984)
 #   VOGELER_COUCHDB_HOME       an unpacked Apache CouchDB release to start
@@ -149,7 +150,7 @@ couch_install() {
 couch_configure() { # HOME
   local home=$1 pw
   pw=$(password)
-  mkdir -p "$home/etc/local.d" "$STACK_DIR/couchdb-data"
+  mkdir -p "$home/etc/local.d" "$STACK_DIR/couchdb3-data"
   (
     umask 077
     cat >"$home/etc/local.d/90-vogeler-stack.ini" <<EOF
@@ -159,8 +160,8 @@ port = $COUCH_PORT
 bind_address = 127.0.0.1
 
 [couchdb]
-database_dir = $STACK_DIR/couchdb-data
-view_index_dir = $STACK_DIR/couchdb-data
+database_dir = $STACK_DIR/couchdb3-data
+view_index_dir = $STACK_DIR/couchdb3-data
 single_node = true
 
 [log]
@@ -180,7 +181,7 @@ couch_start() { # HOME
   local home=$1 i
   couch_configure "$home"
   mkdir -p "$STACK_DIR"
-  say "starting Apache CouchDB from $home (data in $STACK_DIR/couchdb-data, log in $STACK_DIR/couchdb.log)"
+  say "starting Apache CouchDB from $home (data in $STACK_DIR/couchdb3-data, log in $STACK_DIR/couchdb.log)"
   # One simple command, so $! is beam.smp itself and `down` can stop it.
   nohup "$home/bin/couchdb" >>"$STACK_DIR/couchdb.log" 2>&1 </dev/null &
   echo $! >"$COUCH_PID"
