@@ -143,6 +143,10 @@ couch_install() {
   mkdir -p "$STACK_DIR/couchdb.new"
   tar -xzf "$tarball" -C "$STACK_DIR/couchdb.new" --strip-components=1
   [ -x "$STACK_DIR/couchdb.new/bin/couchdb" ] || die "$tarball holds no bin/couchdb: is it an Apache CouchDB release?"
+  # An Erlang node name of its own, so a second stack (another VOGELER_STACK_DIR and port) or
+  # a cluster node can run beside it. Set once: a single node's shards are recorded under it.
+  sed -i "s/^-name couchdb@127.0.0.1\$/-name stack$(head -c4 /dev/urandom | od -An -tx1 | tr -d ' \n')@127.0.0.1/" \
+    "$STACK_DIR/couchdb.new/etc/vm.args"
   mv "$STACK_DIR/couchdb.new" "$STACK_DIR/couchdb"
 }
 
