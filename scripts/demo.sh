@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job, end to end, on this machine: bring up RabbitMQ and the CouchDB-compatible
-# server, build Vogeler, start a server and three agents using the shipped plugins, run real
-# queries with vogeler-runner, and show the resulting node document.
+# The main job, end to end, on this machine: bring up RabbitMQ and Apache CouchDB
+# (scripts/stack.sh up), build Vogeler, start a server and three agents using the shipped
+# plugins, run real queries with vogeler-runner, and show the resulting node document.
 #
 #   scripts/demo.sh                 query `dpkg` (installed packages) and `hello`
 #   scripts/demo.sh os_release      query another shipped plugin (see plugins/)
@@ -9,7 +9,8 @@
 #                                   scripts/demo.sh --stop stops them
 #
 # Without --keep the server and agents stop when the script ends; the documents stay in
-# CouchDB (database `system_records`) for you to browse at http://127.0.0.1:5984/_utils
+# CouchDB (database `system_records`) for you to browse in Fauxton at
+# http://127.0.0.1:5984/_utils (user admin, password in ~/.cache/vogeler-stack/couchdb-admin.password)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -48,6 +49,24 @@ if [ -s "$demo/pids" ] && kill -0 $(cat "$demo/pids") 2>/dev/null; then
 fi
 
 scripts/stack.sh up
+# The stack's settings for the programs: CouchDB's URL, and on Apache CouchDB the admin user and
+# the file holding its password (VOGELER_COUCHDB__USERNAME, VOGELER_COUCHDB__PASSWORD_FILE).
+# The test URL carries the password itself: the demo does not need it in its programs' environment.
+eval "$(scripts/stack.sh env)"
+unset VOGELER_TEST_COUCHDB_URL VOGELER_TEST_AMQP_URL
+couch_url=$VOGELER_COUCHDB__URL
+
+# GET a CouchDB path as the stack's admin; the credentials reach curl on stdin, never on its
+# command line (where `ps` shows them). Without a password file (a pouchdb-server stack) anonymous.
+couch_get() { # PATH
+  if [ -n "${VOGELER_COUCHDB__PASSWORD_FILE:-}" ]; then
+    printf 'user = "%s:%s"\n' "$VOGELER_COUCHDB__USERNAME" "$(cat "$VOGELER_COUCHDB__PASSWORD_FILE")" \
+      | curl -fsS -K - "$couch_url$1"
+  else
+    curl -fsS "$couch_url$1"
+  fi
+}
+
 echo "== building" >&2
 cargo build --quiet --bins
 bin=target/debug
@@ -71,10 +90,13 @@ done
 
 [ -n "$keep" ] && mkdir -p "$demo" && echo "${pids[*]}" > "$demo/pids"
 
-# Agents announce themselves; wait until the server has registered all three.
-for _ in $(seq 1 100); do
-  registered=$(curl -fsS "http://127.0.0.1:5984/system_records/_all_docs" 2>/dev/null | grep -cE '"id":"(web01|web02|db01)"' || true)
-  [ "$registered" = 3 ] && break
+# Agents announce themselves; wait (up to 30 s) until the server has registered all three.
+deadline=$((SECONDS + 30))
+until [ "$(couch_get /system_records/_all_docs 2>/dev/null | grep -cE '"id":"(web01|web02|db01)"')" = 3 ]; do
+  if ((SECONDS >= deadline)); then
+    echo "warning: not every agent registered within 30s; see the logs in $logs" >&2
+    break
+  fi
   sleep 0.1
 done
 
@@ -84,13 +106,28 @@ for p in "$plugin" hello; do
   "$bin/vogeler-runner" -c "$p" -n all
 done
 
+# The runner returns when the agents answered; the server stores their results a moment later.
+# Wait (up to 10 s) until web01's document holds both plugins' values.
+deadline=$((SECONDS + 10))
+until "$bin/vogeler-runner" show web01 "$plugin" >/dev/null 2>&1 && "$bin/vogeler-runner" show web01 hello >/dev/null 2>&1; do
+  if ((SECONDS >= deadline)); then
+    echo "warning: web01's document does not hold both values yet; see $logs/server.log" >&2
+    break
+  fi
+  sleep 0.1
+done
+
 echo
-echo "\$ curl http://127.0.0.1:5984/system_records/web01   (the node document, values shortened)"
+if [ -n "${VOGELER_COUCHDB__PASSWORD_FILE:-}" ]; then
+  echo "\$ curl -u $VOGELER_COUCHDB__USERNAME $couch_url/system_records/web01   (the node document, values shortened)"
+else
+  echo "\$ curl $couch_url/system_records/web01   (the node document, values shortened)"
+fi
 if ! command -v python3 >/dev/null; then
-  curl -fsS http://127.0.0.1:5984/system_records/web01 | head -c 3000
+  couch_get /system_records/web01 | head -c 3000
   echo
 else
-curl -fsS http://127.0.0.1:5984/system_records/web01 | python3 -c '
+couch_get /system_records/web01 | python3 -c '
 import json, sys
 doc = json.load(sys.stdin)
 for k, v in doc.items():
@@ -100,4 +137,7 @@ print(json.dumps(doc, indent=2))'
 fi
 echo
 echo "Each agent's audit log of the commands it ran: $demo/state/<node>/audit.log"
-echo "Browse every node document in the web UI: http://127.0.0.1:5984/_utils/#database/system_records/_all_docs"
+echo "Browse every node document in CouchDB's web UI (Fauxton): $couch_url/_utils/#database/system_records/_all_docs"
+if [ -n "${VOGELER_COUCHDB__PASSWORD_FILE:-}" ]; then
+  echo "  log in as ${VOGELER_COUCHDB__USERNAME}, password in $VOGELER_COUCHDB__PASSWORD_FILE"
+fi
