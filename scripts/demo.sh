@@ -79,6 +79,16 @@ if [ ! -f "$demo/keys/runner.key" ]; then
 fi
 export VOGELER_RUNNER__SIGNING_KEY="$demo/keys/runner.key"
 
+# The server pins each node to the first key that signed for it. An agent without a state
+# directory is about to make a new key: a demo run with a new state directory (another
+# VOGELER_DEMO_DIR, or the old one removed) on a CouchDB that keeps the earlier documents would
+# have its results refused. Forget those nodes' old keys first, as for a reinstalled node.
+for n in "${nodes[@]}"; do
+  if [ ! -f "$demo/state/$n/agent.key" ] && "$bin/vogeler-runner" nodes forget "$n" >/dev/null 2>&1; then
+    echo "== $n gets a new key: forgot the one CouchDB had pinned for it" >&2
+  fi
+done
+
 echo "== starting vogeler-server and agents ${nodes[*]} (plugins from ./plugins)" >&2
 "$bin/vogeler-server" >"$logs/server.log" 2>&1 &
 pids+=($!)
@@ -100,6 +110,7 @@ until [ "$(couch_get /system_records/_all_docs 2>/dev/null | grep -cE '"id":"(we
   sleep 0.1
 done
 
+asked_at=$(date -u +%Y-%m-%dT%H:%M:%S)
 for p in "$plugin" hello; do
   echo
   echo "\$ vogeler-runner -c $p -n all"
@@ -107,11 +118,21 @@ for p in "$plugin" hello; do
 done
 
 # The runner returns when the agents answered; the server stores their results a moment later.
-# Wait (up to 10 s) until web01's document holds both plugins' values.
+# Wait (up to 10 s) until web01's document holds both plugins' values from this run (an earlier
+# run's are there already): the server's `collected` view gives when each was collected.
+stored_since() { # PLUGIN TIME: web01's PLUGIN was collected at TIME (UTC, RFC 3339) or later
+  local at
+  at=$(couch_get "/system_records/_design/vogeler/_view/collected?key=%5B%22$1%22,%22web01%22%5D" 2>/dev/null \
+    | sed -n 's/.*"collected_at":"\([^"]*\)".*/\1/p')
+  [ -n "$at" ] && [[ ! $at < $2 ]]
+}
 deadline=$((SECONDS + 10))
-until "$bin/vogeler-runner" show web01 "$plugin" >/dev/null 2>&1 && "$bin/vogeler-runner" show web01 hello >/dev/null 2>&1; do
+stored=yes
+until stored_since "$plugin" "$asked_at" && stored_since hello "$asked_at"; do
   if ((SECONDS >= deadline)); then
-    echo "warning: web01's document does not hold both values yet; see $logs/server.log" >&2
+    stored=
+    echo "warning: web01's document does not hold both values from this run yet; see $logs/server.log" >&2
+    grep -m3 ' WARN ' "$logs/server.log" >&2 || true
     break
   fi
   sleep 0.1
@@ -141,3 +162,4 @@ echo "Browse every node document in CouchDB's web UI (Fauxton): $couch_url/_util
 if [ -n "${VOGELER_COUCHDB__PASSWORD_FILE:-}" ]; then
   echo "  log in as ${VOGELER_COUCHDB__USERNAME}, password in $VOGELER_COUCHDB__PASSWORD_FILE"
 fi
+[ -n "$stored" ] || exit 1
