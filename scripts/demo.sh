@@ -21,7 +21,11 @@ case ${1:-} in
   --keep) keep=yes; shift ;;
   --stop)
     if [ -s "$demo/pids" ]; then
-      kill $(cat "$demo/pids") 2>/dev/null || true
+      running=$(cat "$demo/pids")
+      kill $running 2>/dev/null || true
+      # They finish in-flight work first: wait (up to 30 s) until they are gone.
+      deadline=$((SECONDS + 30))
+      while kill -0 $running 2>/dev/null && ((SECONDS < deadline)); do sleep 0.1; done
       rm -f "$demo/pids"
       echo "demo server and agents stopped"
     else
