@@ -36,6 +36,11 @@ case ${1:-} in
 esac
 plugin=${1:-dpkg}
 nodes=(web01 web02 db01)
+if [ -s "$demo/pids" ] && kill -0 $(cat "$demo/pids") 2>/dev/null; then
+  echo "a demo is still running (scripts/demo.sh --stop first)" >&2
+  exit 1
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs), then run scripts/demo.sh again" >&2; exit 1; }
 logs=$(mktemp -d)
 pids=()
 cleanup() {
@@ -47,10 +52,6 @@ cleanup() {
   echo "(server and agents stopped; their logs are in $logs)"
 }
 trap cleanup EXIT
-if [ -s "$demo/pids" ] && kill -0 $(cat "$demo/pids") 2>/dev/null; then
-  echo "a demo is still running (scripts/demo.sh --stop first)" >&2
-  exit 1
-fi
 
 scripts/stack.sh up
 # The stack's settings for the programs: CouchDB's URL, and on Apache CouchDB the admin user and
@@ -73,7 +74,7 @@ couch_get() { # PATH
 
 echo "== building" >&2
 cargo build --quiet --bins
-bin=target/debug
+bin=${CARGO_TARGET_DIR:-target}/debug
 
 # Security is on by default: agents obey only commands signed by a key they trust. The demo
 # makes one key pair (kept between runs) and gives each agent its own state directory.
@@ -83,14 +84,12 @@ if [ ! -f "$demo/keys/runner.key" ]; then
 fi
 export VOGELER_RUNNER__SIGNING_KEY="$demo/keys/runner.key"
 
-# The server pins each node to the first key that signed for it. An agent without a state
-# directory is about to make a new key: a demo run with a new state directory (another
-# VOGELER_DEMO_DIR, or the old one removed) on a CouchDB that keeps the earlier documents would
-# have its results refused. Forget those nodes' old keys first, as for a reinstalled node.
+# The server pins each node to the first key that signed for it. These three nodes are the
+# demo's own: forget the keys CouchDB pinned for them, so this run's agents get theirs pinned
+# (as for reinstalled nodes) even when an earlier run used other keys: another
+# VOGELER_DEMO_DIR, or a state directory since removed, on a CouchDB that kept the documents.
 for n in "${nodes[@]}"; do
-  if [ ! -f "$demo/state/$n/agent.key" ] && "$bin/vogeler-runner" nodes forget "$n" >/dev/null 2>&1; then
-    echo "== $n gets a new key: forgot the one CouchDB had pinned for it" >&2
-  fi
+  "$bin/vogeler-runner" nodes forget "$n" >/dev/null 2>&1 || true # a first run: no document yet
 done
 
 echo "== starting vogeler-server and agents ${nodes[*]} (plugins from ./plugins)" >&2
