@@ -235,6 +235,12 @@ impl CouchClient {
         if let Ok(mut path) = u.path_segments_mut() {
             path.pop_if_empty().extend(segments);
         }
+        // CouchDB reads a raw `+` in a path as a space (`PUT /a+b` creates "a b"), and `+` is
+        // legal in database names and ids; every literal `%` is already `%25` here.
+        if u.path().contains('+') {
+            let path = u.path().replace('+', "%2B");
+            u.set_path(&path);
+        }
         u
     }
 
@@ -545,6 +551,10 @@ mod tests {
         assert_eq!(
             c.endpoint(&doc_path("db", "_local/x/y")).as_str(),
             "http://127.0.0.1:5984/db/_local/x%2Fy"
+        );
+        assert_eq!(
+            c.endpoint(&["a+b", "c+%"]).as_str(),
+            "http://127.0.0.1:5984/a%2Bb/c%2B%25"
         );
         assert_eq!(
             c.endpoint(&doc_path("db", "_designer/x")).as_str(),

@@ -652,8 +652,9 @@ async fn setup_script_gives_each_account_exactly_its_rights() {
         "forget as reader: {}",
         text(&out)
     );
+    let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("403"),
+        said.contains("403") && said.contains("the server's CouchDB account"),
         "{}",
         text(&out)
     );

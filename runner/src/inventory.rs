@@ -48,14 +48,22 @@ pub async fn forget(settings: &CouchSettings, node: &str) -> Result<Option<Strin
                     PublicKey::from_base64(&old).map_or_else(|| old.clone(), |k| k.id()),
                 ));
             }
-            Err(CouchError::Status { status, .. }) if status.as_u16() == 409 => continue,
-            Err(e) => return Err(RunnerError::Registry(e)),
+            Err(CouchError::Conflict { .. }) => continue,
+            Err(source) => {
+                return Err(RunnerError::Write {
+                    node: node.to_string(),
+                    source,
+                });
+            }
         }
     }
-    Err(RunnerError::Registry(CouchError::Conflict {
-        db: settings.database.clone(),
-        id: node.to_string(),
-    }))
+    Err(RunnerError::Write {
+        node: node.to_string(),
+        source: CouchError::Conflict {
+            db: settings.database.clone(),
+            id: node.to_string(),
+        },
+    })
 }
 
 /// Write a new key pair into `dir` (created 0700 if missing): `runner.key` (0600) and

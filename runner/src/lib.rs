@@ -50,6 +50,14 @@ pub enum RunnerError {
     NotReady(#[source] CouchError),
     #[error("{0}")]
     Http(String),
+    #[error(
+        "cannot update node {node}'s document: {source}; `nodes forget` writes, so run it with the server's CouchDB account (couchdb.username = \"vogeler-server\")"
+    )]
+    Write {
+        node: String,
+        #[source]
+        source: CouchError,
+    },
     #[error("node {0} has no document in the inventory")]
     NoSuchNode(String),
     #[error(
@@ -73,7 +81,7 @@ impl RunnerError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             RunnerError::Broker(AmqpError::Unavailable { .. }) => true,
-            RunnerError::Registry(e) => e.is_transient(),
+            RunnerError::Registry(e) | RunnerError::Write { source: e, .. } => e.is_transient(),
             _ => false,
         }
     }
