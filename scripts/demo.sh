@@ -8,6 +8,9 @@
 #   scripts/demo.sh --keep          leave the server and agents running (for the README's tour);
 #                                   scripts/demo.sh --stop stops them
 #
+# A demo apart from the default one (its own keys and state, queues and documents), e.g. beside
+# another that is running: VOGELER_DEMO_DIR=/tmp/d VOGELER_AMQP__COLLECTIVE=d VOGELER_COUCHDB__DATABASE=d
+#
 # Without --keep the server and agents stop when the script ends; the documents stay in
 # CouchDB (database `system_records`) for you to browse in Fauxton at
 # http://127.0.0.1:5984/_utils (user admin, password in ~/.cache/vogeler-stack/couchdb-admin.password)
@@ -60,6 +63,9 @@ scripts/stack.sh up
 eval "$(scripts/stack.sh env)"
 unset VOGELER_TEST_COUCHDB_URL VOGELER_TEST_AMQP_URL
 couch_url=$VOGELER_COUCHDB__URL
+# The programs' database (VOGELER_COUCHDB__DATABASE picks another, with VOGELER_AMQP__COLLECTIVE
+# for a demo apart from the default one).
+db=${VOGELER_COUCHDB__DATABASE:-system_records}
 
 # GET a CouchDB path as the stack's admin; the credentials reach curl on stdin, never on its
 # command line (where `ps` shows them). Without a password file (a pouchdb-server stack) anonymous.
@@ -105,7 +111,7 @@ done
 
 # Agents announce themselves; wait (up to 30 s) until the server has registered all three.
 deadline=$((SECONDS + 30))
-until [ "$(couch_get /system_records/_all_docs 2>/dev/null | grep -cE '"id":"(web01|web02|db01)"')" = 3 ]; do
+until [ "$(couch_get /$db/_all_docs 2>/dev/null | grep -cE '"id":"(web01|web02|db01)"')" = 3 ]; do
   if ((SECONDS >= deadline)); then
     echo "warning: not every agent registered within 30s; see the logs in $logs" >&2
     break
@@ -125,7 +131,7 @@ done
 # run's are there already): the server's `collected` view gives when each was collected.
 stored_since() { # PLUGIN TIME: web01's PLUGIN was collected at TIME (UTC, RFC 3339) or later
   local at
-  at=$(couch_get "/system_records/_design/vogeler/_view/collected?key=%5B%22$1%22,%22web01%22%5D" 2>/dev/null \
+  at=$(couch_get "/$db/_design/vogeler/_view/collected?key=%5B%22$1%22,%22web01%22%5D" 2>/dev/null \
     | sed -n 's/.*"collected_at":"\([^"]*\)".*/\1/p')
   [ -n "$at" ] && [[ ! $at < $2 ]]
 }
@@ -143,15 +149,15 @@ done
 
 echo
 if [ -n "${VOGELER_COUCHDB__PASSWORD_FILE:-}" ]; then
-  echo "\$ curl -u $VOGELER_COUCHDB__USERNAME $couch_url/system_records/web01   (the node document, values shortened)"
+  echo "\$ curl -u $VOGELER_COUCHDB__USERNAME $couch_url/$db/web01   (the node document, values shortened)"
 else
-  echo "\$ curl $couch_url/system_records/web01   (the node document, values shortened)"
+  echo "\$ curl $couch_url/$db/web01   (the node document, values shortened)"
 fi
 if ! command -v python3 >/dev/null; then
-  couch_get /system_records/web01 | head -c 3000
+  couch_get /$db/web01 | head -c 3000
   echo
 else
-couch_get /system_records/web01 | python3 -c '
+couch_get /$db/web01 | python3 -c '
 import json, sys
 doc = json.load(sys.stdin)
 for k, v in doc.items():
@@ -161,7 +167,7 @@ print(json.dumps(doc, indent=2))'
 fi
 echo
 echo "Each agent's audit log of the commands it ran: $demo/state/<node>/audit.log"
-echo "Browse every node document in CouchDB's web UI (Fauxton): $couch_url/_utils/#database/system_records/_all_docs"
+echo "Browse every node document in CouchDB's web UI (Fauxton): $couch_url/_utils/#database/$db/_all_docs"
 if [ -n "${VOGELER_COUCHDB__PASSWORD_FILE:-}" ]; then
   echo "  log in as ${VOGELER_COUCHDB__USERNAME}, password in $VOGELER_COUCHDB__PASSWORD_FILE"
 fi
