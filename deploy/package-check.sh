@@ -8,6 +8,7 @@
 # Needs root and the stack (scripts/stack.sh up). Leaves no package, file or queue behind.
 set -euo pipefail
 name=pkgcheck
+# shellcheck source=lib/exercise.sh
 source "$(dirname "$0")/lib/exercise.sh"
 [[ $(id -u) == 0 ]] || die "run as root (it installs packages)"
 if dpkg -s vogeler-agent >/dev/null 2>&1; then

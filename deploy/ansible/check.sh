@@ -6,6 +6,7 @@
 #   deploy/ansible/check.sh     (needs root, the stack up and target/debian/*.deb: deploy/package.sh)
 set -euo pipefail
 name=ansible-check
+# shellcheck source=../lib/exercise.sh
 source "$(dirname "$0")/../lib/exercise.sh"
 [[ $(id -u) == 0 ]] || die "run as root (the role installs a package)"
 dpkg -s vogeler-agent >/dev/null 2>&1 && die "vogeler-agent is already installed here; this check installs and purges it"
@@ -55,7 +56,7 @@ cat > "$work/play.yml" <<YAML
 YAML
 playbook() {
     ANSIBLE_ROLES_PATH="$root/deploy/ansible/roles" ANSIBLE_NOCOLOR=1 ANSIBLE_RETRY_FILES_ENABLED=0 \
-        ansible-playbook -i "$work/inventory.ini" -e "@$work/vars.yml" "$@" "$work/play.yml"
+        ansible-playbook -i "$work/inventory.ini" -e "@$work/vars.yml" "$work/play.yml"
 }
 
 say "first run"

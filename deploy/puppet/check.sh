@@ -6,6 +6,7 @@
 #   deploy/puppet/check.sh     (needs root, the stack up and target/debian/*.deb: deploy/package.sh)
 set -euo pipefail
 name=puppet-check
+# shellcheck source=../lib/exercise.sh
 source "$(dirname "$0")/../lib/exercise.sh"
 [[ $(id -u) == 0 ]] || die "run as root (the module installs a package)"
 dpkg -s vogeler-agent >/dev/null 2>&1 && die "vogeler-agent is already installed here; this check installs and purges it"
