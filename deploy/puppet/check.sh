@@ -10,27 +10,38 @@ name=puppet-check
 source "$(dirname "$0")/../lib/exercise.sh"
 [[ $(id -u) == 0 ]] || die "run as root (the module installs a package)"
 dpkg -s vogeler-agent >/dev/null 2>&1 && die "vogeler-agent is already installed here; this check installs and purges it"
-# Installed for this check and removed afterwards when it was not here before: facter on the
-# PATH changes what the test suite's facter plugin test expects.
-installed_puppet=
-if ! command -v puppet >/dev/null; then
-    say "installing puppet from Debian (removed again at the end)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq puppet >/dev/null
-    installed_puppet=yes
-fi
-need_stack
-deb=$(ls "$root"/target/debian/vogeler-agent_*.deb 2>/dev/null) || die "no package; run deploy/package.sh"
-
+# Puppet is installed for this check and purged afterwards, with every package it brought,
+# when it was not here before: nothing stays behind, and facter on the PATH would change what
+# the test suite's facter plugin test expects.
+installed_packages() { dpkg-query -W -f='${db:Status-Status} ${binary:Package}\n' | sed -n 's/^installed //p' | sort; }
+brought=()
 cleanup() {
     /usr/lib/vogeler/vogeler-service stop agent >/dev/null 2>&1 || true
     dpkg --purge vogeler-agent >/dev/null 2>&1 || true
     rm -rf /etc/vogeler /var/log/vogeler /run/vogeler
     cleanup_common
-    if [[ -n $installed_puppet ]]; then
-        DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq puppet facter >/dev/null 2>&1 || true
+    if ((${#brought[@]} > 0)); then
+        if DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq "${brought[@]}" >/dev/null 2>&1; then
+            say "purged the ${#brought[@]} packages the puppet install brought"
+        else
+            echo "$name: warning: could not purge ${brought[*]}: apt-get purge them by hand" >&2
+        fi
     fi
 }
 trap cleanup EXIT
+
+if ! command -v puppet >/dev/null; then
+    say "installing puppet from Debian (purged again at the end)"
+    before=$(installed_packages)
+    apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends puppet >/dev/null; }
+    # A fresh machine may have no package lists yet, or stale ones.
+    apt_install || { DEBIAN_FRONTEND=noninteractive apt-get update -qq && apt_install; } || install_failed=yes
+    mapfile -t brought < <(comm -13 <(echo "$before") <(installed_packages))
+    [[ -z ${install_failed:-} ]] || die "apt-get install puppet failed"
+    say "puppet $(puppet --version) installed with ${#brought[@]} packages"
+fi
+need_stack
+deb=$(ls "$root"/target/debian/vogeler-agent_*.deb 2>/dev/null) || die "no package; run deploy/package.sh"
 
 make_runner_key
 start_server
