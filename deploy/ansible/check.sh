@@ -10,9 +10,16 @@ name=ansible-check
 source "$(dirname "$0")/../lib/exercise.sh"
 [[ $(id -u) == 0 ]] || die "run as root (the role installs a package)"
 dpkg -s vogeler-agent >/dev/null 2>&1 && die "vogeler-agent is already installed here; this check installs and purges it"
+# ansible-core from PyPI in a virtualenv of its own, kept for the next run: pip into the
+# system's python3 is refused on Debian 12 (PEP 668) and would change what others import.
 if ! command -v ansible-playbook >/dev/null; then
-    say "installing ansible-core from PyPI"
-    python3 -m pip install --quiet ansible-core
+    venv=${XDG_CACHE_HOME:-$HOME/.cache}/vogeler-ansible
+    if [[ ! -x $venv/bin/ansible-playbook ]]; then
+        say "installing ansible-core from PyPI into $venv"
+        { python3 -m venv "$venv" && "$venv/bin/pip" install --quiet --disable-pip-version-check ansible-core; } \
+            || die "could not install ansible-core into $venv (Debian: apt-get install python3-venv)"
+    fi
+    PATH=$venv/bin:$PATH
 fi
 need_stack
 deb=$(ls "$root"/target/debian/vogeler-agent_*.deb 2>/dev/null) || die "no package; run deploy/package.sh"
@@ -77,7 +84,8 @@ cat >> "$work/vars.yml" <<YAML
       format = "nonsense"
 YAML
 if playbook > "$work/run3.log" 2>&1; then die "the role accepted a broken plugin"; fi
-grep -o 'error: [^"]*' "$work/run3.log" | head -n 1 | sed 's/\\n.*//; s/^/    /'
+# The validator's first line, out of Ansible's JSON (where it ends at \n, quotes are \").
+grep -oE 'error: ([^"\\]|\\")*' "$work/run3.log" | head -n 1 | sed 's/\\"/"/g; s/^/    /'
 [[ ! -e /etc/vogeler/plugins.d/broken.toml ]] || die "the broken plugin was put in place"
 /usr/lib/vogeler/vogeler-service status agent | sed 's/^/    /'
 say "ok: role installed the agent, it answered ansible_dropin, reran clean, refused a broken plugin"
