@@ -18,10 +18,11 @@ if [[ -z ${VOGELER_TEST_COUCHDB_URL:-} ]]; then
 fi
 amqp_url=${VOGELER_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 couchdb_test_url=${VOGELER_TEST_COUCHDB_URL:-http://127.0.0.1:5984}
-# Nothing this check starts (the agent under dpkg, Ansible or Puppet included) inherits the
-# admin's URL or an outer shell's CouchDB account: the server and runner get theirs below.
-unset VOGELER_TEST_COUCHDB_URL VOGELER_COUCHDB__URL VOGELER_COUCHDB__USERNAME \
-    VOGELER_COUCHDB__PASSWORD VOGELER_COUCHDB__PASSWORD_FILE
+# Nothing this check starts (the agent under dpkg, Ansible or Puppet included) inherits a
+# VOGELER_* variable: not the admin's URL, not an outer shell's CouchDB account or broker (the
+# server and runner get theirs below), not VOGELER_BIN_DIR, which would make vogeler-service
+# start the build's agent instead of the installed one.
+while read -r v; do unset "$v"; done < <(compgen -e | grep '^VOGELER_' || true)
 run_id=$(date +%s)-$$
 collective=$name-$run_id
 database=${name//-/_}_$run_id
