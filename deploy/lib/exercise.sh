@@ -36,6 +36,17 @@ server_pid=
 say() { echo "$name: $*"; }
 die() { echo "$name: FAILED: $*" >&2; exit 1; }
 
+# One deployment check at a time on a machine: each installs and purges vogeler-agent, listens
+# on 127.0.0.1:9188 and takes dpkg's lock, so a second one (someone else's, or a second CI job)
+# waits here instead of purging the first one's package under it. The lock is held on fd 9
+# until the check exits; start_server closes it for the server.
+machine_lock=/run/lock/vogeler-deploy-check.lock
+{ exec 9>>"$machine_lock"; } 2>/dev/null || die "cannot open $machine_lock: run as root"
+if ! flock -n 9; then
+    say "another deployment check is running on this machine: waiting for it (up to 15 minutes)"
+    flock -w 900 9 || die "$machine_lock is still held after 15 minutes; see who holds it: fuser -v $machine_lock"
+fi
+
 # A %XX-encoded URL part, decoded.
 url_decode() { printf '%b' "${1//%/\\x}"; }
 
@@ -133,7 +144,7 @@ common_env() {
 }
 
 start_server() {
-    (common_env "$bin/vogeler-server") >"$work/server.log" 2>&1 &
+    (common_env "$bin/vogeler-server") >"$work/server.log" 2>&1 9>&- &
     server_pid=$!
     say "server pid $server_pid (log $work/server.log), database $database"
 }
