@@ -20,6 +20,11 @@ case ${1:-} in
     *) say "usage: $0 [--no-puppet]"; exit 2 ;;
 esac
 [[ $(id -u) == 0 ]] || { say "run as root: the checks install and purge packages (sudo $0)"; exit 2; }
+echo "== deployment checks" >&2
+# Each check takes this lock (deploy/lib/exercise.sh): wait for one running here to finish
+# before looking for a vogeler package it installed.
+lock=/run/lock/vogeler-deploy-check.lock
+flock -w 900 "$lock" true || { say "another deployment check still holds $lock after 15 minutes (fuser -v $lock)"; exit 1; }
 for p in vogeler-agent vogeler-runner vogeler-server; do
     if dpkg -s "$p" >/dev/null 2>&1; then
         say "$p is installed here; the checks install and purge it, so remove it first (dpkg --purge $p)"
@@ -27,10 +32,17 @@ for p in vogeler-agent vogeler-runner vogeler-server; do
     fi
 done
 
-if ! command -v systemd-analyze >/dev/null; then
-    say "apt-get install systemd (package-check verifies the units with systemd-analyze)"
+# From Debian, when missing: systemd-analyze (package-check verifies the units with it),
+# python3-apt (the Ansible role's apt module runs under /usr/bin/python3), python3-venv (the
+# Ansible check installs ansible-core into a virtualenv).
+debs=()
+command -v systemd-analyze >/dev/null || debs+=(systemd)
+/usr/bin/python3 -c 'import apt' 2>/dev/null || debs+=(python3-apt)
+python3 -c 'import ensurepip, venv' 2>/dev/null || debs+=(python3-venv)
+if ((${#debs[@]} > 0)); then
+    say "apt-get install ${debs[*]}"
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${debs[@]}" >/dev/null
 fi
 scripts/stack.sh up
 
@@ -42,6 +54,7 @@ step() {
     say "== $label: $*"
     "$@" || { say "FAILED: $label (after $((SECONDS - start)) s)"; exit 1; }
     times+=("$label $((SECONDS - start)) s")
+    say "== $label: ok in $((SECONDS - start)) s"
 }
 
 # Release binaries and packages. cargo rebuilds only what changed (nothing after an earlier
