@@ -91,7 +91,8 @@ PP
 rc=0
 apply > "$work/apply3.log" 2>&1 || rc=$?
 [[ $rc == 4 || $rc == 6 ]] || { cat "$work/apply3.log"; die "apply with a broken plugin exited $rc (expected a failure)"; }
-grep -m1 -o 'Execution of .*' "$work/apply3.log" | cut -c1-160 | sed 's/^/    /'
+# The validator's exit status and message: "returned 78: error: <file>: <what is wrong>".
+grep -m1 -oE 'returned [0-9]+: error: .*' "$work/apply3.log" | cut -c1-240 | sed 's/^/    /'
 [[ ! -e /etc/vogeler/plugins.d/broken.toml ]] || die "the broken plugin was put in place"
 /usr/lib/vogeler/vogeler-service status agent | sed 's/^/    /'
 say "ok: module installed the agent, it answered puppet_dropin, reapplied clean, refused a broken plugin"
