@@ -403,7 +403,10 @@ async fn main() -> Result<()> {
         },
         couchdb["version"].as_str().unwrap_or("of unknown version")
     );
-    eprintln!("measuring on {measured_on} at {}", redacted(&stack.couchdb_url));
+    eprintln!(
+        "measuring on {measured_on} at {}",
+        redacted(&stack.couchdb_url)
+    );
     let what = cli.what.clone().unwrap_or(What::All);
     let (mut rows, mut json) = (Vec::new(), Vec::new());
     let name = match &what {
