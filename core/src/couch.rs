@@ -76,6 +76,13 @@ impl CouchError {
             CouchError::Conflict { .. } | CouchError::Decode { .. } => false,
         }
     }
+
+    /// CouchDB refused this account (401: unknown user or wrong password; 403: not allowed
+    /// here). Retrying will not help; the configuration must change.
+    pub fn is_denied(&self) -> bool {
+        matches!(self, CouchError::Status { status, .. }
+            if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
+    }
 }
 
 /// The URL path segments of a document. Design and local documents live at
@@ -309,6 +316,19 @@ impl CouchClient {
                 .to_string(),
             (false, true) => body.error,
             (_, false) => format!("{} ({})", body.reason, body.error),
+        };
+        let reason = if status == StatusCode::UNAUTHORIZED {
+            let who = match &self.credentials {
+                Some(c) => format!("as {:?}", c.username),
+                None => "without credentials".to_string(),
+            };
+            format!(
+                "{reason}; logged in {who}: set couchdb.username with couchdb.password_file (or \
+                 VOGELER_COUCHDB__USERNAME and VOGELER_COUCHDB__PASSWORD_FILE) to an account \
+                 deploy/couchdb/setup.sh created"
+            )
+        } else {
+            reason
         };
         CouchError::Status {
             method,

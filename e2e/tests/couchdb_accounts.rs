@@ -646,9 +646,10 @@ async fn setup_script_gives_each_account_exactly_its_rights() {
     let mut forget = accounts.as_role(bare("vogeler-runner"), "runner");
     forget.args(["nodes", "forget", node]);
     let out = run(forget).await;
+    // A refused account is a configuration problem (EX_CONFIG), not a passing fault.
     assert_eq!(
         out.status.code(),
-        Some(1),
+        Some(78),
         "forget as reader: {}",
         text(&out)
     );
@@ -663,6 +664,38 @@ async fn setup_script_gives_each_account_exactly_its_rights() {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     assert!(stack.document(node).await.expect("doc").meta.key.is_some());
+
+    // An account CouchDB does not know (a typo in couchdb.username, a password file from
+    // another install): both programs stop with EX_CONFIG and say which account and how to fix
+    // it. An unknown name, so CouchDB's lockout after repeated failures hits no real account.
+    let wrong = accounts.work.path().join("wrong.password");
+    write_private(&wrong, "not-the-password");
+    for (program_name, args) in [
+        ("vogeler-runner", vec!["nodes"]),
+        ("vogeler-server", vec!["--http-listen", "127.0.0.1:0"]),
+    ] {
+        let mut cmd = accounts.as_role(program(program_name, &stack), "nobody");
+        cmd.args(&args)
+            .env("VOGELER_COUCHDB__PASSWORD_FILE", &wrong);
+        let out = run(cmd).await;
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(78),
+            "{program_name}: {}",
+            text(&out)
+        );
+        assert!(
+            said.contains("401")
+                && said.contains(&format!("logged in as \"{}\"", accounts.user("nobody")))
+                && said.contains("deploy/couchdb/setup.sh"),
+            "{program_name}: {}",
+            text(&out)
+        );
+        assert!(!said.contains("not-the-password"), "{}", text(&out));
+        println!("unknown account: {program_name} -> {}", said.trim());
+    }
+
     let mut forget = accounts.as_role(bare("vogeler-runner"), "server");
     forget.args(["nodes", "forget", node]);
     let out = run(forget).await;

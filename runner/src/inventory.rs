@@ -22,6 +22,7 @@ pub(crate) fn client(settings: &CouchSettings) -> Result<CouchClient, RunnerErro
 pub(crate) fn registry_error(e: CouchError) -> RunnerError {
     match &e {
         CouchError::Status { status, .. } if status.as_u16() == 404 => RunnerError::NotReady(e),
+        _ if e.is_denied() => RunnerError::Denied(e),
         _ => RunnerError::Registry(e),
     }
 }
@@ -52,17 +53,17 @@ pub async fn forget(settings: &CouchSettings, node: &str) -> Result<Option<Strin
             Err(source) => {
                 return Err(RunnerError::Write {
                     node: node.to_string(),
-                    source,
+                    source: Box::new(source),
                 });
             }
         }
     }
     Err(RunnerError::Write {
         node: node.to_string(),
-        source: CouchError::Conflict {
+        source: Box::new(CouchError::Conflict {
             db: settings.database.clone(),
             id: node.to_string(),
-        },
+        }),
     })
 }
 

@@ -44,6 +44,8 @@ pub enum RunnerError {
     Broker(#[from] AmqpError),
     #[error("cannot read the node registry: {0}")]
     Registry(#[source] CouchError),
+    #[error("CouchDB refused to let this account read the inventory: {0}")]
+    Denied(#[source] CouchError),
     #[error(
         "{0}; vogeler-server creates the databases and views when it starts: is it running against this database?"
     )]
@@ -55,8 +57,9 @@ pub enum RunnerError {
     )]
     Write {
         node: String,
+        // Boxed: a node name beside a whole CouchError made every runner Result large.
         #[source]
-        source: CouchError,
+        source: Box<CouchError>,
     },
     #[error("node {0} has no document in the inventory")]
     NoSuchNode(String),
@@ -67,21 +70,23 @@ pub enum RunnerError {
 }
 
 impl RunnerError {
-    /// The signing key is missing or unusable (exit 78).
+    /// The signing key is missing or unusable, CouchDB refuses the account (exit 78).
     pub fn is_config(&self) -> bool {
         matches!(
             self,
             RunnerError::SigningKey(_)
+                | RunnerError::Denied(_)
                 | RunnerError::Http(_)
                 | RunnerError::Broker(AmqpError::Tls(_))
-        )
+        ) || matches!(self, RunnerError::Write { source, .. } if source.is_denied())
     }
 
     /// Broker or database unreachable (exit 69).
     pub fn is_unavailable(&self) -> bool {
         match self {
             RunnerError::Broker(AmqpError::Unavailable { .. }) => true,
-            RunnerError::Registry(e) | RunnerError::Write { source: e, .. } => e.is_transient(),
+            RunnerError::Registry(e) => e.is_transient(),
+            RunnerError::Write { source, .. } => source.is_transient(),
             _ => false,
         }
     }

@@ -65,6 +65,12 @@ pub enum ServerError {
         #[source]
         source: CouchError,
     },
+    #[error("database server at {url} refused the account: {source}")]
+    DatabaseRefused {
+        url: String,
+        #[source]
+        source: CouchError,
+    },
     #[error("cannot use database {db:?}: {source}")]
     Database {
         db: String,
@@ -83,14 +89,15 @@ pub enum ServerError {
 
 impl ServerError {
     /// The broker holds a results queue declared with other settings, bad TLS files, a
-    /// listen address that cannot be used (exit 78).
+    /// listen address that cannot be used, a database account CouchDB refuses (exit 78).
     pub fn is_config(&self) -> bool {
         matches!(
             self,
             ServerError::Broker(AmqpError::Mismatch { .. } | AmqpError::Tls(_))
                 | ServerError::Http(_)
                 | ServerError::Listen { .. }
-        )
+                | ServerError::DatabaseRefused { .. }
+        ) || matches!(self, ServerError::Database { source, .. } if source.is_denied())
     }
 
     /// Broker or database unreachable at start-up (exit 69).
@@ -124,6 +131,13 @@ pub async fn connect_database(
                     () = cancel.cancelled() => return Ok(None),
                     () = tokio::time::sleep(delay) => {}
                 }
+            }
+            // A wrong password is refused even on GET /: no point waiting for it to change.
+            Err(source) if source.is_denied() => {
+                return Err(ServerError::DatabaseRefused {
+                    url: couch.url().to_string(),
+                    source,
+                });
             }
             Err(source) => {
                 return Err(ServerError::DatabaseUnavailable {
