@@ -168,6 +168,11 @@ database_dir = $STACK_DIR/couchdb3-data
 view_index_dir = $STACK_DIR/couchdb3-data
 single_node = true
 
+; one node can hold one copy: with the default n = 3 every database is created asking for
+; three (docs/operations.md, 'single node')
+[cluster]
+n = 1
+
 [log]
 level = warning
 

@@ -1,10 +1,21 @@
 //! A small CouchDB client over reqwest.
 //!
-//! Why not couch_rs: its start-up check needs the `"couchdb"` field of `GET /`, which
-//! CouchDB-compatible servers such as pouchdb-server lack, and the server needs the exact
-//! status of every write (409 conflict versus 5xx) to decide between re-reading, retrying
-//! and giving up. This client uses only the documented CouchDB 3.x HTTP API: `GET /`,
-//! `PUT/DELETE /{db}`, `GET/PUT /{db}/{docid}` and `GET /{db}/_all_docs`.
+//! Why not couch_rs (0.13, weighed again against Apache CouchDB 3.4.3 for issue 14):
+//! - the server decides between re-reading (409), retrying (5xx, unreachable) and stopping
+//!   with a configuration error (401/403, 413) from the exact status of every request;
+//!   couch_rs turns a whole-request 401 or 413 into a body decode error, and its bulk get
+//!   drops missing and deleted rows instead of reporting them;
+//! - design documents must go out as `/_design/{name}`: couch_rs escapes the slash, and
+//!   CouchDB answers that with a 301 to its own idea of the URL (plain http behind a TLS
+//!   proxy), which couch_rs follows; this client follows no redirects;
+//! - operators give a base URL with a path (a proxy prefix), a CA file and a per-request
+//!   timeout; couch_rs drops the path, builds its own HTTP client and rounds the timeout
+//!   to whole seconds (10 s default);
+//! - its default features pull in native-tls (OpenSSL), which the rest of Vogeler avoids.
+//!
+//! This client uses only the documented CouchDB 3.x HTTP API: `GET /`, `HEAD/PUT/DELETE
+//! /{db}`, `GET /{db}`, `GET/PUT /{db}/{docid}`, `POST /{db}/_bulk_docs`, `GET/POST
+//! /{db}/_all_docs` and `GET /{db}/_design/{ddoc}/_view/{view}`.
 
 use std::time::Duration;
 
