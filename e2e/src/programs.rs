@@ -1,6 +1,11 @@
 //! The real binaries, for end-to-end tests.
 
-use std::{path::PathBuf, process::Stdio, sync::OnceLock};
+use std::{
+    path::PathBuf,
+    process::{Output, Stdio},
+    sync::OnceLock,
+    time::Duration,
+};
 
 use tokio::process::Command;
 
@@ -89,4 +94,13 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmHWM")
+}
+
+/// Run a one-shot command to completion (60 s at most), capturing its output.
+pub async fn run(mut cmd: Command) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    tokio::time::timeout(Duration::from_secs(60), cmd.output())
+        .await
+        .expect("command finished within 60 s")
+        .expect("run command")
 }

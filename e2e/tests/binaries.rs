@@ -1,27 +1,16 @@
 //! End-to-end tests: the three real binaries, as an operator runs them, against the real
 //! broker and database.
 
-use std::{
-    process::{Output, Stdio},
-    time::Duration,
-};
+use std::{process::Stdio, time::Duration};
 
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::json;
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use vogeler_e2e::{
     HELLO, TestStack, plugin_dir,
-    programs::{program, with_couch},
+    programs::{program, run, with_couch},
     wait_for,
 };
-
-async fn run(mut cmd: Command) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("command finished within 60 s")
-        .expect("run command")
-}
 
 /// SIGTERM a daemon and check it exits 0 within the grace period.
 async fn terminate(mut child: Child, what: &str) {

@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 use vogeler_core::{couch::CouchClient, secret::SecretUrl};
 use vogeler_e2e::{
     HELLO, TestStack, plugin_dir,
-    programs::{bare, program},
+    programs::{bare, program, run},
 };
 
 fn script() -> PathBuf {
@@ -283,14 +283,6 @@ impl Http {
         );
         (status, text)
     }
-}
-
-async fn run(mut cmd: Command) -> Output {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-    tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("command finished within 60 s")
-        .expect("run command")
 }
 
 fn text(out: &Output) -> String {
