@@ -98,9 +98,24 @@ pub enum AgentError {
 }
 
 impl AgentError {
-    /// Keys or state are misconfigured: restarting will not help (exit 78).
+    /// Keys, TLS files or the listen address are wrong: restarting will not help (exit 78,
+    /// which the unit's RestartPreventExitStatus keeps systemd from retrying). A busy port
+    /// or a state-directory I/O error (disk full, a read-only remount) can pass, so neither
+    /// is one: systemd restarts the agent for those.
     pub fn is_config(&self) -> bool {
-        !matches!(self, AgentError::Broker(e) if !matches!(e, AmqpError::Tls(_)))
+        match self {
+            AgentError::Broker(e) => matches!(e, AmqpError::Tls(_)),
+            AgentError::Listen { source, .. } => source.kind() != std::io::ErrorKind::AddrInUse,
+            AgentError::State { .. } => false,
+            AgentError::NoAuthorizedKeys { .. }
+            | AgentError::Keys(_)
+            | AgentError::Simulation(_) => true,
+        }
+    }
+
+    /// The broker, not this node, is the likely cause.
+    pub fn is_broker(&self) -> bool {
+        matches!(self, AgentError::Broker(_))
     }
 
     /// The broker could not be reached at start-up (exit 69).

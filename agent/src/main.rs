@@ -130,9 +130,13 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 tracing::error!(error = %e, "agent stopped");
-                eprintln!(
-                    "vogeler-agent: {e}; check that the broker is running and the URL is right"
-                );
+                if e.is_broker() {
+                    eprintln!(
+                        "vogeler-agent: {e}; check that the broker is running and the URL is right"
+                    );
+                } else {
+                    eprintln!("vogeler-agent: {e}");
+                }
                 exit::code(if e.is_unavailable() {
                     exit::UNAVAILABLE
                 } else {

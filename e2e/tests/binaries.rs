@@ -259,4 +259,32 @@ async fn exit_codes_tell_what_went_wrong() {
     let mut ok = with_couch(program("vogeler-server", &stack), &stack);
     ok.args(["--check-config", "--amqp-url", "amqp://127.0.0.1:1/%2f"]);
     assert_eq!(run(ok).await.status.code(), Some(0));
+
+    // A port another process holds can be freed: 1, so systemd restarts the program
+    // (78 would stop it for good through RestartPreventExitStatus). An address this
+    // machine does not have is a configuration error: 78.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("addr").to_string();
+    let dir = tempfile::tempdir().expect("state dir");
+    for (addr, want) in [(taken.as_str(), 1), ("192.0.2.1:9188", 78)] {
+        let mut agent = program("vogeler-agent", &stack);
+        agent
+            .args([
+                "--node",
+                "exit-listen",
+                "--http-listen",
+                addr,
+                "--state-dir",
+            ])
+            .arg(dir.path());
+        let mut server = with_couch(program("vogeler-server", &stack), &stack);
+        server.args(["--http-listen", addr]);
+        for (name, cmd) in [("agent", agent), ("server", server)] {
+            let out = run(cmd).await;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(want), "{name} on {addr}: {stderr}");
+            assert!(stderr.contains("cannot listen on"), "{name}: {stderr}");
+            assert!(!stderr.contains("broker is running"), "{name}: {stderr}");
+        }
+    }
 }

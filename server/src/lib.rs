@@ -90,14 +90,16 @@ pub enum ServerError {
 impl ServerError {
     /// The broker holds a results queue declared with other settings, bad TLS files, a
     /// listen address that cannot be used, a database account CouchDB refuses (exit 78).
+    /// A port another process holds is not one: it can be freed, so systemd may retry.
     pub fn is_config(&self) -> bool {
         matches!(
             self,
             ServerError::Broker(AmqpError::Mismatch { .. } | AmqpError::Tls(_))
                 | ServerError::Http(_)
-                | ServerError::Listen { .. }
                 | ServerError::DatabaseRefused { .. }
-        ) || matches!(self, ServerError::Database { source, .. } if source.is_denied())
+        ) || matches!(self, ServerError::Listen { source, .. }
+                if source.kind() != std::io::ErrorKind::AddrInUse)
+            || matches!(self, ServerError::Database { source, .. } if source.is_denied())
     }
 
     /// Broker or database unreachable at start-up (exit 69).
