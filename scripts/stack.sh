@@ -44,8 +44,26 @@ COUCH_LIBS=(libicu72 libssl3 libstdc++6 libgcc-s1 libtinfo6 zlib1g libsystemd0)
 say() { printf 'stack: %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
+# The stack directory holds the admin password, the Erlang cookie and CouchDB's data files
+# (the _users shard with password hashes): nobody else on the machine reads them.
+umask 077
 answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A recorded pid counts only while it is still the program we started: after a crash or a
+# reboot the number may belong to anything, and down must not signal that.
+alive() { # PIDFILE
+  local pid what
+  [ -s "$1" ] || return 1
+  pid=$(cat "$1")
+  case $pid in '' | *[!0-9]*) return 1 ;; esac
+  kill -0 "$pid" 2>/dev/null || return 1
+  what=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
+  case $1 in
+    # bin/couchdb until it has exec'd the Erlang VM
+    "$COUCH_PID") [[ $what == *beam.smp* || $what == */bin/couchdb* ]] ;;
+    "$POUCH_PID") [[ $what == *pouchdb-server* ]] ;;
+    *) return 0 ;;
+  esac
+}
 
 wait_for() { # port what seconds
   local port=$1 what=$2 limit=$3 i
@@ -87,7 +105,8 @@ password() {
   if [ ! -s "$PASSWORD_FILE" ]; then
     mkdir -p "$STACK_DIR"
     # Letters and digits only, so it can stand in a URL unquoted.
-    (umask 077 && tr -dc 'A-Za-z0-9' </dev/urandom | head -c 24 >"$PASSWORD_FILE")
+    # head closes the pipe early; tr's SIGPIPE is expected, not a failure.
+    (umask 077 && { tr -dc 'A-Za-z0-9' </dev/urandom || true; } | head -c 24 >"$PASSWORD_FILE")
     say "generated the CouchDB admin password into $PASSWORD_FILE"
   fi
   chmod 600 "$PASSWORD_FILE"
@@ -180,7 +199,11 @@ level = warning
 $COUCH_ADMIN = $pw
 EOF
   )
+  # Stack directories made before the umask above was set: close them too.
+  chmod -R go-rwx "$STACK_DIR"
   # A cookie of our own: the release ships with none, and Erlang refuses to start without one.
+  # Whoever reads it can run code inside CouchDB through Erlang distribution.
+  chmod 600 "$home/etc/vm.args"
   if ! grep -q '^-setcookie' "$home/etc/vm.args"; then
     echo "-setcookie $(head -c16 /dev/urandom | od -An -tx1 | tr -d ' \n')" >>"$home/etc/vm.args"
   fi

@@ -88,6 +88,13 @@ impl CouchError {
         }
     }
 
+    /// A redirect or a 4xx: the request itself is wrong (the URL, the account), so
+    /// repeating it will not help.
+    pub fn is_client_error(&self) -> bool {
+        matches!(self, CouchError::Status { status, .. }
+            if status.is_redirection() || status.is_client_error())
+    }
+
     /// CouchDB refused this account (401: unknown user or wrong password; 403: not allowed
     /// here). Retrying will not help; the configuration must change.
     pub fn is_denied(&self) -> bool {

@@ -260,6 +260,16 @@ async fn exit_codes_tell_what_went_wrong() {
     ok.args(["--check-config", "--amqp-url", "amqp://127.0.0.1:1/%2f"]);
     assert_eq!(run(ok).await.status.code(), Some(0));
 
+    // A database URL that reaches CouchDB but not its root (a wrong path prefix: 404) will
+    // not improve with waiting: 78, not 69.
+    let mut server = program("vogeler-server", &stack);
+    let prefixed = format!("{}/not-a-prefix/", stack.couchdb_url.trim_end_matches('/'));
+    server.args(["--couchdb-url", &prefixed, "--database", &stack.database]);
+    let out = run(server).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("404"), "{stderr}");
+
     // A port another process holds can be freed: 1, so systemd restarts the program
     // (78 would stop it for good through RestartPreventExitStatus). An address this
     // machine does not have is a configuration error: 78.

@@ -259,6 +259,7 @@ async fn a_taken_listen_address_is_a_start_up_error() {
     let err = vogeler_server::run(settings, tokio_util::sync::CancellationToken::new())
         .await
         .expect_err("port is taken");
-    assert!(err.is_config(), "{err}");
+    // Another process can free the port: not a configuration error (exit 1, systemd retries).
+    assert!(!err.is_config(), "{err}");
     assert!(err.to_string().contains("cannot listen on"), "{err}");
 }

@@ -65,7 +65,7 @@ pub enum ServerError {
         #[source]
         source: CouchError,
     },
-    #[error("database server at {url} refused the account: {source}")]
+    #[error("database server at {url} refused the request: {source}")]
     DatabaseRefused {
         url: String,
         #[source]
@@ -134,8 +134,10 @@ pub async fn connect_database(
                     () = tokio::time::sleep(delay) => {}
                 }
             }
-            // A wrong password is refused even on GET /: no point waiting for it to change.
-            Err(source) if source.is_denied() => {
+            // A wrong password is refused even on GET /, and a redirect or a 404 there means
+            // the URL points at something else (a proxy wanting https, a wrong path prefix):
+            // waiting will not change either.
+            Err(source) if source.is_denied() || source.is_client_error() => {
                 return Err(ServerError::DatabaseRefused {
                     url: couch.url().to_string(),
                     source,

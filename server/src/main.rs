@@ -22,7 +22,11 @@ async fn prune(
         Ok(None) => return exit::code(exit::FAILURE),
         Err(e) => {
             eprintln!("vogeler-server: {e}");
-            return exit::code(exit::UNAVAILABLE);
+            return exit::code(if e.is_config() {
+                exit::CONFIG
+            } else {
+                exit::UNAVAILABLE
+            });
         }
     };
     let db = &settings.couch.database;
@@ -48,6 +52,8 @@ async fn prune(
             eprintln!("vogeler-server: {e}");
             exit::code(if e.is_transient() {
                 exit::UNAVAILABLE
+            } else if e.is_denied() {
+                exit::CONFIG
             } else {
                 exit::FAILURE
             })
