@@ -216,10 +216,12 @@ couch_start() { # HOME
   say "starting Apache CouchDB from $home (data in $STACK_DIR/couchdb3-data, log in $STACK_DIR/couchdb.log)"
   # One simple command, so $! is beam.smp itself and `down` can stop it.
   nohup "$home/bin/couchdb" >>"$STACK_DIR/couchdb.log" 2>&1 </dev/null &
-  echo $! >"$COUCH_PID"
+  local pid=$!
+  echo "$pid" >"$COUCH_PID"
   for ((i = 0; i < 240; i++)); do
     curl -s --max-time 2 "http://127.0.0.1:$COUCH_PORT/_up" | grep -q '"status":"ok"' && return 0
-    alive "$COUCH_PID" || { tail -20 "$STACK_DIR/couchdb.log" >&2; die "CouchDB exited during start-up (log above)"; }
+    # Our own child: its command line is still this shell's until nohup and couchdb exec.
+    kill -0 "$pid" 2>/dev/null || { tail -20 "$STACK_DIR/couchdb.log" >&2; die "CouchDB exited during start-up (log above)"; }
     sleep 0.25
   done
   die "CouchDB did not answer on 127.0.0.1:$COUCH_PORT within 60s (see $STACK_DIR/couchdb.log)"
