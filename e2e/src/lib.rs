@@ -60,6 +60,8 @@ pub fn amqp_url() -> String {
     std::env::var("VOGELER_TEST_AMQP_URL")
         .unwrap_or_else(|_| config::defaults::AMQP_URL.to_string())
 }
+
+/// The test database, with the admin's credentials.
 ///
 /// Without `VOGELER_TEST_COUCHDB_URL`, the admin password `scripts/stack.sh up` generated is
 /// used (Apache CouchDB refuses anonymous requests), so a plain `cargo test` works after it.
@@ -76,7 +78,11 @@ pub fn couchdb_url() -> String {
         .and_then(|d| std::fs::read_to_string(d.join("couchdb-admin.password")).ok())
         .map(|p| p.trim().to_string());
     match password {
-        Some(pw) => format!("http://admin:{pw}@127.0.0.1:5984"),
+        // On the stack's own port, so the password goes to no other listener.
+        Some(pw) => format!(
+            "http://admin:{pw}@127.0.0.1:{}",
+            std::env::var("VOGELER_STACK_COUCHDB_PORT").unwrap_or_else(|_| "5984".into())
+        ),
         None => config::defaults::COUCHDB_URL.to_string(),
     }
 }
