@@ -199,8 +199,9 @@ level = warning
 $COUCH_ADMIN = $pw
 EOF
   )
-  # Stack directories made before the umask above was set: close them too.
-  chmod -R go-rwx "$STACK_DIR"
+  # A stack directory made before the umask above was set: close it once. CouchDB inherits
+  # the umask, so what it writes later is private already.
+  if [ "$(stat -c %a "$STACK_DIR")" != 700 ]; then chmod -R go-rwx "$STACK_DIR"; fi
   # A cookie of our own: the release ships with none, and Erlang refuses to start without one.
   # Whoever reads it can run code inside CouchDB through Erlang distribution.
   chmod 600 "$home/etc/vm.args"

@@ -105,7 +105,7 @@ impl AgentError {
     pub fn is_config(&self) -> bool {
         match self {
             AgentError::Broker(e) => matches!(e, AmqpError::Tls(_)),
-            AgentError::Listen { source, .. } => source.kind() != std::io::ErrorKind::AddrInUse,
+            AgentError::Listen { source, .. } => vogeler_core::exit::listen_error_is_config(source),
             AgentError::State { .. } => false,
             AgentError::NoAuthorizedKeys { .. }
             | AgentError::Keys(_)

@@ -130,13 +130,12 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 tracing::error!(error = %e, "agent stopped");
-                if e.is_broker() {
-                    eprintln!(
-                        "vogeler-agent: {e}; check that the broker is running and the URL is right"
-                    );
+                let hint = if e.is_broker() {
+                    "; check that the broker is running and the URL is right"
                 } else {
-                    eprintln!("vogeler-agent: {e}");
-                }
+                    ""
+                };
+                eprintln!("vogeler-agent: {e}{hint}");
                 exit::code(if e.is_unavailable() {
                     exit::UNAVAILABLE
                 } else {

@@ -88,8 +88,8 @@ impl CouchError {
         }
     }
 
-    /// A redirect or a 4xx: the request itself is wrong (the URL, the account), so
-    /// repeating it will not help.
+    /// A redirect or a 4xx (including every [`is_denied`](Self::is_denied)): the request
+    /// itself is wrong (the URL, the account), so repeating it will not help.
     pub fn is_client_error(&self) -> bool {
         matches!(self, CouchError::Status { status, .. }
             if status.is_redirection() || status.is_client_error())

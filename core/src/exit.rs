@@ -13,6 +13,13 @@ pub const UNAVAILABLE: u8 = 69;
 /// The configuration is invalid (`EX_CONFIG`): a restart will not help.
 pub const CONFIG: u8 = 78;
 
+/// Whether failing to listen on the HTTP address is a configuration error (exit 78): an
+/// address the machine lacks or may not use is; a port another process holds is not, since
+/// it can be freed and systemd should retry (78 stops it through RestartPreventExitStatus).
+pub fn listen_error_is_config(e: &std::io::Error) -> bool {
+    e.kind() != std::io::ErrorKind::AddrInUse
+}
+
 /// Shorthand for binaries.
 pub fn code(c: u8) -> ExitCode {
     ExitCode::from(c)

@@ -98,7 +98,7 @@ impl ServerError {
                 | ServerError::Http(_)
                 | ServerError::DatabaseRefused { .. }
         ) || matches!(self, ServerError::Listen { source, .. }
-                if source.kind() != std::io::ErrorKind::AddrInUse)
+                if vogeler_core::exit::listen_error_is_config(source))
             || matches!(self, ServerError::Database { source, .. } if source.is_denied())
     }
 
@@ -137,7 +137,7 @@ pub async fn connect_database(
             // A wrong password is refused even on GET /, and a redirect or a 404 there means
             // the URL points at something else (a proxy wanting https, a wrong path prefix):
             // waiting will not change either.
-            Err(source) if source.is_denied() || source.is_client_error() => {
+            Err(source) if source.is_client_error() => {
                 return Err(ServerError::DatabaseRefused {
                     url: couch.url().to_string(),
                     source,
