@@ -203,7 +203,7 @@ impl Security {
     pub fn authorized_keys(settings: &AgentSettings) -> Result<AuthorizedKeys, AgentError> {
         let path = &settings.authorized_keys;
         let keys = if path.exists() {
-            AuthorizedKeys::load(path)?
+            vogeler_core::keyfile::load_authorized(path)?
         } else {
             AuthorizedKeys::default()
         };
@@ -234,7 +234,7 @@ impl Security {
         if reaped > 0 {
             warn!(node = %settings.node, processes = reaped, "killed plugin processes left running by a previous agent that did not stop cleanly");
         }
-        let (key, created) = PrivateKey::load_or_create(&dir.join("agent.key"))?;
+        let (key, created) = vogeler_core::keyfile::load_or_create_private(&dir.join("agent.key"))?;
         if created {
             info!(node = %settings.node, key = %key.public(), "created this node's signing key");
         }
@@ -356,7 +356,7 @@ async fn serve(
     let s = &shared.settings;
     let topology = &s.broker.topology;
     let publisher = amqp::publisher_channel(conn).await?;
-    topology.declare_shared(conn).await?;
+    amqp::declare::shared(topology, conn).await?;
     if let Ok(mut current) = shared.publisher.lock() {
         *current = Some(publisher.clone());
     }
@@ -366,7 +366,7 @@ async fn serve(
     consumer_ch
         .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
-    let queue = topology.declare_agent_queue(conn, &s.node).await?;
+    let queue = amqp::declare::agent_queue(topology, conn, &s.node).await?;
 
     let mut catalog = shared.catalog.clone();
     let current = catalog.borrow_and_update().clone();

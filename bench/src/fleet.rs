@@ -21,7 +21,6 @@ use vogeler_core::{
     couch::CouchClient,
     names::{NodeName, PluginName},
     secret::SecretUrl,
-    signing::PrivateKey,
     topology::Topology,
     wire::{Command as WireCommand, Message, Target},
 };
@@ -394,7 +393,7 @@ pub async fn agent_footprint(
 
     // The burst: `burst` signed commands for `hello`, published back to back.
     let settings = fleet.runner_settings()?;
-    let key = PrivateKey::load(&settings.signing_key)?;
+    let key = vogeler_core::keyfile::load_private(&settings.signing_key)?;
     let conn = amqp::connect(&settings.broker.url, "vogeler-bench").await?;
     let ch = amqp::publisher_channel(&conn).await?;
     let topology = &settings.broker.topology;

@@ -133,7 +133,8 @@ impl TestStack {
         }
         let keys = tempfile::tempdir().expect("key directory");
         vogeler_runner::inventory::keygen(keys.path(), "test").expect("runner key");
-        let runner_key = PrivateKey::load(&keys.path().join("runner.key")).expect("runner key");
+        let runner_key = vogeler_core::keyfile::load_private(&keys.path().join("runner.key"))
+            .expect("runner key");
         Self {
             collective: format!("test-{}", &id[..12]),
             database: format!("test_{}", &id[..12]),
@@ -295,8 +296,7 @@ impl TestStack {
         let conn = vogeler_core::amqp::connect(&url, name)
             .await
             .expect("connect");
-        self.topology()
-            .declare_shared(&conn)
+        vogeler_core::amqp::declare::shared(&self.topology(), &conn)
             .await
             .expect("declare");
         let ch = vogeler_core::amqp::publisher_channel(&conn)

@@ -487,8 +487,7 @@ async fn broadcasts_are_transient_and_node_commands_persistent() {
     let topology = stack.topology();
     let (conn, ch) = stack.publisher("test-persistence").await;
     let node = node("persist01");
-    let queue = topology
-        .declare_agent_queue(&conn, &node)
+    let queue = vogeler_core::amqp::declare::agent_queue(&topology, &conn, &node)
         .await
         .expect("agent queue");
     for (target, mode) in [

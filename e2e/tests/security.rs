@@ -169,7 +169,7 @@ async fn restricted_keys_may_run_only_their_plugins_on_their_nodes_and_all_is_au
     let r = ask_with(&stack, "uptime", "all", "10", |_| {}).await;
     assert!(r.success(), "{}", r.render_table());
 
-    let helpdesk_id = vogeler_core::signing::PrivateKey::load(&helpdesk.join("runner.key"))
+    let helpdesk_id = vogeler_core::keyfile::load_private(&helpdesk.join("runner.key"))
         .expect("key")
         .public()
         .id();

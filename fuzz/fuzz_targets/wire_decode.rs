@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vogeler_core::wire;
+use vogeler_proto::wire;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(m) = wire::decode(data) {

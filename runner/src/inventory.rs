@@ -87,7 +87,7 @@ pub fn keygen(
         return Err(KeyError::Exists { path: public });
     }
     let key = PrivateKey::generate()?;
-    key.save(&private)?;
+    vogeler_core::keyfile::save_private(&key, &private)?;
     std::fs::write(&public, format!("{}\n", key.public().to_line(comment))).map_err(|source| {
         KeyError::Write {
             path: public.clone(),

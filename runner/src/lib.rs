@@ -276,7 +276,8 @@ pub async fn query(
     cancel: &CancellationToken,
     on_reply: &mut (dyn FnMut(Progress<'_>) + Send),
 ) -> Result<Report, RunnerError> {
-    let signer = PrivateKey::load(&settings.signing_key).map_err(RunnerError::SigningKey)?;
+    let signer = vogeler_core::keyfile::load_private(&settings.signing_key)
+        .map_err(RunnerError::SigningKey)?;
     // Names alone need no registry: they are commanded whatever it says. A plain broadcast
     // needs the registry only to know whom to wait for, so it is read while the command
     // goes out and the first replies arrive: with a large fleet the view can take as long
@@ -358,12 +359,10 @@ async fn collect(
     let ch = amqp::publisher_channel(conn)
         .await
         .map_err(AmqpError::from)?;
-    topology
-        .declare_shared(conn)
+    amqp::declare::shared(topology, conn)
         .await
         .map_err(AmqpError::from)?;
-    let reply_queue = topology
-        .declare_reply_queue(&ch, report.request_id)
+    let reply_queue = amqp::declare::reply_queue(topology, &ch, report.request_id)
         .await
         .map_err(AmqpError::from)?;
     // The reply queue is private and deleted with the connection: no acks needed.

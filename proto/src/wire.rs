@@ -15,15 +15,8 @@ use crate::names::{NodeName, PluginName};
 /// The schema version this release reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// Messages larger than this are refused before parsing (a plugin's output is capped far lower).
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
-
-/// Commands are a few hundred bytes; anything near this is not from a runner.
-pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
-
-/// The largest plugin value (as JSON) an agent publishes. RabbitMQ 4 refuses messages over
-/// 16 MiB by default; this leaves room for the rest of the result.
-pub const MAX_VALUE_BYTES: usize = 15 * 1024 * 1024;
+// The size limits live with the other limits; re-exported where messages are decoded.
+pub use crate::limits::{MAX_COMMAND_BYTES, MAX_MESSAGE_BYTES, MAX_VALUE_BYTES};
 
 /// Every message Vogeler sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

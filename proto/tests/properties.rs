@@ -5,7 +5,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 use serde_json::Value;
 use uuid::Uuid;
-use vogeler_core::{
+use vogeler_proto::{
     document::NodeDocument,
     names::{NodeName, PluginName},
     wire::{self, Announce, Command, Message, Outcome, PluginInfo, PluginResult, Target},

@@ -11,13 +11,11 @@
 //! - a public key is one line, `ed25519 <base64> [comment]`;
 //! - an authorized-keys file holds public-key lines, each optionally preceded by
 //!   restrictions: `plugins=dpkg,rpms nodes=web*,db01 ed25519 <base64> helpdesk`.
+//!
+//! Reading and writing those files is `vogeler_core::keyfile`'s; this module only parses and
+//! verifies, so the fuzzers and the unit tests need no file system.
 
-use std::{
-    fmt,
-    io::Write,
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
-    path::{Path, PathBuf},
-};
+use std::{fmt, path::PathBuf};
 
 use base64::{Engine, engine::general_purpose::STANDARD as B64};
 use ed25519_dalek::{
@@ -114,70 +112,19 @@ impl PrivateKey {
         Ok(Self(SigningKey::from_bytes(&seed)))
     }
 
-    /// Read a PKCS#8 PEM key, refusing one that others can read.
-    pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let read = |source| KeyError::Read {
-            path: path.to_path_buf(),
-            source,
-        };
-        let meta = std::fs::metadata(path).map_err(read)?;
-        let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(KeyError::Unprotected {
-                path: path.to_path_buf(),
-                mode,
-            });
-        }
-        let pem = std::fs::read_to_string(path).map_err(read)?;
-        SigningKey::from_pkcs8_pem(&pem)
+    /// Parse a PKCS#8 PEM private key; the error says why it is not one.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, String> {
+        SigningKey::from_pkcs8_pem(pem)
             .map(Self)
-            .map_err(|e| KeyError::BadPrivateKey {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })
+            .map_err(|e| e.to_string())
     }
 
-    /// Write the key to a new file with mode 0600; never overwrites.
-    pub fn save(&self, path: &Path) -> Result<(), KeyError> {
-        let pem = self
-            .0
+    /// The key as PKCS#8 PEM, the way [`PrivateKey::from_pkcs8_pem`] reads it.
+    pub fn to_pkcs8_pem(&self) -> Result<String, String> {
+        self.0
             .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| KeyError::Random(e.to_string()))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|source| match source.kind() {
-                std::io::ErrorKind::AlreadyExists => KeyError::Exists {
-                    path: path.to_path_buf(),
-                },
-                _ => KeyError::Write {
-                    path: path.to_path_buf(),
-                    source,
-                },
-            })?;
-        f.write_all(pem.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|source| KeyError::Write {
-                path: path.to_path_buf(),
-                source,
-            })
-    }
-
-    /// The key at `path`, created on first use (an agent's own key). Returns whether it was
-    /// created.
-    pub fn load_or_create(path: &Path) -> Result<(Self, bool), KeyError> {
-        if path.exists() {
-            return Self::load(path).map(|k| (k, false));
-        }
-        let key = Self::generate()?;
-        match key.save(path) {
-            Ok(()) => Ok((key, true)),
-            // Another process created it in between: use theirs.
-            Err(KeyError::Exists { .. }) => Self::load(path).map(|k| (k, false)),
-            Err(e) => Err(e),
-        }
+            .map(|pem| pem.to_string())
+            .map_err(|e| e.to_string())
     }
 
     pub fn public(&self) -> PublicKey {
@@ -315,45 +262,13 @@ pub struct AuthorizedKeys {
 }
 
 impl AuthorizedKeys {
-    /// Read a file of key lines, or every `*.pub` file of a directory. Every bad line is
-    /// reported at once.
-    pub fn load(path: &Path) -> Result<Self, KeyError> {
-        let read = |p: &Path| {
-            std::fs::read_to_string(p).map_err(|source| KeyError::Read {
-                path: p.to_path_buf(),
-                source,
-            })
-        };
-        let mut files = Vec::new();
-        if path.is_dir() {
-            let entries = std::fs::read_dir(path).map_err(|source| KeyError::Read {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            let mut paths: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|e| e == "pub"))
-                .collect();
-            paths.sort();
-            for p in paths {
-                files.push((read(&p)?, p));
-            }
-        } else {
-            files.push((read(path)?, path.to_path_buf()));
-        }
-        let texts: Vec<(String, String)> = files
-            .into_iter()
-            .map(|(text, file)| (text, file.display().to_string()))
-            .collect();
-        Self::parse_all(texts.iter().map(|(t, o)| (t.as_str(), o.as_str())))
-    }
-
     /// Parse authorized-keys text; `origin` names it in messages.
     pub fn parse(text: &str, origin: &str) -> Result<Self, KeyError> {
         Self::parse_all([(text, origin)])
     }
 
-    fn parse_all<'a>(
+    /// Parse several texts, each named by its origin; every bad line is reported at once.
+    pub fn parse_all<'a>(
         texts: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, KeyError> {
         let mut problems = Vec::new();
@@ -468,20 +383,13 @@ mod tests {
     }
 
     #[test]
-    fn key_files_round_trip_and_must_be_private() {
-        let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join("runner.key");
-        let (k, created) = PrivateKey::load_or_create(&path).expect("create");
-        assert!(created);
-        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let (again, created) = PrivateKey::load_or_create(&path).expect("load");
-        assert!(!created);
+    fn pem_round_trip_and_debug_hides_the_key() {
+        let k = PrivateKey::generate().expect("key");
+        let pem = k.to_pkcs8_pem().expect("pem");
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "{pem}");
+        let again = PrivateKey::from_pkcs8_pem(&pem).expect("parse");
         assert_eq!(again.public(), k.public());
-        assert!(matches!(k.save(&path), Err(KeyError::Exists { .. })));
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        let err = PrivateKey::load(&path).expect_err("unprotected");
-        assert!(err.to_string().contains("chmod 600"), "{err}");
+        assert!(PrivateKey::from_pkcs8_pem("not a key").is_err());
         assert!(!format!("{k:?}").contains(&k.public().to_base64()));
     }
 

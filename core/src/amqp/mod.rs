@@ -1,5 +1,9 @@
 //! The broker connection: connect with retry, open channels, publish signed messages with
 //! confirms.
+//!
+//! - [`declare`]: the collective's exchanges and queues.
+
+pub mod declare;
 
 use std::time::Duration;
 

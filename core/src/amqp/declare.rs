@@ -1,0 +1,222 @@
+//! Declaring a collective's exchanges and queues on the broker, from the names and arguments
+//! in [`vogeler_proto::topology`].
+
+use lapin::{
+    Channel, Connection, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+};
+use uuid::Uuid;
+use vogeler_proto::{
+    names::NodeName,
+    topology::{self, QueueArgument, Topology},
+};
+
+/// Queue arguments as lapin takes them.
+fn table(args: Vec<(&'static str, QueueArgument)>) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (name, value) in args {
+        let value = match value {
+            QueueArgument::Int(i) => AMQPValue::LongLongInt(i),
+            QueueArgument::Text(s) => AMQPValue::LongString(s.into()),
+        };
+        t.insert(name.into(), value);
+    }
+    t
+}
+
+async fn declare_exchanges(t: &Topology, ch: &Channel) -> Result<(), lapin::Error> {
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    for ex in [t.commands_exchange(), t.results_exchange()] {
+        ch.exchange_declare(
+            ex.as_str().into(),
+            ExchangeKind::Topic,
+            durable,
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    ch.exchange_declare(
+        t.dead_letter_exchange().as_str().into(),
+        ExchangeKind::Fanout,
+        durable,
+        FieldTable::default(),
+    )
+    .await
+}
+
+async fn declare_results_queue(t: &Topology, ch: &Channel) -> Result<(), lapin::Error> {
+    let dlq = t.dead_letter_queue();
+    ch.queue_declare(
+        dlq.as_str().into(),
+        QueueDeclareOptions::durable(),
+        table(t.queue_arguments()),
+    )
+    .await?;
+    ch.queue_bind(
+        dlq.as_str().into(),
+        t.dead_letter_exchange().as_str().into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    let q = t.results_queue();
+    ch.queue_declare(
+        q.as_str().into(),
+        QueueDeclareOptions::durable(),
+        table(t.results_queue_arguments()),
+    )
+    .await?;
+    ch.queue_bind(
+        q.as_str().into(),
+        t.results_exchange().as_str().into(),
+        topology::EVERYTHING.into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Whether an exchange (with `kind`) or a queue exists. A passive declaration of a missing
+/// one closes its channel, hence a channel of its own.
+async fn exists(
+    conn: &Connection,
+    name: &str,
+    kind: Option<ExchangeKind>,
+) -> Result<bool, lapin::Error> {
+    let probe = conn.create_channel().await?;
+    let found = match kind {
+        Some(kind) => {
+            let opts = ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            probe
+                .exchange_declare(name.into(), kind, opts, FieldTable::default())
+                .await
+                .is_ok()
+        }
+        None => {
+            let opts = QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            probe
+                .queue_declare(name.into(), opts, FieldTable::default())
+                .await
+                .is_ok()
+        }
+    };
+    if found {
+        let _ = probe.close(200, "done".into()).await;
+    }
+    Ok(found)
+}
+
+/// What agents and runners need before they publish: the exchanges, and the results queue so
+/// results are kept even before any server ran. An existing results queue is left as the
+/// server declared it (classic or quorum), whatever this program's settings.
+pub async fn shared(t: &Topology, conn: &Connection) -> Result<(), lapin::Error> {
+    let exchanges = [
+        (t.commands_exchange(), ExchangeKind::Topic),
+        (t.results_exchange(), ExchangeKind::Topic),
+        (t.dead_letter_exchange(), ExchangeKind::Fanout),
+    ];
+    let mut missing_exchange = false;
+    for (name, kind) in &exchanges {
+        missing_exchange |= !exists(conn, name, Some(kind.clone())).await?;
+    }
+    let missing_queue = !exists(conn, &t.results_queue(), None).await?;
+    if !missing_exchange && !missing_queue {
+        return Ok(());
+    }
+    // Only a fresh broker gets here; declaring needs configure permissions, which a
+    // least-privilege agent or runner lacks until the server has run once.
+    let ch = conn.create_channel().await?;
+    declare_exchanges(t, &ch).await?;
+    if missing_queue {
+        declare_results_queue(t, &ch).await?;
+    }
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// The server's declarations: the exchanges, the results queue and the dead letters, with
+/// this server's settings (a queue declared with others is a precondition failure).
+pub async fn server(t: &Topology, ch: &Channel) -> Result<(), lapin::Error> {
+    declare_exchanges(t, ch).await?;
+    declare_results_queue(t, ch).await
+}
+
+/// An agent's own durable command queue, bound for commands addressed to it.
+pub async fn agent_queue(
+    t: &Topology,
+    conn: &Connection,
+    node: &NodeName,
+) -> Result<String, lapin::Error> {
+    let q = t.agent_queue(node);
+    let args = table(t.agent_queue_arguments());
+    let mut ch = conn.create_channel().await?;
+    if let Err(e) = ch
+        .queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions::durable(),
+            args.clone(),
+        )
+        .await
+    {
+        if !super::is_precondition_failed(&e) {
+            return Err(e);
+        }
+        // Declared by an older release or with other bounds. It holds only commands, which
+        // the runner can send again: replace it rather than refuse to start.
+        tracing::warn!(queue = %q, "agent queue exists with other settings; replacing it (pending commands in it are dropped)");
+        ch = conn.create_channel().await?;
+        ch.queue_delete(q.as_str().into(), Default::default())
+            .await?;
+        ch.queue_declare(q.as_str().into(), QueueDeclareOptions::durable(), args)
+            .await?;
+    }
+    for key in Topology::agent_binding_keys(node) {
+        ch.queue_bind(
+            q.as_str().into(),
+            t.commands_exchange().as_str().into(),
+            key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    }
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(q)
+}
+
+/// A runner's private reply queue for one request: exclusive, deleted with its connection.
+pub async fn reply_queue(
+    t: &Topology,
+    ch: &Channel,
+    request_id: Uuid,
+) -> Result<String, lapin::Error> {
+    let opts = QueueDeclareOptions {
+        exclusive: true,
+        auto_delete: true,
+        ..Default::default()
+    };
+    let q = ch
+        .queue_declare("".into(), opts, FieldTable::default())
+        .await?;
+    let name = q.name().to_string();
+    ch.queue_bind(
+        name.as_str().into(),
+        t.results_exchange().as_str().into(),
+        Topology::result_routing_key(request_id).as_str().into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(name)
+}

@@ -1,0 +1,22 @@
+//! Vogeler's protocol: everything the agent, the server and the runner must agree on, as pure
+//! code. Nothing here touches the network or the file system, so all of it is unit-tested,
+//! property-tested and fuzzed on its own.
+//!
+//! - [`names`]: validated node and plugin names (they become CouchDB ids and keys).
+//! - [`wire`]: the typed messages that cross the broker, with their schema version.
+//! - [`limits`]: the sizes every layer accepts.
+//! - [`signing`]: Ed25519 keys, signatures over bytes, authorized-keys parsing.
+//! - [`topology`]: exchange, queue and routing-key names, queue arguments, message routes.
+//! - [`document`]: the node document shape and how results merge into it.
+//! - [`design`]: the design documents (views) the server installs.
+//! - [`duration`], [`secret`]: value types configuration is written in.
+
+pub mod design;
+pub mod document;
+pub mod duration;
+pub mod limits;
+pub mod names;
+pub mod secret;
+pub mod signing;
+pub mod topology;
+pub mod wire;
