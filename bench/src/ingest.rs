@@ -139,7 +139,7 @@ pub async fn server_rate(cli: &Stack, ing: Ingest, mode: Mode) -> Result<f64> {
     let couch = CouchClient::new(&settings.couch.url, None)?;
     let topology = settings.broker.topology.clone();
     let conn = amqp::connect(&settings.broker.url, "vogeler-bench").await?;
-    amqp::declare::server(&topology, &conn.create_channel().await?).await?;
+    amqp::declare::server(&topology, &conn).await?;
     let ch = amqp::publisher_channel(&conn).await?;
     let (agent_key, bodies) = result_bodies(ing)?;
     let result = |n: usize, name: String| result_message(ing, n, name, Utc::now());

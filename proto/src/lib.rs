@@ -7,6 +7,7 @@
 //! - [`limits`]: the sizes every layer accepts.
 //! - [`signing`]: Ed25519 keys, signatures over bytes, authorized-keys parsing.
 //! - [`topology`]: exchange, queue and routing-key names, queue arguments, message routes.
+//! - [`trust`]: what a receiver checks before it believes a message from an agent.
 //! - [`document`]: the node document shape and how results merge into it.
 //! - [`design`]: the design documents (views) the server installs.
 //! - [`duration`], [`secret`]: value types configuration is written in.
@@ -19,4 +20,5 @@ pub mod names;
 pub mod secret;
 pub mod signing;
 pub mod topology;
+pub mod trust;
 pub mod wire;

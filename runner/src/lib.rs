@@ -362,7 +362,7 @@ async fn collect(
     amqp::declare::shared(topology, conn)
         .await
         .map_err(AmqpError::from)?;
-    let reply_queue = amqp::declare::reply_queue(topology, &ch, report.request_id)
+    let reply_queue = amqp::declare::reply_queue(topology, conn, report.request_id)
         .await
         .map_err(AmqpError::from)?;
     // The reply queue is private and deleted with the connection: no acks needed.

@@ -304,7 +304,7 @@ async fn serve(
 ) -> Result<(), AmqpError> {
     let topology = &settings.broker.topology;
     let ch = conn.create_channel().await?;
-    amqp::declare::server(topology, &ch).await.map_err(|e| {
+    amqp::declare::server(topology, conn).await.map_err(|e| {
         if amqp::is_precondition_failed(&e) {
             AmqpError::Mismatch {
                 queue: topology.results_queue(),

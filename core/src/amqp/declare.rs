@@ -147,9 +147,12 @@ pub async fn shared(t: &Topology, conn: &Connection) -> Result<(), lapin::Error>
 
 /// The server's declarations: the exchanges, the results queue and the dead letters, with
 /// this server's settings (a queue declared with others is a precondition failure).
-pub async fn server(t: &Topology, ch: &Channel) -> Result<(), lapin::Error> {
-    declare_exchanges(t, ch).await?;
-    declare_results_queue(t, ch).await
+pub async fn server(t: &Topology, conn: &Connection) -> Result<(), lapin::Error> {
+    let ch = conn.create_channel().await?;
+    declare_exchanges(t, &ch).await?;
+    declare_results_queue(t, &ch).await?;
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
 }
 
 /// An agent's own durable command queue, bound for commands addressed to it.
@@ -198,9 +201,11 @@ pub async fn agent_queue(
 /// A runner's private reply queue for one request: exclusive, deleted with its connection.
 pub async fn reply_queue(
     t: &Topology,
-    ch: &Channel,
+    conn: &Connection,
     request_id: Uuid,
 ) -> Result<String, lapin::Error> {
+    // Exclusive to the connection, not the channel: declared on a channel of its own.
+    let ch = conn.create_channel().await?;
     let opts = QueueDeclareOptions {
         exclusive: true,
         auto_delete: true,
@@ -218,5 +223,6 @@ pub async fn reply_queue(
         FieldTable::default(),
     )
     .await?;
+    let _ = ch.close(200, "declared".into()).await;
     Ok(name)
 }

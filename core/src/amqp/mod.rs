@@ -2,13 +2,20 @@
 //! confirms.
 //!
 //! - [`declare`]: the collective's exchanges and queues.
+//! - [`consume`]: the verified consumer every program receives through, and the dead letters.
+//! - [`supervise`]: the reconnect loop.
 
+pub mod consume;
 pub mod declare;
+pub mod supervise;
+
+pub use lapin::Connection;
+pub use supervise::supervise;
 
 use std::time::Duration;
 
 use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties,
+    BasicProperties, Channel, Confirmation, ConnectionProperties,
     options::{BasicPublishOptions, ConfirmSelectOptions},
     tcp::{OwnedIdentity, OwnedTLSConfig},
     types::{AMQPValue, FieldTable},
@@ -21,6 +28,7 @@ use crate::{
     config::{BrokerSettings, TlsFiles},
     secret::SecretUrl,
     signing::{KEY_HEADER, PrivateKey, Purpose, SIGNATURE_HEADER},
+    topology::Topology,
     wire,
 };
 
@@ -50,6 +58,13 @@ pub enum AmqpError {
     Cancelled,
     #[error("cannot set up TLS for the broker: {0}")]
     Tls(String),
+}
+
+impl AmqpError {
+    /// No reconnect can cure it: a queue declared with other settings, unusable TLS files.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, AmqpError::Mismatch { .. } | AmqpError::Tls(_))
+    }
 }
 
 /// The broker refused a declaration because the exchange or queue exists with other
@@ -173,6 +188,59 @@ pub async fn publish(
             routing_key: routing_key.to_string(),
         }),
         Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+    }
+}
+
+/// Where the programs publish: a channel with confirms, and the collective's routes, so the
+/// exchange and routing key of every message come from [`Topology::route`] alone.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    channel: Channel,
+    topology: Topology,
+}
+
+impl Publisher {
+    pub async fn open(conn: &Connection, topology: &Topology) -> Result<Self, AmqpError> {
+        Ok(Self {
+            channel: publisher_channel(conn).await?,
+            topology: topology.clone(),
+        })
+    }
+
+    /// Publish a result or announcement (persistent) and wait for the broker's confirm.
+    pub async fn publish(
+        &self,
+        message: &wire::Message,
+        signer: &PrivateKey,
+    ) -> Result<(), AmqpError> {
+        let route = self.topology.route(message);
+        publish(
+            &self.channel,
+            &route.exchange,
+            &route.routing_key,
+            message,
+            signer,
+        )
+        .await
+    }
+
+    /// Publish a command that expires after `ttl`, and say whether any queue took it.
+    pub async fn command(
+        &self,
+        message: &wire::Message,
+        signer: &PrivateKey,
+        ttl: Duration,
+    ) -> Result<Delivery, AmqpError> {
+        let route = self.topology.route(message);
+        publish_command(
+            &self.channel,
+            &route.exchange,
+            &route.routing_key,
+            message,
+            signer,
+            ttl,
+        )
+        .await
     }
 }
 
