@@ -115,3 +115,32 @@ pub fn settings_or_exit<T: ProgramSettings>(
         Ok(s) => s.read_secrets().map_err(fail),
     }
 }
+
+/// The end of every binary's `main`: run `body` on a fresh runtime and turn its result into
+/// the process exit status. An error is logged, printed as `{program}: {error}` (with its
+/// hint) on stderr, and ends the process with the code its [`ExitStatus`] names.
+///
+/// [`ExitStatus`]: crate::exit::ExitStatus
+pub fn start<E: crate::exit::ExitStatus>(
+    program: &str,
+    body: impl std::future::Future<Output = Result<u8, E>>,
+) -> std::process::ExitCode {
+    crate::exit::block_on(program, async {
+        match body.await {
+            Ok(code) => crate::exit::code(code),
+            Err(e) => fail(program, &e),
+        }
+    })
+}
+
+/// Report an error the way [`start`] does and return its exit status (for work done before
+/// or without a runtime).
+pub fn fail<E: crate::exit::ExitStatus + ?Sized>(program: &str, e: &E) -> std::process::ExitCode {
+    let code = e.exit_code();
+    tracing::error!(error = %e, exit_code = code, "{program} stopped");
+    match e.hint() {
+        Some(hint) => eprintln!("{program}: {e}; {hint}"),
+        None => eprintln!("{program}: {e}"),
+    }
+    crate::exit::code(code)
+}

@@ -101,6 +101,32 @@ impl CouchError {
         matches!(self, CouchError::Status { status, .. }
             if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
     }
+
+    /// No such database, document or view (404).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, CouchError::Status { status, .. } if *status == StatusCode::NOT_FOUND)
+    }
+
+    /// Someone else wrote the document first: re-read, merge and write again. The client
+    /// turns a 409 on a single-document write into [`CouchError::Conflict`]; a bare 409 status
+    /// is one too.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, CouchError::Conflict { .. })
+            || matches!(self, CouchError::Status { status, .. } if *status == StatusCode::CONFLICT)
+    }
+}
+
+impl crate::exit::ExitStatus for CouchError {
+    /// Down or overloaded: 69, worth a restart. The account or the URL refused: 78.
+    fn exit_code(&self) -> u8 {
+        if self.is_transient() {
+            crate::exit::UNAVAILABLE
+        } else if self.is_client_error() && !self.is_not_found() && !self.is_conflict() {
+            crate::exit::CONFIG
+        } else {
+            crate::exit::FAILURE
+        }
+    }
 }
 
 /// The URL path segments of a document. Design and local documents live at

@@ -13,6 +13,33 @@ pub const UNAVAILABLE: u8 = 69;
 /// The configuration is invalid (`EX_CONFIG`): a restart will not help.
 pub const CONFIG: u8 = 78;
 
+/// What an error means to systemd and scripts: every error a program can end with says its
+/// exit code here, in one place, instead of a per-program pair of `is_config`/`is_unavailable`.
+pub trait ExitStatus: std::error::Error {
+    /// [`CONFIG`] when only a change of configuration helps (systemd will not restart),
+    /// [`UNAVAILABLE`] when the broker or database may come back (systemd restarts), else
+    /// [`FAILURE`].
+    fn exit_code(&self) -> u8;
+
+    /// A way forward printed after the message, when the message itself does not give one.
+    fn hint(&self) -> Option<&'static str> {
+        None
+    }
+}
+
+impl ExitStatus for crate::config::ConfigError {
+    fn exit_code(&self) -> u8 {
+        CONFIG
+    }
+}
+
+impl ExitStatus for vogeler_proto::signing::KeyError {
+    /// A key file missing, unreadable or malformed: the operator must fix it.
+    fn exit_code(&self) -> u8 {
+        CONFIG
+    }
+}
+
 /// Whether failing to listen on the HTTP address is a configuration error (exit 78): an
 /// address the machine lacks or may not use is; a port another process holds is not, since
 /// it can be freed and systemd should retry (78 stops it through RestartPreventExitStatus).

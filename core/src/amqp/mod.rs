@@ -67,6 +67,27 @@ impl AmqpError {
     }
 }
 
+impl crate::exit::ExitStatus for AmqpError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            AmqpError::Mismatch { .. } | AmqpError::Tls(_) => crate::exit::CONFIG,
+            AmqpError::Unavailable { .. } => crate::exit::UNAVAILABLE,
+            _ => crate::exit::FAILURE,
+        }
+    }
+
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            AmqpError::Unavailable { .. }
+            | AmqpError::Broker(_)
+            | AmqpError::ConsumerEnded { .. } => {
+                Some("check that the broker is running and the URL is right")
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The broker refused a declaration because the exchange or queue exists with other
 /// arguments: retrying cannot help.
 pub fn is_precondition_failed(e: &lapin::Error) -> bool {
