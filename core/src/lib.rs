@@ -5,6 +5,7 @@
 //!
 //! - [`amqp`]: broker connection with retry, topology declaration, confirmed publishing.
 //! - [`couch`]: a small CouchDB HTTP client that keeps to the documented API.
+//! - [`query`]: every read of the inventory's views, with typed rows.
 //! - [`keyfile`]: private and authorized key files.
 //! - [`config`]: layered configuration (defaults < file < `VOGELER_*` env < flags).
 //! - [`cli`]: the connection flags every program shares.
@@ -18,6 +19,7 @@ pub mod couch;
 pub mod exit;
 pub mod keyfile;
 pub mod observe;
+pub mod query;
 pub mod shutdown;
 pub mod telemetry;
 

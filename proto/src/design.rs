@@ -2,6 +2,7 @@
 //! the CouchDB web UI as well as from the runner. Views are plain ES5 so that every JavaScript
 //! engine Apache CouchDB 3 ships with (QuickJS in 3.4, SpiderMonkey before) runs them.
 
+use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
 /// The design document id in the node database (`_design/vogeler`).
@@ -13,44 +14,163 @@ pub const HISTORY_DDOC: &str = "vogeler_history";
 /// leave newer ones (from a newer server) alone.
 pub const VERSION: u64 = 3;
 
-/// Views of the node database. Keys:
-/// - `nodes_by_last_seen`: last seen time → null
-/// - `nodes_by_plugin`: plugin name → last outcome
-/// - `packages`: `[name, version]` → source plugin, for installed `dpkg` and `rpms` entries
-/// - `facts`: `[fact path, value]` → null, from the facts agents report (`os.family`,
-///   `kernel`, `arch`, ...)
-/// - `collected`: `[plugin, node]` → `{collected_at, outcome}`, for answering from stored
-///   values (`--cached`)
-/// - `registry`: node name → `{last_seen, agent_version, facts}`, what the runner resolves
-///   node sets against without reading whole documents
-pub fn nodes() -> Value {
+/// A view: the design document it lives in, its name and its map function, in one place so
+/// that the server installs and every reader queries the same thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub ddoc: &'static str,
+    pub name: &'static str,
+    pub map: &'static str,
+}
+
+/// Last seen time → null: stale nodes and `prune`.
+pub const NODES_BY_LAST_SEEN: View = View {
+    ddoc: NODES_DDOC,
+    name: "nodes_by_last_seen",
+    map: "function (doc) { if (doc.vogeler && doc.vogeler.last_seen) { emit(doc.vogeler.last_seen, null); } }",
+};
+
+/// Plugin name → its last outcome.
+pub const NODES_BY_PLUGIN: View = View {
+    ddoc: NODES_DDOC,
+    name: "nodes_by_plugin",
+    map: "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit(name, p[name].outcome); } }",
+};
+
+/// `[name, version]` → source plugin, for installed `dpkg` and `rpms` entries.
+pub const PACKAGES: View = View {
+    ddoc: NODES_DDOC,
+    name: "packages",
+    map: "function (doc) { ['dpkg', 'rpms'].forEach(function (source) { var list = doc[source]; if (!Array.isArray(list)) { return; } list.forEach(function (pkg) { if (!pkg || typeof pkg.name !== 'string') { return; } if (pkg.status && pkg.status !== 'installed') { return; } emit([pkg.name, pkg.version || null], source); }); }); }",
+};
+
+/// `[plugin, node]` → [`Collected`], for answering from stored values (`--cached`).
+pub const COLLECTED: View = View {
+    ddoc: NODES_DDOC,
+    name: "collected",
+    map: "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome }); } }",
+};
+
+/// Node name → [`Registered`], what the runner resolves node sets against without reading
+/// whole documents.
+pub const REGISTRY: View = View {
+    ddoc: NODES_DDOC,
+    name: "registry",
+    map: "function (doc) { if (doc.vogeler) { emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {} }); } }",
+};
+
+/// `[fact path, value]` → null, from the facts agents report (`os.family`, `kernel`,
+/// `arch`, ...).
+pub const FACTS: View = View {
+    ddoc: NODES_DDOC,
+    name: "facts",
+    map: "function (doc) { var f = doc.vogeler && doc.vogeler.facts; if (!f) { return; } function walk(prefix, o) { for (var k in o) { var v = o[k]; var key = prefix ? prefix + '.' + k : k; if (v !== null && typeof v === 'object' && !Array.isArray(v)) { walk(key, v); } else if (v === null || typeof v !== 'object') { emit([key, v], null); } } } walk('', f); }",
+};
+
+/// History entry time → null, for retention.
+pub const HISTORY_BY_TIME: View = View {
+    ddoc: HISTORY_DDOC,
+    name: "by_time",
+    map: "function (doc) { if (doc.at) { emit(doc.at, null); } }",
+};
+
+/// `[node, plugin, time]` → null: one plugin's changes on one node, in order.
+pub const HISTORY_BY_NODE_PLUGIN: View = View {
+    ddoc: HISTORY_DDOC,
+    name: "by_node_plugin",
+    map: "function (doc) { if (doc.node && doc.plugin && doc.at) { emit([doc.node, doc.plugin, doc.at], null); } }",
+};
+
+/// The views of the node database.
+pub const NODE_VIEWS: [View; 6] = [
+    NODES_BY_LAST_SEEN,
+    NODES_BY_PLUGIN,
+    PACKAGES,
+    COLLECTED,
+    REGISTRY,
+    FACTS,
+];
+
+/// The views of the history database.
+pub const HISTORY_VIEWS: [View; 2] = [HISTORY_BY_TIME, HISTORY_BY_NODE_PLUGIN];
+
+/// The history database's name for a node database: one place, every program agrees.
+pub fn history_database(db: &str) -> String {
+    format!("{db}_history")
+}
+
+fn design_document(id: &str, views: &[View]) -> Value {
+    let views: serde_json::Map<String, Value> = views
+        .iter()
+        .map(|v| (v.name.to_string(), json!({ "map": v.map })))
+        .collect();
     json!({
-        "_id": format!("_design/{NODES_DDOC}"),
+        "_id": format!("_design/{id}"),
         "language": "javascript",
         "vogeler_version": VERSION,
-        "views": {
-            "nodes_by_last_seen": { "map": "function (doc) { if (doc.vogeler && doc.vogeler.last_seen) { emit(doc.vogeler.last_seen, null); } }" },
-            "nodes_by_plugin": { "map": "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit(name, p[name].outcome); } }" },
-            "packages": { "map": "function (doc) { ['dpkg', 'rpms'].forEach(function (source) { var list = doc[source]; if (!Array.isArray(list)) { return; } list.forEach(function (pkg) { if (!pkg || typeof pkg.name !== 'string') { return; } if (pkg.status && pkg.status !== 'installed') { return; } emit([pkg.name, pkg.version || null], source); }); }); }" },
-            "collected": { "map": "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome }); } }" },
-            "registry": { "map": "function (doc) { if (doc.vogeler) { emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {} }); } }" },
-            "facts": { "map": "function (doc) { var f = doc.vogeler && doc.vogeler.facts; if (!f) { return; } function walk(prefix, o) { for (var k in o) { var v = o[k]; var key = prefix ? prefix + '.' + k : k; if (v !== null && typeof v === 'object' && !Array.isArray(v)) { walk(key, v); } else if (v === null || typeof v !== 'object') { emit([key, v], null); } } } walk('', f); }" }
-        }
+        "views": views,
     })
 }
 
-/// Views of the history database: `by_time` (time → null, for retention) and
-/// `by_node_plugin` (`[node, plugin, time]` → null).
+/// The node database's design document.
+pub fn nodes() -> Value {
+    design_document(NODES_DDOC, &NODE_VIEWS)
+}
+
+/// The history database's design document.
 pub fn history() -> Value {
-    json!({
-        "_id": format!("_design/{HISTORY_DDOC}"),
-        "language": "javascript",
-        "vogeler_version": VERSION,
-        "views": {
-            "by_time": { "map": "function (doc) { if (doc.at) { emit(doc.at, null); } }" },
-            "by_node_plugin": { "map": "function (doc) { if (doc.node && doc.plugin && doc.at) { emit([doc.node, doc.plugin, doc.at], null); } }" }
+    design_document(HISTORY_DDOC, &HISTORY_VIEWS)
+}
+
+/// A [`REGISTRY`] row's value. Read leniently: a document written by hand (or by a broken
+/// release) gives `None`s and no facts rather than hiding every other node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Registered {
+    pub last_seen: Option<DateTime<Utc>>,
+    pub agent_version: Option<String>,
+    pub facts: serde_json::Map<String, Value>,
+}
+
+impl Registered {
+    pub fn from_value(v: &Value) -> Self {
+        Self {
+            last_seen: time(v.get("last_seen")),
+            agent_version: v
+                .get("agent_version")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            facts: v
+                .get("facts")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
         }
-    })
+    }
+}
+
+/// A [`COLLECTED`] row's value, read as leniently as [`Registered`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Collected {
+    pub collected_at: Option<DateTime<Utc>>,
+    pub outcome: Option<String>,
+}
+
+impl Collected {
+    pub fn from_value(v: &Value) -> Self {
+        Self {
+            collected_at: time(v.get("collected_at")),
+            outcome: v.get("outcome").and_then(Value::as_str).map(str::to_string),
+        }
+    }
+
+    /// Collected successfully at or after `cutoff`.
+    pub fn ok_since(&self, cutoff: DateTime<Utc>) -> bool {
+        self.outcome.as_deref() == Some("ok") && self.collected_at.is_some_and(|t| t >= cutoff)
+    }
+}
+
+fn time(v: Option<&Value>) -> Option<DateTime<Utc>> {
+    v.and_then(Value::as_str).and_then(|t| t.parse().ok())
 }
 
 /// The version a stored design document declares (0 when it declares none).
@@ -76,5 +196,45 @@ mod tests {
             assert!(d["views"].as_object().is_some_and(|v| !v.is_empty()));
         }
         assert_eq!(version_of(&json!({})), 0);
+    }
+
+    #[test]
+    fn every_view_is_installed_under_its_own_name() {
+        let nodes = nodes();
+        for v in NODE_VIEWS {
+            assert_eq!(nodes["views"][v.name]["map"], v.map, "{}", v.name);
+            assert_eq!(v.ddoc, NODES_DDOC);
+        }
+        let history = history();
+        for v in HISTORY_VIEWS {
+            assert_eq!(history["views"][v.name]["map"], v.map, "{}", v.name);
+            assert_eq!(v.ddoc, HISTORY_DDOC);
+        }
+        assert_eq!(history_database("inv"), "inv_history");
+    }
+
+    #[test]
+    fn rows_are_read_leniently() {
+        let r = Registered::from_value(&json!({
+            "last_seen": "2026-01-02T03:04:05Z", "agent_version": "0.1.0", "facts": {"os": "x"}
+        }));
+        assert_eq!(r.agent_version.as_deref(), Some("0.1.0"));
+        assert!(r.last_seen.is_some());
+        assert_eq!(r.facts["os"], "x");
+        let junk =
+            Registered::from_value(&json!({"last_seen": 5, "facts": [1], "agent_version": {}}));
+        assert_eq!(junk, Registered::default());
+        let c = Collected::from_value(
+            &json!({"collected_at": "2026-01-02T03:04:05Z", "outcome": "ok"}),
+        );
+        let at: DateTime<Utc> = "2026-01-02T03:04:05Z".parse().expect("time");
+        assert!(c.ok_since(at));
+        assert!(!c.ok_since(at + chrono::Duration::seconds(1)));
+        assert!(
+            !Collected::from_value(
+                &json!({"collected_at": "2026-01-02T03:04:05Z", "outcome": "failed"})
+            )
+            .ok_since(at)
+        );
     }
 }

@@ -1,0 +1,146 @@
+//! The one place the inventory is queried: every view read goes through [`Inventory`], with
+//! the view (name and JavaScript) from [`vogeler_proto::design`] and typed rows out, so no
+//! caller spells a view name, probes a row by key, or builds the history database's name.
+
+use std::collections::BTreeSet;
+
+use serde_json::{Value, json};
+use vogeler_proto::{
+    design::{self, Collected, Registered, View},
+    document::HistoryEntry,
+};
+
+use crate::couch::{CouchClient, CouchError, ViewRow};
+
+/// A node database and its history database.
+#[derive(Debug, Clone)]
+pub struct Inventory {
+    couch: CouchClient,
+    db: String,
+    history_db: String,
+}
+
+impl Inventory {
+    pub fn new(couch: CouchClient, db: impl Into<String>) -> Self {
+        let db = db.into();
+        Self {
+            history_db: design::history_database(&db),
+            couch,
+            db,
+        }
+    }
+
+    pub fn client(&self) -> &CouchClient {
+        &self.couch
+    }
+    pub fn database(&self) -> &str {
+        &self.db
+    }
+    pub fn history_database(&self) -> &str {
+        &self.history_db
+    }
+
+    async fn rows(
+        &self,
+        view: View,
+        params: &[(&str, String)],
+    ) -> Result<Vec<ViewRow>, CouchError> {
+        let db = if view.ddoc == design::HISTORY_DDOC {
+            &self.history_db
+        } else {
+            &self.db
+        };
+        self.couch.view(db, view.ddoc, view.name, params).await
+    }
+
+    /// Every registered node (document id) with what the registry view knows of it.
+    pub async fn registry(&self) -> Result<Vec<(String, Registered)>, CouchError> {
+        Ok(self
+            .rows(design::REGISTRY, &[])
+            .await?
+            .into_iter()
+            .filter_map(|r| Some((r.id?, Registered::from_value(&r.value))))
+            .collect())
+    }
+
+    /// When and how `plugin` was last collected on each node that has it.
+    pub async fn collected(&self, plugin: &str) -> Result<Vec<(String, Collected)>, CouchError> {
+        let params = [
+            ("startkey", json!([plugin]).to_string()),
+            ("endkey", json!([plugin, {}]).to_string()),
+        ];
+        Ok(self
+            .rows(design::COLLECTED, &params)
+            .await?
+            .into_iter()
+            .filter_map(|r| Some((r.id?, Collected::from_value(&r.value))))
+            .collect())
+    }
+
+    /// Nodes with an installed package (any version when `version` is `None`).
+    pub async fn with_package(
+        &self,
+        name: &str,
+        version: Option<&str>,
+    ) -> Result<BTreeSet<String>, CouchError> {
+        let params = match version {
+            Some(v) => vec![("key", json!([name, v]).to_string())],
+            None => vec![
+                ("startkey", json!([name]).to_string()),
+                ("endkey", json!([name, {}]).to_string()),
+            ],
+        };
+        Ok(ids(self.rows(design::PACKAGES, &params).await?))
+    }
+
+    /// Nodes whose fact `key` is exactly `value`.
+    pub async fn with_fact(
+        &self,
+        key: &str,
+        value: &Value,
+    ) -> Result<BTreeSet<String>, CouchError> {
+        let params = [("key", json!([key, value]).to_string())];
+        Ok(ids(self.rows(design::FACTS, &params).await?))
+    }
+
+    /// Every recorded change of `plugin` on `node`, oldest first.
+    pub async fn history(&self, node: &str, plugin: &str) -> Result<Vec<HistoryEntry>, CouchError> {
+        let params = [
+            ("startkey", json!([node, plugin]).to_string()),
+            ("endkey", json!([node, plugin, {}]).to_string()),
+            ("include_docs", "true".to_string()),
+        ];
+        Ok(self
+            .rows(design::HISTORY_BY_NODE_PLUGIN, &params)
+            .await?
+            .into_iter()
+            .filter_map(|r| serde_json::from_value(r.doc?).ok())
+            .collect())
+    }
+
+    /// Nodes last seen before `cutoff` (RFC 3339).
+    pub async fn last_seen_before(&self, cutoff: &str) -> Result<Vec<String>, CouchError> {
+        let params = [("endkey", json!(cutoff).to_string())];
+        Ok(self
+            .rows(design::NODES_BY_LAST_SEEN, &params)
+            .await?
+            .into_iter()
+            .filter_map(|r| r.id)
+            .collect())
+    }
+
+    /// History entries recorded before `cutoff` (RFC 3339).
+    pub async fn history_before(&self, cutoff: &str) -> Result<Vec<String>, CouchError> {
+        let params = [("endkey", json!(cutoff).to_string())];
+        Ok(self
+            .rows(design::HISTORY_BY_TIME, &params)
+            .await?
+            .into_iter()
+            .filter_map(|r| r.id)
+            .collect())
+    }
+}
+
+fn ids(rows: Vec<ViewRow>) -> BTreeSet<String> {
+    rows.into_iter().filter_map(|r| r.id).collect()
+}
