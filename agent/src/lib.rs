@@ -2,7 +2,7 @@
 //! (only ever a configured one) and publishes the result.
 //!
 //! - [`plugin`]: plugin files and the catalog of a plugin directory.
-//! - [`format`]: how plugin output becomes JSON.
+//! - [`format`]: how plugin output becomes JSON (from `vogeler_plugin_spec`).
 //! - [`exec`]: bounded plugin execution.
 //! - [`reload`]: hot reload of the plugin directory (inotify and SIGHUP).
 //! - [`local`]: `plugins list|check|run`, the tools for plugin authors.
@@ -17,7 +17,8 @@ pub mod audit;
 pub mod cli;
 pub mod exec;
 pub mod facts;
-pub mod format;
+// Plugin output formats live with the plugin-file syntax, in the pure crate.
+pub use vogeler_plugin_spec::format;
 pub mod guard;
 pub mod local;
 pub mod plugin;

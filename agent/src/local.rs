@@ -23,7 +23,7 @@ pub fn list(dir: &Path) -> Result<String, String> {
         "NAME", "FORMAT", "STATUS"
     );
     for p in c.plugins() {
-        let status = if p.warnings().is_empty() {
+        let status = if crate::plugin::warnings(p).is_empty() {
             "ok"
         } else {
             "warning"
@@ -83,7 +83,7 @@ pub fn check_file(file: &Path) -> Result<String, String> {
         match loaded {
             Ok(p) => {
                 count += 1;
-                for w in p.warnings() {
+                for w in crate::plugin::warnings(&p) {
                     let _ = writeln!(out, "warning: {}: {w}", file.display());
                 }
             }

@@ -2,7 +2,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vogeler_agent::format::Format;
+use vogeler_plugin_spec::format::Format;
 
 fuzz_target!(|data: &[u8]| {
     let formats = [

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use ini::{Ini, ParseOption};
 
-use super::Definition;
+use crate::Definition;
 use crate::format::Format;
 
 const KEYS: &[&str] = &[

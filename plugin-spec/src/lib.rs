@@ -1,0 +1,229 @@
+//! Plugin files and plugin output, parsed without I/O: what a plugin definition may say (the
+//! TOML syntax, and the original Vogeler `*.cfg` files through [`legacy`]), its validation,
+//! and how a plugin's output becomes JSON ([`format`]). The agent reads the files and runs the
+//! programs; everything here is a pure function of text and bytes, so it is unit-tested and
+//! fuzzed on its own.
+//!
+//! A plugin file (one or more plugins each):
+//!
+//! ```toml
+//! name = "hello"
+//! description = "Says hello"            # optional
+//! command = ["printf", "alpha\nbeta\n"]  # argv, run without a shell
+//! format = "lines"                       # lines | string | json | yaml | kv | raw | fields
+//! timeout = "60s"                        # optional, default 60s
+//! max_output = "4MiB"                    # optional cap on stdout, default 4 MiB
+//! user = "nobody"                        # optional: run as this account (agent must be root)
+//! env = { TZ = "UTC" }                   # optional extra environment
+//! fields = ["name", "version"]           # format "fields" only: one object per line
+//! separator = "\t"                       # format "fields" only: default runs of whitespace
+//! ```
+//! Original Vogeler `*.cfg` files load too (see [`legacy`]).
+
+pub mod format;
+pub mod legacy;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+use vogeler_proto::{duration, names::PluginName};
+
+use crate::format::Format;
+
+/// Used when a plugin file sets no timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Used when a plugin file sets no `max_output`.
+pub const DEFAULT_MAX_OUTPUT: usize = 4 * 1024 * 1024;
+/// The largest `max_output` a plugin may ask for: results travel as one broker message.
+pub const MAX_MAX_OUTPUT: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PluginFile {
+    name: String,
+    #[serde(default)]
+    description: Option<String>,
+    command: Vec<String>,
+    format: String,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    max_output: Option<ByteSize>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    fields: Option<Vec<String>>,
+    #[serde(default)]
+    separator: Option<String>,
+}
+
+/// A size in bytes: a number, or a string such as `"512KiB"` or `"4MiB"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            ByteSize::Bytes(n) => Ok(*n),
+            ByteSize::Text(s) => {
+                let t = s.trim();
+                let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+                let (num, unit) = t.split_at(split);
+                let mult: u64 = match unit.trim() {
+                    "" | "B" => 1,
+                    "KiB" | "K" | "KB" => 1 << 10,
+                    "MiB" | "M" | "MB" => 1 << 20,
+                    "GiB" | "G" | "GB" => 1 << 30,
+                    other => {
+                        return Err(format!(
+                            "max_output: unknown unit {other:?} in {s:?}; use bytes, KiB or MiB"
+                        ));
+                    }
+                };
+                num.parse::<u64>()
+                    .ok()
+                    .and_then(|n| n.checked_mul(mult))
+                    .ok_or_else(|| format!("max_output: {s:?} is not a size; write e.g. 4MiB"))
+            }
+        }
+    }
+}
+
+/// A loaded, valid plugin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plugin {
+    pub name: PluginName,
+    pub description: Option<String>,
+    /// The program: a bare name is looked up on the plugin `PATH`, a relative path resolves
+    /// against the plugin file's directory (so a plugin can ship its script beside it).
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub format: Format,
+    pub timeout: Duration,
+    pub max_output: usize,
+    /// Run as this account instead of the agent's.
+    pub user: Option<String>,
+    /// Extra environment on top of the minimal one every plugin gets.
+    pub env: BTreeMap<String, String>,
+    pub file: PathBuf,
+    /// `sha256:<hex>` of the file, announced so the server can see which version runs.
+    pub hash: String,
+}
+
+/// Everything a plugin definition may say, whichever file syntax it came from.
+#[derive(Debug)]
+pub struct Definition {
+    pub name: String,
+    pub description: Option<String>,
+    pub command: Vec<String>,
+    pub format: Format,
+    pub timeout: Option<Duration>,
+    pub max_output: Option<u64>,
+    pub user: Option<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+impl Definition {
+    /// Validate and resolve into a [`Plugin`].
+    pub fn build(self, file: &Path, hash: &str) -> Result<Plugin, String> {
+        let name = PluginName::new(self.name).map_err(|e| e.to_string())?;
+        let mut command = self.command.into_iter();
+        let program = command
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or("command is empty: give the program and its arguments")?;
+        let program = PathBuf::from(program);
+        let program = if program.is_relative() && program.components().count() > 1 {
+            // Absolute, because plugins run with `/` as their working directory.
+            let dir = file.parent().unwrap_or(Path::new("."));
+            std::path::absolute(dir)
+                .unwrap_or_else(|_| dir.to_path_buf())
+                .join(program)
+        } else {
+            program
+        };
+        let timeout = self.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        if timeout.is_zero() {
+            return Err("timeout must be longer than zero".into());
+        }
+        let max_output = match self.max_output {
+            None => DEFAULT_MAX_OUTPUT,
+            Some(0) => return Err("max_output must be at least 1 byte".into()),
+            Some(n) if n > MAX_MAX_OUTPUT as u64 => {
+                return Err(format!(
+                    "max_output {n} is over the {} MiB limit of one result",
+                    MAX_MAX_OUTPUT >> 20
+                ));
+            }
+            Some(n) => usize::try_from(n).unwrap_or(MAX_MAX_OUTPUT),
+        };
+        if let Some(bad) = self
+            .env
+            .keys()
+            .find(|k| k.is_empty() || k.contains(['=', '\0']))
+        {
+            return Err(format!("env: {bad:?} is not a valid variable name"));
+        }
+        if self.user.as_deref() == Some("") {
+            return Err("user must not be empty; leave it out to run as the agent's user".into());
+        }
+        Ok(Plugin {
+            name,
+            description: self.description,
+            program,
+            args: command.collect(),
+            format: self.format,
+            timeout,
+            max_output,
+            user: self.user,
+            env: self.env,
+            file: file.to_path_buf(),
+            hash: hash.to_string(),
+        })
+    }
+}
+
+/// Parse a plugin file's text (the agent's `load_file` reads it); `path` (its extension: `.cfg` is the
+/// legacy format) is used in messages and to resolve the program.
+pub fn parse_text(text: &str, path: &Path, hash: &str) -> Vec<Result<Plugin, String>> {
+    if path.extension().is_some_and(|e| e == "cfg") {
+        return legacy::definitions(text)
+            .into_iter()
+            .map(|d| d.and_then(|d| d.build(path, hash)))
+            .collect();
+    }
+    vec![toml_definition(text).and_then(|d| d.build(path, hash))]
+}
+
+fn toml_definition(text: &str) -> Result<Definition, String> {
+    let raw: PluginFile =
+        toml::from_str(text).map_err(|e| e.message().to_string() + &location(text, e.span()))?;
+    Ok(Definition {
+        format: Format::from_parts(&raw.format, raw.fields, raw.separator)?,
+        max_output: raw.max_output.as_ref().map(ByteSize::bytes).transpose()?,
+        name: raw.name,
+        description: raw.description,
+        command: raw.command,
+        timeout: raw.timeout,
+        user: raw.user,
+        env: raw.env,
+    })
+}
+
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    span.map(|s| {
+        let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+        format!(" (line {line})")
+    })
+    .unwrap_or_default()
+}
