@@ -489,13 +489,19 @@ async fn stale_nodes_are_reported_and_prune_removes_only_old_ones() {
         .wait_registered(&["old01", "old02", "mid01", "new01"])
         .await;
     let day = Duration::from_secs(86_400);
-    let stale = vogeler_server::maintenance::stale_nodes(&stack.couch, &stack.database, day)
-        .await
-        .expect("stale");
+    let stale = vogeler_server::maintenance::stale_nodes(
+        &vogeler_core::query::Inventory::new(stack.couch.clone(), &stack.database),
+        day,
+    )
+    .await
+    .expect("stale");
     assert_eq!(stale, ["old01", "old02", "mid01"]);
-    let pruned = vogeler_server::maintenance::prune(&stack.couch, &stack.database, 30 * day)
-        .await
-        .expect("prune");
+    let pruned = vogeler_server::maintenance::prune(
+        &vogeler_core::query::Inventory::new(stack.couch.clone(), &stack.database),
+        30 * day,
+    )
+    .await
+    .expect("prune");
     assert_eq!(pruned, ["old01", "old02"]);
     let mut left = stack.node_ids().await;
     left.sort();

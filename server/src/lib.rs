@@ -198,9 +198,7 @@ pub async fn run_with(
     }
     let store = prepare_database(&couch, &settings.couch.database).await?;
     let maintenance = tokio::spawn(maintenance::periodic(
-        couch.clone(),
-        store.database().to_string(),
-        store.history_database().to_string(),
+        vogeler_core::query::Inventory::new(couch.clone(), store.database()),
         settings.stale_after,
         settings.history_retention,
         MAINTENANCE_EVERY,

@@ -29,11 +29,11 @@ async fn prune(
             });
         }
     };
-    let db = &settings.couch.database;
+    let inventory = vogeler_core::query::Inventory::new(couch, &settings.couch.database);
     let result = if dry_run {
-        vogeler_server::maintenance::stale_nodes(&couch, db, older_than).await
+        vogeler_server::maintenance::stale_nodes(&inventory, older_than).await
     } else {
-        vogeler_server::maintenance::prune(&couch, db, older_than).await
+        vogeler_server::maintenance::prune(&inventory, older_than).await
     };
     match result {
         Ok(nodes) => {

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use vogeler_core::{
     couch::{CouchClient, CouchError},
     design,
+    query::Inventory,
 };
 
 /// Install `ddoc` in `db` unless the stored one has the same or a newer version.
@@ -42,31 +43,9 @@ pub async fn ensure_design(
     }
 }
 
-/// `[key, id]` rows of a view up to `endkey` (an RFC 3339 time).
-async fn older_than(
-    couch: &CouchClient,
-    db: &str,
-    ddoc: &str,
-    view: &str,
-    cutoff: &str,
-) -> Result<Vec<String>, CouchError> {
-    let params = [("endkey", json!(cutoff).to_string())];
-    Ok(couch
-        .view(db, ddoc, view, &params)
-        .await?
-        .into_iter()
-        .filter_map(|r| r.id)
-        .collect())
-}
-
 /// Nodes whose last sign of life is older than `age`.
-pub async fn stale_nodes(
-    couch: &CouchClient,
-    db: &str,
-    age: Duration,
-) -> Result<Vec<String>, CouchError> {
-    let cutoff = cutoff(age);
-    older_than(couch, db, design::NODES_DDOC, "nodes_by_last_seen", &cutoff).await
+pub async fn stale_nodes(inventory: &Inventory, age: Duration) -> Result<Vec<String>, CouchError> {
+    inventory.last_seen_before(&cutoff(age)).await
 }
 
 fn cutoff(age: Duration) -> String {
@@ -98,45 +77,31 @@ async fn delete_ids(couch: &CouchClient, db: &str, ids: &[String]) -> Result<usi
 }
 
 /// `vogeler-server prune`: delete nodes not seen for `age`. Returns their names.
-pub async fn prune(
-    couch: &CouchClient,
-    db: &str,
-    age: Duration,
-) -> Result<Vec<String>, CouchError> {
-    let ids = stale_nodes(couch, db, age).await?;
-    delete_ids(couch, db, &ids).await?;
+pub async fn prune(inventory: &Inventory, age: Duration) -> Result<Vec<String>, CouchError> {
+    let ids = stale_nodes(inventory, age).await?;
+    delete_ids(inventory.client(), inventory.database(), &ids).await?;
     Ok(ids)
 }
 
 /// Delete history entries older than `retention`.
 pub async fn expire_history(
-    couch: &CouchClient,
-    history_db: &str,
+    inventory: &Inventory,
     retention: Duration,
 ) -> Result<usize, CouchError> {
-    let ids = older_than(
-        couch,
-        history_db,
-        design::HISTORY_DDOC,
-        "by_time",
-        &cutoff(retention),
-    )
-    .await?;
-    delete_ids(couch, history_db, &ids).await
+    let ids = inventory.history_before(&cutoff(retention)).await?;
+    delete_ids(inventory.client(), inventory.history_database(), &ids).await
 }
 
 /// Log stale nodes and expire history: at start, then every `every`.
 pub async fn periodic(
-    couch: CouchClient,
-    db: String,
-    history_db: String,
+    inventory: Inventory,
     stale_after: Duration,
     retention: Duration,
     every: Duration,
     cancel: tokio_util::sync::CancellationToken,
 ) {
     loop {
-        match stale_nodes(&couch, &db, stale_after).await {
+        match stale_nodes(&inventory, stale_after).await {
             Ok(stale) if !stale.is_empty() => {
                 let shown: Vec<&str> = stale.iter().take(20).map(String::as_str).collect();
                 let more = if stale.len() > shown.len() {
@@ -149,7 +114,7 @@ pub async fn periodic(
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot list stale nodes"),
         }
-        match expire_history(&couch, &history_db, retention).await {
+        match expire_history(&inventory, retention).await {
             Ok(0) => {}
             Ok(n) => info!(deleted = n, "expired old history entries"),
             Err(e) => warn!(error = %e, "cannot expire history"),
