@@ -19,7 +19,9 @@
 
 use std::time::Duration;
 
-use reqwest::{Method, RequestBuilder, StatusCode};
+use reqwest::RequestBuilder;
+// In `CouchError::Status`, so callers and tests can name them.
+pub use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
 use url::Url;
 

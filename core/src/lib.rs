@@ -24,7 +24,9 @@ pub mod shutdown;
 pub mod telemetry;
 
 // Re-exported while the program crates move their imports to vogeler_proto.
-pub use vogeler_proto::{design, document, duration, names, secret, signing, topology, wire};
+pub use vogeler_proto::{
+    design, document, duration, names, secret, signing, topology, trust, wire,
+};
 
 /// The version every program reports in its announcements and results.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

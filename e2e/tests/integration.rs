@@ -442,7 +442,11 @@ async fn unreachable_broker_and_database_are_named_without_passwords() {
     let err = vogeler_server::run(raw.server().expect("settings"), CancellationToken::new())
         .await
         .expect_err("no database");
-    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(
+        vogeler_core::exit::ExitStatus::exit_code(&err),
+        vogeler_core::exit::UNAVAILABLE,
+        "{err}"
+    );
     assert!(err.to_string().contains("http://127.0.0.1:1/"), "{err}");
 
     let agent = raw.agent(Some("web01".into())).expect("settings");

@@ -260,6 +260,10 @@ async fn a_taken_listen_address_is_a_start_up_error() {
         .await
         .expect_err("port is taken");
     // Another process can free the port: not a configuration error (exit 1, systemd retries).
-    assert!(!err.is_config(), "{err}");
+    assert_eq!(
+        vogeler_core::exit::ExitStatus::exit_code(&err),
+        vogeler_core::exit::FAILURE,
+        "{err}"
+    );
     assert!(err.to_string().contains("cannot listen on"), "{err}");
 }

@@ -1,5 +1,6 @@
 //! vogeler-server: drains the results queue into CouchDB, one document per node.
 //!
+//! - [`batch`]: which batches are written at once, and narrowing a refusal to its message.
 //! - [`store`]: batched read-merge-write of node documents, and the history of changes.
 //! - [`maintenance`]: design documents, stale nodes, history retention, `prune`.
 //!
@@ -10,6 +11,7 @@
 //! with their reason. [`run`] takes its settings and a shutdown token so tests run it
 //! in-process.
 
+pub mod batch;
 pub mod cli;
 pub mod maintenance;
 pub mod store;
@@ -17,30 +19,29 @@ pub mod store;
 use std::{collections::BTreeSet, time::Duration};
 
 use futures_util::StreamExt;
-use lapin::{
-    BasicProperties, Channel, Connection,
-    message::Delivery,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-        BasicRejectOptions, QueueDeclareOptions,
-    },
-    types::{AMQPValue, FieldTable},
-};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 use vogeler_core::{
-    amqp::{self, AmqpError},
+    amqp::{
+        self, AmqpError, Connection,
+        consume::{
+            Consume, Consumer, DeadLetters, FromAgents, Incoming, QueueLength, Received, Settlement,
+        },
+    },
     backoff,
     config::{CouchSettings, ServerSettings},
     couch::{CouchClient, CouchError},
     design,
+    exit::{self, ExitStatus},
     observe::{self, ServerMetrics},
-    signing::{self, Purpose},
-    topology::Topology,
-    wire::{self, Message},
+    trust::Signed,
+    wire::Message,
 };
 
-use crate::store::{Signed, Store, Stored};
+use crate::{
+    batch::InFlight,
+    store::{Store, Stored},
+};
 
 /// How long to wait for more results to fill a batch once one has arrived: long enough to
 /// group a fan-out's replies, short enough not to be noticed.
@@ -87,28 +88,29 @@ pub enum ServerError {
     },
 }
 
-impl ServerError {
-    /// The broker holds a results queue declared with other settings, bad TLS files, a
-    /// listen address that cannot be used, a database account CouchDB refuses (exit 78).
-    /// A port another process holds is not one: it can be freed, so systemd may retry.
-    pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            ServerError::Broker(AmqpError::Mismatch { .. } | AmqpError::Tls(_))
-                | ServerError::Http(_)
-                | ServerError::DatabaseRefused { .. }
-        ) || matches!(self, ServerError::Listen { source, .. }
-                if vogeler_core::exit::listen_error_is_config(source))
-            || matches!(self, ServerError::Database { source, .. } if source.is_denied())
+impl ExitStatus for ServerError {
+    /// A results queue declared with other settings, bad TLS files, a listen address that
+    /// cannot be used, a database account or URL CouchDB refuses: 78. A port another process
+    /// holds is not one: it can be freed, so systemd may retry. Broker or database
+    /// unreachable at start-up: 69.
+    fn exit_code(&self) -> u8 {
+        match self {
+            ServerError::Broker(e) => e.exit_code(),
+            ServerError::DatabaseUnavailable { .. } => exit::UNAVAILABLE,
+            ServerError::DatabaseRefused { .. } | ServerError::Http(_) => exit::CONFIG,
+            ServerError::Database { source, .. } => source.exit_code(),
+            ServerError::Listen { source, .. } if exit::listen_error_is_config(source) => {
+                exit::CONFIG
+            }
+            ServerError::Listen { .. } => exit::FAILURE,
+        }
     }
 
-    /// Broker or database unreachable at start-up (exit 69).
-    pub fn is_unavailable(&self) -> bool {
-        matches!(
-            self,
-            ServerError::Broker(AmqpError::Unavailable { .. })
-                | ServerError::DatabaseUnavailable { .. }
-        ) || matches!(self, ServerError::Database { source, .. } if source.is_transient())
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            ServerError::Broker(e) => e.hint(),
+            _ => None,
+        }
     }
 }
 
@@ -205,36 +207,38 @@ pub async fn run_with(
         cancel.clone(),
     ));
 
-    let b = &settings.broker;
-    let mut conn =
-        match amqp::connect_with_retry(b, "vogeler-server", Some(b.connect_timeout), &cancel).await
-        {
-            Ok(c) => c,
-            Err(AmqpError::Cancelled) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
     let mut stats = Throughput::default();
-    loop {
-        metrics.broker_up.set(true);
-        let served = serve(&conn, &settings, &store, &mut stats, &metrics, &cancel).await;
-        metrics.broker_up.set(false);
-        match served {
-            Ok(()) => break,
-            Err(e @ AmqpError::Mismatch { .. }) => {
-                let _ = conn.close(200, "server stopping".into()).await;
-                cancel.cancel();
-                let _ = maintenance.await;
-                return Err(e.into());
+    let broker = amqp::Supervisor::connect(&settings.broker, "vogeler-server", &cancel).await;
+    let served = match broker {
+        Ok(Some(mut broker)) => loop {
+            metrics.broker_up.set(true);
+            let served = serve(
+                broker.connection(),
+                &settings,
+                &store,
+                &mut stats,
+                &metrics,
+                &cancel,
+            )
+            .await;
+            metrics.broker_up.set(false);
+            match broker.again(served).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    broker.close().await;
+                    break Ok(());
+                }
+                Err(e) => break Err(e),
             }
-            Err(e) => warn!(error = %e, "lost the broker connection; reconnecting"),
-        }
-        conn = match amqp::connect_with_retry(b, "vogeler-server", None, &cancel).await {
-            Ok(c) => c,
-            Err(_) => break,
-        };
+        },
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if served.is_err() {
+        cancel.cancel();
     }
-    let _ = conn.close(200, "server shutting down".into()).await;
     let _ = maintenance.await;
+    served?;
     info!(
         stored = stats.total_stored,
         dead_lettered = stats.total_dead,
@@ -301,7 +305,6 @@ async fn serve(
     cancel: &CancellationToken,
 ) -> Result<(), AmqpError> {
     let topology = &settings.broker.topology;
-    let ch = conn.create_channel().await?;
     amqp::declare::server(topology, conn).await.map_err(|e| {
         if amqp::is_precondition_failed(&e) {
             AmqpError::Mismatch {
@@ -312,40 +315,37 @@ async fn serve(
             e.into()
         }
     })?;
-    ch.basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await?;
-    let dead = amqp::publisher_channel(conn).await?;
+    let dead = DeadLetters::open(conn, topology).await?;
     let queue = topology.results_queue();
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "vogeler-server".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let how = Consume {
+        queue: &queue,
+        tag: "vogeler-server",
+        prefetch: Some(settings.prefetch),
+        no_ack: false,
+    };
+    let mut consumer = Consumer::open(conn, how, FromAgents).await?;
+    let lag_probe = QueueLength::open(conn, &queue).await?;
     info!(queue = %queue, database = %store.database(), batch_size = settings.batch_size, "storing results");
     // Two stages so the next batch is gathered while the current one is written: the reader
     // hands whole batches to the writer through a channel that holds one.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Decoded>>(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Delivered>>(1);
     let batch_size = settings.batch_size;
+    let consumer = &mut consumer;
     let reader = async move {
         loop {
             let first = tokio::select! {
                 () = cancel.cancelled() => return Ok(()),
-                d = consumer.next() => d,
+                d = consumer.next() => d?,
             };
-            let mut batch = vec![delivery(first, &queue)?];
+            let mut batch = vec![first];
             let linger = tokio::time::Instant::now() + LINGER;
             while batch.len() < batch_size {
                 match tokio::time::timeout_at(linger, consumer.next()).await {
-                    Ok(d) => batch.push(delivery(d, &queue)?),
+                    Ok(d) => batch.push(d?),
                     Err(_) => break,
                 }
             }
             metrics.consumed.inc_by(batch.len() as u64);
-            // Decoding here overlaps it with the writer's database round trips.
-            let batch = batch.into_iter().map(|d| (verify(&d), d)).collect();
             if tx.send(batch).await.is_err() {
                 return Ok(()); // the writer stopped for shutdown
             }
@@ -355,24 +355,20 @@ async fn serve(
     // work on while the server merges the next batch.
     let writer = async move {
         let mut inflight = futures_util::stream::FuturesUnordered::new();
-        let mut busy: Vec<BTreeSet<String>> = Vec::new(); // nodes of each batch in flight
-        let mut waiting: Option<(Vec<Decoded>, BTreeSet<String>)> = None;
+        let mut busy = InFlight::new(WRITERS);
+        let mut waiting: Option<(Vec<Delivered>, BTreeSet<String>)> = None;
         let mut open = true;
         loop {
-            // A batch that shares a node with one in flight waits for it, so one server
-            // applies each node's results in queue order (and records each change).
             if let Some((_, nodes)) = &waiting
-                && inflight.len() < WRITERS
-                && busy.iter().all(|b| b.is_disjoint(nodes))
+                && busy.can_start(nodes)
                 && let Some((batch, nodes)) = waiting.take()
             {
-                let id = nodes.clone();
-                busy.push(nodes);
+                let ticket = busy.start(nodes);
                 let dead = &dead;
                 inflight.push(async move {
                     (
-                        id,
-                        handle_batch(store, topology, dead, batch, metrics, cancel).await,
+                        ticket,
+                        handle_batch(store, dead, batch, metrics, cancel).await,
                     )
                 });
             }
@@ -384,8 +380,8 @@ async fn serve(
                     }
                     None => open = false,
                 },
-                Some((nodes, done)) = inflight.next(), if !inflight.is_empty() => {
-                    busy.retain(|b| *b != nodes);
+                Some((ticket, done)) = inflight.next(), if !inflight.is_empty() => {
+                    busy.finish(ticket);
                     match done {
                         Some((stored, dead_count, wrong_key)) => stats.record(stored, dead_count, wrong_key),
                         None => return, // shutdown interrupted a batch; it stays unacked
@@ -395,22 +391,11 @@ async fn serve(
             }
         }
     };
-    // The ingest lag for /metrics: a passive declare answers with the queue's length.
+    // The ingest lag for /metrics.
     let lag = async {
-        let queue = topology.results_queue();
         loop {
-            if let Ok(q) = ch
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await
-            {
-                metrics.queue_messages.set(i64::from(q.message_count()));
+            if let Ok(n) = lag_probe.get().await {
+                metrics.queue_messages.set(i64::from(n));
             }
             tokio::time::sleep(QUEUE_POLL_EVERY).await;
         }
@@ -423,158 +408,103 @@ async fn serve(
     }
 }
 
-fn delivery(d: Option<Result<Delivery, lapin::Error>>, queue: &str) -> Result<Delivery, AmqpError> {
-    match d {
-        Some(Ok(d)) => Ok(d),
-        Some(Err(e)) => Err(e.into()),
-        None => Err(AmqpError::ConsumerEnded {
-            queue: queue.to_string(),
-        }),
-    }
-}
+/// A delivery from the results queue, verified or refused.
+type Delivered = Received<Signed, String>;
 
 /// The nodes a batch touches.
-fn batch_nodes(batch: &[Decoded]) -> BTreeSet<String> {
+fn batch_nodes(batch: &[Delivered]) -> BTreeSet<String> {
     batch
         .iter()
-        .filter_map(|(m, _)| m.as_ref().ok().and_then(|s| store::node_of(&s.message)))
+        .filter_map(|d| {
+            d.as_ref()
+                .ok()
+                .and_then(|i| store::node_of(&i.message.message))
+        })
         .map(|n| n.to_string())
         .collect()
 }
 
-/// A delivery with its verified, decoded message (or why it was refused).
-type Decoded = (Result<Signed, String>, Delivery);
-
-/// Check the signature over the bytes received, then decode. The signer is only known to be
-/// the node's own key once the store compares it with the node's pin.
-fn verify(d: &Delivery) -> Result<Signed, String> {
-    let (key, signature) = amqp::signature_of(&d.properties);
-    let signer = signing::verify(
-        Purpose::Agent,
-        &d.data,
-        key.as_deref(),
-        signature.as_deref(),
-    )
-    .map_err(|e| e.to_string())?;
-    let message = wire::decode(&d.data).map_err(|e| e.to_string())?;
-    Ok(Signed { message, signer })
-}
-
-/// Store one batch and settle its messages; returns how many were stored, dead-lettered and refused for a wrong key,
-/// or `None` when shutdown interrupted it (its messages stay unacked and are redelivered to
-/// whoever consumes next).
+/// Store one batch and settle its messages; returns how many were stored, dead-lettered and
+/// refused for a wrong key, or `None` when shutdown interrupted it (its messages stay
+/// unacked and are redelivered to whoever consumes next).
 async fn handle_batch(
     store: &Store,
-    topology: &Topology,
-    dead: &Channel,
-    batch: Vec<Decoded>,
+    dead: &DeadLetters,
+    batch: Vec<Delivered>,
     metrics: &ServerMetrics,
     cancel: &CancellationToken,
 ) -> Option<(u64, u64, u64)> {
-    let mut valid: Vec<(Signed, Delivery)> = Vec::with_capacity(batch.len());
-    let mut refused: Vec<(Delivery, String)> = Vec::new();
-    for (decoded, d) in batch {
-        match decoded {
-            Ok(
-                m @ Signed {
-                    message: Message::Result(_) | Message::Announce(_),
-                    ..
-                },
-            ) => valid.push((m, d)),
-            Ok(other) => {
-                let reason = format!(
-                    "the results queue does not take {} messages",
-                    other.message.kind()
-                );
-                refused.push((d, reason));
-            }
-            Err(e) => refused.push((d, e)),
+    let mut valid: Vec<Incoming<Signed>> = Vec::with_capacity(batch.len());
+    let mut refused: Vec<(Settlement, String)> = Vec::new();
+    for d in batch {
+        match d {
+            Ok(incoming) => match batch::admit(&incoming.message.message) {
+                Ok(()) => valid.push(incoming),
+                Err(reason) => refused.push((incoming.settlement, reason)),
+            },
+            Err(r) => refused.push((r.settlement, r.refusal)),
         }
     }
     let mut dead_count = refused.len() as u64;
     metrics.dead_lettered("malformed", dead_count);
-    let refs: Vec<(&Delivery, &str)> = refused.iter().map(|(d, r)| (d, r.as_str())).collect();
-    dead_letter_all(topology, dead, &refs).await;
+    let refs: Vec<(&Settlement, &str)> = refused.iter().map(|(s, r)| (s, r.as_str())).collect();
+    dead.send(&refs).await;
+
     let mut delays = backoff::delays();
-    let stored = loop {
-        let messages: Vec<&Signed> = valid.iter().map(|(m, _)| m).collect();
-        match store.apply(&messages).await {
-            Ok(outcome) => break outcome,
-            Err(e) if is_permanent(&e) && valid.len() > 1 => {
-                // One message poisons the request (too large, say): store them one by one
-                // so only that one is dead-lettered.
-                warn!(error = %e, batch = valid.len(), "database refused the batch; storing its results one at a time");
-                let mut outcome = Vec::with_capacity(valid.len());
-                for m in &messages {
-                    match store.apply(&[*m]).await {
-                        Ok(mut o) => outcome.push(o.pop().unwrap_or(Stored::Done)),
-                        Err(e) if is_permanent(&e) => outcome.push(Stored::Refused(e.to_string())),
-                        Err(e) => {
-                            warn!(error = %e, "cannot store results yet, retrying");
-                            outcome.clear();
-                            break;
-                        }
-                    }
-                }
-                if outcome.len() == messages.len() {
-                    break outcome;
-                }
+    let mut writer = batch::Writer::new(valid.len());
+    let mut step = writer.start();
+    let outcome = loop {
+        step = match step {
+            batch::Step::Apply(indexes) => {
+                let messages: Vec<&Signed> = indexes.iter().map(|i| &valid[*i].message).collect();
+                let answer = store.apply(&messages).await;
+                writer.answer(answer.map_err(|e| batch::Failure::from(&e)))
             }
-            Err(e) if is_permanent(&e) => break vec![Stored::Refused(e.to_string())],
-            Err(e) => {
+            batch::Step::Wait(why) => {
                 metrics.store_retries.inc();
                 let delay = delays.next().unwrap_or(backoff::MAX_DELAY);
-                warn!(error = %e, batch = valid.len(), retry_in_ms = delay.as_millis() as u64, "cannot store results yet, retrying; they stay in the queue");
+                warn!(error = %why, batch = valid.len(), retry_in_ms = delay.as_millis() as u64, "cannot store results yet, retrying; they stay in the queue");
                 tokio::select! {
                     () = cancel.cancelled() => return None,
                     () = tokio::time::sleep(delay) => {}
                 }
+                writer.resume()
             }
+            batch::Step::Done(outcome) => break outcome,
         }
     };
-    // Acked one by one: with several batches in flight a `multiple` ack could settle
-    // another batch's messages before they are stored.
-    let mut stored_count = 0;
-    let mut wrong_key = 0u64;
-    let mut unstorable: Vec<(&Delivery, String)> = Vec::new();
-    for ((message, d), outcome) in valid.iter().zip(stored) {
-        match outcome {
-            Stored::Done => {
-                stored_count += 1;
-                log_stored(&message.message);
-                if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
-                    // The write is idempotent, so a redelivery after this is harmless.
-                    warn!(error = %e, "stored but could not ack; it will be redelivered");
-                }
-            }
-            Stored::Refused(reason) => {
-                error!(reason = %reason, "database refused a result");
-                unstorable.push((d, reason));
-            }
+    for stored in &outcome {
+        match stored {
+            Stored::Refused(reason) => error!(reason = %reason, "database refused a result"),
             Stored::WrongKey(reason) => {
-                wrong_key += 1;
-                warn!(reason = %reason, "refused a message signed by another key than its node's");
-                unstorable.push((d, reason));
+                warn!(reason = %reason, "refused a message signed by another key than its node's")
             }
+            Stored::Done => {}
         }
     }
+    let plan = batch::Settlement::of(outcome);
+    // Acked one by one: with several batches in flight a `multiple` ack could settle
+    // another batch's messages before they are stored.
+    for &i in &plan.ack {
+        log_stored(&valid[i].message.message);
+        if let Err(e) = valid[i].settlement.ack().await {
+            // The write is idempotent, so a redelivery after this is harmless.
+            warn!(error = %e, "stored but could not ack; it will be redelivered");
+        }
+    }
+    let unstorable: Vec<(&Settlement, &str)> = plan
+        .dead
+        .iter()
+        .map(|(i, r)| (&valid[*i].settlement, r.as_str()))
+        .collect();
     dead_count += unstorable.len() as u64;
+    let stored_count = plan.ack.len() as u64;
     metrics.batches.inc();
     metrics.stored.inc_by(stored_count);
-    metrics.dead_lettered("wrong_key", wrong_key);
-    metrics.dead_lettered("refused", unstorable.len() as u64 - wrong_key);
-    let refs: Vec<(&Delivery, &str)> = unstorable.iter().map(|(d, r)| (*d, r.as_str())).collect();
-    dead_letter_all(topology, dead, &refs).await;
-    Some((stored_count, dead_count, wrong_key))
-}
-
-/// Errors that retrying cannot fix for this request. Everything else (database down,
-/// authentication, conflicts) is retried: holding the queue beats losing results.
-fn is_permanent(e: &CouchError) -> bool {
-    match e {
-        CouchError::Status { status, .. } => matches!(status.as_u16(), 400 | 413 | 415),
-        _ => false,
-    }
+    metrics.dead_lettered("wrong_key", plan.wrong_key);
+    metrics.dead_lettered("refused", unstorable.len() as u64 - plan.wrong_key);
+    dead.send(&unstorable).await;
+    Some((stored_count, dead_count, plan.wrong_key))
 }
 
 fn log_stored(message: &Message) {
@@ -586,62 +516,5 @@ fn log_stored(message: &Message) {
             debug!(node = %a.node, agent_version = %a.agent_version, "node announced")
         }
         Message::Command(_) => {}
-    }
-}
-
-/// Move messages that can never be stored to the dead-letter queue, each with its reason,
-/// and ack them so they stop blocking the queue; a message whose copy the broker will not
-/// take is rejected instead (the results queue dead-letters it too, without our reason).
-/// The copies are published together and then confirmed: one confirm round trip each would
-/// make a flood of garbage slow to clear.
-async fn dead_letter_all(topology: &Topology, dead: &Channel, refused: &[(&Delivery, &str)]) {
-    let mut pending = Vec::with_capacity(refused.len());
-    for &(d, reason) in refused {
-        warn!(reason = %reason, redelivered = d.redelivered, bytes = d.data.len(), "dead-lettering a message");
-        let copy = dead
-            .basic_publish(
-                topology.dead_letter_exchange().as_str().into(),
-                "".into(),
-                BasicPublishOptions::default(),
-                &d.data,
-                dead_letter_properties(d, reason),
-            )
-            .await;
-        pending.push((d, copy));
-    }
-    for (d, copy) in pending {
-        let confirmed = match copy {
-            Ok(c) => c.await.is_ok_and(|c| c.is_ack()),
-            Err(_) => false,
-        };
-        settle_dead(d, confirmed).await;
-    }
-}
-
-fn dead_letter_properties(d: &Delivery, reason: &str) -> BasicProperties {
-    let mut headers = d.properties.headers().clone().unwrap_or_default();
-    headers.insert(
-        "x-vogeler-reason".into(),
-        AMQPValue::LongString(reason.into()),
-    );
-    headers.insert(
-        "x-vogeler-routing-key".into(),
-        AMQPValue::LongString(d.routing_key.as_str().into()),
-    );
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_headers(headers)
-}
-
-/// Ack a dead-lettered message once its copy is confirmed; otherwise reject it (the results
-/// queue dead-letters it too, without our reason).
-async fn settle_dead(d: &Delivery, copied: bool) {
-    let settled = if copied {
-        d.acker.ack(BasicAckOptions::default()).await
-    } else {
-        d.acker.reject(BasicRejectOptions { requeue: false }).await
-    };
-    if let Err(e) = settled {
-        warn!(error = %e, "could not settle a dead-lettered message; it will be redelivered");
     }
 }

@@ -10,7 +10,6 @@ use vogeler_core::{
     couch::{CouchClient, CouchError},
     document::{Change, HistoryEntry, NodeDocument},
     names::NodeName,
-    signing::PublicKey,
     wire::Message,
 };
 
@@ -29,12 +28,8 @@ pub enum Stored {
     WrongKey(String),
 }
 
-/// A message whose signature checked out, with its signer.
-#[derive(Debug, Clone)]
-pub struct Signed {
-    pub message: Message,
-    pub signer: PublicKey,
-}
+/// A message whose signature checked out, with its signer (checked by the consumer).
+pub use vogeler_core::trust::Signed;
 
 /// The node database and its history database.
 #[derive(Debug, Clone)]
@@ -44,16 +39,11 @@ pub struct Store {
     history_db: String,
 }
 
-/// The history database's name for a node database.
-pub fn history_database(db: &str) -> String {
-    format!("{db}_history")
-}
-
 impl Store {
     pub fn new(couch: CouchClient, db: impl Into<String>) -> Self {
         let db = db.into();
         Self {
-            history_db: history_database(&db),
+            history_db: vogeler_core::design::history_database(&db),
             couch,
             db,
         }

@@ -240,9 +240,25 @@ impl<V: Verify> Consumer<V> {
             .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
             .await;
     }
+}
 
-    /// How many messages wait in the queue (a passive declaration answers with it).
-    pub async fn queue_length(&self) -> Result<u32, AmqpError> {
+/// A queue's length, read on a channel of its own (for metrics): a passive declaration
+/// answers with it, and one that fails closes only this channel.
+#[derive(Debug)]
+pub struct QueueLength {
+    channel: Channel,
+    queue: String,
+}
+
+impl QueueLength {
+    pub async fn open(conn: &Connection, queue: &str) -> Result<Self, AmqpError> {
+        Ok(Self {
+            channel: conn.create_channel().await?,
+            queue: queue.to_string(),
+        })
+    }
+
+    pub async fn get(&self) -> Result<u32, AmqpError> {
         let q = self
             .channel
             .queue_declare(

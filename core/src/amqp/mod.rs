@@ -10,7 +10,7 @@ pub mod declare;
 pub mod supervise;
 
 pub use lapin::Connection;
-pub use supervise::supervise;
+pub use supervise::Supervisor;
 
 use std::time::Duration;
 

@@ -1,6 +1,23 @@
 //! The one reconnect loop: connect (giving up at start-up after the connect timeout), serve
 //! until the connection is lost, reconnect with capped backoff, forever, until shutdown. The
-//! agent, the agent simulator and the server all run inside it.
+//! agent, the agent simulator and the server all run inside a [`Supervisor`]:
+//!
+//! ```ignore
+//! let Some(mut broker) = Supervisor::connect(&settings.broker, NAME, &cancel).await? else {
+//!     return Ok(()); // shut down before the broker answered
+//! };
+//! loop {
+//!     let served = serve(broker.connection()).await;
+//!     if !broker.again(served).await? {
+//!         break;
+//!     }
+//! }
+//! broker.close().await;
+//! ```
+//!
+//! (A loop in the caller rather than a function taking the serving closure: the closure's
+//! future borrows the caller's state, and async closures cannot yet promise such a future is
+//! `Send`, which every task on tokio's runtime must be.)
 
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
@@ -9,42 +26,67 @@ use tracing::warn;
 use super::{AmqpError, connect_with_retry};
 use crate::config::BrokerSettings;
 
-/// Serve the broker through `serve`, reconnecting whenever it returns an error that a new
-/// connection can cure. `up` is told when a connection is up and when it is lost (the
-/// `broker_up` gauge). Returns `Ok` when `serve` returns `Ok` (shutdown) or `cancel` fires;
-/// [`AmqpError::Unavailable`] when the broker cannot be reached within the connect timeout at
-/// start-up; and any error [`AmqpError::is_fatal`] says no reconnect can cure.
-pub async fn supervise(
-    broker: &BrokerSettings,
-    name: &str,
-    cancel: &CancellationToken,
-    up: &(dyn Fn(bool) + Sync),
-    mut serve: impl AsyncFnMut(&Connection) -> Result<(), AmqpError>,
-) -> Result<(), AmqpError> {
-    let mut conn =
+/// A broker connection that is replaced whenever it is lost.
+#[derive(Debug)]
+pub struct Supervisor<'a> {
+    broker: &'a BrokerSettings,
+    name: String,
+    cancel: CancellationToken,
+    conn: Connection,
+}
+
+impl<'a> Supervisor<'a> {
+    /// The first connection: retried until the connect timeout, then
+    /// [`AmqpError::Unavailable`]. `None` when `cancel` fires first.
+    pub async fn connect(
+        broker: &'a BrokerSettings,
+        name: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Self>, AmqpError> {
         match connect_with_retry(broker, name, Some(broker.connect_timeout), cancel).await {
-            Ok(c) => c,
-            Err(AmqpError::Cancelled) => return Ok(()),
-            Err(e) => return Err(e),
-        };
-    let ended = loop {
-        up(true);
-        let served = serve(&conn).await;
-        up(false);
+            Ok(conn) => Ok(Some(Self {
+                broker,
+                name: name.to_string(),
+                cancel: cancel.clone(),
+                conn,
+            })),
+            Err(AmqpError::Cancelled) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The current connection.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// After serving on [`Supervisor::connection`]: `Ok(true)` with a new connection to
+    /// serve on again; `Ok(false)` when serving ended for shutdown; the error when no new
+    /// connection can cure it ([`AmqpError::is_fatal`]), after closing this one.
+    pub async fn again(&mut self, served: Result<(), AmqpError>) -> Result<bool, AmqpError> {
         match served {
-            Ok(()) => break Ok(()),
-            Err(e) if e.is_fatal() => break Err(e),
-            Err(_) if cancel.is_cancelled() => break Ok(()),
+            Ok(()) => return Ok(false),
+            Err(e) if e.is_fatal() => {
+                let _ = self.conn.close(200, "stopping".into()).await;
+                return Err(e);
+            }
+            Err(_) if self.cancel.is_cancelled() => return Ok(false),
             Err(e) => {
-                warn!(connection = name, error = %e, "lost the broker connection; reconnecting")
+                warn!(connection = %self.name, error = %e, "lost the broker connection; reconnecting")
             }
         }
-        conn = match connect_with_retry(broker, name, None, cancel).await {
-            Ok(c) => c,
-            // Only shutdown ends a reconnect without a time limit.
-            Err(_) => return Ok(()),
-        };
-    };
-    let _ = conn.close(200, "shutting down".into()).await;
-    ended
+        // Without a time limit: only shutdown ends it.
+        match connect_with_retry(self.broker, &self.name, None, &self.cancel).await {
+            Ok(conn) => {
+                self.conn = conn;
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    }
+
+    /// Close the current connection (unacked deliveries go back to their queues).
+    pub async fn close(self) {
+        let _ = self.conn.close(200, "shutting down".into()).await;
+    }
 }
