@@ -14,7 +14,7 @@ use chrono::Utc;
 use serde::Serialize;
 use tracing::warn;
 
-use crate::guard::Seen;
+use crate::guard::Provenance;
 
 /// The audit log's file name in a node's state directory.
 pub const FILE: &str = "audit.log";
@@ -63,25 +63,31 @@ impl AuditLog {
         }
     }
 
-    pub fn accepted(&self, seen: &Seen) {
-        self.record("accepted", seen, None, None);
+    pub fn accepted(&self, provenance: &Provenance) {
+        self.record("accepted", provenance, None, None);
     }
 
-    pub fn rejected(&self, seen: &Seen, class: &str, reason: &str) {
-        self.record("rejected", seen, Some(class), Some(reason));
+    pub fn rejected(&self, provenance: &Provenance, class: &str, reason: &str) {
+        self.record("rejected", provenance, Some(class), Some(reason));
     }
 
-    pub fn finished(&self, seen: &Seen, outcome: &str) {
-        self.record("finished", seen, Some(outcome), None);
+    pub fn finished(&self, provenance: &Provenance, outcome: &str) {
+        self.record("finished", provenance, Some(outcome), None);
     }
 
-    fn record(&self, event: &str, seen: &Seen, outcome: Option<&str>, reason: Option<&str>) {
+    fn record(
+        &self,
+        event: &str,
+        provenance: &Provenance,
+        outcome: Option<&str>,
+        reason: Option<&str>,
+    ) {
         self.write(&Line {
             time: Utc::now(),
             event,
-            request_id: seen.request_id,
-            key: seen.key_id.as_deref(),
-            plugin: seen.plugin.as_deref(),
+            request_id: provenance.request_id,
+            key: provenance.key_id.as_deref(),
+            plugin: provenance.plugin.as_deref(),
             outcome,
             reason,
         });

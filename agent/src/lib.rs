@@ -6,20 +6,24 @@
 //! - [`exec`]: bounded plugin execution.
 //! - [`reload`]: hot reload of the plugin directory (inotify and SIGHUP).
 //! - [`local`]: `plugins list|check|run`, the tools for plugin authors.
-//! - [`guard`]: the checks every command passes (signature, time, target, restrictions).
+//! - [`guard`]: the checks every command passes (signature, time, target, restrictions), from
+//!   `vogeler_proto`.
+//! - [`admission`]: the guard as the consumer's verifier, the catalog and replay checks after
+//!   it, and the result a run becomes.
 //! - [`replay`]: the on-disk cache of request ids that refuses replays.
 //! - [`audit`]: the audit log of accepted, refused and finished commands.
 //!
 //! [`run`] is the whole agent; it takes its settings and a shutdown token so tests run it
 //! in-process against a real broker.
 
+pub mod admission;
 pub mod audit;
 pub mod cli;
 pub mod exec;
 pub mod facts;
 // Plugin output formats live with the plugin-file syntax, in the pure crate.
 pub use vogeler_plugin_spec::format;
-pub mod guard;
+pub use vogeler_proto::guard;
 pub mod local;
 pub mod plugin;
 pub mod reload;
@@ -33,31 +37,28 @@ use std::{
 };
 
 use chrono::Utc;
-use futures_util::StreamExt;
-use lapin::{
-    Channel, Connection,
-    message::Delivery,
-    options::{
-        BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-    },
-    types::FieldTable,
-};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info, info_span, warn};
 use vogeler_core::{
     VERSION,
-    amqp::{self, AmqpError},
+    amqp::{
+        self, AmqpError, Connection, Publisher, Supervisor,
+        consume::{Consume, Consumer, Received},
+    },
     config::AgentSettings,
+    exit::{self, ExitStatus},
     observe::{self, AgentMetrics},
     signing::{AuthorizedKeys, PrivateKey},
-    topology::Topology,
-    wire::{self, Announce, Command, Message, Outcome, PluginResult},
+};
+use vogeler_proto::{
+    guard::{Guard, Provenance, Rejection},
+    wire::{Announce, Command, Message, Outcome, PluginResult},
 };
 
 use crate::{
+    admission::{Admission, GuardCheck, Run},
     audit::AuditLog,
-    guard::{Guard, Rejection, Seen},
     plugin::Catalog,
     replay::ReplayCache,
 };
@@ -98,30 +99,32 @@ pub enum AgentError {
     },
 }
 
-impl AgentError {
-    /// Keys, TLS files or the listen address are wrong: restarting will not help (exit 78,
-    /// which the unit's RestartPreventExitStatus keeps systemd from retrying). A busy port
-    /// or a state-directory I/O error (disk full, a read-only remount) can pass, so neither
-    /// is one: systemd restarts the agent for those.
-    pub fn is_config(&self) -> bool {
+impl ExitStatus for AgentError {
+    /// Keys, TLS files or the listen address are wrong: restarting will not help (78, which
+    /// the unit's RestartPreventExitStatus keeps systemd from retrying). A busy port or a
+    /// state-directory I/O error (disk full, a read-only remount) can pass, so neither is
+    /// one: systemd restarts the agent for those. No broker at start-up: 69.
+    fn exit_code(&self) -> u8 {
         match self {
-            AgentError::Broker(e) => matches!(e, AmqpError::Tls(_)),
-            AgentError::Listen { source, .. } => vogeler_core::exit::listen_error_is_config(source),
-            AgentError::State { .. } => false,
+            AgentError::Broker(e) => e.exit_code(),
+            AgentError::Listen { source, .. } if exit::listen_error_is_config(source) => {
+                exit::CONFIG
+            }
+            AgentError::Listen { .. } | AgentError::State { .. } => exit::FAILURE,
             AgentError::NoAuthorizedKeys { .. }
             | AgentError::Keys(_)
-            | AgentError::Simulation(_) => true,
+            | AgentError::Simulation(_) => exit::CONFIG,
         }
     }
 
-    /// The broker, not this node, is the likely cause.
-    pub fn is_broker(&self) -> bool {
-        matches!(self, AgentError::Broker(_))
-    }
-
-    /// The broker could not be reached at start-up (exit 69).
-    pub fn is_unavailable(&self) -> bool {
-        matches!(self, AgentError::Broker(AmqpError::Unavailable { .. }))
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            // The broker, not this node, is the likely cause.
+            AgentError::Broker(e) if e.exit_code() != exit::CONFIG => {
+                Some("check that the broker is running and the URL is right")
+            }
+            _ => None,
+        }
     }
 }
 
@@ -130,8 +133,9 @@ pub fn hostname() -> Option<String> {
     vogeler_core::hostname()
 }
 
-/// What every command handler shares.
-struct Shared {
+/// One node's agent: its settings, plugins, keys, replay cache and audit log, and where it
+/// publishes; every command handler of the node holds it (a simulation has one per node).
+struct NodeAgent {
     settings: AgentSettings,
     /// The current plugins; the reloader task replaces them.
     catalog: watch::Receiver<Arc<Catalog>>,
@@ -144,12 +148,12 @@ struct Shared {
     audit: AuditLog,
     /// Counters for `/metrics` (refused commands by class also go to the log).
     metrics: AgentMetrics,
-    /// The publishing channel of the current connection: a result computed before a
-    /// reconnect is published on the new one.
-    publisher: Mutex<Option<Channel>>,
+    /// The publisher of the current connection: a result computed before a reconnect is
+    /// published on the new one.
+    publisher: Mutex<Option<Publisher>>,
 }
 
-impl Shared {
+impl NodeAgent {
     fn new(
         settings: AgentSettings,
         security: Security,
@@ -157,7 +161,7 @@ impl Shared {
         runs: Arc<Semaphore>,
         metrics: AgentMetrics,
     ) -> Arc<Self> {
-        Arc::new(Shared {
+        Arc::new(NodeAgent {
             runs,
             catalog,
             settings,
@@ -170,7 +174,7 @@ impl Shared {
         })
     }
 
-    fn publisher(&self) -> Option<Channel> {
+    fn publisher(&self) -> Option<Publisher> {
         self.publisher.lock().ok().and_then(|p| p.clone())
     }
 }
@@ -288,34 +292,26 @@ pub async fn run_with(
         cancel.clone(),
     ));
     let runs = Arc::new(Semaphore::new(settings.concurrency));
-    let shared = Shared::new(settings, security, catalog_rx, runs, metrics);
+    let shared = NodeAgent::new(settings, security, catalog_rx, runs, metrics);
     let s = &shared.settings;
     let name = format!("vogeler-agent {}", s.node);
     let started_at = Utc::now();
     let tracker = TaskTracker::new();
 
-    let mut conn =
-        match amqp::connect_with_retry(&s.broker, &name, Some(s.broker.connect_timeout), &cancel)
-            .await
-        {
-            Ok(c) => c,
-            Err(AmqpError::Cancelled) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-    loop {
-        shared.metrics.broker_up.set(true);
-        let served = serve(&conn, &shared, started_at, &tracker, &cancel).await;
-        shared.metrics.broker_up.set(false);
-        match served {
-            Ok(()) => break,
-            Err(e) => warn!(node = %s.node, error = %e, "lost the broker connection; reconnecting"),
-        }
-        conn = match amqp::connect_with_retry(&s.broker, &name, None, &cancel).await {
-            Ok(c) => c,
-            Err(_) => break,
-        };
-    }
-
+    let served = match Supervisor::connect(&s.broker, &name, &cancel).await {
+        Ok(Some(mut broker)) => loop {
+            shared.metrics.broker_up.set(true);
+            let served = serve(broker.connection(), &shared, started_at, &tracker, &cancel).await;
+            shared.metrics.broker_up.set(false);
+            match broker.again(served).await {
+                Ok(true) => {}
+                Ok(false) => break Ok::<_, AmqpError>(Some(broker)),
+                Err(e) => break Err(e),
+            }
+        },
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
         .await
@@ -326,7 +322,11 @@ pub async fn run_with(
             "plugin runs still in flight at shutdown; their commands will be redelivered"
         );
     }
-    let _ = conn.close(200, "agent shutting down".into()).await;
+    // Closed only after in-flight runs finished, so their results could still go out.
+    let broker = served?;
+    if let Some(broker) = broker {
+        broker.close().await;
+    }
     let _ = reloader.await;
     info!(node = %s.node, "agent stopped");
     Ok(())
@@ -349,24 +349,18 @@ async fn serve_http(
 /// One connection's life: declare, announce, consume until cancelled or the connection fails.
 async fn serve(
     conn: &Connection,
-    shared: &Arc<Shared>,
+    shared: &Arc<NodeAgent>,
     started_at: chrono::DateTime<Utc>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,
 ) -> Result<(), AmqpError> {
     let s = &shared.settings;
     let topology = &s.broker.topology;
-    let publisher = amqp::publisher_channel(conn).await?;
+    let publisher = Publisher::open(conn, topology).await?;
     amqp::declare::shared(topology, conn).await?;
     if let Ok(mut current) = shared.publisher.lock() {
         *current = Some(publisher.clone());
     }
-
-    let consumer_ch = conn.create_channel().await?;
-    let prefetch = u16::try_from(s.concurrency).unwrap_or(u16::MAX);
-    consumer_ch
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
     let queue = amqp::declare::agent_queue(topology, conn, &s.node).await?;
 
     let mut catalog = shared.catalog.clone();
@@ -374,14 +368,13 @@ async fn serve(
     announce(shared, &publisher, started_at, &current).await?;
 
     let tag = format!("vogeler-agent-{}", s.node);
-    let mut consumer = consumer_ch
-        .basic_consume(
-            queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let how = Consume {
+        queue: &queue,
+        tag: &tag,
+        prefetch: Some(u16::try_from(s.concurrency).unwrap_or(u16::MAX)),
+        no_ack: false,
+    };
+    let mut consumer = Consumer::open(conn, how, GuardCheck(shared.guard.clone())).await?;
     info!(node = %s.node, queue = %queue, "waiting for commands");
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + s.heartbeat, s.heartbeat);
@@ -400,15 +393,10 @@ async fn serve(
                 continue;
             }
             () = cancel.cancelled() => {
-                let _ = consumer_ch.basic_cancel(tag.as_str().into(), Default::default()).await;
+                consumer.cancel().await;
                 return Ok(());
             }
-            d = consumer.next() => d,
-        };
-        let delivery = match delivery {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e.into()),
-            None => return Err(AmqpError::ConsumerEnded { queue }),
+            d = consumer.next() => d?,
         };
         let shared = Arc::clone(shared);
         let cancel = cancel.clone();
@@ -417,8 +405,8 @@ async fn serve(
 }
 
 async fn announce(
-    shared: &Shared,
-    publisher: &Channel,
+    shared: &NodeAgent,
+    publisher: &Publisher,
     started_at: chrono::DateTime<Utc>,
     catalog: &Catalog,
 ) -> Result<(), AmqpError> {
@@ -435,118 +423,92 @@ async fn announce(
             f
         },
     });
-    let key = Topology::announce_routing_key(&s.node);
-    amqp::publish(
-        publisher,
-        &s.broker.topology.results_exchange(),
-        &key,
-        &message,
-        &shared.key,
-    )
-    .await
+    publisher.publish(&message, &shared.key).await
 }
 
-/// Handle one delivery from the agent's queue: check it, run it at most once, publish the
+/// A delivery from the agent's queue, checked by the guard.
+type Delivered = Received<(Command, Provenance), (Rejection, Provenance)>;
+
+/// Handle one delivery from the agent's queue: admit it, run it at most once, publish the
 /// signed result.
-async fn handle(shared: &Shared, delivery: Delivery, cancel: &CancellationToken) {
+async fn handle(shared: &NodeAgent, delivery: Delivered, cancel: &CancellationToken) {
     shared.metrics.commands_received.inc();
-    let mut seen = Seen::default();
-    let command = match admit(shared, &delivery, &mut seen) {
-        Ok(c) => c,
-        Err(Rejection::Replayed(id)) if delivery.redelivered => {
-            // The broker handing back a command we took before a reconnect is not an
-            // attack: it ran (or is running) once already, and that is all it gets.
-            info!(request_id = %id, "redelivered command was already accepted; not run again");
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+    let (incoming, command, provenance) = match delivery {
+        Ok(incoming) => {
+            let (command, provenance) = incoming.message.clone();
+            (incoming, command, provenance)
+        }
+        Err(refused) => {
+            let (rejection, provenance) = &refused.refusal;
+            refuse(shared, provenance, rejection);
+            let _ = refused.settlement.reject().await;
             return;
         }
-        Err(rejection) => {
-            refuse(shared, &seen, &rejection);
-            // Not requeued: it would come straight back.
-            let _ = delivery
-                .acker
-                .reject(BasicRejectOptions { requeue: false })
-                .await;
+    };
+    let now = Utc::now();
+    let has_plugin = shared.catalog.borrow().contains(&command.plugin);
+    let until = shared.guard.remember_until(&command);
+    let admission = admission::admit(
+        command,
+        incoming.settlement.redelivered(),
+        has_plugin,
+        until,
+        |id, until| match shared.replay.lock() {
+            Ok(mut cache) => cache.insert(id, until, now),
+            Err(poisoned) => poisoned.into_inner().insert(id, until, now),
+        },
+    );
+    let command = match admission {
+        Admission::Run(command) => command,
+        Admission::AlreadyAccepted(id) => {
+            info!(request_id = %id, "redelivered command was already accepted; not run again");
+            let _ = incoming.settlement.ack().await;
+            return;
+        }
+        Admission::Refuse(rejection) => {
+            refuse(shared, &provenance, &rejection);
+            let _ = incoming.settlement.reject().await;
             if let Rejection::UnknownPlugin(command) = rejection {
-                // Authentic, but for a plugin this node lacks: say so, or the runner
-                // cannot tell "no such plugin" from "no answer".
-                let result = result_of(
-                    shared,
-                    &command,
-                    Outcome::UnknownPlugin,
-                    None,
-                    false,
-                    Duration::ZERO,
-                );
-                publish_result(shared, &command, result, cancel).await;
+                let result = result_of(shared, &command, Run::nothing(Outcome::UnknownPlugin), "");
+                publish_result(shared, result, cancel).await;
             }
             return;
         }
     };
-    shared.audit.accepted(&seen);
-    let span = info_span!("command", request_id = %command.request_id, plugin = %command.plugin, key = seen.key_id.as_deref().unwrap_or(""));
+    shared.audit.accepted(&provenance);
+    let span = info_span!("command", request_id = %command.request_id, plugin = %command.plugin, key = provenance.key_id.as_deref().unwrap_or(""));
     async {
         let result = run_command(shared, &command).await;
-        shared.audit.finished(&seen, result.outcome.status());
+        shared.audit.finished(&provenance, result.outcome.status());
         shared
             .metrics
             .plugin_run(command.plugin.as_str(), result.outcome.status());
-        if publish_result(shared, &command, result, cancel).await {
+        if publish_result(shared, result, cancel).await {
             // Ack only once the broker holds the result.
-            if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+            if let Err(e) = incoming.settlement.ack().await {
                 warn!(error = %e, "could not ack command; a redelivery will be refused as a replay");
             }
         } else {
             // Shutting down before the result got out: it is lost, but the command will
             // not run twice (a redelivery is refused by the replay cache).
-            let _ = delivery.acker.nack(BasicNackOptions::default()).await;
+            let _ = incoming.settlement.requeue().await;
         }
     }
     .instrument(span)
     .await;
 }
 
-/// Every check, in order; the replay cache last, so only commands that would run are
-/// remembered.
-fn admit(shared: &Shared, delivery: &Delivery, seen: &mut Seen) -> Result<Command, Rejection> {
-    let (key, signature) = amqp::signature_of(&delivery.properties);
-    let now = Utc::now();
-    let command = shared.guard.check(
-        &delivery.data,
-        key.as_deref(),
-        signature.as_deref(),
-        now,
-        seen,
-    )?;
-    if !shared.catalog.borrow().contains(&command.plugin) {
-        return Err(Rejection::UnknownPlugin(Box::new(command)));
-    }
-    let until = shared.guard.remember_until(&command);
-    let fresh = match shared.replay.lock() {
-        Ok(mut cache) => cache.insert(command.request_id, until, now),
-        Err(poisoned) => poisoned.into_inner().insert(command.request_id, until, now),
-    };
-    match fresh {
-        Ok(true) => Ok(command),
-        Ok(false) => Err(Rejection::Replayed(command.request_id)),
-        Err(e) => {
-            // Without a durable record the command could be replayed later: do not run it.
-            Err(Rejection::Denied(format!(
-                "cannot record the request id in the replay cache: {e}"
-            )))
-        }
-    }
-}
-
-fn refuse(shared: &Shared, seen: &Seen, rejection: &Rejection) {
+fn refuse(shared: &NodeAgent, provenance: &Provenance, rejection: &Rejection) {
     let class = rejection.class();
     let total = shared.metrics.rejected(class);
-    shared.audit.rejected(seen, class, &rejection.to_string());
+    shared
+        .audit
+        .rejected(provenance, class, &rejection.to_string());
     warn!(
         node = %shared.settings.node,
         class,
-        request_id = ?seen.request_id,
-        key = seen.key_id.as_deref().unwrap_or("-"),
+        request_id = ?provenance.request_id,
+        key = provenance.key_id.as_deref().unwrap_or("-"),
         reason = %rejection,
         rejected_of_class = total,
         "refused a command"
@@ -556,26 +518,14 @@ fn refuse(shared: &Shared, seen: &Seen, rejection: &Rejection) {
 /// Publish a result, retrying in place while the broker refuses it (results queue full) so
 /// the command is never run twice. Returns false only when shutting down first.
 async fn publish_result(
-    shared: &Shared,
-    command: &Command,
+    shared: &NodeAgent,
     result: PluginResult,
     cancel: &CancellationToken,
 ) -> bool {
-    let topology = &shared.settings.broker.topology;
-    let key = Topology::result_routing_key(command.request_id);
     let message = Message::Result(result);
     loop {
         let sent = match shared.publisher() {
-            Some(publisher) => {
-                amqp::publish(
-                    &publisher,
-                    &topology.results_exchange(),
-                    &key,
-                    &message,
-                    &shared.key,
-                )
-                .await
-            }
+            Some(publisher) => publisher.publish(&message, &shared.key).await,
             None => Err(AmqpError::Cancelled),
         };
         match sent {
@@ -596,37 +546,24 @@ async fn publish_result(
 }
 
 /// The result of `command` on this node.
-fn result_of(
-    shared: &Shared,
-    command: &Command,
-    outcome: Outcome,
-    value: Option<serde_json::Value>,
-    truncated: bool,
-    duration: Duration,
-) -> PluginResult {
-    PluginResult {
-        request_id: command.request_id,
-        node: shared.settings.node.clone(),
-        plugin: command.plugin.clone(),
-        outcome,
-        value,
-        truncated,
-        collected_at: Utc::now(),
-        duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-        agent_version: VERSION.to_string(),
-    }
+fn result_of(shared: &NodeAgent, command: &Command, run: Run, format: &str) -> PluginResult {
+    admission::result(
+        &shared.settings.node,
+        command,
+        run,
+        format,
+        VERSION,
+        Utc::now(),
+    )
 }
 
 /// Run the plugin a command names, within the concurrency limit. Unknown plugins are
 /// answered, not ignored, so the runner can tell "no such plugin" from "no answer".
-async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
-    let collected = |outcome, value, truncated, duration| {
-        result_of(shared, command, outcome, value, truncated, duration)
-    };
+async fn run_command(shared: &NodeAgent, command: &Command) -> PluginResult {
     let catalog = shared.catalog.borrow().clone();
     let Some(plugin) = catalog.get(&command.plugin) else {
         info!("unknown plugin requested");
-        return collected(Outcome::UnknownPlugin, None, false, Duration::ZERO);
+        return result_of(shared, command, Run::nothing(Outcome::UnknownPlugin), "");
     };
     let Ok(_permit) = shared.runs.acquire().await else {
         unreachable!("the run semaphore is never closed")
@@ -638,25 +575,18 @@ async fn run_command(shared: &Shared, command: &Command) -> PluginResult {
         ("VOGELER_NODE", shared.settings.node.as_str()),
     ];
     let running = shared.settings.state_dir.join(RUNNING_DIR);
-    let mut e = exec::execute_with(plugin, &run_env, Some(&running)).await;
-    if let Some(v) = &e.value {
-        let size = serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());
-        if size > wire::MAX_VALUE_BYTES {
-            e.value = None;
-            e.outcome = Outcome::InvalidOutput {
-                format: plugin.format.name().to_string(),
-                error: format!(
-                    "value is {size} bytes as JSON, over the {} MiB limit of one result; lower max_output or narrow the output",
-                    wire::MAX_VALUE_BYTES >> 20
-                ),
-            };
-        }
-    }
+    let e = exec::execute_with(plugin, &run_env, Some(&running)).await;
     info!(
         outcome = e.outcome.status(),
         duration_ms = e.duration.as_millis() as u64,
         truncated = e.truncated,
         "plugin finished"
     );
-    collected(e.outcome, e.value, e.truncated, e.duration)
+    let run = Run {
+        outcome: e.outcome,
+        value: e.value,
+        truncated: e.truncated,
+        duration: e.duration,
+    };
+    result_of(shared, command, run, plugin.format.name())
 }

@@ -113,35 +113,14 @@ fn main() -> ExitCode {
     };
     telemetry::init(&settings.log_level);
     tracing::info!(settings = ?settings, "configuration (secrets redacted)");
-    exit::block_on("vogeler-agent", async {
+    vogeler_core::cli::start("vogeler-agent", async {
         let cancel = shutdown::on_signals();
-        let ran = match simulation {
+        match simulation {
             Some(sim) => {
                 vogeler_agent::simulate::run(settings, sim, cancel, Default::default()).await
             }
             None => vogeler_agent::run(settings, cancel).await,
-        };
-        match ran {
-            Ok(()) => exit::code(exit::OK),
-            Err(e) if e.is_config() => {
-                tracing::error!(error = %e, "agent cannot start");
-                eprintln!("vogeler-agent: {e}");
-                exit::code(exit::CONFIG)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "agent stopped");
-                let hint = if e.is_broker() {
-                    "; check that the broker is running and the URL is right"
-                } else {
-                    ""
-                };
-                eprintln!("vogeler-agent: {e}{hint}");
-                exit::code(if e.is_unavailable() {
-                    exit::UNAVAILABLE
-                } else {
-                    exit::FAILURE
-                })
-            }
         }
+        .map(|()| exit::OK)
     })
 }

@@ -15,14 +15,14 @@ use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 use vogeler_core::{
-    amqp::{self, AmqpError},
+    amqp::{AmqpError, Connection, Supervisor},
     backoff,
     config::AgentSettings,
     names::NodeName,
     observe::AgentMetrics,
 };
 
-use crate::{AgentError, Security, Shared, reload, serve, serve_http};
+use crate::{AgentError, NodeAgent, Security, reload, serve, serve_http};
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -82,7 +82,7 @@ pub async fn run(
             .facts
             .insert("sim_group".into(), format!("g{}", i % 10).into());
         let security = Security::with_keys(&settings, keys.clone())?;
-        nodes.push(Shared::new(
+        nodes.push(NodeAgent::new(
             settings,
             security,
             catalog_rx.clone(),
@@ -94,9 +94,9 @@ pub async fn run(
 
     let tracker = TaskTracker::new();
     let started_at = chrono::Utc::now();
-    let groups: Vec<Vec<Arc<Shared>>> = nodes
+    let groups: Vec<Vec<Arc<NodeAgent>>> = nodes
         .chunks(sim.per_connection.max(1))
-        .map(<[Arc<Shared>]>::to_vec)
+        .map(<[Arc<NodeAgent>]>::to_vec)
         .collect();
     let connections = groups.len();
     let results = join_all(groups.into_iter().enumerate().map(|(g, group)| {
@@ -106,40 +106,42 @@ pub async fn run(
         let metrics = &metrics;
         async move {
             let name = format!("vogeler-agent simulate {}/{connections}", g + 1);
-            let b = &template.broker;
-            let mut conn =
-                match amqp::connect_with_retry(b, &name, Some(b.connect_timeout), &cancel).await {
-                    Ok(c) => c,
-                    Err(AmqpError::Cancelled) => return Ok(()),
-                    Err(e) => {
-                        // Like a single agent: no broker within the connect timeout at
-                        // start-up stops the whole simulation (exit 69), not one group.
-                        cancel.cancel();
-                        return Err(AgentError::from(e));
-                    }
-                };
+            let mut broker = match Supervisor::connect(&template.broker, &name, &cancel).await {
+                Ok(Some(b)) => b,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    // Like a single agent: no broker within the connect timeout at
+                    // start-up stops the whole simulation (exit 69), not one group.
+                    cancel.cancel();
+                    return Err(AgentError::from(e));
+                }
+            };
             loop {
                 metrics.broker_up.set(true);
+                let conn = broker.connection();
                 join_all(
                     group
                         .iter()
-                        .map(|shared| serve_node(&conn, shared, started_at, tracker, &cancel)),
+                        .map(|shared| serve_node(conn, shared, started_at, tracker, &cancel)),
                 )
                 .await;
-                if cancel.is_cancelled() {
-                    let _ = conn.close(200, "simulation stopping".into()).await;
-                    return Ok(());
-                }
                 metrics.broker_up.set(false);
-                warn!(
-                    connection = g + 1,
-                    nodes = group.len(),
-                    "lost the broker connection; reconnecting"
-                );
-                conn = match amqp::connect_with_retry(b, &name, None, &cancel).await {
-                    Ok(c) => c,
-                    Err(_) => return Ok(()),
+                // Every node returns once the connection is gone or on shutdown.
+                let served = if cancel.is_cancelled() {
+                    Ok(())
+                } else {
+                    Err(AmqpError::ConsumerEnded {
+                        queue: format!("{} nodes' queues", group.len()),
+                    })
                 };
+                match broker.again(served).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        broker.close().await;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(AgentError::from(e)),
+                }
             }
         }
     }))
@@ -175,8 +177,8 @@ fn raise_open_file_limit(count: usize) {
 /// One simulated node on a shared connection: serve until cancelled or the connection is
 /// gone; a failure of this node's own channels is retried on the same connection.
 async fn serve_node(
-    conn: &lapin::Connection,
-    shared: &Arc<Shared>,
+    conn: &Connection,
+    shared: &Arc<NodeAgent>,
     started_at: chrono::DateTime<chrono::Utc>,
     tracker: &TaskTracker,
     cancel: &CancellationToken,

@@ -453,7 +453,11 @@ async fn unreachable_broker_and_database_are_named_without_passwords() {
     let err = vogeler_agent::run(agent, CancellationToken::new())
         .await
         .expect_err("no broker");
-    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(
+        vogeler_core::exit::ExitStatus::exit_code(&err),
+        vogeler_core::exit::UNAVAILABLE,
+        "{err}"
+    );
     let text = err.to_string();
     assert!(
         text.contains("amqp://guest:***@127.0.0.1:1") && !text.contains("hunter2"),
@@ -477,7 +481,11 @@ async fn an_agent_without_an_authorized_key_refuses_to_start() {
         .await
         .expect("refused at once, before connecting")
         .expect_err("no key");
-        assert!(err.is_config(), "{err}");
+        assert_eq!(
+            vogeler_core::exit::ExitStatus::exit_code(&err),
+            vogeler_core::exit::CONFIG,
+            "{err}"
+        );
         let text = err.to_string();
         assert!(text.contains("vogeler-runner keygen"), "{text}");
     }

@@ -5,8 +5,8 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use vogeler_agent::guard::{Guard, Seen};
-use vogeler_core::{
+use vogeler_proto::{
+    guard::{Guard, Provenance},
     names::NodeName,
     signing::{AuthorizedKeys, PrivateKey, Purpose},
     wire,
@@ -35,9 +35,9 @@ fuzz_target!(|data: &[u8]| {
     let (guard, key) = setup();
     let (k, s) = key.sign(Purpose::Command, data);
     let now = chrono::Utc::now();
-    let _ = guard.check(data, Some(&k), Some(&s), now, &mut Seen::default());
+    let _ = guard.check(data, Some(&k), Some(&s), now, &mut Provenance::default());
     // Unsigned and badly signed paths too.
-    let _ = guard.check(data, None, None, now, &mut Seen::default());
-    let _ = guard.check(data, Some(&k), Some("AAAA"), now, &mut Seen::default());
+    let _ = guard.check(data, None, None, now, &mut Provenance::default());
+    let _ = guard.check(data, Some(&k), Some("AAAA"), now, &mut Provenance::default());
     let _ = wire::decode_command(data);
 });

@@ -6,6 +6,7 @@
 //! - [`wire`]: the typed messages that cross the broker, with their schema version.
 //! - [`limits`]: the sizes every layer accepts.
 //! - [`signing`]: Ed25519 keys, signatures over bytes, authorized-keys parsing.
+//! - [`guard`]: the checks every command passes on an agent, in order, before it may run.
 //! - [`topology`]: exchange, queue and routing-key names, queue arguments, message routes.
 //! - [`trust`]: what a receiver checks before it believes a message from an agent.
 //! - [`document`]: the node document shape and how results merge into it.
@@ -15,6 +16,7 @@
 pub mod design;
 pub mod document;
 pub mod duration;
+pub mod guard;
 pub mod limits;
 pub mod names;
 pub mod secret;

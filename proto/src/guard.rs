@@ -1,16 +1,17 @@
 //! The gate every command passes before anything runs: size, signature by a trusted key,
 //! strict parsing, time window, target and the key's restrictions. Pure (no I/O), so every
-//! rule is unit-tested and fuzzed; the replay cache is checked by the caller, which owns it.
+//! rule is unit-tested and fuzzed; the replay cache and the plugin catalog are checked by the
+//! agent, which owns them.
 
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use uuid::Uuid;
-use vogeler_core::{
+use crate::{
     names::NodeName,
     signing::{self, AuthorizedKeys, Purpose, SignError},
     wire::{self, Command, Target, WireError},
 };
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 /// Why a command was refused. [`Rejection::class`] names the kind for counters and the
 /// audit log; `Display` is the reason for the log.
@@ -74,9 +75,10 @@ impl Rejection {
     }
 }
 
-/// What is known about a command, however far it got: the audit log records it.
+/// Where a command came from and what it claims, as far as the checks got: the audit log
+/// records it for accepted and refused commands alike.
 #[derive(Debug, Clone, Default)]
-pub struct Seen {
+pub struct Provenance {
     pub request_id: Option<Uuid>,
     /// The signer's key id, once the signature checked out.
     pub key_id: Option<String>,
@@ -100,7 +102,7 @@ impl Guard {
         key: Option<&str>,
         signature: Option<&str>,
         now: DateTime<Utc>,
-        seen: &mut Seen,
+        provenance: &mut Provenance,
     ) -> Result<Command, Rejection> {
         // Cheap checks first: nothing below the signature check looks at unsigned bytes.
         if body.len() > wire::MAX_COMMAND_BYTES {
@@ -114,13 +116,13 @@ impl Guard {
         let Some(trusted) = self.keys.find(&signer) else {
             return Err(Rejection::UnknownKey(signer.id()));
         };
-        seen.key_id = Some(signer.id());
+        provenance.key_id = Some(signer.id());
         let command = wire::decode_command(body).map_err(|e| match e {
             WireError::TooLarge { size, limit } => Rejection::TooLarge { size, limit },
             e => Rejection::Malformed(e.to_string()),
         })?;
-        seen.request_id = Some(command.request_id);
-        seen.plugin = Some(command.plugin.to_string());
+        provenance.request_id = Some(command.request_id);
+        provenance.plugin = Some(command.plugin.to_string());
 
         let skew = chrono::Duration::from_std(self.max_clock_skew).unwrap_or(chrono::Duration::MAX);
         let skew_s = self.max_clock_skew.as_secs();
@@ -168,7 +170,7 @@ impl Guard {
 
 #[cfg(test)]
 mod tests {
-    use vogeler_core::{
+    use crate::{
         names::PluginName,
         signing::PrivateKey,
         wire::{Message, encode},
@@ -214,8 +216,13 @@ mod tests {
         fn check_with(&self, key: &PrivateKey, c: &Command) -> Result<Command, Rejection> {
             let body = encode(&Message::Command(c.clone()));
             let (k, s) = key.sign(Purpose::Command, &body);
-            self.guard
-                .check(&body, Some(&k), Some(&s), self.now, &mut Seen::default())
+            self.guard.check(
+                &body,
+                Some(&k),
+                Some(&s),
+                self.now,
+                &mut Provenance::default(),
+            )
         }
         fn check(&self, c: &Command) -> Result<Command, Rejection> {
             self.check_with(&self.runner, c)
@@ -276,7 +283,7 @@ mod tests {
             .into_bytes();
         let check = |b: &[u8], k: Option<&str>, s: Option<&str>| {
             f.guard
-                .check(b, k, s, f.now, &mut Seen::default())
+                .check(b, k, s, f.now, &mut Provenance::default())
                 .expect_err("refused")
                 .class()
         };
