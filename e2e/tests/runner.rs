@@ -125,9 +125,13 @@ async fn every_targeting_form_reaches_exactly_the_right_agents() {
         ["db-1", "db-2"]
     );
     assert!(listed.iter().all(|n| !n.stale && n.agent_version.is_some()));
-    let shown = vogeler_runner::inventory::show(&settings.couch, "web01", Some("mark"))
-        .await
-        .expect("show");
+    let shown = vogeler_runner::inventory::show(
+        &settings.couch,
+        &vogeler_e2e::node("web01"),
+        Some(&vogeler_core::names::PluginName::new("mark").expect("plugin")),
+    )
+    .await
+    .expect("show");
     assert_eq!(shown, Some(serde_json::json!([])));
 }
 

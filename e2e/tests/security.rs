@@ -98,9 +98,12 @@ async fn one_agent_cannot_change_another_nodes_document() {
     assert_eq!(doc.meta.key.as_deref(), Some(pinned.as_str()));
 
     // The operator says web01 was reinstalled: its next key is pinned instead.
-    let forgot = vogeler_runner::inventory::forget(&stack.runner_settings("5").couch, "web01")
-        .await
-        .expect("forget");
+    let forgot = vogeler_runner::inventory::forget(
+        &stack.runner_settings("5").couch,
+        &vogeler_core::names::NodeName::new("web01").expect("node"),
+    )
+    .await
+    .expect("forget");
     assert_eq!(
         forgot,
         vogeler_core::signing::PublicKey::from_base64(&pinned).map(|k| k.id())

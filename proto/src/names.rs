@@ -85,6 +85,10 @@ impl NodeName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+    /// For clap's `value_parser`, which wants a `&str` parser with a displayable error.
+    pub fn new_checked(s: &str) -> Result<Self, String> {
+        Self::new(s).map_err(|e| e.to_string())
+    }
 }
 
 /// A plugin's name: the key its value is stored under in every node document.

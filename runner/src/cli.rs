@@ -4,7 +4,7 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use vogeler_core::{
     cli::{CommonArgs, ConfigArgs, CouchArgs},
-    names::PluginName,
+    names::{NodeName, PluginName},
 };
 
 use crate::inventory as inv;
@@ -52,7 +52,7 @@ pub struct Cli {
     pub couch: CouchArgs,
 
     /// Plugin to run on the nodes (as named in their plugin files)
-    #[arg(short = 'c', long = "command", value_name = "PLUGIN", value_parser = PluginName::new_checked, required_unless_present_any = ["check_config", "print_config"])]
+    #[arg(short = 'c', long = "plugin", alias = "command", value_name = "PLUGIN", value_parser = PluginName::new_checked, required_unless_present_any = ["check_config", "print_config"])]
     pub plugin: Option<PluginName>,
 
     /// Nodes: all, a name, a list, a glob, @file, -, fact filters, combined with and/or/not
@@ -140,9 +140,11 @@ pub enum Command {
     /// A node's stored document, or one plugin's value
     Show {
         /// The node's name
-        node: String,
+        #[arg(value_parser = NodeName::new_checked)]
+        node: NodeName,
         /// Only this plugin's value
-        plugin: Option<String>,
+        #[arg(value_parser = PluginName::new_checked)]
+        plugin: Option<PluginName>,
     },
     /// Find nodes in the inventory (no fan-out): one node name per line
     Find {
@@ -153,9 +155,11 @@ pub enum Command {
     /// removed (-) entries, otherwise the old and new values
     History {
         /// The node's name
-        node: String,
+        #[arg(value_parser = NodeName::new_checked)]
+        node: NodeName,
         /// The plugin's name
-        plugin: String,
+        #[arg(value_parser = PluginName::new_checked)]
+        plugin: PluginName,
     },
 }
 
@@ -165,7 +169,8 @@ pub enum NodesAction {
     /// reinstalling a node, whose new agent has a new key). Needs write access to the database
     Forget {
         /// The node's name
-        node: String,
+        #[arg(value_parser = NodeName::new_checked)]
+        node: NodeName,
     },
 }
 

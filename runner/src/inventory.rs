@@ -3,34 +3,46 @@
 
 use std::{collections::BTreeSet, fmt::Write as _};
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use vogeler_core::{
     config::CouchSettings,
     couch::{CouchClient, CouchError},
-    design,
+    query::Inventory,
+};
+use vogeler_proto::{
     document::{HistoryEntry, NodeDocument},
+    names::{NodeName, PluginName},
     signing::{KeyError, PrivateKey, PublicKey},
 };
 
 use crate::{RunnerError, target::NodeSet};
 
-pub(crate) fn client(settings: &CouchSettings) -> Result<CouchClient, RunnerError> {
-    CouchClient::from_settings(settings).map_err(RunnerError::Http)
+/// The inventory in CouchDB, through the one query module.
+pub(crate) fn open(settings: &CouchSettings) -> Result<Inventory, RunnerError> {
+    let couch = CouchClient::from_settings(settings).map_err(RunnerError::Http)?;
+    Ok(Inventory::new(couch, &settings.database))
 }
 
 /// A failed read of the inventory, with a hint when the server has not set it up yet.
 pub(crate) fn registry_error(e: CouchError) -> RunnerError {
-    match &e {
-        CouchError::Status { status, .. } if status.as_u16() == 404 => RunnerError::NotReady(e),
-        _ if e.is_denied() => RunnerError::Denied(e),
-        _ => RunnerError::Registry(e),
+    if e.is_not_found() {
+        RunnerError::NotReady(e)
+    } else if e.is_denied() {
+        RunnerError::Denied(e)
+    } else {
+        RunnerError::Registry(e)
     }
 }
 
 /// Clear a node's pinned key, so the next key it signs with is pinned (a reinstalled node
 /// has a new key). Returns the id of the key that was pinned, or `None` when none was.
-pub async fn forget(settings: &CouchSettings, node: &str) -> Result<Option<String>, RunnerError> {
-    let couch = client(settings)?;
+pub async fn forget(
+    settings: &CouchSettings,
+    node: &NodeName,
+) -> Result<Option<String>, RunnerError> {
+    let inventory = open(settings)?;
+    let couch = inventory.client();
+    let node = node.as_str();
     // A result arriving in between changes the revision: read and write again.
     for _ in 0..5 {
         let Some(mut doc) = couch
@@ -49,7 +61,7 @@ pub async fn forget(settings: &CouchSettings, node: &str) -> Result<Option<Strin
                     PublicKey::from_base64(&old).map_or_else(|| old.clone(), |k| k.id()),
                 ));
             }
-            Err(CouchError::Conflict { .. }) => continue,
+            Err(e) if e.is_conflict() => continue,
             Err(source) => {
                 return Err(RunnerError::Write {
                     node: node.to_string(),
@@ -115,21 +127,10 @@ pub async fn find_package(
     name: &str,
     version: Option<&str>,
 ) -> Result<Vec<String>, RunnerError> {
-    let params = match version {
-        Some(v) => vec![("key", json!([name, v]).to_string())],
-        None => vec![
-            ("startkey", json!([name]).to_string()),
-            ("endkey", json!([name, {}]).to_string()),
-        ],
-    };
-    let rows = client(settings)?
-        .view(&settings.database, design::NODES_DDOC, "packages", &params)
+    Ok(open(settings)?
+        .with_package(name, version)
         .await
-        .map_err(registry_error)?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|r| r.id)
-        .collect::<BTreeSet<_>>()
+        .map_err(registry_error)?
         .into_iter()
         .collect())
 }
@@ -155,19 +156,14 @@ pub async fn find_fact(
     key: &str,
     value: &Value,
 ) -> Result<Vec<String>, RunnerError> {
-    let couch = client(settings)?;
+    let inventory = open(settings)?;
     let mut candidates = vec![value.clone()];
     if !value.is_string() {
         candidates.push(Value::String(value.to_string()));
     }
     let mut nodes = BTreeSet::new();
     for v in candidates {
-        let params = [("key", json!([key, v]).to_string())];
-        let rows = couch
-            .view(&settings.database, design::NODES_DDOC, "facts", &params)
-            .await
-            .map_err(registry_error)?;
-        nodes.extend(rows.into_iter().filter_map(|r| r.id));
+        nodes.extend(inventory.with_fact(key, &v).await.map_err(registry_error)?);
     }
     Ok(nodes.into_iter().collect())
 }
@@ -175,23 +171,13 @@ pub async fn find_fact(
 /// Every recorded change of `plugin` on `node`, oldest first.
 pub async fn history(
     settings: &CouchSettings,
-    node: &str,
-    plugin: &str,
+    node: &NodeName,
+    plugin: &PluginName,
 ) -> Result<Vec<HistoryEntry>, RunnerError> {
-    let db = format!("{}_history", settings.database);
-    let params = [
-        ("startkey", json!([node, plugin]).to_string()),
-        ("endkey", json!([node, plugin, {}]).to_string()),
-        ("include_docs", "true".to_string()),
-    ];
-    let rows = client(settings)?
-        .view(&db, design::HISTORY_DDOC, "by_node_plugin", &params)
+    open(settings)?
+        .history(node.as_str(), plugin.as_str())
         .await
-        .map_err(registry_error)?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|r| serde_json::from_value(r.doc?).ok())
-        .collect())
+        .map_err(registry_error)
 }
 
 /// A registered node, for `nodes`.
@@ -250,17 +236,18 @@ pub fn render_nodes(nodes: &[NodeInfo]) -> String {
 /// A node's stored document, or one plugin's value (with its collection metadata).
 pub async fn show(
     settings: &CouchSettings,
-    node: &str,
-    plugin: Option<&str>,
+    node: &NodeName,
+    plugin: Option<&PluginName>,
 ) -> Result<Option<Value>, RunnerError> {
-    let doc: Option<Value> = client(settings)?
-        .get(&settings.database, node)
+    let doc: Option<Value> = open(settings)?
+        .client()
+        .get(&settings.database, node.as_str())
         .await
         .map_err(registry_error)?;
     Ok(match (doc, plugin) {
         (None, _) => None,
         (Some(d), None) => Some(d),
-        (Some(d), Some(p)) => d.get(p).cloned(),
+        (Some(d), Some(p)) => d.get(p.as_str()).cloned(),
     })
 }
 
@@ -313,6 +300,8 @@ fn short(v: &Value) -> String {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use chrono::Utc;
     use uuid::Uuid;

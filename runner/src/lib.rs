@@ -1,13 +1,18 @@
 //! vogeler-runner: publish a command to a node set and collect who answered.
 //!
 //! - [`report`]: the collected replies and their table.
+//! - [`app`]: what each command line does, printed.
+//! - [`collect`]: one fan-out's bookkeeping, a state machine without I/O.
 //! - [`inventory`]: questions answered from CouchDB (`find`, `history`).
+//! - [`target`]: node sets (`-n`) and how they resolve against the registry.
 //!
 //! [`query`] reads the expected nodes from the node registry in CouchDB (for `all`), binds a
 //! private reply queue *before* publishing so no reply is missed, and returns as soon as
 //! every expected node answered, or at the timeout.
 
+pub mod app;
 pub mod cli;
+pub mod collect;
 pub mod inventory;
 pub mod report;
 pub mod target;
@@ -18,25 +23,28 @@ use std::{
 };
 
 use chrono::Utc;
-use futures_util::StreamExt;
-use lapin::{options::BasicConsumeOptions, types::FieldTable};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
 use vogeler_core::{
-    amqp::{self, AmqpError},
+    amqp::{
+        self, AmqpError, Connection, Publisher,
+        consume::{Consume, Consumer, FromAgents},
+    },
     config::{CouchSettings, RunnerSettings},
     couch::CouchError,
-    design,
+    exit::{self, ExitStatus},
+    signing::{KeyError, PrivateKey},
+};
+use vogeler_proto::{
     names::{NodeName, PluginName},
-    signing::{KeyError, PrivateKey, Purpose},
     topology::Topology,
-    wire::PluginResult,
-    wire::{self, Command, Message, Target},
+    wire::{Command, Message, PluginResult, Target},
 };
 
+use crate::collect::{Collect, Delivered, Notice, Step};
 pub use crate::report::Report;
-use crate::target::{Known, NodeSet};
+use crate::target::{NodeSet, RegisteredNode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -52,6 +60,10 @@ pub enum RunnerError {
     NotReady(#[source] CouchError),
     #[error("{0}")]
     Http(String),
+    #[error("the registry read failed: {0}")]
+    Task(String),
+    #[error("{0}")]
+    Usage(String),
     #[error(
         "cannot update node {node}'s document: {source}; `nodes forget` writes, so run it with the server's CouchDB account (couchdb.username = \"vogeler-server\")"
     )]
@@ -69,25 +81,29 @@ pub enum RunnerError {
     SigningKey(#[source] KeyError),
 }
 
-impl RunnerError {
-    /// The signing key is missing or unusable, CouchDB refuses the account (exit 78).
-    pub fn is_config(&self) -> bool {
-        matches!(
-            self,
-            RunnerError::SigningKey(_)
-                | RunnerError::Denied(_)
-                | RunnerError::Http(_)
-                | RunnerError::Broker(AmqpError::Tls(_))
-        ) || matches!(self, RunnerError::Write { source, .. } if source.is_denied())
+impl ExitStatus for RunnerError {
+    /// The signing key is missing or unusable, CouchDB refuses the account: 78. Broker or
+    /// database unreachable: 69. A registry read that failed otherwise (a panicked task, a
+    /// database answering nonsense): 1.
+    fn exit_code(&self) -> u8 {
+        match self {
+            RunnerError::Broker(e) => e.exit_code(),
+            RunnerError::SigningKey(_) | RunnerError::Denied(_) => exit::CONFIG,
+            RunnerError::Registry(e) if e.is_transient() => exit::UNAVAILABLE,
+            RunnerError::Write { source, .. } => source.exit_code(),
+            RunnerError::Registry(_)
+            | RunnerError::NotReady(_)
+            | RunnerError::NoSuchNode(_)
+            | RunnerError::Task(_) => exit::FAILURE,
+            RunnerError::Http(_) => exit::CONFIG,
+            RunnerError::Usage(_) => exit::USAGE,
+        }
     }
 
-    /// Broker or database unreachable (exit 69).
-    pub fn is_unavailable(&self) -> bool {
+    fn hint(&self) -> Option<&'static str> {
         match self {
-            RunnerError::Broker(AmqpError::Unavailable { .. }) => true,
-            RunnerError::Registry(e) => e.is_transient(),
-            RunnerError::Write { source, .. } => source.is_transient(),
-            _ => false,
+            RunnerError::Broker(e) => e.hint(),
+            _ => None,
         }
     }
 }
@@ -111,34 +127,22 @@ pub struct Query {
 pub async fn stored_values(
     settings: &CouchSettings,
     plugin: &PluginName,
-    nodes: &std::collections::BTreeSet<NodeName>,
+    nodes: &BTreeSet<NodeName>,
     max_age: Duration,
 ) -> Result<BTreeMap<NodeName, report::Cached>, RunnerError> {
-    let couch = inventory::client(settings)?;
-    let params = [
-        ("startkey", serde_json::json!([plugin]).to_string()),
-        ("endkey", serde_json::json!([plugin, {}]).to_string()),
-    ];
-    let rows = couch
-        .view(&settings.database, design::NODES_DDOC, "collected", &params)
-        .await
-        .map_err(inventory::registry_error)?;
+    let inventory = inventory::open(settings)?;
     let cutoff = Utc::now() - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
-    let fresh: Vec<String> = rows
+    let fresh: Vec<String> = inventory
+        .collected(plugin.as_str())
+        .await
+        .map_err(inventory::registry_error)?
         .into_iter()
-        .filter(|r| r.value.get("outcome").and_then(|o| o.as_str()) == Some("ok"))
-        .filter(|r| {
-            r.value
-                .get("collected_at")
-                .and_then(|t| t.as_str())
-                .and_then(|t| t.parse::<chrono::DateTime<Utc>>().ok())
-                .is_some_and(|t| t >= cutoff)
-        })
-        .filter_map(|r| r.id)
-        .filter(|id| nodes.iter().any(|n| n.as_str() == id))
+        .filter(|(id, c)| c.ok_since(cutoff) && nodes.iter().any(|n| n.as_str() == id))
+        .map(|(id, _)| id)
         .collect();
     let ids: Vec<&str> = fresh.iter().map(String::as_str).collect();
-    let docs = couch
+    let docs = inventory
+        .client()
         .get_many::<vogeler_core::document::NodeDocument>(&settings.database, &ids)
         .await
         .map_err(inventory::registry_error)?;
@@ -203,18 +207,15 @@ impl BatchSize {
 pub async fn registry(
     settings: &CouchSettings,
     freshness: Duration,
-) -> Result<BTreeMap<NodeName, Known>, RunnerError> {
-    let couch = inventory::client(settings)?;
-    let rows = match couch
-        .view(&settings.database, design::NODES_DDOC, "registry", &[])
-        .await
-    {
+) -> Result<BTreeMap<NodeName, RegisteredNode>, RunnerError> {
+    let inventory = inventory::open(settings)?;
+    let rows = match inventory.registry().await {
         Ok(rows) => rows,
         // Missing database or missing view: the error bodies differ between CouchDB and
         // PouchDB, so ask about the database itself.
-        Err(e @ CouchError::Status { status, .. }) if status.as_u16() == 404 => {
-            match couch.doc_count(&settings.database).await {
-                Err(CouchError::Status { status, .. }) if status.as_u16() == 404 => {
+        Err(e) if e.is_not_found() => {
+            match inventory.client().doc_count(&settings.database).await {
+                Err(missing) if missing.is_not_found() => {
                     warn!(database = %settings.database, "database does not exist yet: no node is registered (has vogeler-server run?)");
                     return Ok(BTreeMap::new());
                 }
@@ -227,32 +228,16 @@ pub async fn registry(
         Utc::now() - chrono::Duration::from_std(freshness).unwrap_or(chrono::Duration::MAX);
     Ok(rows
         .into_iter()
-        .filter_map(|r| {
+        .filter_map(|(id, r)| {
             // Anything that is not a valid node name was not written by Vogeler; leave it out.
-            let name = NodeName::new(r.id?).ok()?;
-            let last_seen = r
-                .value
-                .get("last_seen")
-                .and_then(|v| v.as_str())
-                .and_then(|t| t.parse::<chrono::DateTime<Utc>>().ok());
-            let facts = r
-                .value
-                .get("facts")
-                .and_then(|f| f.as_object())
-                .cloned()
-                .unwrap_or_default();
-            let agent_version = r
-                .value
-                .get("agent_version")
-                .and_then(|v| v.as_str())
-                .map(str::to_string);
+            let name = NodeName::new(id).ok()?;
             Some((
                 name,
-                Known {
-                    facts,
-                    fresh: last_seen.is_some_and(|t| t >= cutoff),
-                    last_seen,
-                    agent_version,
+                RegisteredNode {
+                    facts: r.facts,
+                    fresh: r.last_seen.is_some_and(|t| t >= cutoff),
+                    last_seen: r.last_seen,
+                    agent_version: r.agent_version,
                 },
             ))
         })
@@ -319,46 +304,43 @@ pub async fn query(
             report.broadcast = false;
         }
     }
-    let link = Link {
+    let fanout = Fanout {
         conn: &conn,
         topology: b.topology.clone(),
         signer: &signer,
     };
-    let result = collect(&link, q, &mut report, registry_pending, cancel, on_reply).await;
+    let result = collect(&fanout, q, report, registry_pending, cancel, on_reply).await;
     let _ = conn.close(200, "runner done".into()).await;
-    result.map(|()| report)
+    result
 }
-
-/// Why a command no queue took is not waited for.
-const NO_QUEUE: &str = "no agent queue: the agent never connected, or its queue expired";
 
 /// The registry read running alongside a broadcast: the nodes it expects.
 type PendingRegistry =
     tokio::task::JoinHandle<Result<std::collections::BTreeSet<NodeName>, RunnerError>>;
 
-/// What a query publishes with: the connection, the collective's names and the key.
-struct Link<'a> {
-    conn: &'a lapin::Connection,
+/// Where a query publishes and how it signs.
+struct Fanout<'a> {
+    conn: &'a Connection,
     topology: Topology,
     signer: &'a PrivateKey,
 }
 
+/// The I/O of one fan-out: publish what [`Collect`] asks for, feed it replies, the registry
+/// answer and timers, until it is done.
 async fn collect(
-    link: &Link<'_>,
+    fanout: &Fanout<'_>,
     q: &Query,
-    report: &mut Report,
+    report: Report,
     mut registry_pending: Option<PendingRegistry>,
     cancel: &CancellationToken,
     on_reply: &mut (dyn FnMut(Progress<'_>) + Send),
-) -> Result<(), RunnerError> {
-    let Link {
+) -> Result<Report, RunnerError> {
+    let Fanout {
         conn,
         topology,
         signer,
-    } = link;
-    let ch = amqp::publisher_channel(conn)
-        .await
-        .map_err(AmqpError::from)?;
+    } = fanout;
+    let publisher = Publisher::open(conn, topology).await?;
     amqp::declare::shared(topology, conn)
         .await
         .map_err(AmqpError::from)?;
@@ -366,184 +348,106 @@ async fn collect(
         .await
         .map_err(AmqpError::from)?;
     // The reply queue is private and deleted with the connection: no acks needed.
-    let opts = BasicConsumeOptions {
+    let how = Consume {
+        queue: &reply_queue,
+        tag: "",
+        prefetch: None,
         no_ack: true,
-        ..Default::default()
     };
-    let mut replies = ch
-        .basic_consume(
-            reply_queue.as_str().into(),
-            "".into(),
-            opts,
-            FieldTable::default(),
-        )
-        .await
-        .map_err(AmqpError::from)?;
+    let mut replies = Consumer::open(conn, how, FromAgents).await?;
 
     let issued_at = Utc::now();
     let ttl = chrono::Duration::from_std(q.ttl).unwrap_or(chrono::Duration::MAX);
+    let (request_id, plugin) = (report.request_id, q.plugin.clone());
     let command = |target: Target| {
         Message::Command(Command::new(
-            report.request_id,
-            q.plugin.clone(),
+            request_id,
+            plugin.clone(),
             target,
             issued_at,
             ttl,
         ))
     };
     let started = tokio::time::Instant::now();
-    // `all` is one broadcast; any other set is one command per node, so only the targeted
-    // agents ever see it. Batches go out one after the other, each waited for.
-    let asked: Vec<NodeName> = report
-        .expected
-        .iter()
-        .filter(|n| !report.cached.contains_key(*n))
-        .cloned()
-        .collect();
-    let waves: Vec<Vec<Target>> = match (&q.batch, report.broadcast) {
-        (None, true) => vec![vec![Target::All]],
-        (None, false) => vec![asked.iter().cloned().map(Target::Node).collect()],
-        (Some(b), _) => {
-            let nodes: Vec<NodeName> = asked.clone();
-            let size = b.size.of(nodes.len());
-            nodes
-                .chunks(size)
-                .map(|c| c.iter().cloned().map(Target::Node).collect())
-                .collect()
-        }
-    };
-    // Batched, `all` means the registered nodes, each commanded by name.
-    if q.batch.is_some() {
-        report.broadcast = false;
-    }
-    if registry_pending.is_none() {
-        on_reply(Progress::Sent {
-            expected: report.expected.len(),
-        });
-    }
-    let pause = q.batch.as_ref().map_or(Duration::ZERO, |b| b.pause);
-    let count = waves.len();
-    for (i, wave) in waves.into_iter().enumerate() {
-        let wave_nodes: Vec<NodeName> = wave
-            .iter()
-            .filter_map(|t| match t {
-                Target::Node(n) => Some(n.clone()),
-                Target::All => None,
-            })
-            .collect();
-        // A broadcast no queue took cannot be answered: do not wait for it.
-        let mut nobody_listens = false;
-        for target in wave {
-            let key = Topology::command_routing_key(&target);
-            let delivered = amqp::publish_command(
-                &ch,
-                &topology.commands_exchange(),
-                &key,
-                &command(target.clone()),
-                signer,
-                q.ttl,
-            )
-            .await?;
-            let why = match delivered {
-                amqp::Delivery::Queued => continue,
-                amqp::Delivery::Unroutable => NO_QUEUE,
-                amqp::Delivery::Refused => {
-                    "the agent's queue is full: it has been offline for long"
-                }
-            };
-            match target {
-                Target::Node(n) => {
-                    report.undelivered.insert(n, why.to_string());
-                }
-                Target::All => {
-                    nobody_listens = true;
-                    warn!(collective = %topology.collective(), "no agent queue is bound for broadcasts: no agent of this collective has ever connected");
-                    for n in &asked {
-                        report.undelivered.insert(n.clone(), why.to_string());
+    let batch = q.batch.map(|b| (b.size, b.pause));
+    let mut c = Collect::new(report, batch, q.timeout, registry_pending.is_none());
+    let mut step = c.start();
+    loop {
+        for notice in c.notices() {
+            match notice {
+                Notice::Sent { expected } => on_reply(Progress::Sent { expected }),
+                Notice::Reply(node) => {
+                    if let Some(r) = c.report().replies.get(&node) {
+                        on_reply(Progress::Reply(r));
                     }
                 }
             }
         }
-        info!(request_id = %report.request_id, plugin = %q.plugin, nodes = %q.nodes_text, batch = i + 1, of = count, expected = report.expected.len(), "command sent");
-        let deadline = tokio::time::Instant::now() + q.timeout;
-        let waiting_for = |r: &Report, registry_known: bool| {
-            let pending =
-                |n: &NodeName| !r.replies.contains_key(n) && !r.undelivered.contains_key(n);
-            if r.broadcast {
-                !registry_known || r.expected.is_empty() || r.expected.iter().any(pending)
-            } else {
-                wave_nodes.iter().any(pending)
+        let now = tokio::time::Instant::now;
+        step = match step {
+            Step::Publish(targets) => {
+                for target in targets {
+                    let delivered = publisher
+                        .command(&command(target.clone()), signer, q.ttl)
+                        .await?;
+                    c.published(
+                        &target,
+                        match delivered {
+                            amqp::Delivery::Queued => Delivered::Queued,
+                            amqp::Delivery::Unroutable => Delivered::Unroutable,
+                            amqp::Delivery::Refused => Delivered::Refused,
+                        },
+                    );
+                }
+                if c.nobody_listens() {
+                    warn!(collective = %topology.collective(), "no agent queue is bound for broadcasts: no agent of this collective has ever connected");
+                }
+                let (wave, of) = c.wave();
+                info!(request_id = %request_id, plugin = %q.plugin, nodes = %q.nodes_text, batch = wave, of, expected = c.report().expected.len(), "command sent");
+                c.sent(now())
             }
-        };
-        while !nobody_listens && waiting_for(report, registry_pending.is_none()) {
-            let delivery = tokio::select! {
-                () = cancel.cancelled() => break,
-                () = tokio::time::sleep_until(deadline) => break,
+            Step::Wait { until } => tokio::select! {
+                () = cancel.cancelled() => c.cancelled(now()),
+                () = tokio::time::sleep_until(until) => c.deadline(now()),
                 known = async { registry_pending.as_mut().expect("guarded").await }, if registry_pending.is_some() => {
                     registry_pending = None;
-                    report.expected = known.map_err(|e| RunnerError::Http(format!("registry task: {e}")))??;
-                    on_reply(Progress::Sent { expected: report.expected.len() });
-                    continue;
+                    let known = known.map_err(|e| RunnerError::Task(e.to_string()))??;
+                    c.registry(known, now())
                 }
-                d = replies.next() => d,
-            };
-            let delivery = match delivery {
-                Some(Ok(d)) => d,
-                Some(Err(e)) => return Err(AmqpError::from(e).into()),
-                None => return Err(AmqpError::ConsumerEnded { queue: reply_queue }.into()),
-            };
-            let (key, signature) = amqp::signature_of(&delivery.properties);
-            if let Err(e) = vogeler_core::signing::verify(
-                Purpose::Agent,
-                &delivery.data,
-                key.as_deref(),
-                signature.as_deref(),
-            ) {
-                warn!(error = %e, "ignored a reply with a bad signature");
-                continue;
-            }
-            match wire::decode(&delivery.data) {
-                Ok(Message::Result(r)) if r.request_id == report.request_id => {
-                    debug!(node = %r.node, outcome = r.outcome.status(), "reply");
-                    if !report.replies.contains_key(&r.node) {
-                        on_reply(Progress::Reply(&r));
-                        report.replies.insert(r.node.clone(), r);
+                received = replies.next() => match received? {
+                    Ok(incoming) => match incoming.message.message {
+                        Message::Result(r) => {
+                            debug!(node = %r.node, outcome = r.outcome.status(), "reply");
+                            c.reply(r, now())
+                        }
+                        other => {
+                            debug!(kind = other.kind(), "ignored a message that is not a reply to this request");
+                            c.tick(now())
+                        }
+                    },
+                    Err(refused) => {
+                        warn!(reason = %refused.refusal, "ignored a reply that failed verification");
+                        c.tick(now())
                     }
-                }
-                Ok(other) => debug!(
-                    kind = other.kind(),
-                    "ignored a message that is not a reply to this request"
-                ),
-                Err(e) => warn!(error = %e, "ignored a malformed reply"),
+                },
+            },
+            Step::AwaitRegistry => {
+                // Timed out, cancelled or nobody listens before the registry arrived: the
+                // report still needs to know whom it expected.
+                let pending = registry_pending.take().expect("the registry is pending");
+                let known = pending
+                    .await
+                    .map_err(|e| RunnerError::Task(e.to_string()))??;
+                c.registry(known, now())
             }
-        }
-        if let Some(pending) = registry_pending.take() {
-            // Timed out, cancelled or nobody listens before the registry arrived: the
-            // report still needs to know whom it expected.
-            report.expected = pending
-                .await
-                .map_err(|e| RunnerError::Http(format!("registry task: {e}")))??;
-            on_reply(Progress::Sent {
-                expected: report.expected.len(),
-            });
-            if nobody_listens {
-                for n in &report.expected {
-                    report.undelivered.insert(n.clone(), NO_QUEUE.to_string());
-                }
-            }
-        }
-        if cancel.is_cancelled() {
-            break;
-        }
-        if i + 1 < count && !pause.is_zero() {
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                () = tokio::time::sleep(pause) => {}
-            }
-        }
+            Step::Pause { until } => tokio::select! {
+                () = cancel.cancelled() => c.cancelled(now()),
+                () = tokio::time::sleep_until(until) => c.pause_over(),
+            },
+            Step::Done => break,
+        };
     }
-    report.elapsed = started.elapsed();
-    Ok(())
+    Ok(c.finish(started.elapsed()))
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub enum Op {
 
 /// What the registry knows of a node.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Known {
+pub struct RegisteredNode {
     pub facts: Map<String, Value>,
     /// Seen within the freshness window.
     pub fresh: bool,
@@ -276,7 +276,7 @@ fn text(v: &Value) -> String {
 
 impl NodeSet {
     /// Does this node belong to the set?
-    pub fn matches(&self, name: &NodeName, known: Option<&Known>) -> bool {
+    pub fn matches(&self, name: &NodeName, known: Option<&RegisteredNode>) -> bool {
         match self {
             NodeSet::All => known.is_some(),
             NodeSet::Names(n) => n.contains(name),
@@ -327,7 +327,7 @@ impl NodeSet {
 
     /// The nodes to command and expect: registered nodes in the set that are fresh, plus
     /// explicitly named ones whatever the registry says.
-    pub fn resolve(&self, registry: &BTreeMap<NodeName, Known>) -> BTreeSet<NodeName> {
+    pub fn resolve(&self, registry: &BTreeMap<NodeName, RegisteredNode>) -> BTreeSet<NodeName> {
         let mut out: BTreeSet<NodeName> = registry
             .iter()
             .filter(|(n, k)| k.fresh && self.matches(n, Some(k)))
@@ -370,7 +370,7 @@ mod tests {
         }
     }
 
-    fn registry() -> BTreeMap<NodeName, Known> {
+    fn registry() -> BTreeMap<NodeName, RegisteredNode> {
         let mut r = BTreeMap::new();
         for (name, facts, fresh) in [
             (
@@ -397,7 +397,7 @@ mod tests {
         ] {
             r.insert(
                 NodeName::new(name).expect("name"),
-                Known {
+                RegisteredNode {
                     facts: facts.as_object().cloned().expect("obj"),
                     fresh,
                     ..Default::default()
