@@ -144,12 +144,7 @@ fn doc_path<'a>(db: &'a str, id: &'a str) -> Vec<&'a str> {
     vec![db, id]
 }
 
-/// Credentials for CouchDB's basic authentication.
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    pub username: String,
-    pub password: Secret,
-}
+pub use crate::config::Credentials;
 
 /// A handle on one CouchDB server. Cheap to clone (one connection pool).
 #[derive(Debug, Clone)]

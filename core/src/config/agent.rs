@@ -1,0 +1,184 @@
+//! `[agent]`: what `vogeler-agent` runs, trusts and keeps, and its composition with `[amqp]` and `[log]`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+use toml::Table;
+
+use super::{
+    BrokerSettings, ConfigError, Problems, ProgramSettings, RawConfig,
+    defaults::LOG_LEVEL,
+    effective::{dur, finish, insert_path, int, render},
+    validate_level, validate_listen,
+};
+use crate::{duration, names::NodeName};
+
+/// `[agent]` defaults, quoted by `--help` and the example configs.
+pub mod defaults {
+    pub const PLUGIN_DIR: &str = "/etc/vogeler/plugins.d";
+    pub const AGENT_CONCURRENCY: usize = 4;
+    pub const AGENT_HEARTBEAT_SECS: u64 = 60;
+    pub const AUTHORIZED_KEYS: &str = "/etc/vogeler/keys/authorized_keys";
+    pub const STATE_DIR: &str = "/var/lib/vogeler";
+    pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
+    pub const MAX_COMMAND_TTL_SECS: u64 = 24 * 3600;
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub node: Option<String>,
+    pub plugin_dir: Option<PathBuf>,
+    pub concurrency: Option<usize>,
+    /// How often the agent re-announces itself, so the server sees it is alive.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub heartbeat: Option<Duration>,
+    /// Facts the operator assigns (role, datacenter, ...), announced with the measured ones
+    /// and usable in node sets (`-n role=web`).
+    #[serde(default)]
+    pub facts: serde_json::Map<String, serde_json::Value>,
+    /// Runner public keys this agent obeys: a file of key lines or a directory of `*.pub`.
+    pub authorized_keys: Option<PathBuf>,
+    /// Where agents keep their own key, replay cache and audit log, one subdirectory per node.
+    pub state_dir: Option<PathBuf>,
+    /// How far a command's issue time may be ahead of this node's clock.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub max_clock_skew: Option<Duration>,
+    /// Commands valid for longer than this are refused (it bounds the replay cache).
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub max_command_ttl: Option<Duration>,
+    /// `host:port` for `/healthz` and `/metrics`; unset, no HTTP listener.
+    pub http_listen: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentSettings {
+    pub broker: BrokerSettings,
+    pub node: NodeName,
+    pub plugin_dir: PathBuf,
+    /// Plugin runs allowed at once; more commands wait in the queue.
+    pub concurrency: usize,
+    /// Interval between announcements while connected.
+    pub heartbeat: Duration,
+    /// Operator-assigned facts, announced on top of the measured ones.
+    pub facts: serde_json::Map<String, serde_json::Value>,
+    pub authorized_keys: PathBuf,
+    /// This node's own state directory (`<agent.state_dir>/<node>`).
+    pub state_dir: PathBuf,
+    pub max_clock_skew: Duration,
+    pub max_command_ttl: Duration,
+    pub http_listen: Option<SocketAddr>,
+    pub log_level: String,
+}
+
+impl RawConfig {
+    /// Settings for `vogeler-agent`. `hostname` is the node name used when none is configured.
+    pub fn agent(&self, hostname: Option<String>) -> Result<AgentSettings, ConfigError> {
+        let mut p = Problems::default();
+        let broker = self.broker(&mut p);
+        let node = match self.agent.node.clone().or(hostname) {
+            Some(n) => p.check("agent.node", NodeName::new(n)),
+            None => {
+                p.0.push(
+                    "agent.node: no node name given and the host name is unknown; pass --node"
+                        .into(),
+                );
+                None
+            }
+        };
+        let concurrency = self
+            .agent
+            .concurrency
+            .unwrap_or(defaults::AGENT_CONCURRENCY);
+        let heartbeat = self
+            .agent
+            .heartbeat
+            .unwrap_or(Duration::from_secs(defaults::AGENT_HEARTBEAT_SECS));
+        if heartbeat < Duration::from_secs(1) {
+            p.0.push("agent.heartbeat: must be at least 1s".into());
+        }
+        if concurrency == 0 {
+            p.0.push("agent.concurrency: must be at least 1".into());
+        }
+        let max_clock_skew = self
+            .agent
+            .max_clock_skew
+            .unwrap_or(Duration::from_secs(defaults::MAX_CLOCK_SKEW_SECS));
+        let max_command_ttl = self
+            .agent
+            .max_command_ttl
+            .unwrap_or(Duration::from_secs(defaults::MAX_COMMAND_TTL_SECS));
+        if max_command_ttl < Duration::from_secs(1) {
+            p.0.push("agent.max_command_ttl: must be at least 1s".into());
+        }
+        let log_level = validate_level(&mut p, &self.log, LOG_LEVEL);
+        let http_listen = validate_listen(
+            &mut p,
+            "agent.http_listen",
+            self.agent.http_listen.as_deref(),
+        );
+        let state_base = self
+            .agent
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| defaults::STATE_DIR.into());
+        p.finish(|| {
+            let node = node?;
+            Some(AgentSettings {
+                state_dir: state_base.join(node.as_str()),
+                authorized_keys: self
+                    .agent
+                    .authorized_keys
+                    .clone()
+                    .unwrap_or_else(|| defaults::AUTHORIZED_KEYS.into()),
+                max_clock_skew,
+                max_command_ttl,
+                broker: broker?,
+                node,
+                plugin_dir: self
+                    .agent
+                    .plugin_dir
+                    .clone()
+                    .unwrap_or_else(|| defaults::PLUGIN_DIR.into()),
+                concurrency,
+                heartbeat,
+                facts: self.agent.facts.clone(),
+                http_listen,
+                log_level,
+            })
+        })
+    }
+}
+
+impl ProgramSettings for AgentSettings {
+    fn read_secrets(mut self) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        self.broker.read_secrets(&mut problems);
+        finish(problems, self)
+    }
+
+    fn to_toml(&self) -> String {
+        let mut a = Table::new();
+        a.insert("node".into(), self.node.as_str().into());
+        insert_path(&mut a, "plugin_dir", Some(&self.plugin_dir));
+        a.insert("concurrency".into(), int(self.concurrency));
+        a.insert("heartbeat".into(), dur(self.heartbeat));
+        insert_path(&mut a, "authorized_keys", Some(&self.authorized_keys));
+        // The base directory, as configured (the node's own is <state_dir>/<node>).
+        insert_path(&mut a, "state_dir", self.state_dir.parent());
+        a.insert("max_clock_skew".into(), dur(self.max_clock_skew));
+        a.insert("max_command_ttl".into(), dur(self.max_command_ttl));
+        if let Some(listen) = &self.http_listen {
+            a.insert("http_listen".into(), listen.to_string().into());
+        }
+        if !self.facts.is_empty() {
+            let facts: Table = self
+                .facts
+                .iter()
+                .filter_map(|(k, v)| toml::Value::try_from(v).ok().map(|v| (k.clone(), v)))
+                .collect();
+            a.insert("facts".into(), facts.into());
+        }
+        render(&self.broker, None, Some(("agent", a)), &self.log_level)
+    }
+}

@@ -1,0 +1,497 @@
+//! Configuration: one raw shape for every program, loaded in layers, then validated into the
+//! settings each program needs.
+//!
+//! Layers, later wins: built-in defaults < `--config FILE` (TOML) < `VOGELER_*` environment
+//! (`VOGELER_AMQP__URL`, `VOGELER_COUCHDB__PASSWORD`: a double underscore separates section
+//! and key) < command-line flags. All three programs read the same shape, so one file or one
+//! environment can serve them all; a program ignores the sections it does not use, while a
+//! misspelt key anywhere is an error.
+
+//!
+//! Each section lives in its own module with everything about it side by side: its raw
+//! fields, defaults, validation, validated settings and its part of `--print-config`:
+//! [`amqp`], [`couchdb`], and the programs' own [`agent`], [`server`] and [`runner`] (each
+//! also composes its program's settings from the shared sections). This module loads the
+//! layers and holds what every section shares.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+pub mod agent;
+pub mod amqp;
+pub mod couchdb;
+mod effective;
+pub mod runner;
+pub mod server;
+
+pub use agent::{AgentSettings, RawAgent};
+pub use amqp::{BrokerSettings, RawAmqp, TlsFiles};
+pub use couchdb::{CouchSettings, Credentials, RawCouch};
+pub use effective::ProgramSettings;
+pub use runner::{RawRunner, RunnerSettings};
+pub use server::{RawServer, ServerSettings};
+
+use serde::Deserialize;
+
+use crate::{duration, secret::SecretUrl};
+
+/// Every default, for `--help` texts and docs: the top-level ones here, each section's in its
+/// module.
+pub mod defaults {
+    pub use super::{
+        agent::defaults::*, amqp::defaults::*, couchdb::defaults::*, runner::defaults::*,
+        server::defaults::*,
+    };
+    pub const CONNECT_TIMEOUT_SECS: u64 = 30;
+    /// Daemons log their work; the runner is interactive and keeps stderr for problems.
+    pub const LOG_LEVEL: &str = "info";
+    pub const RUNNER_LOG_LEVEL: &str = "warn";
+}
+
+/// The file/environment shape, before validation. Every field is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// How long to keep trying the broker and database at start-up.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default)]
+    pub amqp: RawAmqp,
+    #[serde(default)]
+    pub couchdb: RawCouch,
+    #[serde(default)]
+    pub agent: RawAgent,
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub runner: RawRunner,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub level: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot load configuration: {0}")]
+    Load(String),
+    #[error("invalid configuration:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<String>),
+}
+
+/// Where configuration comes from. `env: None` reads the process environment.
+#[derive(Debug, Default)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    pub env: Option<HashMap<String, String>>,
+    /// Flags, as `section.key` → value.
+    pub overrides: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// Record a flag's value if it was given.
+    pub fn set(&mut self, key: &str, value: Option<impl ToString>) -> &mut Self {
+        if let Some(v) = value {
+            self.overrides.push((key.to_string(), v.to_string()));
+        }
+        self
+    }
+}
+
+/// Read every layer into one raw config.
+pub fn load(sources: &Sources) -> Result<RawConfig, ConfigError> {
+    let mut b = config::Config::builder();
+    if let Some(file) = &sources.file {
+        if !file.is_file() {
+            return Err(ConfigError::Load(format!(
+                "config file {} does not exist",
+                file.display()
+            )));
+        }
+        b = b.add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml));
+    }
+    let env = config::Environment::with_prefix("VOGELER")
+        .prefix_separator("_")
+        .separator("__")
+        .source(Some(setting_variables(
+            sources
+                .env
+                .clone()
+                .unwrap_or_else(|| std::env::vars().collect()),
+        )));
+    b = b.add_source(env);
+    for (k, v) in &sources.overrides {
+        b = b
+            .set_override(k.as_str(), v.as_str())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+    }
+    let loaded = b.build().map_err(|e| ConfigError::Load(e.to_string()))?;
+    loaded
+        .try_deserialize()
+        .map_err(|e| ConfigError::Load(e.to_string()))
+}
+
+/// The `VOGELER_*` variables that name a setting: `VOGELER_<SECTION>__<KEY>` for a section of
+/// [`RawConfig`], or one of its top-level keys (`VOGELER_CONNECT_TIMEOUT`). The rest
+/// (`VOGELER_TEST_AMQP_URL`, `VOGELER_STACK_DIR`, ...) belong to scripts and test runners and
+/// are left alone; a misspelt key inside a known section (`VOGELER_AMQP__URLL`) still reaches
+/// deserialization and is reported there.
+fn setting_variables(env: HashMap<String, String>) -> HashMap<String, String> {
+    let known = serde_aux::serde_introspection::serde_introspect::<RawConfig>();
+    env.into_iter()
+        .filter(|(name, _)| {
+            let Some(rest) = name.strip_prefix("VOGELER_") else {
+                return false;
+            };
+            let head = rest.split("__").next().unwrap_or_default();
+            known.iter().any(|k| k.eq_ignore_ascii_case(head))
+        })
+        .collect()
+}
+
+/// Collects every problem before reporting, so an operator fixes them in one go.
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn check<T, E: std::fmt::Display>(&mut self, key: &str, r: Result<T, E>) -> Option<T> {
+        r.map_err(|e| self.0.push(format!("{key}: {e}"))).ok()
+    }
+    fn finish<T>(self, build: impl FnOnce() -> Option<T>) -> Result<T, ConfigError> {
+        if self.0.is_empty() {
+            build()
+                .ok_or_else(|| ConfigError::Invalid(vec!["internal: incomplete settings".into()]))
+        } else {
+            Err(ConfigError::Invalid(self.0))
+        }
+    }
+}
+
+fn validate_url(
+    p: &mut Problems,
+    key: &str,
+    raw: Option<&str>,
+    default: &str,
+    schemes: &[&str],
+) -> Option<SecretUrl> {
+    let s = raw.unwrap_or(default);
+    let url = p.check(
+        key,
+        SecretUrl::parse(s).map_err(|e| format!("{:?} is not a URL ({e})", redact(s))),
+    )?;
+    if !schemes.contains(&url.expose().scheme()) {
+        p.0.push(format!(
+            "{key}: {url} must start with {}",
+            schemes
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        ));
+        return None;
+    }
+    Some(url)
+}
+
+/// `host:port` for the health and metrics listener.
+fn validate_listen(p: &mut Problems, key: &str, raw: Option<&str>) -> Option<SocketAddr> {
+    let raw = raw?;
+    p.check(
+        key,
+        raw.parse::<SocketAddr>().map_err(|_| {
+            format!("{raw:?} is not an address to listen on; write host:port, e.g. 127.0.0.1:9187")
+        }),
+    )
+}
+
+/// Best-effort redaction for a string that failed to parse as a URL.
+fn redact(s: &str) -> String {
+    match (s.find("://"), s.rfind('@')) {
+        (Some(i), Some(j)) if j > i => format!("{}://***{}", &s[..i], &s[j..]),
+        _ => s.to_string(),
+    }
+}
+
+fn validate_level(p: &mut Problems, raw: &RawLog, default: &str) -> String {
+    let level = raw.level.clone().unwrap_or_else(|| default.into());
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+        p.0.push(format!(
+            "log.level: {level:?} is not a log filter ({e}); try info or debug"
+        ));
+    }
+    level
+}
+
+impl RawConfig {
+    fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+            .unwrap_or(Duration::from_secs(defaults::CONNECT_TIMEOUT_SECS))
+    }
+
+    fn broker(&self, p: &mut Problems) -> Option<BrokerSettings> {
+        self.amqp.settings(self.connect_timeout(), p)
+    }
+
+    fn couch(&self, p: &mut Problems) -> Option<CouchSettings> {
+        self.couchdb.settings(self.connect_timeout(), p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sources(file: Option<&str>, env: &[(&str, &str)], flags: &[(&str, &str)]) -> Sources {
+        let file = file.map(|body| {
+            let path =
+                std::env::temp_dir().join(format!("vogeler-cfg-{}.toml", uuid::Uuid::new_v4()));
+            std::fs::write(&path, body).expect("write config");
+            path
+        });
+        Sources {
+            file,
+            env: Some(
+                env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            overrides: flags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let s = load(&sources(None, &[], &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        assert_eq!(s.couch.database, "system_records");
+        assert_eq!(s.broker.topology.collective(), "vogeler");
+        assert_eq!(s.broker.connect_timeout, Duration::from_secs(30));
+        assert!(s.couch.credentials.is_none());
+    }
+
+    #[test]
+    fn layers_override_in_order() {
+        let file = "connect_timeout = 5\n[couchdb]\ndatabase = \"from_file\"\nurl = \"http://file:5984\"\n[runner]\ntimeout = \"2s\"\n";
+        let env = [
+            ("VOGELER_COUCHDB__DATABASE", "from_env"),
+            ("VOGELER_RUNNER__TIMEOUT", "750ms"),
+        ];
+        let flags = [("runner.timeout", "3")];
+        let s = load(&sources(Some(file), &env, &flags))
+            .expect("load")
+            .runner()
+            .expect("valid");
+        assert_eq!(s.couch.url.expose().host_str(), Some("file"));
+        assert_eq!(s.couch.database, "from_env");
+        assert_eq!(s.timeout, Duration::from_secs(3));
+        assert_eq!(s.couch.connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn other_vogeler_variables_are_not_settings() {
+        let env = [
+            ("VOGELER_TEST_AMQP_URL", "amqp://elsewhere"),
+            ("VOGELER_STACK_DIR", "/tmp/stack"),
+            ("VOGELER_CONNECT_TIMEOUT", "7"),
+            ("VOGELER_COUCHDB__DATABASE", "from_env"),
+        ];
+        let s = load(&sources(None, &env, &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        assert_eq!(s.couch.database, "from_env");
+        assert_eq!(s.couch.connect_timeout, Duration::from_secs(7));
+        let misspelt = [("VOGELER_AMQP__URLL", "amqp://x")];
+        let err = load(&sources(None, &misspelt, &[])).expect_err("misspelt key");
+        assert!(err.to_string().contains("urll"), "{err}");
+    }
+
+    #[test]
+    fn credentials_from_environment_only() {
+        let env = [
+            ("VOGELER_COUCHDB__USERNAME", "admin"),
+            ("VOGELER_COUCHDB__PASSWORD", "s3cret"),
+        ];
+        let s = load(&sources(None, &env, &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        let c = s.couch.credentials.expect("credentials");
+        assert_eq!(c.password.expose(), "s3cret");
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let flags = [
+            ("amqp.url", "http://nope"),
+            ("amqp.collective", "a b"),
+            ("couchdb.database", "Bad"),
+            ("couchdb.username", "admin"),
+            ("log.level", "loud=???"),
+        ];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect_err("invalid");
+        let ConfigError::Invalid(problems) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(problems.len(), 5, "{problems:#?}");
+        let text = err.to_string();
+        for key in [
+            "amqp.url",
+            "amqp.collective",
+            "couchdb.database",
+            "couchdb.username",
+            "log.level",
+        ] {
+            assert!(text.contains(key), "{text}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key() {
+        let err = load(&sources(Some("[amqp]\nulr = \"x\"\n"), &[], &[])).expect_err("unknown key");
+        assert!(err.to_string().contains("ulr"), "{err}");
+        let err =
+            load(&sources(None, &[("VOGELER_AMQP__PASWORD", "x")], &[])).expect_err("unknown env");
+        assert!(err.to_string().contains("pasword"), "{err}");
+    }
+
+    #[test]
+    fn agent_node_defaults_to_hostname_and_is_validated() {
+        let raw = load(&sources(None, &[], &[])).expect("load");
+        assert_eq!(
+            raw.agent(Some("host1".into()))
+                .expect("valid")
+                .node
+                .as_str(),
+            "host1"
+        );
+        let raw = load(&sources(None, &[], &[("agent.node", "_bad")])).expect("load");
+        assert!(
+            raw.agent(Some("host1".into()))
+                .expect_err("bad node")
+                .to_string()
+                .contains("agent.node")
+        );
+    }
+
+    #[test]
+    fn tls_files_need_a_tls_url_and_come_in_pairs() {
+        let flags = [
+            ("amqp.ca_file", "/etc/vogeler/ca.pem"),
+            ("amqp.cert_file", "/etc/vogeler/agent.pem"),
+            ("couchdb.ca_file", "/etc/vogeler/ca.pem"),
+        ];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect_err("invalid");
+        let ConfigError::Invalid(problems) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        let text = err.to_string();
+        assert!(text.contains("give both"), "{text}");
+        assert!(text.contains("use amqps://"), "{text}");
+        assert!(text.contains("use https://"), "{text}");
+        let flags = [
+            ("amqp.url", "amqps://u:p@broker:5671/%2f"),
+            ("amqp.ca_file", "/etc/vogeler/ca.pem"),
+            ("amqp.cert_file", "/etc/vogeler/agent.pem"),
+            ("amqp.key_file", "/etc/vogeler/agent.key"),
+            ("couchdb.url", "https://couch:6984"),
+            ("couchdb.ca_file", "/etc/vogeler/ca.pem"),
+        ];
+        let s = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect("valid without the files existing");
+        assert!(s.broker.tls.client.is_some());
+        assert!(s.couch.ca_file.is_some());
+    }
+
+    #[test]
+    fn broker_password_from_a_file() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").expect("write");
+        let flags = [
+            ("amqp.url", "amqp://agent@broker:5672/vogeler"),
+            ("amqp.password_file", file.to_str().expect("path")),
+        ];
+        let s = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect("valid")
+            .read_secrets()
+            .expect("readable");
+        assert_eq!(s.broker.url.expose().password(), Some("s3cret"));
+        assert!(!format!("{s:?}").contains("s3cret"));
+        assert!(!s.to_toml().contains("s3cret"));
+        let flags = [("amqp.password_file", "/nonexistent/pw")];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect("valid: the file is read at start-up")
+            .read_secrets()
+            .expect_err("missing file");
+        assert!(err.to_string().contains("amqp.password_file"), "{err}");
+    }
+
+    #[test]
+    fn heartbeat_and_frame_max_go_into_the_broker_url_unless_it_sets_them() {
+        let s = load(&sources(None, &[], &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        let query = s
+            .broker
+            .url
+            .expose()
+            .query()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            query.contains("heartbeat=10") && query.contains("frame_max=16384"),
+            "{query}"
+        );
+        let flags = [
+            ("amqp.url", "amqp://h/v?frame_max=131072"),
+            ("amqp.frame_max", "8192"),
+        ];
+        let s = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect("valid");
+        assert!(
+            s.broker
+                .url
+                .expose()
+                .query()
+                .unwrap_or_default()
+                .contains("frame_max=131072")
+        );
+        let flags = [("amqp.frame_max", "1024")];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect_err("too small");
+        assert!(err.to_string().contains("amqp.frame_max"), "{err}");
+    }
+
+    #[test]
+    fn unparsable_url_is_redacted() {
+        assert_eq!(redact("amqp://u:pw@@host"), "amqp://***@host");
+    }
+}

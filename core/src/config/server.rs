@@ -1,0 +1,125 @@
+//! `[server]`: how `vogeler-server` drains the results queue and keeps the database, and its composition with `[amqp]`, `[couchdb]` and `[log]`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use serde::Deserialize;
+use toml::Table;
+
+use super::{
+    BrokerSettings, ConfigError, CouchSettings, Problems, ProgramSettings, RawConfig,
+    defaults::LOG_LEVEL,
+    effective::{dur, finish, int, render},
+    validate_level, validate_listen,
+};
+use crate::duration;
+
+/// `[server]` defaults, quoted by `--help` and the example configs.
+pub mod defaults {
+    pub const SERVER_PREFETCH: u16 = 512;
+    pub const SERVER_BATCH_SIZE: usize = 256;
+    pub const SERVER_STALE_AFTER_SECS: u64 = 24 * 3600;
+    pub const SERVER_HISTORY_RETENTION_SECS: u64 = 90 * 24 * 3600;
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub prefetch: Option<u16>,
+    /// Results written to CouchDB in one `_bulk_docs` request at most.
+    pub batch_size: Option<usize>,
+    /// A node not seen for this long is reported as stale (never deleted automatically).
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub stale_after: Option<Duration>,
+    /// History entries older than this are deleted.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub history_retention: Option<Duration>,
+    /// `host:port` for `/healthz` and `/metrics`; unset, no HTTP listener.
+    pub http_listen: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub broker: BrokerSettings,
+    pub couch: CouchSettings,
+    /// Unacked results the broker may hand the server at once.
+    pub prefetch: u16,
+    pub batch_size: usize,
+    pub stale_after: Duration,
+    pub history_retention: Duration,
+    pub http_listen: Option<SocketAddr>,
+    pub log_level: String,
+}
+
+impl RawConfig {
+    /// Settings for `vogeler-server`.
+    pub fn server(&self) -> Result<ServerSettings, ConfigError> {
+        let mut p = Problems::default();
+        let broker = self.broker(&mut p);
+        let couch = self.couch(&mut p);
+        let prefetch = self.server.prefetch.unwrap_or(defaults::SERVER_PREFETCH);
+        if prefetch == 0 {
+            p.0.push("server.prefetch: must be at least 1".into());
+        }
+        let batch_size = self
+            .server
+            .batch_size
+            .unwrap_or(defaults::SERVER_BATCH_SIZE);
+        if batch_size == 0 || batch_size > usize::from(prefetch.max(1)) {
+            p.0.push(format!(
+                "server.batch_size: {batch_size} must be between 1 and server.prefetch ({prefetch})"
+            ));
+        }
+        let stale_after = self
+            .server
+            .stale_after
+            .unwrap_or(Duration::from_secs(defaults::SERVER_STALE_AFTER_SECS));
+        let history_retention = self
+            .server
+            .history_retention
+            .unwrap_or(Duration::from_secs(defaults::SERVER_HISTORY_RETENTION_SECS));
+        let log_level = validate_level(&mut p, &self.log, LOG_LEVEL);
+        let http_listen = validate_listen(
+            &mut p,
+            "server.http_listen",
+            self.server.http_listen.as_deref(),
+        );
+        p.finish(|| {
+            Some(ServerSettings {
+                http_listen,
+                broker: broker?,
+                couch: couch?,
+                prefetch,
+                batch_size,
+                stale_after,
+                history_retention,
+                log_level,
+            })
+        })
+    }
+}
+
+impl ProgramSettings for ServerSettings {
+    fn read_secrets(mut self) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        self.broker.read_secrets(&mut problems);
+        self.couch.read_secrets(&mut problems);
+        finish(problems, self)
+    }
+
+    fn to_toml(&self) -> String {
+        let mut s = Table::new();
+        s.insert("prefetch".into(), int(self.prefetch));
+        s.insert("batch_size".into(), int(self.batch_size));
+        s.insert("stale_after".into(), dur(self.stale_after));
+        s.insert("history_retention".into(), dur(self.history_retention));
+        if let Some(listen) = &self.http_listen {
+            s.insert("http_listen".into(), listen.to_string().into());
+        }
+        render(
+            &self.broker,
+            Some(&self.couch),
+            Some(("server", s)),
+            &self.log_level,
+        )
+    }
+}
