@@ -14,7 +14,6 @@
 pub mod amqp;
 pub mod backoff;
 pub mod cli;
-pub mod config;
 pub mod couch;
 pub mod exit;
 pub mod keyfile;
@@ -24,6 +23,8 @@ pub mod shutdown;
 pub mod telemetry;
 
 // Re-exported while the program crates move their imports to vogeler_proto.
+/// Configuration lives in its own crate, with no I/O stack, so the fuzzers can parse it.
+pub use vogeler_config as config;
 pub use vogeler_proto::{
     design, document, duration, names, secret, signing, topology, trust, wire,
 };

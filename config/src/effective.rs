@@ -6,7 +6,7 @@ use std::{path::Path, time::Duration};
 use toml::{Table, Value};
 
 use super::{BrokerSettings, ConfigError, CouchSettings};
-use crate::{duration, secret::Secret};
+use vogeler_proto::{duration, secret::Secret};
 
 /// What every program does with its validated settings.
 pub trait ProgramSettings: Sized {

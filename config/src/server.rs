@@ -11,7 +11,7 @@ use super::{
     effective::{dur, finish, int, render},
     validate_level, validate_listen,
 };
-use crate::duration;
+use vogeler_proto::duration;
 
 /// `[server]` defaults, quoted by `--help` and the example configs.
 pub mod defaults {

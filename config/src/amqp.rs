@@ -10,7 +10,7 @@ use super::{
     effective::{dur, insert_path, int, read_password},
     validate_url,
 };
-use crate::{
+use vogeler_proto::{
     duration,
     secret::SecretUrl,
     topology::{AgentQueue, QueueKind, ResultsQueue, Topology},

@@ -6,7 +6,6 @@
 //! and key) < command-line flags. All three programs read the same shape, so one file or one
 //! environment can serve them all; a program ignores the sections it does not use, while a
 //! misspelt key anywhere is an error.
-
 //!
 //! Each section lives in its own module with everything about it side by side: its raw
 //! fields, defaults, validation, validated settings and its part of `--print-config`:
@@ -32,7 +31,7 @@ pub use server::{RawServer, ServerSettings};
 
 use serde::Deserialize;
 
-use crate::{duration, secret::SecretUrl};
+use vogeler_proto::{duration, secret::SecretUrl};
 
 /// Every default, for `--help` texts and docs: the top-level ones here, each section's in its
 /// module.

@@ -10,7 +10,7 @@ use super::{
     effective::{insert_path, read_password},
     validate_url,
 };
-use crate::secret::{Secret, SecretUrl};
+use vogeler_proto::secret::{Secret, SecretUrl};
 
 /// `[couchdb]` defaults, quoted by `--help` and the example configs.
 pub mod defaults {

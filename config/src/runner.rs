@@ -11,7 +11,7 @@ use super::{
     effective::{dur, finish, insert_path, render},
     validate_level,
 };
-use crate::duration;
+use vogeler_proto::duration;
 
 /// `[runner]` defaults, quoted by `--help` and the example configs.
 pub mod defaults {

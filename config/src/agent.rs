@@ -11,7 +11,7 @@ use super::{
     effective::{dur, finish, insert_path, int, render},
     validate_level, validate_listen,
 };
-use crate::{duration, names::NodeName};
+use vogeler_proto::{duration, names::NodeName};
 
 /// `[agent]` defaults, quoted by `--help` and the example configs.
 pub mod defaults {
