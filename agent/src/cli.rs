@@ -4,10 +4,8 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use vogeler_core::{
-    cli::{CommonArgs, ConfigArgs},
-    names::PluginName,
-};
+use vogeler_core::cli::{CommonArgs, ConfigArgs};
+use vogeler_proto::names::PluginName;
 
 /// Run on every node: wait for commands from `vogeler-runner`, run the named plugin from the
 /// plugin directory (never anything else) and publish the result for `vogeler-server`.

@@ -14,7 +14,7 @@ use nix::{
 };
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use vogeler_core::wire::Outcome;
+use vogeler_proto::wire::Outcome;
 
 use crate::plugin::Plugin;
 
@@ -280,7 +280,7 @@ mod tests {
     use crate::format::Format;
     use serde_json::json;
     use std::path::PathBuf;
-    use vogeler_core::names::PluginName;
+    use vogeler_proto::names::PluginName;
 
     fn plugin(argv: &[&str], format: &str, timeout: Duration) -> Plugin {
         Plugin {

@@ -40,17 +40,17 @@ use chrono::Utc;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, debug, info, info_span, warn};
+use vogeler_config::AgentSettings;
 use vogeler_core::{
     VERSION,
     amqp::{
         self, AmqpError, Connection, Publisher, Supervisor,
         consume::{Consume, Consumer, Received},
     },
-    config::AgentSettings,
     exit::{self, ExitStatus},
     observe::{self, AgentMetrics},
-    signing::{AuthorizedKeys, PrivateKey},
 };
+use vogeler_proto::signing::{AuthorizedKeys, PrivateKey};
 use vogeler_proto::{
     guard::{Guard, Provenance, Rejection},
     wire::{Announce, Command, Message, Outcome, PluginResult},
@@ -82,7 +82,7 @@ pub enum AgentError {
     )]
     NoAuthorizedKeys { path: String },
     #[error("{0}")]
-    Keys(#[from] vogeler_core::signing::KeyError),
+    Keys(#[from] vogeler_proto::signing::KeyError),
     #[error("cannot listen on {addr} for /healthz and /metrics: {source}")]
     Listen {
         addr: std::net::SocketAddr,

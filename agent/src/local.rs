@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, path::Path};
 
-use vogeler_core::{names::PluginName, wire::Outcome};
+use vogeler_proto::{names::PluginName, wire::Outcome};
 
 use crate::{exec, plugin::Catalog};
 

@@ -4,7 +4,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::Parser;
 use vogeler_agent::cli::{Cli, Command, PluginsAction};
-use vogeler_core::{config, exit, shutdown, telemetry};
+use vogeler_config as config;
+use vogeler_core::{exit, shutdown, telemetry};
 
 /// The plugin directory for local tools: the flag, else the environment, else the default.
 fn plugin_dir(flag: Option<PathBuf>) -> PathBuf {

@@ -14,13 +14,13 @@ use futures_util::future::join_all;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
+use vogeler_config::AgentSettings;
 use vogeler_core::{
     amqp::{AmqpError, Connection, Supervisor},
     backoff,
-    config::AgentSettings,
-    names::NodeName,
     observe::AgentMetrics,
 };
+use vogeler_proto::names::NodeName;
 
 use crate::{AgentError, NodeAgent, Security, reload, serve, serve_http};
 

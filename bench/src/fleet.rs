@@ -15,10 +15,9 @@ use serde_json::Value;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use vogeler_core::{
-    amqp,
-    config::{self, RunnerSettings, Sources},
-    couch::CouchClient,
+use vogeler_config::{self as config, RunnerSettings, Sources};
+use vogeler_core::{amqp, couch::CouchClient};
+use vogeler_proto::{
     names::{NodeName, PluginName},
     secret::SecretUrl,
     topology::Topology,

@@ -8,11 +8,9 @@ use chrono::Utc;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use vogeler_core::{
-    amqp,
-    config::BrokerSettings,
-    config::{self, Sources},
-    couch::CouchClient,
+use vogeler_config::{self as config, BrokerSettings, Sources};
+use vogeler_core::{amqp, couch::CouchClient};
+use vogeler_proto::{
     document::NodeDocument,
     names::{NodeName, PluginName},
     signing::{PrivateKey, Purpose},
@@ -221,7 +219,7 @@ pub async fn server_rate(cli: &Stack, ing: Ingest, mode: Mode) -> Result<f64> {
 pub async fn raw_rate(cli: &Stack, ing: Ingest) -> Result<f64> {
     let db = format!("bench_raw_{}", &Uuid::new_v4().simple().to_string()[..8]);
     let couch = CouchClient::new(
-        &vogeler_core::secret::SecretUrl::parse(&cli.couchdb_url)?,
+        &vogeler_proto::secret::SecretUrl::parse(&cli.couchdb_url)?,
         None,
     )?;
     couch.ensure_database(&db).await?;

@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use chrono::Utc;
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
-use vogeler_core::config;
+use vogeler_config as config;
 
 /// The same allocator as `vogeler-server`, whose code the ingest benchmark runs in-process.
 #[global_allocator]
@@ -356,7 +356,7 @@ async fn footprint_rows(
 /// The database's `GET /` answer, recorded with every result.
 async fn database_welcome(stack: &Stack) -> Result<Value> {
     let couch = vogeler_core::couch::CouchClient::new(
-        &vogeler_core::secret::SecretUrl::parse(&stack.couchdb_url)?,
+        &vogeler_proto::secret::SecretUrl::parse(&stack.couchdb_url)?,
         None,
     )?;
     couch.welcome().await.with_context(|| {
@@ -369,7 +369,7 @@ async fn database_welcome(stack: &Stack) -> Result<Value> {
 
 /// A URL without its password, for messages.
 fn redacted(url: &str) -> String {
-    vogeler_core::secret::SecretUrl::parse(url)
+    vogeler_proto::secret::SecretUrl::parse(url)
         .map(|u| u.to_string())
         .unwrap_or_else(|_| "(unparsable URL)".into())
 }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::config::{ProgramSettings, Sources};
+use vogeler_config::{ProgramSettings, Sources};
 
 /// Broker connection and config file flags (all programs).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -95,10 +95,10 @@ pub struct ConfigArgs {
 /// without contacting anything or reading secret files.
 pub fn settings_or_exit<T: ProgramSettings>(
     program: &str,
-    loaded: Result<T, crate::config::ConfigError>,
+    loaded: Result<T, vogeler_config::ConfigError>,
     args: &ConfigArgs,
 ) -> Result<T, std::process::ExitCode> {
-    let fail = |e: crate::config::ConfigError| {
+    let fail = |e: vogeler_config::ConfigError| {
         eprintln!("{program}: {e}");
         crate::exit::code(crate::exit::CONFIG)
     };

@@ -25,7 +25,7 @@ pub use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
 use url::Url;
 
-use crate::secret::{Secret, SecretUrl};
+use vogeler_proto::secret::{Secret, SecretUrl};
 
 /// How long one HTTP request may take before it counts as a transient failure.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -144,7 +144,7 @@ fn doc_path<'a>(db: &'a str, id: &'a str) -> Vec<&'a str> {
     vec![db, id]
 }
 
-pub use crate::config::Credentials;
+pub use vogeler_config::Credentials;
 
 /// A handle on one CouchDB server. Cheap to clone (one connection pool).
 #[derive(Debug, Clone)]
@@ -227,7 +227,7 @@ impl CouchClient {
     }
 
     /// A client for the configured server: its credentials and, for `https://`, its CA file.
-    pub fn from_settings(settings: &crate::config::CouchSettings) -> Result<Self, String> {
+    pub fn from_settings(settings: &vogeler_config::CouchSettings) -> Result<Self, String> {
         let ca = match &settings.ca_file {
             Some(path) => {
                 let pem = std::fs::read(path)

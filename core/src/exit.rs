@@ -27,7 +27,7 @@ pub trait ExitStatus: std::error::Error {
     }
 }
 
-impl ExitStatus for crate::config::ConfigError {
+impl ExitStatus for vogeler_config::ConfigError {
     fn exit_code(&self) -> u8 {
         CONFIG
     }

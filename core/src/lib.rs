@@ -23,12 +23,6 @@ pub mod shutdown;
 pub mod telemetry;
 
 // Re-exported while the program crates move their imports to vogeler_proto.
-/// Configuration lives in its own crate, with no I/O stack, so the fuzzers can parse it.
-pub use vogeler_config as config;
-pub use vogeler_proto::{
-    design, document, duration, names, secret, signing, topology, trust, wire,
-};
-
 /// The version every program reports in its announcements and results.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

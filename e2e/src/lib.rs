@@ -21,12 +21,14 @@ use std::{future::Future, path::Path, time::Duration};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
+use vogeler_config::{self as config, AgentSettings, RunnerSettings, ServerSettings, Sources};
 use vogeler_core::{
-    config::{self, AgentSettings, RunnerSettings, ServerSettings, Sources},
     couch::CouchClient,
+    observe::{AgentMetrics, ServerMetrics},
+};
+use vogeler_proto::{
     document::NodeDocument,
     names::NodeName,
-    observe::{AgentMetrics, ServerMetrics},
     secret::SecretUrl,
     signing::{PrivateKey, Purpose},
 };
@@ -323,7 +325,7 @@ impl TestStack {
     }
 
     /// The topology every program of this stack declares.
-    pub fn topology(&self) -> vogeler_core::topology::Topology {
+    pub fn topology(&self) -> vogeler_proto::topology::Topology {
         self.server_settings().broker.topology
     }
 
@@ -491,7 +493,7 @@ pub async fn ask_using(
     adjust: impl FnOnce(&mut vogeler_runner::Query),
 ) -> vogeler_runner::Report {
     let mut q = vogeler_runner::Query {
-        plugin: vogeler_core::names::PluginName::new(plugin).expect("plugin"),
+        plugin: vogeler_proto::names::PluginName::new(plugin).expect("plugin"),
         nodes: vogeler_runner::target::parse(nodes, &vogeler_runner::target::Files)
             .expect("node set"),
         nodes_text: nodes.to_string(),

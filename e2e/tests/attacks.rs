@@ -8,13 +8,13 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use chrono::Utc;
 use lapin::types::FieldTable;
 use uuid::Uuid;
-use vogeler_core::{
-    amqp,
+use vogeler_core::amqp;
+use vogeler_e2e::{TestStack, node, plugin_dir, publish_bytes, spawn_agent, wait_for};
+use vogeler_proto::{
     names::{NodeName, PluginName},
     signing::{PrivateKey, Purpose},
     wire::{self, Command, Message, Target},
 };
-use vogeler_e2e::{TestStack, node, plugin_dir, publish_bytes, spawn_agent, wait_for};
 
 const PER_CLASS: usize = 100;
 const NODE: &str = "canary01";

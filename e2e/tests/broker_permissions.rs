@@ -5,8 +5,10 @@
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use lapin::options::{BasicConsumeOptions, ExchangeDeleteOptions};
-use vogeler_core::{amqp, config, secret::SecretUrl, signing::Purpose, topology::Topology};
+use vogeler_config as config;
+use vogeler_core::amqp;
 use vogeler_e2e::{HELLO, TestStack, ask_using, plugin_dir, spawn_agent, spawn_server};
+use vogeler_proto::{secret::SecretUrl, signing::Purpose, topology::Topology};
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/rabbitmq/setup.sh")
@@ -88,7 +90,7 @@ async fn publish(url: &str, exchange: &str, key: &str) -> Result<(), String> {
     let ch = amqp::publisher_channel(&conn)
         .await
         .map_err(|e| e.to_string())?;
-    let signer = vogeler_core::signing::PrivateKey::generate().expect("key");
+    let signer = vogeler_proto::signing::PrivateKey::generate().expect("key");
     let body = b"{}";
     let props = lapin::BasicProperties::default().with_headers(amqp::signature_headers(
         &signer,

@@ -15,11 +15,12 @@ use std::{
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
-use vogeler_core::{couch::CouchClient, secret::SecretUrl};
+use vogeler_core::couch::CouchClient;
 use vogeler_e2e::{
     HELLO, TestStack, plugin_dir,
     programs::{bare, program, run},
 };
+use vogeler_proto::secret::SecretUrl;
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/couchdb/setup.sh")

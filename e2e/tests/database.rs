@@ -3,8 +3,9 @@
 //! not enforce `_security`) would prove nothing about access control, so this says so loudly.
 
 use reqwest::StatusCode;
-use vogeler_core::{couch::CouchClient, secret::SecretUrl};
+use vogeler_core::couch::CouchClient;
 use vogeler_e2e::TestStack;
+use vogeler_proto::secret::SecretUrl;
 
 #[tokio::test]
 async fn the_suite_runs_on_apache_couchdb_with_credentials() {

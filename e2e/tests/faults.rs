@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use vogeler_core::config;
+use vogeler_config as config;
 use vogeler_e2e::{
     FaultProxy, HELLO, TestStack, ask, ask_using, node, plugin_dir, spawn_agent, spawn_server,
     wait_for,

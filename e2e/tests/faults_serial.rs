@@ -9,16 +9,16 @@ use std::{
 
 use chrono::Utc;
 use uuid::Uuid;
-use vogeler_core::{
-    amqp,
-    names::{NodeName, PluginName},
-    topology::Topology,
-    wire::{Message, Outcome, PluginResult},
-};
+use vogeler_core::amqp;
 use vogeler_e2e::{
     TestStack, plugin_dir,
     programs::{program, with_couch},
     spawn_agent, spawn_server, wait_for,
+};
+use vogeler_proto::{
+    names::{NodeName, PluginName},
+    topology::Topology,
+    wire::{Message, Outcome, PluginResult},
 };
 
 fn rabbitmqctl(args: &[&str]) {

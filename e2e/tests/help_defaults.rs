@@ -1,12 +1,13 @@
 //! The `[default: X]` every program's `--help` shows is the default the configuration
-//! applies: each one is checked against the constant in `vogeler_core::config::defaults`, so
+//! applies: each one is checked against the constant in `vogeler_config::defaults`, so
 //! changing a default without its help text (or the other way round) fails here. Needs no
 //! broker or database.
 
 use std::time::Duration;
 
 use clap::CommandFactory;
-use vogeler_core::{config::defaults as d, duration};
+use vogeler_config::defaults as d;
+use vogeler_proto::duration;
 
 /// What the default of the setting behind `env` is, as `--help` may write it.
 enum Expected {

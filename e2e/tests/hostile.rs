@@ -7,17 +7,17 @@ use std::{process::Stdio, time::Duration};
 
 use chrono::Utc;
 use uuid::Uuid;
-use vogeler_core::{
-    amqp,
-    names::{NodeName, PluginName},
-    signing::{PrivateKey, Purpose},
-    topology::Topology,
-    wire::{self, Command, Message, Outcome, PluginResult, Target},
-};
+use vogeler_core::amqp;
 use vogeler_e2e::{
     TestStack, plugin_dir,
     programs::{peak_rss_kib, program, with_couch},
     wait_for,
+};
+use vogeler_proto::{
+    names::{NodeName, PluginName},
+    signing::{PrivateKey, Purpose},
+    topology::Topology,
+    wire::{self, Command, Message, Outcome, PluginResult, Target},
 };
 
 /// Malformed messages per side (agent, server). The suite sends 1,000 each;

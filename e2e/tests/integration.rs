@@ -7,15 +7,15 @@ use chrono::Utc;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
-use vogeler_core::{
-    amqp,
+use vogeler_core::amqp;
+use vogeler_e2e::{
+    FaultProxy, HELLO, TestStack, ask, node, plugin_dir, spawn_agent, spawn_server, wait_for,
+};
+use vogeler_proto::{
     names::PluginName,
     secret::SecretUrl,
     topology::Topology,
     wire::{Message, Outcome, PluginResult},
-};
-use vogeler_e2e::{
-    FaultProxy, HELLO, TestStack, ask, node, plugin_dir, spawn_agent, spawn_server, wait_for,
 };
 
 #[tokio::test]
@@ -305,7 +305,7 @@ async fn duplicate_deliveries_leave_the_document_as_if_delivered_once() {
         duration_ms: 1,
         agent_version: "test".into(),
     };
-    let body = vogeler_core::wire::encode(&Message::Result(result.clone()));
+    let body = vogeler_proto::wire::encode(&Message::Result(result.clone()));
     let key = Topology::result_routing_key(result.request_id);
     stack
         .publish_raw(&t.results_exchange(), &key, &[&body])
@@ -325,7 +325,7 @@ async fn duplicate_deliveries_leave_the_document_as_if_delivered_once() {
     later.request_id = Uuid::new_v4();
     later.collected_at = Utc::now() + chrono::Duration::seconds(1);
     later.value = Some(json!(["y"]));
-    let body = vogeler_core::wire::encode(&Message::Result(later.clone()));
+    let body = vogeler_proto::wire::encode(&Message::Result(later.clone()));
     stack
         .publish_raw(
             &t.results_exchange(),
@@ -437,7 +437,7 @@ async fn unreachable_broker_and_database_are_named_without_passwords() {
         .set("amqp.url", Some("amqp://guest:hunter2@127.0.0.1:1/%2f"))
         .set("couchdb.url", Some("http://127.0.0.1:1"))
         .set("connect_timeout", Some("300ms"));
-    let raw = vogeler_core::config::load(&sources).expect("load");
+    let raw = vogeler_config::load(&sources).expect("load");
 
     let err = vogeler_server::run(raw.server().expect("settings"), CancellationToken::new())
         .await
@@ -503,10 +503,10 @@ async fn broadcasts_are_transient_and_node_commands_persistent() {
         .await
         .expect("agent queue");
     for (target, mode) in [
-        (vogeler_core::wire::Target::All, 1u8),
-        (vogeler_core::wire::Target::Node(node.clone()), 2u8),
+        (vogeler_proto::wire::Target::All, 1u8),
+        (vogeler_proto::wire::Target::Node(node.clone()), 2u8),
     ] {
-        let command = Message::Command(vogeler_core::wire::Command::new(
+        let command = Message::Command(vogeler_proto::wire::Command::new(
             Uuid::new_v4(),
             PluginName::new("hello").expect("name"),
             target.clone(),

@@ -3,10 +3,8 @@
 
 use std::{path::PathBuf, process::Output, time::Duration};
 
-use vogeler_core::{
-    config,
-    observe::{AgentMetrics, ServerMetrics},
-};
+use vogeler_config as config;
+use vogeler_core::observe::{AgentMetrics, ServerMetrics};
 use vogeler_e2e::{HELLO, TestStack, ask, plugin_dir, programs::bare, wait_for};
 
 fn example(name: &str) -> PathBuf {

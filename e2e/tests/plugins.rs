@@ -5,12 +5,12 @@
 use std::{path::Path, process::Stdio, time::Duration};
 
 use serde_json::Value;
-use vogeler_core::wire::Outcome;
 use vogeler_e2e::{
     HELLO, TestStack, ask, node, plugin_dir,
     programs::{bare, program},
     spawn_agent, spawn_server, wait_for,
 };
+use vogeler_proto::wire::Outcome;
 
 /// A server, so agents register; commands to a node are only routed once its queue exists.
 async fn ready(
@@ -143,7 +143,7 @@ async fn no_more_than_the_concurrency_limit_of_runs_overlap() {
         .set("agent.node", Some("busy01"))
         .set("agent.plugin_dir", Some(plugins.path().display()))
         .set("agent.concurrency", Some(2));
-    let settings = vogeler_core::config::load(&sources)
+    let settings = vogeler_config::load(&sources)
         .expect("load")
         .agent(None)
         .expect("settings");

@@ -22,7 +22,7 @@ fn marking_agent(
         .set("agent.node", Some(node))
         .set("agent.plugin_dir", Some(dir.path().display()))
         .set("agent.facts.role", Some(role));
-    let settings = vogeler_core::config::load(&sources)
+    let settings = vogeler_config::load(&sources)
         .expect("load")
         .agent(None)
         .expect("settings");
@@ -128,7 +128,7 @@ async fn every_targeting_form_reaches_exactly_the_right_agents() {
     let shown = vogeler_runner::inventory::show(
         &settings.couch,
         &vogeler_e2e::node("web01"),
-        Some(&vogeler_core::names::PluginName::new("mark").expect("plugin")),
+        Some(&vogeler_proto::names::PluginName::new("mark").expect("plugin")),
     )
     .await
     .expect("show");
@@ -163,7 +163,7 @@ async fn a_command_whose_ttl_passed_while_the_agent_was_down_is_not_run() {
         .set("agent.node", Some("late01"))
         .set("agent.plugin_dir", Some(dir.path().display()));
     let _back = spawn_agent(
-        vogeler_core::config::load(&sources)
+        vogeler_config::load(&sources)
             .expect("load")
             .agent(None)
             .expect("settings"),
@@ -268,7 +268,8 @@ async fn cached_answers_from_stored_values_and_asks_only_the_rest() {
 #[tokio::test]
 async fn an_unexpected_responder_is_reported_without_failing_the_run() {
     use futures_util::StreamExt;
-    use vogeler_core::{amqp, secret::SecretUrl, topology::Topology, wire};
+    use vogeler_core::amqp;
+    use vogeler_proto::{secret::SecretUrl, topology::Topology, wire};
     let stack = TestStack::new().await;
     let _server = spawn_server(stack.server_settings());
     // web01 takes half a second, so the rogue's instant reply is in before web01's.

@@ -6,14 +6,14 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::json;
 use uuid::Uuid;
-use vogeler_core::{
-    names::PluginName,
-    topology::Topology,
-    wire::{Message, Outcome, PluginResult},
-};
 use vogeler_e2e::{
     HELLO, TestStack, ask, ask_using, ask_with, node, plugin_dir, spawn_agent, spawn_server,
     wait_for,
+};
+use vogeler_proto::{
+    names::PluginName,
+    topology::Topology,
+    wire::{Message, Outcome, PluginResult},
 };
 
 fn forged(node_name: &str, value: serde_json::Value) -> (PluginResult, Vec<u8>) {
@@ -28,7 +28,7 @@ fn forged(node_name: &str, value: serde_json::Value) -> (PluginResult, Vec<u8>) 
         duration_ms: 1,
         agent_version: "rogue".into(),
     };
-    let body = vogeler_core::wire::encode(&Message::Result(r.clone()));
+    let body = vogeler_proto::wire::encode(&Message::Result(r.clone()));
     (r, body)
 }
 
@@ -100,13 +100,13 @@ async fn one_agent_cannot_change_another_nodes_document() {
     // The operator says web01 was reinstalled: its next key is pinned instead.
     let forgot = vogeler_runner::inventory::forget(
         &stack.runner_settings("5").couch,
-        &vogeler_core::names::NodeName::new("web01").expect("node"),
+        &vogeler_proto::names::NodeName::new("web01").expect("node"),
     )
     .await
     .expect("forget");
     assert_eq!(
         forgot,
-        vogeler_core::signing::PublicKey::from_base64(&pinned).map(|k| k.id())
+        vogeler_proto::signing::PublicKey::from_base64(&pinned).map(|k| k.id())
     );
     let (_, body) = forged("web01", json!(["reinstalled"]));
     stack

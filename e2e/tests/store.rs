@@ -8,14 +8,15 @@ use futures_util::StreamExt;
 use lapin::{options::BasicConsumeOptions, types::AMQPValue};
 use serde_json::{Value, json};
 use uuid::Uuid;
-use vogeler_core::{
-    amqp, design,
+use vogeler_core::amqp;
+use vogeler_e2e::{TestStack, node, spawn_server, wait_for};
+use vogeler_proto::{
+    design,
     names::PluginName,
     secret::SecretUrl,
     topology::Topology,
     wire::{Announce, Message, Outcome, PluginResult},
 };
-use vogeler_e2e::{TestStack, node, spawn_server, wait_for};
 
 fn result(n: &str, plugin: &str, value: Value, at: DateTime<Utc>) -> Message {
     Message::Result(PluginResult {
@@ -161,7 +162,7 @@ async fn two_servers_on_one_queue_store_every_result_of_1000_nodes() {
         || async {
             let rows = stack
                 .couch
-                .get_many::<vogeler_core::document::NodeDocument>(
+                .get_many::<vogeler_proto::document::NodeDocument>(
                     &stack.database,
                     &(0..1000)
                         .map(|n| format!("fleet{n:04}"))
@@ -410,7 +411,7 @@ async fn a_quorum_results_queue_works_end_to_end() {
     let stack = TestStack::new().await;
     let mut sources = stack.sources();
     sources.set("amqp.results_queue_type", Some("quorum"));
-    let settings = vogeler_core::config::load(&sources)
+    let settings = vogeler_config::load(&sources)
         .expect("load")
         .server()
         .expect("settings");

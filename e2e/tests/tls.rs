@@ -5,17 +5,14 @@
 
 use std::time::Duration;
 
-use vogeler_core::{
-    amqp,
-    config::{self, TlsFiles},
-    couch::CouchClient,
-    secret::SecretUrl,
-};
+use vogeler_config::{self as config, TlsFiles};
+use vogeler_core::{amqp, couch::CouchClient};
 use vogeler_e2e::{
     HELLO, TestStack, ask_using, plugin_dir, retarget, spawn_agent, spawn_server,
     tls::{TestCa, TlsProxy},
     upstream,
 };
+use vogeler_proto::secret::SecretUrl;
 
 async fn amqps(port: u16, files: TlsFiles) -> Result<lapin::Connection, String> {
     let url = SecretUrl::parse(&format!("amqps://guest:guest@localhost:{port}/%2f")).expect("url");

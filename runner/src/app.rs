@@ -4,7 +4,8 @@
 
 use std::io::Write as _;
 
-use vogeler_core::{config::RunnerSettings, exit, shutdown};
+use vogeler_config::RunnerSettings;
+use vogeler_core::{exit, shutdown};
 
 use crate::{
     Batch, Progress, Query, RunnerError,

@@ -2,10 +2,8 @@
 //! are generated from the same definitions (see `dist/`).
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vogeler_core::{
-    cli::{CommonArgs, ConfigArgs, CouchArgs},
-    names::{NodeName, PluginName},
-};
+use vogeler_core::cli::{CommonArgs, ConfigArgs, CouchArgs};
+use vogeler_proto::names::{NodeName, PluginName};
 
 use crate::inventory as inv;
 
@@ -82,12 +80,12 @@ pub struct Cli {
     pub batch: Option<crate::BatchSize>,
 
     /// Pause between batches, in seconds or with a unit [default: 0]
-    #[arg(long, value_name = "DURATION", value_parser = vogeler_core::duration::parse, requires = "batch")]
+    #[arg(long, value_name = "DURATION", value_parser = vogeler_proto::duration::parse, requires = "batch")]
     pub batch_pause: Option<std::time::Duration>,
 
     /// Answer from values stored within this age (1h, 30m) and ask only the other nodes;
     /// stored answers are marked with their age
-    #[arg(long, value_name = "MAXAGE", value_parser = vogeler_core::duration::parse)]
+    #[arg(long, value_name = "MAXAGE", value_parser = vogeler_proto::duration::parse)]
     pub cached: Option<std::time::Duration>,
 
     /// Output: table (default), json (one document), jsonl (one line per node as replies

@@ -4,8 +4,8 @@
 use std::{collections::BTreeSet, fmt::Write as _};
 
 use serde_json::Value;
+use vogeler_config::CouchSettings;
 use vogeler_core::{
-    config::CouchSettings,
     couch::{CouchClient, CouchError},
     query::Inventory,
 };

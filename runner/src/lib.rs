@@ -26,16 +26,16 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use uuid::Uuid;
+use vogeler_config::{CouchSettings, RunnerSettings};
 use vogeler_core::{
     amqp::{
         self, AmqpError, Connection, Publisher,
         consume::{Consume, Consumer, FromAgents},
     },
-    config::{CouchSettings, RunnerSettings},
     couch::CouchError,
     exit::{self, ExitStatus},
-    signing::{KeyError, PrivateKey},
 };
+use vogeler_proto::signing::{KeyError, PrivateKey};
 use vogeler_proto::{
     names::{NodeName, PluginName},
     topology::Topology,
@@ -143,7 +143,7 @@ pub async fn stored_values(
     let ids: Vec<&str> = fresh.iter().map(String::as_str).collect();
     let docs = inventory
         .client()
-        .get_many::<vogeler_core::document::NodeDocument>(&settings.database, &ids)
+        .get_many::<vogeler_proto::document::NodeDocument>(&settings.database, &ids)
         .await
         .map_err(inventory::registry_error)?;
     Ok(docs

@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vogeler_core::{config, exit, telemetry};
+use vogeler_config as config;
+use vogeler_core::{exit, telemetry};
 use vogeler_runner::{
     cli::{Cli, Command},
     inventory as inv,

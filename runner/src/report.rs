@@ -8,7 +8,7 @@ use std::{
 
 use serde_json::Value;
 use uuid::Uuid;
-use vogeler_core::{
+use vogeler_proto::{
     names::{NodeName, PluginName},
     wire::PluginResult,
 };
@@ -138,7 +138,7 @@ impl Report {
                         } else {
                             one_line(&summarize(&c.value), 100)
                         };
-                        let age = vogeler_core::duration::format(std::time::Duration::from_secs(
+                        let age = vogeler_proto::duration::format(std::time::Duration::from_secs(
                             c.age().as_secs(),
                         ));
                         writeln!(
@@ -320,7 +320,7 @@ mod tests {
     use super::*;
     use chrono::Utc;
     use serde_json::json;
-    use vogeler_core::wire::Outcome;
+    use vogeler_proto::wire::Outcome;
 
     fn node(n: &str) -> NodeName {
         NodeName::new(n).expect("node")

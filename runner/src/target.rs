@@ -19,7 +19,7 @@ use std::{
 };
 
 use serde_json::{Map, Value};
-use vogeler_core::names::NodeName;
+use vogeler_proto::names::NodeName;
 
 /// A parsed node-set expression.
 #[derive(Debug, Clone)]

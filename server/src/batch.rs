@@ -12,7 +12,7 @@
 use std::collections::BTreeSet;
 
 use tracing::warn;
-use vogeler_core::wire::Message;
+use vogeler_proto::wire::Message;
 
 use crate::store::Stored;
 
@@ -400,10 +400,10 @@ mod tests {
 
     #[test]
     fn only_results_and_announcements_are_admitted() {
-        let command = vogeler_core::wire::Message::Command(vogeler_core::wire::Command::new(
+        let command = vogeler_proto::wire::Message::Command(vogeler_proto::wire::Command::new(
             uuid::Uuid::from_u128(1),
-            vogeler_core::names::PluginName::new("dpkg").expect("plugin"),
-            vogeler_core::wire::Target::All,
+            vogeler_proto::names::PluginName::new("dpkg").expect("plugin"),
+            vogeler_proto::wire::Target::All,
             chrono::Utc::now(),
             chrono::Duration::seconds(60),
         ));

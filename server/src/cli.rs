@@ -51,7 +51,7 @@ pub enum Command {
     /// otherwise), e.g. `vogeler-server prune --older-than 30d`
     Prune {
         /// Delete nodes whose last sign of life is older than this (30d, 12h, ...)
-        #[arg(long, value_name = "AGE", value_parser = vogeler_core::duration::parse)]
+        #[arg(long, value_name = "AGE", value_parser = vogeler_proto::duration::parse)]
         older_than: std::time::Duration,
         /// Only list the nodes that would be deleted
         #[arg(long)]

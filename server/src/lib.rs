@@ -21,6 +21,7 @@ use std::{collections::BTreeSet, time::Duration};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
+use vogeler_config::{CouchSettings, ServerSettings};
 use vogeler_core::{
     amqp::{
         self, AmqpError, Connection,
@@ -29,14 +30,11 @@ use vogeler_core::{
         },
     },
     backoff,
-    config::{CouchSettings, ServerSettings},
     couch::{CouchClient, CouchError},
-    design,
     exit::{self, ExitStatus},
     observe::{self, ServerMetrics},
-    trust::Signed,
-    wire::Message,
 };
+use vogeler_proto::{design, trust::Signed, wire::Message};
 
 use crate::{
     batch::InFlight,
@@ -59,7 +57,7 @@ const THROUGHPUT_EVERY: Duration = Duration::from_secs(30);
 pub enum ServerError {
     #[error(transparent)]
     Broker(#[from] AmqpError),
-    #[error("database server at {url} is unavailable after {}: {source}", vogeler_core::duration::format(*waited))]
+    #[error("database server at {url} is unavailable after {}: {source}", vogeler_proto::duration::format(*waited))]
     DatabaseUnavailable {
         url: String,
         waited: Duration,

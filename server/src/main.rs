@@ -3,7 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use vogeler_core::{config, exit, shutdown, telemetry};
+use vogeler_config as config;
+use vogeler_core::{exit, shutdown, telemetry};
 use vogeler_server::{
     ServerError,
     cli::{Cli, Command},
@@ -17,7 +18,7 @@ const PROGRAM: &str = "vogeler-server";
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 async fn prune(
-    settings: &vogeler_core::config::ServerSettings,
+    settings: &vogeler_config::ServerSettings,
     older_than: std::time::Duration,
     dry_run: bool,
 ) -> Result<u8, ServerError> {
@@ -43,7 +44,7 @@ async fn prune(
     eprintln!(
         "vogeler-server: {verb} {} node(s) not seen for {}",
         nodes.len(),
-        vogeler_core::duration::format(older_than)
+        vogeler_proto::duration::format(older_than)
     );
     Ok(exit::OK)
 }

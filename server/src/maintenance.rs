@@ -8,9 +8,9 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 use vogeler_core::{
     couch::{CouchClient, CouchError},
-    design,
     query::Inventory,
 };
+use vogeler_proto::design;
 
 /// Install `ddoc` in `db` unless the stored one has the same or a newer version.
 /// Returns what was done, for the log.
@@ -109,7 +109,7 @@ pub async fn periodic(
                 } else {
                     ""
                 };
-                info!(count = stale.len(), stale_after = %vogeler_core::duration::format(stale_after), "stale nodes (not deleted; see `vogeler-server prune`): {}{more}", shown.join(", "));
+                info!(count = stale.len(), stale_after = %vogeler_proto::duration::format(stale_after), "stale nodes (not deleted; see `vogeler-server prune`): {}{more}", shown.join(", "));
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "cannot list stale nodes"),

@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::Utc;
 use tracing::warn;
-use vogeler_core::{
-    couch::{CouchClient, CouchError},
+use vogeler_core::couch::{CouchClient, CouchError};
+use vogeler_proto::{
     document::{Change, HistoryEntry, NodeDocument},
     names::NodeName,
     wire::Message,
@@ -29,7 +29,7 @@ pub enum Stored {
 }
 
 /// A message whose signature checked out, with its signer (checked by the consumer).
-pub use vogeler_core::trust::Signed;
+pub use vogeler_proto::trust::Signed;
 
 /// The node database and its history database.
 #[derive(Debug, Clone)]
@@ -43,7 +43,7 @@ impl Store {
     pub fn new(couch: CouchClient, db: impl Into<String>) -> Self {
         let db = db.into();
         Self {
-            history_db: vogeler_core::design::history_database(&db),
+            history_db: vogeler_proto::design::history_database(&db),
             couch,
             db,
         }

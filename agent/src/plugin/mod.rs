@@ -10,10 +10,10 @@ use std::{
 };
 
 use sha2::{Digest, Sha256};
-use vogeler_core::{names::PluginName, wire::PluginInfo};
 pub use vogeler_plugin_spec::{
     DEFAULT_MAX_OUTPUT, DEFAULT_TIMEOUT, MAX_MAX_OUTPUT, Plugin, legacy, parse_text,
 };
+use vogeler_proto::{names::PluginName, wire::PluginInfo};
 
 /// A plugin file that could not be used (or a warning about one), and why.
 #[derive(Debug, Clone, PartialEq, Eq)]

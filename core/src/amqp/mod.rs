@@ -23,18 +23,19 @@ use lapin::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::{
-    backoff,
-    config::{BrokerSettings, TlsFiles},
+use vogeler_config::{BrokerSettings, TlsFiles};
+use vogeler_proto::{
     secret::SecretUrl,
     signing::{KEY_HEADER, PrivateKey, Purpose, SIGNATURE_HEADER},
     topology::Topology,
     wire,
 };
 
+use crate::backoff;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
-    #[error("broker at {url} is unavailable after {}: {source}", crate::duration::format(*waited))]
+    #[error("broker at {url} is unavailable after {}: {source}", vogeler_proto::duration::format(*waited))]
     Unavailable {
         url: String,
         waited: Duration,

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::{AmqpError, connect_with_retry};
-use crate::config::BrokerSettings;
+use vogeler_config::BrokerSettings;
 
 /// A broker connection that is replaced whenever it is lost.
 #[derive(Debug)]
