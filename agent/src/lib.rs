@@ -11,6 +11,7 @@
 //! - [`admission`]: the guard as the consumer's verifier, the catalog and replay checks after
 //!   it, and the result a run becomes.
 //! - [`replay`]: the on-disk cache of request ids that refuses replays.
+//! - [`security`]: the keys, state directory, replay cache and audit log an agent starts with.
 //! - [`audit`]: the audit log of accepted, refused and finished commands.
 //!
 //! [`run`] is the whole agent; it takes its settings and a shutdown token so tests run it
@@ -28,10 +29,10 @@ pub mod local;
 pub mod plugin;
 pub mod reload;
 pub mod replay;
+pub mod security;
 pub mod simulate;
 
 use std::{
-    os::unix::fs::DirBuilderExt,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -50,12 +51,13 @@ use vogeler_core::{
     exit::{self, ExitStatus},
     observe::{self, AgentMetrics},
 };
-use vogeler_proto::signing::{AuthorizedKeys, PrivateKey};
 use vogeler_proto::{
     guard::{Guard, Provenance, Rejection},
+    signing::PrivateKey,
     wire::{Announce, Command, Message, Outcome, PluginResult},
 };
 
+pub use crate::security::Security;
 use crate::{
     admission::{Admission, GuardCheck, Run},
     audit::AuditLog,
@@ -68,7 +70,7 @@ const PUBLISH_RETRY: Duration = Duration::from_secs(5);
 
 /// Where, in a node's state directory, running plugins' process groups are recorded (see
 /// [`exec::reap_orphans`]).
-const RUNNING_DIR: &str = "running";
+pub(crate) const RUNNING_DIR: &str = "running";
 
 /// How long in-flight plugin runs may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -176,86 +178,6 @@ impl NodeAgent {
 
     fn publisher(&self) -> Option<Publisher> {
         self.publisher.lock().ok().and_then(|p| p.clone())
-    }
-}
-
-/// What an agent needs from its state directory and key files before it may connect.
-pub struct Security {
-    pub guard: Guard,
-    pub key: PrivateKey,
-    replay: ReplayCache,
-    audit: AuditLog,
-}
-
-impl std::fmt::Debug for Security {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Security")
-            .field("node", &self.guard.node)
-            .field("trusted_keys", &self.guard.keys.len())
-            .field("key", &self.key)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Security {
-    /// Load the authorized keys (refusing to go on without one), create the node's state
-    /// directory (0700), its key on first start, the replay cache and the audit log.
-    pub fn load(settings: &AgentSettings) -> Result<Self, AgentError> {
-        Self::with_keys(settings, Self::authorized_keys(settings)?)
-    }
-
-    /// The runner keys `agent.authorized_keys` names; none is an error.
-    pub fn authorized_keys(settings: &AgentSettings) -> Result<AuthorizedKeys, AgentError> {
-        let path = &settings.authorized_keys;
-        let keys = if path.exists() {
-            vogeler_core::keyfile::load_authorized(path)?
-        } else {
-            AuthorizedKeys::default()
-        };
-        if keys.is_empty() {
-            return Err(AgentError::NoAuthorizedKeys {
-                path: path.display().to_string(),
-            });
-        }
-        Ok(keys)
-    }
-
-    /// [`Security::load`] with the authorized keys already read (a simulation reads them
-    /// once for all its nodes).
-    pub fn with_keys(settings: &AgentSettings, keys: AuthorizedKeys) -> Result<Self, AgentError> {
-        let dir = &settings.state_dir;
-        let state = |source| AgentError::State {
-            path: dir.display().to_string(),
-            source,
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(state)?;
-        let running = dir.join(RUNNING_DIR);
-        std::fs::create_dir_all(&running).map_err(state)?;
-        let reaped = exec::reap_orphans(&running, settings.node.as_str());
-        if reaped > 0 {
-            warn!(node = %settings.node, processes = reaped, "killed plugin processes left running by a previous agent that did not stop cleanly");
-        }
-        let (key, created) = vogeler_core::keyfile::load_or_create_private(&dir.join("agent.key"))?;
-        if created {
-            info!(node = %settings.node, key = %key.public(), "created this node's signing key");
-        }
-        let replay = ReplayCache::open(&dir.join("replay"), Utc::now()).map_err(state)?;
-        let audit = AuditLog::open(&dir.join(audit::FILE)).map_err(state)?;
-        Ok(Self {
-            guard: Guard {
-                node: settings.node.clone(),
-                keys,
-                max_clock_skew: settings.max_clock_skew,
-                max_ttl: settings.max_command_ttl,
-            },
-            key,
-            replay,
-            audit,
-        })
     }
 }
 

@@ -327,22 +327,6 @@ pub fn signature_headers(signer: &PrivateKey, purpose: Purpose, body: &[u8]) -> 
     headers
 }
 
-/// The (public key, signature) header values of a delivery, when present as strings.
-pub fn signature_of(props: &BasicProperties) -> (Option<String>, Option<String>) {
-    let get = |name: &str| {
-        props
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get(name))
-            .and_then(|v| match v {
-                AMQPValue::LongString(s) => Some(s.to_string()),
-                AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
-                _ => None,
-            })
-    };
-    (get(KEY_HEADER), get(SIGNATURE_HEADER))
-}
-
 /// Whether the broker took a command for at least one queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
