@@ -12,7 +12,7 @@ use uuid::Uuid;
 use vogeler_core::amqp::consume::{Raw, Verify};
 use vogeler_proto::{
     guard::{Guard, Provenance, Rejection},
-    limits::MAX_VALUE_BYTES,
+    limits::{self, MAX_VALUE_BYTES},
     names::NodeName,
     wire::{Command, Outcome, PluginResult},
 };
@@ -99,9 +99,10 @@ impl Run {
     }
 }
 
-/// The result of `command` on `node`. A value over [`MAX_VALUE_BYTES`] as JSON is not sent:
-/// the outcome says so instead (in the words of the plugin's `format`), since the broker
-/// would refuse the message and the run would be lost without a word.
+/// The result of `command` on `node`. A value over [`MAX_VALUE_BYTES`] as JSON, or over
+/// any other limit of [`limits::check_value`], is not sent: the outcome says so instead (in
+/// the words of the plugin's `format`), since the broker or the server would refuse the
+/// message and the run would be lost without a word.
 pub fn result(
     node: &NodeName,
     command: &Command,
@@ -112,14 +113,21 @@ pub fn result(
 ) -> PluginResult {
     if let Some(v) = &run.value {
         let size = serde_json::to_vec(v).map_or(usize::MAX, |b| b.len());
-        if size > MAX_VALUE_BYTES {
+        let refusal = if size > MAX_VALUE_BYTES {
+            Some(format!(
+                "value is {size} bytes as JSON, over the {} MiB limit of one result; lower max_output or narrow the output",
+                MAX_VALUE_BYTES >> 20
+            ))
+        } else {
+            limits::check_value(v)
+                .err()
+                .map(|e| format!("value is over a limit: {e}; narrow the output"))
+        };
+        if let Some(error) = refusal {
             run.value = None;
             run.outcome = Outcome::InvalidOutput {
                 format: format.to_string(),
-                error: format!(
-                    "value is {size} bytes as JSON, over the {} MiB limit of one result; lower max_output or narrow the output",
-                    MAX_VALUE_BYTES >> 20
-                ),
+                error,
             };
         }
     }
@@ -369,6 +377,25 @@ mod tests {
         };
         assert_eq!(format, "string");
         assert!(error.contains("over the 15 MiB limit"), "{error}");
+
+        let mut deep = serde_json::json!("x");
+        for _ in 0..=limits::MAX_VALUE_DEPTH {
+            deep = serde_json::json!({ "k": deep });
+        }
+        let run = Run {
+            outcome: Outcome::Ok,
+            value: Some(deep),
+            truncated: false,
+            duration: Duration::ZERO,
+        };
+        let r = result(&node, &c, run, "json", "1", Utc::now());
+        assert_eq!(r.value, None);
+        let Outcome::InvalidOutput { error, .. } = &r.outcome else {
+            panic!("{:?}", r.outcome)
+        };
+        assert!(error.contains("nests deeper than 64"), "{error}");
+        // What the agent sends, the server admits.
+        assert_eq!(limits::check_result(&r, Utc::now()), Ok(()));
     }
 
     #[test]

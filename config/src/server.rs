@@ -19,6 +19,8 @@ pub mod defaults {
     pub const SERVER_BATCH_SIZE: usize = 256;
     pub const SERVER_STALE_AFTER_SECS: u64 = 24 * 3600;
     pub const SERVER_HISTORY_RETENTION_SECS: u64 = 90 * 24 * 3600;
+    /// CouchDB's own default `max_document_size`.
+    pub const SERVER_MAX_DOCUMENT_BYTES: usize = vogeler_proto::limits::COUCHDB_MAX_DOCUMENT_BYTES;
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -35,6 +37,10 @@ pub struct RawServer {
     pub history_retention: Option<Duration>,
     /// `host:port` for `/healthz` and `/metrics`; unset, no HTTP listener.
     pub http_listen: Option<String>,
+    /// The largest node document the server writes: keep it at or under CouchDB's
+    /// `[couchdb] max_document_size`. A result that would make a document larger is refused
+    /// with that reason instead of being retried for ever.
+    pub max_document_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +53,7 @@ pub struct ServerSettings {
     pub stale_after: Duration,
     pub history_retention: Duration,
     pub http_listen: Option<SocketAddr>,
+    pub max_document_bytes: usize,
     pub log_level: String,
 }
 
@@ -77,6 +84,16 @@ impl RawConfig {
             .server
             .history_retention
             .unwrap_or(Duration::from_secs(defaults::SERVER_HISTORY_RETENTION_SECS));
+        let max_document_bytes = self
+            .server
+            .max_document_bytes
+            .unwrap_or(defaults::SERVER_MAX_DOCUMENT_BYTES);
+        if max_document_bytes < 64 * 1024 {
+            p.0.push(format!(
+                "server.max_document_bytes: {max_document_bytes} is too small for a node document; use at least 65536 (CouchDB's default is {})",
+                defaults::SERVER_MAX_DOCUMENT_BYTES
+            ));
+        }
         let log_level = validate_level(&mut p, &self.log, LOG_LEVEL);
         let http_listen = validate_listen(
             &mut p,
@@ -92,6 +109,7 @@ impl RawConfig {
                 batch_size,
                 stale_after,
                 history_retention,
+                max_document_bytes,
                 log_level,
             })
         })
@@ -112,6 +130,7 @@ impl ProgramSettings for ServerSettings {
         s.insert("batch_size".into(), int(self.batch_size));
         s.insert("stale_after".into(), dur(self.stale_after));
         s.insert("history_retention".into(), dur(self.history_retention));
+        s.insert("max_document_bytes".into(), int(self.max_document_bytes));
         if let Some(listen) = &self.http_listen {
             s.insert("http_listen".into(), listen.to_string().into());
         }

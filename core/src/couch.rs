@@ -184,6 +184,46 @@ struct AllDocsDocRow {
     doc: Option<serde_json::Value>,
 }
 
+/// One document as [`CouchClient::get_many`] read it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fetched<T> {
+    /// No such document (or it was deleted).
+    Missing,
+    Found(T),
+    /// The document exists but does not read as `T` (edited by hand, or written by a
+    /// release with other limits): why. Writing over it would lose it, so callers leave it.
+    Unreadable(String),
+}
+
+impl<T> Fetched<T> {
+    /// The document, when it was read.
+    pub fn found(self) -> Option<T> {
+        match self {
+            Fetched::Found(t) => Some(t),
+            Fetched::Missing | Fetched::Unreadable(_) => None,
+        }
+    }
+
+    pub fn as_found(&self) -> Option<&T> {
+        match self {
+            Fetched::Found(t) => Some(t),
+            Fetched::Missing | Fetched::Unreadable(_) => None,
+        }
+    }
+}
+
+impl<T: DeserializeOwned> Fetched<T> {
+    fn from_doc(doc: Option<serde_json::Value>) -> Self {
+        match doc {
+            None | Some(serde_json::Value::Null) => Fetched::Missing,
+            Some(d) => match serde_json::from_value(d) {
+                Ok(t) => Fetched::Found(t),
+                Err(e) => Fetched::Unreadable(e.to_string()),
+            },
+        }
+    }
+}
+
 /// One document's outcome in a `_bulk_docs` write.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct BulkResult {
@@ -392,6 +432,18 @@ impl CouchClient {
         })
     }
 
+    async fn bytes(
+        &self,
+        segments: &[&str],
+        resp: reqwest::Response,
+    ) -> Result<bytes::Bytes, CouchError> {
+        resp.bytes().await.map_err(|source| CouchError::Decode {
+            path: format!("/{}", segments.join("/")),
+            url: self.base.to_string(),
+            source,
+        })
+    }
+
     /// `GET /`: is the server there and answering?
     pub async fn ping(&self) -> Result<(), CouchError> {
         self.welcome().await.map(|_| ())
@@ -489,7 +541,7 @@ impl CouchClient {
         &self,
         db: &str,
         ids: &[&str],
-    ) -> Result<Vec<(String, Option<T>)>, CouchError> {
+    ) -> Result<Vec<(String, Fetched<T>)>, CouchError> {
         let path = [db, "_all_docs"];
         let body = serde_json::json!({ "keys": ids }).to_string();
         let query = [("include_docs", "true".to_string())];
@@ -499,18 +551,43 @@ impl CouchClient {
         if !resp.status().is_success() {
             return Err(self.error(Method::POST, &path, resp).await);
         }
-        let rows: AllDocsDocs = self.json(&path, resp).await?;
-        Ok(rows
-            .rows
-            .into_iter()
-            .map(|r| {
-                let doc = r
-                    .doc
-                    .filter(|d| !d.is_null())
-                    .and_then(|d| serde_json::from_value(d).ok());
-                (r.key, doc)
-            })
-            .collect())
+        let bytes = self.bytes(&path, resp).await?;
+        if let Ok(rows) = serde_json::from_slice::<AllDocsDocs>(&bytes) {
+            return Ok(rows
+                .rows
+                .into_iter()
+                .map(|r| (r.key, Fetched::from_doc(r.doc)))
+                .collect());
+        }
+        // One document the whole answer cannot hold (nested deeper than a reader goes, say)
+        // must not make every other one unreadable: read them one by one, so only that one
+        // is [`Fetched::Unreadable`].
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push((id.to_string(), self.fetch(db, id).await?));
+        }
+        Ok(out)
+    }
+
+    /// Read one document as [`Fetched`]: missing, read, or there but unreadable (and why).
+    pub async fn fetch<T: DeserializeOwned>(
+        &self,
+        db: &str,
+        id: &str,
+    ) -> Result<Fetched<T>, CouchError> {
+        let path = doc_path(db, id);
+        let resp = self.send(Method::GET, &path, None).await?;
+        match resp.status() {
+            StatusCode::NOT_FOUND => Ok(Fetched::Missing),
+            s if s.is_success() => {
+                let bytes = self.bytes(&path, resp).await?;
+                Ok(match serde_json::from_slice(&bytes) {
+                    Ok(doc) => Fetched::Found(doc),
+                    Err(e) => Fetched::Unreadable(e.to_string()),
+                })
+            }
+            _ => Err(self.error(Method::GET, &path, resp).await),
+        }
     }
 
     /// Write many documents in one request (`POST /{db}/_bulk_docs`). The request succeeds as

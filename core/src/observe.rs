@@ -44,6 +44,11 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
 /// Whether the broker connection is up, as the program's own connection loop knows it (the
 /// AMQP heartbeat notices a dead link within about twice `amqp.heartbeat`).
 #[derive(Debug, Clone, Default)]
@@ -69,6 +74,9 @@ pub struct ServerMetrics {
     pub dead_lettered: Family<ReasonLabel, Counter>,
     /// Messages waiting in the results queue at the last poll (the ingest lag).
     pub queue_messages: Gauge,
+    /// Nodes whose stored document cannot be read back, one series each (value 1).
+    pub quarantined: Family<NodeLabel, Gauge>,
+    pub quarantined_nodes: Gauge,
 }
 
 /// A program's counters, as `/metrics` and `/healthz` need them.
@@ -116,10 +124,33 @@ impl Metrics for ServerMetrics {
             "Messages waiting in the results queue (polled every few seconds)",
             self.queue_messages.clone(),
         );
+        r.register(
+            "quarantined_nodes",
+            "Nodes whose stored document cannot be read back; their results are dead-lettered",
+            self.quarantined_nodes.clone(),
+        );
+        r.register(
+            "quarantined",
+            "1 for each quarantined node, by node",
+            self.quarantined.clone(),
+        );
     }
 }
 
 impl ServerMetrics {
+    /// Show exactly these nodes as quarantined.
+    pub fn set_quarantined<'a>(&self, nodes: impl IntoIterator<Item = &'a str>) {
+        self.quarantined.clear();
+        let mut n = 0;
+        for node in nodes {
+            self.quarantined
+                .get_or_create(&NodeLabel { node: node.into() })
+                .set(1);
+            n += 1;
+        }
+        self.quarantined_nodes.set(n);
+    }
+
     pub fn dead_lettered(&self, reason: &str, n: u64) {
         if n > 0 {
             self.dead_lettered

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 use vogeler_proto::{
-    design::{self, Collected, Registered, View},
+    design::{self, Collected, Quarantined, Registered, View},
     document::HistoryEntry,
 };
 
@@ -60,6 +60,21 @@ impl Inventory {
             .await?
             .into_iter()
             .filter_map(|r| Some((r.id?, Registered::from_value(&r.value))))
+            .collect())
+    }
+
+    /// The nodes whose document the server cannot read back (and so does not write).
+    pub async fn quarantined(&self) -> Result<Vec<(String, Quarantined)>, CouchError> {
+        Ok(self
+            .rows(design::QUARANTINE, &[])
+            .await?
+            .into_iter()
+            .filter_map(|r| {
+                Some((
+                    r.key.as_str()?.to_string(),
+                    Quarantined::from_value(&r.value),
+                ))
+            })
             .collect())
     }
 

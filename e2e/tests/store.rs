@@ -174,7 +174,7 @@ async fn two_servers_on_one_queue_store_every_result_of_1000_nodes() {
                 .await
                 .expect("read");
             rows.iter().enumerate().all(|(n, (_, d))| {
-                d.as_ref().is_some_and(|d| {
+                d.as_found().is_some_and(|d| {
                     d.value("hello") == Some(&json!([n]))
                         && d.meta.facts.get("kernel") == Some(&json!("6.1"))
                 })

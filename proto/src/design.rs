@@ -12,7 +12,7 @@ pub const HISTORY_DDOC: &str = "vogeler_history";
 
 /// Bumped whenever a view below changes: servers upgrade older design documents on start and
 /// leave newer ones (from a newer server) alone.
-pub const VERSION: u64 = 3;
+pub const VERSION: u64 = 4;
 
 /// A view: the design document it lives in, its name and its map function, in one place so
 /// that the server installs and every reader queries the same thing.
@@ -56,8 +56,22 @@ pub const COLLECTED: View = View {
 pub const REGISTRY: View = View {
     ddoc: NODES_DDOC,
     name: "registry",
-    map: "function (doc) { if (doc.vogeler) { emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {} }); } }",
+    map: "function (doc) { if (doc.vogeler) { emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {}, key: doc.vogeler.key || null }); } }",
 };
+
+/// Node name → `{reason, since}` for nodes whose document the server cannot read back: the
+/// flag documents (`quarantine:NODE`, see [`quarantine_id`]) the server writes instead of
+/// writing over what it cannot read.
+pub const QUARANTINE: View = View {
+    ddoc: NODES_DDOC,
+    name: "quarantine",
+    map: "function (doc) { var q = doc.vogeler_quarantine; if (q && q.node) { emit(q.node, { reason: q.reason || null, since: q.since || null }); } }",
+};
+
+/// The id of a node's quarantine flag. Node names have no `:`, so it never names a node.
+pub fn quarantine_id(node: &crate::names::NodeName) -> String {
+    format!("quarantine:{node}")
+}
 
 /// `[fact path, value]` → null, from the facts agents report (`os.family`, `kernel`,
 /// `arch`, ...).
@@ -82,13 +96,14 @@ pub const HISTORY_BY_NODE_PLUGIN: View = View {
 };
 
 /// The views of the node database.
-pub const NODE_VIEWS: [View; 6] = [
+pub const NODE_VIEWS: [View; 7] = [
     NODES_BY_LAST_SEEN,
     NODES_BY_PLUGIN,
     PACKAGES,
     COLLECTED,
     REGISTRY,
     FACTS,
+    QUARANTINE,
 ];
 
 /// The views of the history database.
@@ -129,6 +144,8 @@ pub struct Registered {
     pub last_seen: Option<DateTime<Utc>>,
     pub agent_version: Option<String>,
     pub facts: serde_json::Map<String, Value>,
+    /// The node's pinned public key (base64), which its replies must be signed with.
+    pub key: Option<String>,
 }
 
 impl Registered {
@@ -144,6 +161,23 @@ impl Registered {
                 .and_then(Value::as_object)
                 .cloned()
                 .unwrap_or_default(),
+            key: v.get("key").and_then(Value::as_str).map(str::to_string),
+        }
+    }
+}
+
+/// A [`QUARANTINE`] row's value, read as leniently as [`Registered`].
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Quarantined {
+    pub reason: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+}
+
+impl Quarantined {
+    pub fn from_value(v: &Value) -> Self {
+        Self {
+            reason: v.get("reason").and_then(Value::as_str).map(str::to_string),
+            since: time(v.get("since")),
         }
     }
 }

@@ -207,7 +207,50 @@ pub fn value_hash(v: &Value) -> String {
     s
 }
 
+/// Whether a stored stamp lies further ahead of the server's clock than any node's clock
+/// may: the server refuses such stamps, so one already stored came from before that (or
+/// from a hand edit), and anything newer in real time replaces it instead of losing to it
+/// for good.
+fn from_the_future(stored: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+    stored > now + crate::limits::MAX_CLOCK_SKEW
+}
+
+/// Counts bytes written, so a document's size is known without building its JSON.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl NodeDocument {
+    /// The document's size as CouchDB receives it (compact JSON), which is what its
+    /// `max_document_size` limits.
+    pub fn encoded_len(&self) -> usize {
+        let mut c = Counter(0);
+        // Writing into a counter cannot fail.
+        let _ = serde_json::to_writer(&mut c, self);
+        c.0
+    }
+
+    /// Whether this document takes a result for `plugin`: a plugin it has not stored yet
+    /// needs a free key under [`crate::limits::MAX_PLUGINS_PER_DOCUMENT`].
+    pub fn admits_plugin(&self, plugin: &str) -> Result<(), String> {
+        let max = crate::limits::MAX_PLUGINS_PER_DOCUMENT;
+        if self.meta.plugins.contains_key(plugin) || self.meta.plugins.len() < max {
+            return Ok(());
+        }
+        Err(format!(
+            "node {} already stores {max} plugins, the most one document holds; remove plugins from the node (or run: vogeler-runner nodes forget {})",
+            self.id, self.id
+        ))
+    }
+
     /// A fresh document for a node seen for the first time.
     pub fn new(node: &NodeName, now: DateTime<Utc>) -> Self {
         Self {
@@ -249,10 +292,12 @@ impl NodeDocument {
     }
 
     /// Note the node was seen at `at`; returns whether that changed the document.
-    fn saw(&mut self, at: DateTime<Utc>, agent_version: &str) -> bool {
+    fn saw(&mut self, at: DateTime<Utc>, agent_version: &str, now: DateTime<Utc>) -> bool {
         // Ties go to the greater version string, so the order of arrival does not matter.
         let newer = self.meta.last_seen.is_none_or(|seen| {
-            seen < at || (seen == at && self.meta.agent_version.as_deref() < Some(agent_version))
+            seen < at
+                || (seen == at && self.meta.agent_version.as_deref() < Some(agent_version))
+                || from_the_future(seen, now)
         });
         if newer {
             self.meta.last_seen = Some(at);
@@ -278,7 +323,7 @@ impl NodeDocument {
         if r.outcome == Outcome::UnknownPlugin {
             // Nothing was collected, and a typo in a runner command must not leave a key for
             // a plugin that does not exist in every document it reached.
-            return if self.saw(r.collected_at, &r.agent_version) {
+            return if self.saw(r.collected_at, &r.agent_version, now) {
                 self.meta.updated_at = now;
                 Change::Updated
             } else {
@@ -291,15 +336,18 @@ impl NodeDocument {
         // Two last-writer-wins registers, ordered by (collected_at, request_id): the run's
         // status, and the value of the newest `ok` run. Any order of the same results, with
         // any duplicates, gives the same document.
-        let status_newer = previous
-            .as_ref()
-            .is_none_or(|p| stamp > (p.collected_at, p.request_id));
+        // A stored stamp too far ahead of this one (written before the server refused
+        // future stamps, or by hand) loses, so it cannot freeze the plugin.
+        let status_newer = previous.as_ref().is_none_or(|p| {
+            stamp > (p.collected_at, p.request_id) || from_the_future(p.collected_at, now)
+        });
         let value_stamp = previous
             .as_ref()
             .and_then(|p| Some((p.value_at?, p.value_request_id?)));
-        let value_newer = r.outcome.is_ok() && value_stamp.is_none_or(|v| stamp > v);
+        let value_newer =
+            r.outcome.is_ok() && value_stamp.is_none_or(|v| stamp > v || from_the_future(v.0, now));
         // Seen applies to every result, even one older than the stored status and value.
-        let seen = self.saw(r.collected_at, &r.agent_version);
+        let seen = self.saw(r.collected_at, &r.agent_version, now);
         if !status_newer && !value_newer {
             if seen {
                 self.meta.updated_at = now;
@@ -358,7 +406,11 @@ impl NodeDocument {
     /// Record an agent's announcement (plugins, facts, last seen); a repeated or older one
     /// changes nothing.
     pub fn apply_announce(&mut self, a: &Announce, now: DateTime<Utc>) -> Change {
-        if self.meta.announced_at.is_some_and(|at| at >= a.sent_at) {
+        if self
+            .meta
+            .announced_at
+            .is_some_and(|at| at >= a.sent_at && !from_the_future(at, now))
+        {
             return Change::Unchanged;
         }
         self.meta.announced_at = Some(a.sent_at);
@@ -368,7 +420,7 @@ impl NodeDocument {
             .map(|p| (p.name.to_string(), p.hash.clone()))
             .collect();
         self.meta.facts = a.facts.clone();
-        self.saw(a.sent_at, &a.agent_version);
+        self.saw(a.sent_at, &a.agent_version, now);
         self.meta.updated_at = now;
         Change::Updated
     }
@@ -400,6 +452,43 @@ mod tests {
 
     fn doc() -> NodeDocument {
         NodeDocument::new(&NodeName::new("web01").expect("node"), t("00"))
+    }
+
+    #[test]
+    fn a_stamp_from_the_future_does_not_freeze_the_document() {
+        // Stored by a release that believed node clocks (or by hand): year 2099.
+        let mut d = doc();
+        let future: DateTime<Utc> = "2099-01-01T00:00:00Z".parse().expect("time");
+        let mut bad = result(1, "00", Outcome::Ok, Some(json!("frozen")));
+        bad.collected_at = future;
+        d.apply_result(&bad, future);
+        assert_eq!(d.meta.last_seen, Some(future));
+        // Real time goes on: a later run replaces the value, status and last seen time.
+        let good = result(2, "03", Outcome::Ok, Some(json!("fresh")));
+        assert_eq!(d.apply_result(&good, t("04")), Change::Updated);
+        assert_eq!(d.values["hello"], json!("fresh"));
+        assert_eq!(d.meta.plugins["hello"].collected_at, t("03"));
+        assert_eq!(d.meta.last_seen, Some(t("03")));
+        // An older run still loses to the newer one, as before.
+        let older = result(3, "01", Outcome::Ok, Some(json!("older")));
+        assert_eq!(d.apply_result(&older, t("04")), Change::Unchanged);
+        assert_eq!(d.values["hello"], json!("fresh"));
+    }
+
+    #[test]
+    fn plugin_keys_per_document_are_capped() {
+        let mut d = doc();
+        for i in 0..crate::limits::MAX_PLUGINS_PER_DOCUMENT {
+            let mut r = result(i as u128, "01", Outcome::Ok, Some(json!(i)));
+            r.plugin = PluginName::new(format!("p{i}")).expect("plugin");
+            assert_eq!(d.admits_plugin(r.plugin.as_str()), Ok(()));
+            d.apply_result(&r, t("02"));
+        }
+        assert_eq!(d.admits_plugin("p0"), Ok(()), "a stored plugin can change");
+        let err = d.admits_plugin("one-more").expect_err("full");
+        assert!(err.contains("already stores 256 plugins"), "{err}");
+        let encoded = serde_json::to_vec(&d).expect("json").len();
+        assert_eq!(d.encoded_len(), encoded);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //!
 //! - [`names`]: validated node and plugin names (they become CouchDB ids and keys).
 //! - [`wire`]: the typed messages that cross the broker, with their schema version.
-//! - [`limits`]: the sizes every layer accepts.
+//! - [`limits`]: the limits every layer enforces, and the one check of what a node sends.
+//! - [`text`]: node-supplied text made safe for a terminal.
 //! - [`signing`]: Ed25519 keys, signatures over bytes, authorized-keys parsing.
 //! - [`guard`]: the checks every command passes on an agent, in order, before it may run.
 //! - [`topology`]: exchange, queue and routing-key names, queue arguments, message routes.
@@ -21,6 +22,7 @@ pub mod limits;
 pub mod names;
 pub mod secret;
 pub mod signing;
+pub mod text;
 pub mod topology;
 pub mod trust;
 pub mod wire;

@@ -188,6 +188,9 @@ pub struct NodeInfo {
     pub agent_version: Option<String>,
     /// Not seen within the freshness window.
     pub stale: bool,
+    /// Why the server cannot read the node's document back (its results are refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
 }
 
 /// Registered nodes in `set`, stale ones included (and flagged).
@@ -197,7 +200,14 @@ pub async fn nodes(
     freshness: std::time::Duration,
 ) -> Result<Vec<NodeInfo>, RunnerError> {
     let registry = crate::registry(settings, freshness).await?;
-    Ok(registry
+    let mut quarantined: std::collections::BTreeMap<String, String> = open(settings)?
+        .quarantined()
+        .await
+        .map_err(registry_error)?
+        .into_iter()
+        .map(|(n, q)| (n, q.reason.unwrap_or_else(|| "unreadable".into())))
+        .collect();
+    let mut out: Vec<NodeInfo> = registry
         .iter()
         .filter(|(n, k)| set.matches(n, Some(k)))
         .map(|(n, k)| NodeInfo {
@@ -205,31 +215,61 @@ pub async fn nodes(
             last_seen: k.last_seen,
             agent_version: k.agent_version.clone(),
             stale: !k.fresh,
+            quarantined: quarantined.remove(n.as_str()),
         })
-        .collect())
+        .collect();
+    // A document the registry view cannot list is still a node the operator must hear of.
+    for (node, reason) in quarantined {
+        if let Ok(name) = NodeName::new(&node)
+            && set.matches(&name, Some(&crate::target::RegisteredNode::default()))
+        {
+            out.push(NodeInfo {
+                node,
+                last_seen: None,
+                agent_version: None,
+                stale: true,
+                quarantined: Some(reason),
+            });
+        }
+    }
+    Ok(out)
 }
 
 pub fn render_nodes(nodes: &[NodeInfo]) -> String {
     let width = nodes.iter().map(|n| n.node.len()).max().unwrap_or(4).max(4);
     let mut out = format!(
         "{:<width$}  {:<20}  {:<8}  {}\n",
-        "NODE", "LAST SEEN", "VERSION", "STALE"
+        "NODE", "LAST SEEN", "VERSION", "STATE"
     );
     for n in nodes {
         let seen = n.last_seen.map_or("never".into(), |t| {
             t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         });
+        let state = match (&n.quarantined, n.stale) {
+            (Some(why), _) => format!("quarantined: {why}"),
+            (None, true) => "stale".into(),
+            (None, false) => String::new(),
+        };
+        let version = n.agent_version.as_deref().unwrap_or("-");
         let _ = writeln!(
             out,
             "{:<width$}  {:<20}  {:<8}  {}",
             n.node,
             seen,
-            n.agent_version.as_deref().unwrap_or("-"),
-            if n.stale { "stale" } else { "" }
+            vogeler_proto::text::printable(version),
+            vogeler_proto::text::printable(&state)
         );
     }
     let stale = nodes.iter().filter(|n| n.stale).count();
-    let _ = writeln!(out, "{} node(s), {stale} stale", nodes.len());
+    let quarantined = nodes.iter().filter(|n| n.quarantined.is_some()).count();
+    let _ = write!(out, "{} node(s), {stale} stale", nodes.len());
+    if quarantined > 0 {
+        let _ = write!(
+            out,
+            ", {quarantined} quarantined (the server cannot read their documents: repair or delete them)"
+        );
+    }
+    out.push('\n');
     out
 }
 
@@ -290,12 +330,14 @@ pub fn render_history(entries: &[HistoryEntry]) -> String {
     out
 }
 
+/// A value on one line, with node-supplied escapes shown, not obeyed.
 fn short(v: &Value) -> String {
-    match v {
+    let text = match v {
         Value::String(s) => s.clone(),
         Value::Array(a) => format!("{} items", a.len()),
         other => other.to_string(),
-    }
+    };
+    vogeler_proto::text::printable(&text).into_owned()
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ pub async fn stored_values(
     Ok(docs
         .into_iter()
         .filter_map(|(id, doc)| {
-            let doc = doc?;
+            let doc = doc.found()?;
             let collected_at = doc.meta.plugins.get(plugin.as_str())?.collected_at;
             let value = doc.value(plugin.as_str())?.clone();
             Some((

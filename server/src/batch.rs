@@ -66,15 +66,11 @@ impl InFlight {
     }
 }
 
-/// Whether the results queue takes `message`; the error is the dead-letter reason.
-pub fn admit(message: &Message) -> Result<(), String> {
-    match message {
-        Message::Result(_) | Message::Announce(_) => Ok(()),
-        Message::Command(_) => Err(format!(
-            "the results queue does not take {} messages",
-            message.kind()
-        )),
-    }
+/// Whether the results queue takes `message` (a result or an announcement within every
+/// limit, stamped no later than the allowed clock skew past `now`); the error is the
+/// dead-letter reason.
+pub fn admit(message: &Message, now: chrono::DateTime<chrono::Utc>) -> Result<(), String> {
+    vogeler_proto::limits::check_message(message, now)
 }
 
 /// Why the database did not take a request, as [`Writer`] needs to judge it.
@@ -399,15 +395,48 @@ mod tests {
     }
 
     #[test]
-    fn only_results_and_announcements_are_admitted() {
-        let command = vogeler_proto::wire::Message::Command(vogeler_proto::wire::Command::new(
+    fn only_results_and_announcements_within_the_limits_are_admitted() {
+        use vogeler_proto::{names, wire};
+        let now = chrono::Utc::now();
+        let command = Message::Command(wire::Command::new(
             uuid::Uuid::from_u128(1),
-            vogeler_proto::names::PluginName::new("dpkg").expect("plugin"),
-            vogeler_proto::wire::Target::All,
-            chrono::Utc::now(),
+            names::PluginName::new("dpkg").expect("plugin"),
+            wire::Target::All,
+            now,
             chrono::Duration::seconds(60),
         ));
-        let err = admit(&command).expect_err("a command");
+        let err = admit(&command, now).expect_err("a command");
         assert!(err.contains("does not take command messages"), "{err}");
+
+        let result = |at, value| {
+            Message::Result(wire::PluginResult {
+                request_id: uuid::Uuid::from_u128(2),
+                node: names::NodeName::new("web01").expect("node"),
+                plugin: names::PluginName::new("hello").expect("plugin"),
+                outcome: wire::Outcome::Ok,
+                value: Some(value),
+                truncated: false,
+                collected_at: at,
+                duration_ms: 1,
+                agent_version: "0.1.0".into(),
+            })
+        };
+        let fine = serde_json::json!({"a": [1, 2]});
+        assert_eq!(admit(&result(now, fine.clone()), now), Ok(()));
+        // A little skew is a node's clock; a day ahead would win every merge for a day.
+        let skewed = now + chrono::Duration::seconds(60);
+        assert_eq!(admit(&result(skewed, fine.clone()), now), Ok(()));
+        let future = now + chrono::Duration::days(1);
+        let err = admit(&result(future, fine), now).expect_err("from the future");
+        assert!(err.contains("ahead of the server's clock"), "{err}");
+        let mut deep = serde_json::json!(1);
+        for _ in 0..100 {
+            deep = serde_json::json!([deep]);
+        }
+        let err = admit(&result(now, deep), now).expect_err("too deep");
+        assert!(
+            err.contains("value of plugin hello: it nests deeper"),
+            "{err}"
+        );
     }
 }

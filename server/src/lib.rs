@@ -135,7 +135,17 @@ pub async fn run_with(
             .await
             .map_err(|source| ServerError::Listen { addr, source })?;
     }
-    let store = prepare_database(&couch, &settings.couch.database).await?;
+    let store = prepare_database(&couch, &settings.couch.database)
+        .await?
+        .with_max_document_bytes(settings.max_document_bytes);
+    store
+        .load_quarantine()
+        .await
+        .map_err(|source| ServerError::Database {
+            db: settings.couch.database.clone(),
+            source,
+        })?;
+    show_quarantine(&store, &metrics);
     let maintenance = tokio::spawn(maintenance::periodic(
         vogeler_core::query::Inventory::new(couch.clone(), store.database()),
         settings.stale_after,
@@ -373,9 +383,10 @@ async fn handle_batch(
 ) -> Option<(u64, u64, u64)> {
     let mut valid: Vec<Incoming<Signed>> = Vec::with_capacity(batch.len());
     let mut refused: Vec<(Settlement, String)> = Vec::new();
+    let now = chrono::Utc::now();
     for d in batch {
         match d {
-            Ok(incoming) => match batch::admit(&incoming.message.message) {
+            Ok(incoming) => match batch::admit(&incoming.message.message, now) {
                 Ok(()) => valid.push(incoming),
                 Err(reason) => refused.push((incoming.settlement, reason)),
             },
@@ -441,7 +452,13 @@ async fn handle_batch(
     metrics.dead_lettered("wrong_key", plan.wrong_key);
     metrics.dead_lettered("refused", unstorable.len() as u64 - plan.wrong_key);
     dead.send(&unstorable).await;
+    show_quarantine(store, metrics);
     Some((stored_count, dead_count, plan.wrong_key))
+}
+
+fn show_quarantine(store: &Store, metrics: &ServerMetrics) {
+    let nodes = store.quarantine().nodes();
+    metrics.set_quarantined(nodes.iter().map(|(n, _)| n.as_str()));
 }
 
 fn log_stored(message: &Message) {

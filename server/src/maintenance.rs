@@ -63,7 +63,8 @@ async fn delete_ids(couch: &CouchClient, db: &str, ids: &[String]) -> Result<usi
             .await?
             .into_iter()
             .filter_map(|(id, doc)| {
-                Some(json!({ "_id": id, "_rev": doc?.get("_rev")?.clone(), "_deleted": true }))
+                let doc = doc.found()?;
+                Some(json!({ "_id": id, "_rev": doc.get("_rev")?.clone(), "_deleted": true }))
             })
             .collect();
         deleted += couch

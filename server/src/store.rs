@@ -5,9 +5,12 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::Utc;
+use std::sync::{Arc, Mutex};
 use tracing::warn;
-use vogeler_core::couch::{CouchClient, CouchError};
+
+use vogeler_core::couch::{CouchClient, CouchError, Fetched};
 use vogeler_proto::{
+    design::quarantine_id,
     document::{Change, HistoryEntry, NodeDocument},
     names::NodeName,
     wire::Message,
@@ -37,6 +40,8 @@ pub struct Store {
     couch: CouchClient,
     db: String,
     history_db: String,
+    max_document_bytes: usize,
+    quarantine: Quarantine,
 }
 
 impl Store {
@@ -46,7 +51,15 @@ impl Store {
             history_db: vogeler_proto::design::history_database(&db),
             couch,
             db,
+            max_document_bytes: vogeler_proto::limits::COUCHDB_MAX_DOCUMENT_BYTES,
+            quarantine: Quarantine::default(),
         }
+    }
+
+    /// Refuse results that would make a node document larger than this.
+    pub fn with_max_document_bytes(mut self, max: usize) -> Self {
+        self.max_document_bytes = max;
+        self
     }
 
     pub fn database(&self) -> &str {
@@ -54,6 +67,11 @@ impl Store {
     }
     pub fn history_database(&self) -> &str {
         &self.history_db
+    }
+
+    /// The nodes whose stored document cannot be read back, with why.
+    pub fn quarantine(&self) -> &Quarantine {
+        &self.quarantine
     }
 
     /// Apply results and announcements (any order, any duplication) to their nodes'
@@ -77,32 +95,71 @@ impl Store {
             if pending.is_empty() {
                 return Ok(outcome);
             }
-            let ids: Vec<&str> = pending.iter().map(|n| n.as_str()).collect();
-            let current = self.couch.get_many::<NodeDocument>(&self.db, &ids).await?;
+            let current = self.read(&pending).await?;
             let mut writes = Vec::new();
             let mut history = Vec::new();
-            for (node, (_, doc)) in pending.iter().zip(current) {
+            let mut flags = Vec::new();
+            for (node, (_, fetched)) in pending.iter().zip(current) {
                 let now = Utc::now();
-                let mut doc = doc.unwrap_or_else(|| NodeDocument::new(node, now));
-                let mut changed = false;
-                for &i in &by_node[node] {
-                    match doc.pin_key(&messages[i].signer) {
-                        Ok(pinned) => changed |= pinned,
-                        Err(reason) => {
-                            outcome[i] = Stored::WrongKey(reason);
-                            continue;
+                let readable = !matches!(fetched, Fetched::Unreadable(_));
+                // Repaired or deleted: the node is stored again.
+                if readable && self.quarantine.release(node) {
+                    self.unflag(node).await?;
+                }
+                let mut doc = match fetched {
+                    Fetched::Found(doc) => doc,
+                    Fetched::Missing => NodeDocument::new(node, now),
+                    Fetched::Unreadable(why) => {
+                        // Writing over it would lose whatever it holds, and reading it fails
+                        // the same way every time: refuse this node's messages with the
+                        // reason (they go to the dead letters) and flag the node.
+                        let reason = format!(
+                            "the stored document of node {node} cannot be read back ({why}); its results are refused until the document is repaired or deleted in database {} (Fauxton, or DELETE /{}/{node}?rev=...)",
+                            self.db, self.db
+                        );
+                        for &i in &by_node[node] {
+                            outcome[i] = Stored::Refused(reason.clone());
                         }
+                        if self.quarantine.add(node, &why) {
+                            tracing::error!(node = %node, reason = %why, "the node's stored document cannot be read back; quarantined: its results go to the dead letters until the document is repaired or deleted");
+                            flags.push(quarantine_flag(node, &why, now));
+                        }
+                        continue;
                     }
-                    let change = match &messages[i].message {
-                        Message::Result(r) => doc.apply_result_recording(r, now, &mut history),
-                        Message::Announce(a) => doc.apply_announce(a, now),
-                        Message::Command(_) => Change::Unchanged,
-                    };
-                    changed |= change == Change::Updated;
+                };
+                let mine: Vec<(usize, &Signed)> =
+                    by_node[node].iter().map(|&i| (i, messages[i])).collect();
+                let mut changed =
+                    merge_node(&mut doc, &mine, now, None, &mut history, &mut outcome);
+                if changed && doc.encoded_len() > self.max_document_bytes {
+                    // Rare: merge again from the stored document, one message at a time, so
+                    // only the results that make it too large are refused.
+                    history.retain(|e| e.node != node.as_str());
+                    for &(i, _) in &mine {
+                        outcome[i] = Stored::Done;
+                    }
+                    doc = self
+                        .couch
+                        .fetch::<NodeDocument>(&self.db, node.as_str())
+                        .await?
+                        .found()
+                        .unwrap_or_else(|| NodeDocument::new(node, now));
+                    changed = merge_node(
+                        &mut doc,
+                        &mine,
+                        now,
+                        Some(self.max_document_bytes),
+                        &mut history,
+                        &mut outcome,
+                    );
                 }
                 if changed {
                     writes.push(doc);
                 }
+            }
+            if !flags.is_empty() {
+                // A flag already there is a conflict, and that is fine.
+                self.couch.bulk_docs(&self.db, &flags).await?;
             }
             let written = self.write_history(&history).await?;
             if writes.is_empty() {
@@ -156,6 +213,63 @@ impl Store {
         })
     }
 
+    /// The current documents of `nodes`, in order. Quarantined nodes are read one by one,
+    /// so their documents do not send every batch they share down the slow path of
+    /// [`CouchClient::get_many`] (and a repaired one is noticed).
+    async fn read(
+        &self,
+        nodes: &[&NodeName],
+    ) -> Result<Vec<(String, Fetched<NodeDocument>)>, CouchError> {
+        let held: Vec<bool> = nodes.iter().map(|n| self.quarantine.holds(n)).collect();
+        let ids: Vec<&str> = nodes
+            .iter()
+            .zip(&held)
+            .filter(|(_, h)| !**h)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let mut many = self
+            .couch
+            .get_many::<NodeDocument>(&self.db, &ids)
+            .await?
+            .into_iter();
+        let mut out = Vec::with_capacity(nodes.len());
+        for (node, held) in nodes.iter().zip(held) {
+            if held {
+                let doc = self.couch.fetch(&self.db, node.as_str()).await?;
+                out.push((node.to_string(), doc));
+            } else if let Some(row) = many.next() {
+                out.push(row);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Read the flags left by earlier runs, so a node repaired while this server was down
+    /// is released (and counted) too.
+    pub async fn load_quarantine(&self) -> Result<(), CouchError> {
+        let inventory = vogeler_core::query::Inventory::new(self.couch.clone(), &self.db);
+        for (node, q) in inventory.quarantined().await? {
+            if let Ok(node) = NodeName::new(node) {
+                self.quarantine
+                    .add(&node, q.reason.as_deref().unwrap_or("unknown"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Delete a node's quarantine flag (its document reads again).
+    async fn unflag(&self, node: &NodeName) -> Result<(), CouchError> {
+        let id = quarantine_id(node);
+        if let Some(flag) = self.couch.get::<serde_json::Value>(&self.db, &id).await?
+            && let Some(rev) = flag.get("_rev")
+        {
+            let gone = serde_json::json!({"_id": id, "_rev": rev, "_deleted": true});
+            self.couch.bulk_docs(&self.db, &[gone]).await?;
+        }
+        tracing::info!(node = %node, "the node's document reads again; released from quarantine");
+        Ok(())
+    }
+
     /// History entries are written before the node documents, so a crash between the two
     /// writes loses nothing: the redelivered result recomputes the same entry (same id, a
     /// harmless conflict). Returns the revisions of the entries this call created.
@@ -182,6 +296,102 @@ impl Store {
     }
 }
 
+/// The nodes whose document cannot be read back, shared by the writers and `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct Quarantine(Arc<Mutex<BTreeMap<String, String>>>);
+
+impl Quarantine {
+    /// Returns whether the node is newly quarantined.
+    fn add(&self, node: &NodeName, why: &str) -> bool {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.insert(node.to_string(), why.to_string()).is_none()
+    }
+
+    fn holds(&self, node: &NodeName) -> bool {
+        let q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.contains_key(node.as_str())
+    }
+
+    /// Returns whether the node was quarantined.
+    fn release(&self, node: &NodeName) -> bool {
+        let mut q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.remove(node.as_str()).is_some()
+    }
+
+    /// The quarantined nodes, with why.
+    pub fn nodes(&self) -> Vec<(String, String)> {
+        let q = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        q.iter().map(|(n, w)| (n.clone(), w.clone())).collect()
+    }
+}
+
+/// The flag document of a quarantined node, which views and the runner read.
+fn quarantine_flag(node: &NodeName, why: &str, now: chrono::DateTime<Utc>) -> serde_json::Value {
+    serde_json::json!({
+        "_id": quarantine_id(node),
+        "vogeler_quarantine": { "node": node, "reason": why, "since": now },
+    })
+}
+
+/// Merge one node's messages into its document, oldest first, each only if signed by the
+/// pinned key and within the plugin-key cap, and with `max_bytes`, each only while the
+/// document stays that small. Sets `outcome` for the messages it refuses and returns whether
+/// the document changed. Pure, so the refusals are unit-tested.
+pub fn merge_node(
+    doc: &mut NodeDocument,
+    messages: &[(usize, &Signed)],
+    now: chrono::DateTime<Utc>,
+    max_bytes: Option<usize>,
+    history: &mut Vec<HistoryEntry>,
+    outcome: &mut [Stored],
+) -> bool {
+    let mut changed = false;
+    for &(i, m) in messages {
+        match doc.pin_key(&m.signer) {
+            Ok(pinned) => changed |= pinned,
+            Err(reason) => {
+                outcome[i] = Stored::WrongKey(reason);
+                continue;
+            }
+        }
+        let change = match &m.message {
+            Message::Result(r) => match doc.admits_plugin(r.plugin.as_str()) {
+                Ok(()) => {
+                    // Kept only while a value is being replaced, to take it back when the
+                    // document would outgrow the database's limit.
+                    let before = max_bytes
+                        .filter(|_| r.value.is_some())
+                        .map(|m| (m, doc.clone()));
+                    let entries = history.len();
+                    let change = doc.apply_result_recording(r, now, history);
+                    if let Some((max_bytes, before)) = before
+                        && change == Change::Updated
+                        && doc.encoded_len() > max_bytes
+                    {
+                        let size = doc.encoded_len();
+                        *doc = before;
+                        history.truncate(entries);
+                        outcome[i] = Stored::Refused(format!(
+                            "storing plugin {} would make the document of node {} {size} bytes, over server.max_document_bytes ({max_bytes}, which must not exceed CouchDB's max_document_size); narrow the plugin's output",
+                            r.plugin, r.node
+                        ));
+                        continue;
+                    }
+                    change
+                }
+                Err(reason) => {
+                    outcome[i] = Stored::Refused(reason);
+                    continue;
+                }
+            },
+            Message::Announce(a) => doc.apply_announce(a, now),
+            Message::Command(_) => Change::Unchanged,
+        };
+        changed |= change == Change::Updated;
+    }
+    changed
+}
+
 /// The node a result or announcement is about.
 pub(crate) fn node_of(m: &Message) -> Option<&NodeName> {
     match m {
@@ -196,5 +406,114 @@ fn time_of(m: &Message) -> chrono::DateTime<Utc> {
         Message::Result(r) => r.collected_at,
         Message::Announce(a) => a.sent_at,
         Message::Command(c) => c.issued_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use vogeler_proto::{
+        names::PluginName,
+        signing::PrivateKey,
+        wire::{Outcome, PluginResult},
+    };
+
+    fn result(plugin: &str, n: u128, value: serde_json::Value) -> Message {
+        Message::Result(PluginResult {
+            request_id: uuid::Uuid::from_u128(n),
+            node: NodeName::new("web01").expect("node"),
+            plugin: PluginName::new(plugin).expect("plugin"),
+            outcome: Outcome::Ok,
+            value: Some(value),
+            truncated: false,
+            collected_at: Utc::now() - chrono::Duration::seconds(1000 - n as i64),
+            duration_ms: 1,
+            agent_version: "0.1.0".into(),
+        })
+    }
+
+    #[test]
+    fn only_the_results_that_outgrow_the_document_are_refused() {
+        let key = PrivateKey::generate().expect("key").public();
+        let signed = |m| Signed {
+            message: m,
+            signer: key,
+        };
+        let small = signed(result("small", 1, json!("x")));
+        let huge = signed(result("huge", 2, json!("y".repeat(100_000))));
+        let later = signed(result("small", 3, json!("z")));
+        let messages = [(0, &small), (1, &huge), (2, &later)];
+        let now = Utc::now();
+        let mut doc = NodeDocument::new(&NodeName::new("web01").expect("node"), now);
+        let mut outcome = vec![Stored::Done; 3];
+        let mut history = Vec::new();
+        let changed = merge_node(
+            &mut doc,
+            &messages,
+            now,
+            Some(65_536),
+            &mut history,
+            &mut outcome,
+        );
+        assert!(changed);
+        assert_eq!(outcome[0], Stored::Done);
+        let Stored::Refused(why) = &outcome[1] else {
+            panic!("{:?}", outcome[1])
+        };
+        assert!(
+            why.contains("over server.max_document_bytes (65536"),
+            "{why}"
+        );
+        assert_eq!(outcome[2], Stored::Done);
+        assert!(
+            doc.value("huge").is_none(),
+            "the refused value was taken back"
+        );
+        assert_eq!(doc.value("small"), Some(&json!("z")));
+        assert!(doc.encoded_len() <= 65_536);
+        assert_eq!(history.len(), 1, "x -> z only");
+    }
+
+    #[test]
+    fn a_wrong_key_and_a_full_document_are_refused_with_their_reason() {
+        let key = PrivateKey::generate().expect("key").public();
+        let other = PrivateKey::generate().expect("key").public();
+        let now = Utc::now();
+        let mut doc = NodeDocument::new(&NodeName::new("web01").expect("node"), now);
+        let filler: Vec<Signed> = (0..vogeler_proto::limits::MAX_PLUGINS_PER_DOCUMENT)
+            .map(|i| Signed {
+                message: result(&format!("p{i}"), i as u128, json!(i)),
+                signer: key,
+            })
+            .collect();
+        let indexed: Vec<(usize, &Signed)> = filler.iter().enumerate().collect();
+        let mut outcome = vec![Stored::Done; filler.len()];
+        merge_node(&mut doc, &indexed, now, None, &mut Vec::new(), &mut outcome);
+        assert!(outcome.iter().all(|o| *o == Stored::Done));
+
+        let one_more = Signed {
+            message: result("one-more", 999, json!(1)),
+            signer: key,
+        };
+        let squatter = Signed {
+            message: result("p0", 998, json!("mine")),
+            signer: other,
+        };
+        let mut outcome = vec![Stored::Done; 2];
+        let changed = merge_node(
+            &mut doc,
+            &[(0, &one_more), (1, &squatter)],
+            now,
+            None,
+            &mut Vec::new(),
+            &mut outcome,
+        );
+        assert!(!changed);
+        assert!(
+            matches!(&outcome[0], Stored::Refused(r) if r.contains("already stores 256 plugins"))
+        );
+        assert!(matches!(&outcome[1], Stored::WrongKey(r) if r.contains("is pinned to key")));
+        assert_eq!(doc.value("p0"), Some(&json!(0)));
     }
 }
