@@ -8,6 +8,7 @@ use std::{
 
 use serde_json::Value;
 use uuid::Uuid;
+use vogeler_proto::text::{printable, printable_lines};
 use vogeler_proto::{
     names::{NodeName, PluginName},
     wire::PluginResult,
@@ -128,7 +129,12 @@ impl Report {
                         "{node:<width$}  {:<15}  {:>7}  {}",
                         r.outcome.status(),
                         format!("{}ms", r.duration_ms),
-                        if full { detail } else { one_line(&detail, 100) }
+                        // Node-supplied text: escapes are shown, not obeyed.
+                        if full {
+                            printable_lines(&detail)
+                        } else {
+                            printable(&one_line(&detail, 100)).into_owned().into()
+                        }
                     )
                 }
                 None => match self.cached.get(node) {
@@ -143,8 +149,10 @@ impl Report {
                         ));
                         writeln!(
                             out,
-                            "{node:<width$}  {:<15}  {:>7}  stored {age} ago: {value}",
-                            "cached", "-"
+                            "{node:<width$}  {:<15}  {:>7}  stored {age} ago: {}",
+                            "cached",
+                            "-",
+                            printable_lines(&value)
                         )
                     }
                     None => writeln!(out, "{node:<width$}  {:<15}  {:>7}", "no response", "-"),

@@ -1,0 +1,394 @@
+//! What a node sends against the real server binary, CouchDB and RabbitMQ: for each class
+//! of over-limit or poisoned input, at least 100 crafted results signed with a valid agent
+//! key, published beside 100 healthy nodes' results. Each class must be refused with its
+//! reason (the dead-letter queue's `x-vogeler-reason`), every healthy result must be stored,
+//! and the server must keep running in bounded memory. Run with `--nocapture` for the table.
+
+use std::{process::Stdio, time::Duration};
+
+use chrono::Utc;
+use serde_json::{Value, json};
+use uuid::Uuid;
+use vogeler_core::amqp;
+use vogeler_e2e::{
+    TestStack,
+    programs::{peak_rss_kib, program, run, with_couch},
+    wait_for,
+};
+use vogeler_proto::{
+    limits,
+    names::{NodeName, PluginName},
+    signing::{PrivateKey, Purpose},
+    wire::{self, Message, Outcome, PluginResult},
+};
+
+const PER_CLASS: usize = 100;
+const HEALTHY: usize = 100;
+/// The server under test refuses documents over this (CouchDB's default is 8 MB; a small
+/// one keeps the test's traffic small).
+const MAX_DOCUMENT_BYTES: usize = 200_000;
+
+fn result(node: &str, plugin: &str, value: Value) -> PluginResult {
+    PluginResult {
+        request_id: Uuid::new_v4(),
+        node: NodeName::new(node).expect("node"),
+        plugin: PluginName::new(plugin).expect("plugin"),
+        outcome: Outcome::Ok,
+        value: Some(value),
+        truncated: false,
+        collected_at: Utc::now(),
+        duration_ms: 1,
+        agent_version: "test".into(),
+    }
+}
+
+fn nested(depth: usize) -> Value {
+    let mut v = json!("bottom");
+    for _ in 0..depth {
+        v = json!([v]);
+    }
+    v
+}
+
+/// One class: its name, the results it sends, and the words its refusals must contain.
+struct Class {
+    name: &'static str,
+    results: Vec<PluginResult>,
+    /// How many of them must be refused (the rest are stored).
+    refused: usize,
+    reason: &'static str,
+}
+
+fn classes() -> Vec<Class> {
+    vec![
+        Class {
+            name: "value nested too deep",
+            results: (0..PER_CLASS)
+                .map(|_| result("deep01", "hello", nested(limits::MAX_VALUE_DEPTH + 40)))
+                .collect(),
+            refused: PER_CLASS,
+            reason: "nests deeper than 64",
+        },
+        Class {
+            name: "timestamp in the future",
+            results: (0..PER_CLASS)
+                .map(|i| {
+                    let mut r = result("future01", "hello", json!(i));
+                    r.collected_at = Utc::now() + chrono::Duration::days(1 + i as i64);
+                    r
+                })
+                .collect(),
+            refused: PER_CLASS,
+            reason: "ahead of the server's clock",
+        },
+        Class {
+            name: "oversized text field",
+            results: (0..PER_CLASS)
+                .map(|_| {
+                    let mut r = result("text01", "hello", json!(1));
+                    r.agent_version = "\u{1b}[2J".repeat(limits::MAX_TEXT_BYTES);
+                    r
+                })
+                .collect(),
+            refused: PER_CLASS,
+            reason: "agent_version is",
+        },
+        Class {
+            name: "document over max size",
+            results: (0..PER_CLASS)
+                .map(|i| result("big01", &format!("blob{i}"), json!("x".repeat(150_000))))
+                .collect(),
+            // The first fits (150 kB under 200 kB); every later one would grow the document.
+            refused: PER_CLASS - 1,
+            reason: "over server.max_document_bytes",
+        },
+        Class {
+            name: "plugin keys per document",
+            results: (0..limits::MAX_PLUGINS_PER_DOCUMENT + PER_CLASS)
+                .map(|i| result("keys01", &format!("p{i:04}"), json!(i)))
+                .collect(),
+            refused: PER_CLASS,
+            reason: "already stores 256 plugins",
+        },
+        Class {
+            name: "stored document unreadable",
+            results: (0..PER_CLASS)
+                .map(|i| result("poisoned01", "hello", json!(i)))
+                .chain((0..PER_CLASS).map(|i| result("schema01", "hello", json!(i))))
+                .collect(),
+            refused: 2 * PER_CLASS,
+            reason: "cannot be read back",
+        },
+    ]
+}
+
+/// Every dead letter of the queue, by reason.
+async fn dead_letters(ch: &lapin::Channel, queue: &str) -> Vec<String> {
+    let mut reasons = Vec::new();
+    while let Some(m) = ch
+        .basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .expect("get")
+    {
+        let reason = m
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-vogeler-reason").cloned())
+            .map(|v| match v {
+                lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        reasons.push(reason);
+    }
+    reasons
+}
+
+#[tokio::test]
+async fn poisoned_and_over_limit_results_are_refused_and_every_other_node_is_stored() {
+    let stack = TestStack::new().await;
+    // Two documents written by hand before the server starts: one nested deeper than any
+    // JSON reader goes, one whose metadata has the wrong type.
+    stack
+        .couch
+        .ensure_database(&stack.database)
+        .await
+        .expect("database");
+    let deep = json!({ "hello": nested(limits::READ_DEPTH + 2) });
+    stack
+        .couch
+        .put(&stack.database, "poisoned01", &deep)
+        .await
+        .expect("write the poisoned document");
+    stack
+        .couch
+        .put(
+            &stack.database,
+            "schema01",
+            &json!({ "vogeler": { "created_at": 5 } }),
+        )
+        .await
+        .expect("write the hand-edited document");
+
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let mut server = with_couch(program("vogeler-server", &stack), &stack)
+        .env(
+            "VOGELER_SERVER__MAX_DOCUMENT_BYTES",
+            MAX_DOCUMENT_BYTES.to_string(),
+        )
+        .env("VOGELER_SERVER__HTTP_LISTEN", metrics_addr.to_string())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server");
+
+    let t = stack.topology();
+    let (conn, ch) = stack.publisher("test-poison").await;
+    let key = PrivateKey::generate().expect("key");
+    let publish = |r: &PluginResult| {
+        let body = wire::encode(&Message::Result(r.clone()));
+        let headers = amqp::signature_headers(&key, Purpose::Agent, &body);
+        (body, headers)
+    };
+    let classes = classes();
+    let healthy: Vec<PluginResult> = (0..HEALTHY)
+        .map(|n| result(&format!("healthy{n:03}"), "hello", json!([n])))
+        .collect();
+    // Poison first, the healthy results behind it: they must not wait for it.
+    let started = std::time::Instant::now();
+    for r in classes.iter().flat_map(|c| &c.results).chain(&healthy) {
+        let (body, headers) = publish(r);
+        vogeler_e2e::publish_bytes(&ch, &t.results_exchange(), "result.x", &body, Some(headers))
+            .await;
+    }
+    let published = started.elapsed();
+
+    let healthy_ids: Vec<String> = healthy.iter().map(|r| r.node.to_string()).collect();
+    wait_for(
+        "every healthy node's result stored",
+        Duration::from_secs(60),
+        || async {
+            let ids = stack.node_ids().await;
+            healthy_ids.iter().all(|n| ids.contains(n))
+        },
+    )
+    .await;
+    let healthy_after = started.elapsed();
+    let expected_dead: usize = classes.iter().map(|c| c.refused).sum();
+    let probe = conn.create_channel().await.expect("channel");
+    let dlq = t.dead_letter_queue();
+    let mut reasons = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while reasons.len() < expected_dead {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {expected_dead} refusals dead-lettered after 120 s",
+            reasons.len()
+        );
+        reasons.extend(dead_letters(&probe, &dlq).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let all_decided = started.elapsed();
+    assert_eq!(reasons.len(), expected_dead, "nothing else was refused");
+
+    println!("| class | sent | refused | stored for others | reason |");
+    println!("|---|---|---|---|---|");
+    for c in &classes {
+        let refused = reasons.iter().filter(|r| r.contains(c.reason)).count();
+        println!(
+            "| {} | {} | {refused} | {HEALTHY}/{HEALTHY} | {} |",
+            c.name,
+            c.results.len(),
+            c.reason
+        );
+        assert_eq!(refused, c.refused, "{}: {:?}", c.name, reasons.first());
+    }
+    // What fits was stored: the first blob, the first 256 plugin keys.
+    let big = stack.document("big01").await.expect("big01");
+    assert!(big.value("blob0").is_some());
+    let keys = stack.document("keys01").await.expect("keys01");
+    assert_eq!(keys.meta.plugins.len(), limits::MAX_PLUGINS_PER_DOCUMENT);
+    assert!(stack.document("future01").await.is_none());
+
+    // The unreadable documents are flagged, in /metrics and in `vogeler-runner nodes`.
+    let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        metrics.contains("vogeler_server_quarantined_nodes 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"vogeler_server_quarantined{node="poisoned01"} 1"#),
+        "{metrics}"
+    );
+    let mut runner = with_couch(program("vogeler-runner", &stack), &stack);
+    runner.args(["nodes"]);
+    let out = run(runner).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("schema01") && l.contains("quarantined: ")),
+        "{table}"
+    );
+    assert!(table.contains("2 quarantined"), "{table}");
+
+    // Repaired (deleted), a quarantined node is stored again and its flag goes.
+    let doc: Value = stack
+        .couch
+        .get(&stack.database, "schema01")
+        .await
+        .expect("read")
+        .expect("there");
+    let gone = json!({"_id": "schema01", "_rev": doc["_rev"], "_deleted": true});
+    stack
+        .couch
+        .bulk_docs(&stack.database, &[gone])
+        .await
+        .expect("delete");
+    let (body, headers) = publish(&result("schema01", "hello", json!("again")));
+    vogeler_e2e::publish_bytes(&ch, &t.results_exchange(), "result.x", &body, Some(headers)).await;
+    wait_for(
+        "the repaired node stored",
+        Duration::from_secs(30),
+        || async {
+            stack
+                .document("schema01")
+                .await
+                .is_some_and(|d| d.value("hello") == Some(&json!("again")))
+        },
+    )
+    .await;
+    wait_for("its flag removed", Duration::from_secs(10), || async {
+        stack
+            .couch
+            .get::<Value>(&stack.database, "quarantine:schema01")
+            .await
+            .expect("read")
+            .is_none()
+    })
+    .await;
+
+    assert!(
+        server.try_wait().expect("server").is_none(),
+        "server running"
+    );
+    let server_kib = peak_rss_kib(server.id().expect("pid"));
+    println!(
+        "published {} results in {:.1}s; all {HEALTHY} healthy nodes stored {:.1}s after the first publish; every refusal dead-lettered after {:.1}s; server peak RSS {} MiB",
+        classes.iter().map(|c| c.results.len()).sum::<usize>() + HEALTHY,
+        published.as_secs_f64(),
+        healthy_after.as_secs_f64(),
+        all_decided.as_secs_f64(),
+        server_kib / 1024
+    );
+    assert!(server_kib < 512 * 1024, "server peak RSS {server_kib} KiB");
+    let _ = conn.close(200, "done".into()).await;
+    let _ = server.kill().await;
+}
+
+/// The runner's `nodes` table of a node whose agent version is an escape sequence shows the
+/// escape, not its effect; `--output json` keeps the exact text.
+#[tokio::test]
+async fn node_supplied_text_reaches_the_terminal_escaped() {
+    let stack = TestStack::new().await;
+    let mut server = with_couch(program("vogeler-server", &stack), &stack)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server");
+    let mut first = result("escape01", "hello", json!("\u{1b}]0;owned\u{7}"));
+    first.agent_version = "\u{1b}[2J\u{9b}H".into();
+    first.collected_at = Utc::now() - chrono::Duration::seconds(1);
+    let mut second = result("escape01", "hello", json!("\u{1b}[31mred"));
+    second.agent_version = first.agent_version.clone();
+    let bodies = [first, second].map(|r| wire::encode(&Message::Result(r)));
+    stack
+        .publish_raw(
+            &stack.topology().results_exchange(),
+            "result.x",
+            &[&bodies[0], &bodies[1]],
+        )
+        .await;
+    wait_for("the change recorded", Duration::from_secs(30), || async {
+        !stack.history_ids().await.is_empty()
+    })
+    .await;
+
+    let mut runner = with_couch(program("vogeler-runner", &stack), &stack);
+    runner.args(["nodes"]);
+    let out = run(runner).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !table.contains('\u{1b}') && !table.contains('\u{9b}'),
+        "{table:?}"
+    );
+    assert!(table.contains(r"\u{1b}[2J\u{9b}H"), "{table}");
+
+    let mut runner = with_couch(program("vogeler-runner", &stack), &stack);
+    runner.args(["history", "escape01", "hello"]);
+    let out = run(runner).await;
+    let history = String::from_utf8_lossy(&out.stdout);
+    assert!(!history.contains('\u{1b}'), "{history:?}");
+    assert!(history.contains(r"new: \u{1b}[31mred"), "{history}");
+
+    let mut runner = with_couch(program("vogeler-runner", &stack), &stack);
+    runner.args(["nodes", "--output", "json"]);
+    let out = run(runner).await;
+    let nodes: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        nodes[0]["agent_version"], "\u{1b}[2J\u{9b}H",
+        "JSON stays exact"
+    );
+    let _ = server.kill().await;
+}
