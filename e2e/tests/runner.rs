@@ -266,7 +266,7 @@ async fn cached_answers_from_stored_values_and_asks_only_the_rest() {
 }
 
 #[tokio::test]
-async fn an_unexpected_responder_is_reported_without_failing_the_run() {
+async fn a_rogue_replier_is_reported_unverified_and_never_shown_as_an_answer() {
     use futures_util::StreamExt;
     use vogeler_core::amqp;
     use vogeler_proto::{secret::SecretUrl, topology::Topology, wire};
@@ -319,26 +319,29 @@ async fn an_unexpected_responder_is_reported_without_failing_the_run() {
         let wire::Message::Command(c) = wire::decode(&d.data).expect("command") else {
             panic!("not a command")
         };
-        let reply = wire::Message::Result(wire::PluginResult {
-            request_id: c.request_id,
-            node: vogeler_e2e::node("rogue01"),
-            plugin: c.plugin,
-            outcome: wire::Outcome::Ok,
-            value: Some(serde_json::json!(["not me"])),
-            truncated: false,
-            collected_at: chrono::Utc::now(),
-            duration_ms: 1,
-            agent_version: "rogue".into(),
-        });
-        amqp::publish(
-            &ch,
-            &t.results_exchange(),
-            &Topology::result_routing_key(c.request_id),
-            &reply,
-            &rogue_key,
-        )
-        .await
-        .expect("reply");
+        // As a node of its own, and posing as web01 (answering before web01 does).
+        for as_node in ["web01", "rogue01"] {
+            let reply = wire::Message::Result(wire::PluginResult {
+                request_id: c.request_id,
+                node: vogeler_e2e::node(as_node),
+                plugin: c.plugin.clone(),
+                outcome: wire::Outcome::Ok,
+                value: Some(serde_json::json!(["not me"])),
+                truncated: false,
+                collected_at: chrono::Utc::now(),
+                duration_ms: 1,
+                agent_version: "rogue".into(),
+            });
+            amqp::publish(
+                &ch,
+                &t.results_exchange(),
+                &Topology::result_routing_key(c.request_id),
+                &reply,
+                &rogue_key,
+            )
+            .await
+            .expect("reply");
+        }
         conn
     });
 
@@ -349,12 +352,24 @@ async fn an_unexpected_responder_is_reported_without_failing_the_run() {
         r.success(),
         "unexpected responders alone do not fail the run:\n{table}"
     );
+    // web01's own answer, not the rogue's, though the rogue answered first.
     assert!(
-        r.replies.contains_key(&vogeler_e2e::node("web01")),
+        r.replies
+            .get(&vogeler_e2e::node("web01"))
+            .is_some_and(|reply| reply.value != Some(serde_json::json!(["not me"]))),
         "{table}"
     );
     assert!(
-        table.contains("unexpected response from: rogue01"),
+        table.contains("unverified reply as web01 (not shown): signed by key"),
+        "{table}"
+    );
+    // A replier the registry has no key for is never shown as an answer.
+    assert!(
+        !r.replies.contains_key(&vogeler_e2e::node("rogue01")),
+        "{table}"
+    );
+    assert!(
+        table.contains("unverified reply as rogue01 (not shown)"),
         "{table}"
     );
 }

@@ -7,13 +7,14 @@
 //! [`Step`] it answers with.
 
 use std::{
-    collections::{BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     time::Duration,
 };
 
 use tokio::time::Instant;
 use vogeler_proto::{
     names::NodeName,
+    signing::PublicKey,
     wire::{PluginResult, Target},
 };
 
@@ -51,6 +52,17 @@ pub enum Step {
     Done,
 }
 
+/// Each registered node's pinned key (base64), which its replies must be signed with.
+pub type Keys = BTreeMap<NodeName, String>;
+
+/// What the registry said, once it answered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RegistryAnswer {
+    /// For a broadcast, the nodes expected to answer; `None` keeps the named ones.
+    pub expected: Option<BTreeSet<NodeName>>,
+    pub keys: Keys,
+}
+
 /// Something to show as the query goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
@@ -73,7 +85,10 @@ pub struct Collect {
     asked: Vec<NodeName>,
     timeout: Duration,
     pause: Duration,
-    registry_known: bool,
+    /// The pinned keys, once the registry answered (`None` until then).
+    keys: Option<Keys>,
+    /// Replies that arrived before the keys, judged when they come.
+    held: Vec<(PluginResult, String)>,
     /// The current wave's broadcast went to no queue at all: nobody can answer it.
     nobody_listens: bool,
     cancelled: bool,
@@ -83,14 +98,16 @@ pub struct Collect {
 
 impl Collect {
     /// Plan the waves for `report.expected` (minus the nodes already in `report.cached`).
-    /// `registry_known` is false for a broadcast sent while the registry is still being
-    /// read: then [`Collect::registry`] tells whom to expect.
+    /// `keys` is `None` while the registry is still being read: then [`Collect::registry`]
+    /// tells the pinned keys (and, for a broadcast, whom to expect).
     pub fn new(
         mut report: Report,
         batch: Option<(BatchSize, Duration)>,
         timeout: Duration,
-        registry_known: bool,
+        keys: Option<Keys>,
     ) -> Self {
+        // Named nodes are expected whatever the registry says.
+        let registry_known = keys.is_some() || !report.broadcast;
         let asked: Vec<NodeName> = report
             .expected
             .iter()
@@ -123,7 +140,8 @@ impl Collect {
             asked,
             timeout,
             pause: batch.map_or(Duration::ZERO, |(_, pause)| pause),
-            registry_known,
+            keys,
+            held: Vec::new(),
             nobody_listens: false,
             cancelled: false,
             deadline: None,
@@ -197,29 +215,71 @@ impl Collect {
         self.after_event(now)
     }
 
-    /// A verified reply. Replies to another request, and a node's second reply, are ignored.
-    pub fn reply(&mut self, result: PluginResult, now: Instant) -> Step {
-        if result.request_id == self.report.request_id
-            && !self.report.replies.contains_key(&result.node)
-        {
-            self.notices.push(Notice::Reply(result.node.clone()));
-            self.report.replies.insert(result.node.clone(), result);
+    /// A reply whose signature checked out, with its signer (base64). It counts as the
+    /// node's answer only when the signer is the node's pinned key; until the registry
+    /// answered it is held. Replies to another request, and a node's second answer, are
+    /// ignored.
+    pub fn reply(&mut self, result: PluginResult, signer: &str, now: Instant) -> Step {
+        if result.request_id == self.report.request_id {
+            match &self.keys {
+                Some(_) => self.judge(result, signer),
+                None => self.held.push((result, signer.to_string())),
+            }
         }
         self.after_event(now)
     }
 
-    /// The registry answered: these nodes are expected.
-    pub fn registry(&mut self, expected: BTreeSet<NodeName>, now: Instant) -> Step {
-        self.registry_known = true;
-        self.report.expected = expected;
-        self.notices.push(Notice::Sent {
-            expected: self.report.expected.len(),
-        });
-        if self.nobody_listens {
-            for n in &self.report.expected {
-                self.report
-                    .undelivered
-                    .insert(n.clone(), NO_QUEUE.to_string());
+    /// Count `result` as its node's answer, or report it as unverified.
+    fn judge(&mut self, result: PluginResult, signer: &str) {
+        let node = &result.node;
+        let Some(keys) = &self.keys else {
+            return;
+        };
+        let id = |b64: &str| {
+            PublicKey::from_base64(b64).map_or_else(|| "(unreadable)".to_string(), |k| k.id())
+        };
+        let unverified = match keys.get(node) {
+            Some(pinned) if pinned == signer => None,
+            Some(pinned) => Some(format!(
+                "signed by key {}, not the node's pinned key {}",
+                id(signer),
+                id(pinned)
+            )),
+            None => Some(format!(
+                "signed by key {}, but the registry has no pinned key for this node yet",
+                id(signer)
+            )),
+        };
+        match unverified {
+            None if !self.report.replies.contains_key(node) => {
+                self.notices.push(Notice::Reply(node.clone()));
+                self.report.replies.insert(node.clone(), result);
+            }
+            None => {}
+            Some(why) => {
+                self.report.unverified.entry(node.clone()).or_insert(why);
+            }
+        }
+    }
+
+    /// The registry answered: the pinned keys, and for a broadcast whom to expect.
+    pub fn registry(&mut self, answer: RegistryAnswer, now: Instant) -> Step {
+        let expected_known = self.registry_known();
+        self.keys = Some(answer.keys);
+        for (result, signer) in std::mem::take(&mut self.held) {
+            self.judge(result, &signer);
+        }
+        if !expected_known {
+            self.report.expected = answer.expected.unwrap_or_default();
+            self.notices.push(Notice::Sent {
+                expected: self.report.expected.len(),
+            });
+            if self.nobody_listens {
+                for n in &self.report.expected {
+                    self.report
+                        .undelivered
+                        .insert(n.clone(), NO_QUEUE.to_string());
+                }
             }
         }
         match self.deadline {
@@ -258,6 +318,11 @@ impl Collect {
         self.report
     }
 
+    /// Whether whom to expect is known (named nodes, or the registry answered).
+    fn registry_known(&self) -> bool {
+        self.keys.is_some() || !self.report.broadcast
+    }
+
     /// Whether the current wave still waits for someone.
     fn waiting(&self) -> bool {
         if self.nobody_listens {
@@ -266,7 +331,7 @@ impl Collect {
         let r = &self.report;
         let pending = |n: &NodeName| !r.replies.contains_key(n) && !r.undelivered.contains_key(n);
         if r.broadcast {
-            !self.registry_known || r.expected.is_empty() || r.expected.iter().any(pending)
+            self.keys.is_none() || r.expected.is_empty() || r.expected.iter().any(pending)
         } else {
             self.wave_nodes.iter().any(pending)
         }
@@ -281,7 +346,7 @@ impl Collect {
 
     fn end_wave(&mut self, now: Instant) -> Step {
         self.deadline = None;
-        if !self.registry_known {
+        if self.keys.is_none() {
             return Step::AwaitRegistry;
         }
         if self.cancelled || self.waves.is_empty() {
@@ -326,7 +391,24 @@ mod tests {
             replies: BTreeMap::new(),
             cached: BTreeMap::new(),
             undelivered: BTreeMap::new(),
+            unverified: BTreeMap::new(),
             elapsed: Duration::ZERO,
+        }
+    }
+
+    /// The key every test node's replies are signed with (and pinned to).
+    const K: &str = "test-key";
+
+    fn keys() -> Keys {
+        ('a'..='z')
+            .map(|c| (node(&c.to_string()), K.to_string()))
+            .collect()
+    }
+
+    fn answer(expected: &[&str]) -> RegistryAnswer {
+        RegistryAnswer {
+            expected: Some(nodes(expected)),
+            keys: keys(),
         }
     }
 
@@ -358,7 +440,7 @@ mod tests {
     #[test]
     fn a_broadcast_is_done_when_every_registered_node_answered() {
         let now = Instant::now();
-        let mut c = Collect::new(report(true, &["a", "b"]), None, TIMEOUT, true);
+        let mut c = Collect::new(report(true, &["a", "b"]), None, TIMEOUT, Some(keys()));
         let step = c.start();
         assert_eq!(step, Step::Publish(vec![Target::All]));
         let step = send(&mut c, step, now, Delivered::Queued);
@@ -369,10 +451,10 @@ mod tests {
             }
         );
         assert!(matches!(
-            c.reply(reply_from("a", 42), now),
+            c.reply(reply_from("a", 42), K, now),
             Step::Wait { .. }
         ));
-        assert_eq!(c.reply(reply_from("b", 42), now), Step::Done);
+        assert_eq!(c.reply(reply_from("b", 42), K, now), Step::Done);
         assert_eq!(
             c.notices(),
             vec![
@@ -389,28 +471,80 @@ mod tests {
     #[test]
     fn a_broadcast_is_not_done_before_the_registry_answered() {
         let now = Instant::now();
-        let mut c = Collect::new(report(true, &[]), None, TIMEOUT, false);
+        let mut c = Collect::new(report(true, &[]), None, TIMEOUT, None);
         let step = c.start();
         let step = send(&mut c, step, now, Delivered::Queued);
         assert!(matches!(step, Step::Wait { .. }));
-        // A reply before the registry: kept, and still waiting (whom to expect is unknown).
+        // A reply before the registry: held (its key is not known yet), still waiting.
         assert!(matches!(
-            c.reply(reply_from("a", 42), now),
+            c.reply(reply_from("a", 42), K, now),
             Step::Wait { .. }
         ));
-        assert_eq!(c.notices(), vec![Notice::Reply(node("a"))]);
+        assert_eq!(c.notices(), vec![]);
         assert!(matches!(
-            c.registry(nodes(&["a", "b"]), now),
+            c.registry(answer(&["a", "b"]), now),
             Step::Wait { .. }
         ));
-        assert_eq!(c.notices(), vec![Notice::Sent { expected: 2 }]);
-        assert_eq!(c.reply(reply_from("b", 42), now), Step::Done);
+        assert_eq!(
+            c.notices(),
+            vec![Notice::Reply(node("a")), Notice::Sent { expected: 2 }]
+        );
+        assert_eq!(c.reply(reply_from("b", 42), K, now), Step::Done);
+    }
+
+    #[test]
+    fn a_reply_not_signed_by_the_pinned_key_is_never_the_nodes_answer() {
+        let now = Instant::now();
+        let mut c = Collect::new(report(false, &["a", "b"]), None, TIMEOUT, None);
+        let step = c.start();
+        send(&mut c, step, now, Delivered::Queued);
+        // A rogue answers as `a` first, and as `zz` (a name the registry has no key for).
+        c.reply(reply_from("a", 42), "rogue-key", now);
+        let mut stranger = reply_from("b", 42);
+        stranger.node = node("zz");
+        c.reply(stranger, "rogue-key", now);
+        c.registry(
+            RegistryAnswer {
+                expected: None,
+                keys: keys(),
+            },
+            now,
+        );
+        let r = c.report();
+        assert!(r.replies.is_empty(), "{:?}", r.replies);
+        assert!(r.unverified[&node("a")].contains("not the node's pinned key"));
+        assert!(r.unverified[&node("zz")].contains("no pinned key for this node yet"));
+        // The real `a` still counts; the wave ends when both named nodes answered.
+        c.reply(reply_from("a", 42), K, now);
+        assert_eq!(c.reply(reply_from("b", 42), K, now), Step::Done);
+        let r = c.report();
+        assert_eq!(r.replies.len(), 2);
+        assert!(r.missing().is_empty());
+        assert!(
+            r.render_table()
+                .contains("unverified reply as a (not shown)")
+        );
+    }
+
+    #[test]
+    fn without_the_registry_every_reply_is_unverified() {
+        let now = Instant::now();
+        let mut c = Collect::new(report(false, &["a"]), None, TIMEOUT, None);
+        let step = c.start();
+        send(&mut c, step, now, Delivered::Queued);
+        c.reply(reply_from("a", 42), K, now);
+        // The registry could not be read: no keys.
+        c.registry(RegistryAnswer::default(), now);
+        assert_eq!(c.deadline(now + TIMEOUT), Step::Done);
+        let r = c.report();
+        assert_eq!(r.missing(), vec![&node("a")]);
+        assert!(r.unverified.contains_key(&node("a")));
     }
 
     #[test]
     fn a_broadcast_with_nobody_registered_waits_for_the_timeout() {
         let now = Instant::now();
-        let mut c = Collect::new(report(true, &[]), None, TIMEOUT, true);
+        let mut c = Collect::new(report(true, &[]), None, TIMEOUT, Some(keys()));
         let step = c.start();
         let step = send(&mut c, step, now, Delivered::Queued);
         assert_eq!(
@@ -421,7 +555,7 @@ mod tests {
         );
         // Any agent answering is welcome; still waiting until the deadline.
         assert!(matches!(
-            c.reply(reply_from("x", 42), now),
+            c.reply(reply_from("x", 42), K, now),
             Step::Wait { .. }
         ));
         assert_eq!(c.deadline(now + TIMEOUT), Step::Done);
@@ -430,7 +564,7 @@ mod tests {
     #[test]
     fn an_unroutable_broadcast_marks_every_node_undelivered_and_waits_for_nobody() {
         let now = Instant::now();
-        let mut c = Collect::new(report(true, &["a", "b"]), None, TIMEOUT, true);
+        let mut c = Collect::new(report(true, &["a", "b"]), None, TIMEOUT, Some(keys()));
         let step = c.start();
         assert_eq!(send(&mut c, step, now, Delivered::Unroutable), Step::Done);
         assert!(c.nobody_listens());
@@ -442,20 +576,20 @@ mod tests {
     #[test]
     fn an_unroutable_broadcast_before_the_registry_marks_the_registered_nodes() {
         let now = Instant::now();
-        let mut c = Collect::new(report(true, &[]), None, TIMEOUT, false);
+        let mut c = Collect::new(report(true, &[]), None, TIMEOUT, None);
         let step = c.start();
         assert_eq!(
             send(&mut c, step, now, Delivered::Unroutable),
             Step::AwaitRegistry
         );
-        assert_eq!(c.registry(nodes(&["a"]), now), Step::Done);
+        assert_eq!(c.registry(answer(&["a"]), now), Step::Done);
         assert_eq!(c.report().undelivered[&node("a")], NO_QUEUE);
     }
 
     #[test]
     fn named_nodes_that_no_queue_or_a_full_queue_took_are_not_waited_for() {
         let now = Instant::now();
-        let mut c = Collect::new(report(false, &["a", "b", "c"]), None, TIMEOUT, true);
+        let mut c = Collect::new(report(false, &["a", "b", "c"]), None, TIMEOUT, Some(keys()));
         let Step::Publish(targets) = c.start() else {
             panic!()
         };
@@ -464,7 +598,7 @@ mod tests {
         c.published(&targets[1], Delivered::Refused);
         c.published(&targets[2], Delivered::Queued);
         assert!(matches!(c.sent(now), Step::Wait { .. }));
-        assert_eq!(c.reply(reply_from("c", 42), now), Step::Done);
+        assert_eq!(c.reply(reply_from("c", 42), K, now), Step::Done);
         let r = c.finish(Duration::ZERO);
         assert_eq!(r.undelivered[&node("a")], NO_QUEUE);
         assert_eq!(r.undelivered[&node("b")], QUEUE_FULL);
@@ -473,19 +607,19 @@ mod tests {
     #[test]
     fn duplicates_and_replies_to_other_requests_are_ignored() {
         let now = Instant::now();
-        let mut c = Collect::new(report(false, &["a", "b"]), None, TIMEOUT, true);
+        let mut c = Collect::new(report(false, &["a", "b"]), None, TIMEOUT, Some(keys()));
         let step = c.start();
         send(&mut c, step, now, Delivered::Queued);
         c.notices();
         assert!(matches!(
-            c.reply(reply_from("a", 7), now),
+            c.reply(reply_from("a", 7), K, now),
             Step::Wait { .. }
         ));
         assert!(c.notices().is_empty(), "another request's reply");
         let mut first = reply_from("a", 42);
         first.duration_ms = 111;
-        c.reply(first, now);
-        c.reply(reply_from("a", 42), now);
+        c.reply(first, K, now);
+        c.reply(reply_from("a", 42), K, now);
         assert_eq!(c.notices(), vec![Notice::Reply(node("a"))]);
         assert_eq!(
             c.report().replies[&node("a")].duration_ms,
@@ -497,10 +631,10 @@ mod tests {
     #[test]
     fn the_timeout_leaves_the_silent_nodes_missing() {
         let now = Instant::now();
-        let mut c = Collect::new(report(false, &["a", "b"]), None, TIMEOUT, true);
+        let mut c = Collect::new(report(false, &["a", "b"]), None, TIMEOUT, Some(keys()));
         let step = c.start();
         send(&mut c, step, now, Delivered::Queued);
-        c.reply(reply_from("a", 42), now);
+        c.reply(reply_from("a", 42), K, now);
         assert_eq!(c.deadline(now + TIMEOUT), Step::Done);
         let r = c.finish(TIMEOUT);
         assert_eq!(r.missing(), vec![&node("b")]);
@@ -509,10 +643,10 @@ mod tests {
     #[test]
     fn a_reply_after_the_deadline_ends_the_wait() {
         let now = Instant::now();
-        let mut c = Collect::new(report(false, &["a", "b"]), None, TIMEOUT, true);
+        let mut c = Collect::new(report(false, &["a", "b"]), None, TIMEOUT, Some(keys()));
         let step = c.start();
         send(&mut c, step, now, Delivered::Queued);
-        assert_eq!(c.reply(reply_from("a", 42), now + TIMEOUT), Step::Done);
+        assert_eq!(c.reply(reply_from("a", 42), K, now + TIMEOUT), Step::Done);
     }
 
     #[test]
@@ -523,7 +657,7 @@ mod tests {
             report(true, &["a", "b", "c"]),
             Some((BatchSize::Nodes(2), pause)),
             TIMEOUT,
-            true,
+            Some(keys()),
         );
         assert!(
             !c.report().broadcast,
@@ -536,7 +670,7 @@ mod tests {
         );
         assert_eq!(c.wave(), (1, 2));
         send(&mut c, step, now, Delivered::Queued);
-        c.reply(reply_from("a", 42), now);
+        c.reply(reply_from("a", 42), K, now);
         // b never answers: the wave ends at its deadline, then the pause.
         let later = now + TIMEOUT;
         assert_eq!(
@@ -549,7 +683,7 @@ mod tests {
         assert_eq!(step, Step::Publish(vec![Target::Node(node("c"))]));
         assert_eq!(c.wave(), (2, 2));
         send(&mut c, step, later + pause, Delivered::Queued);
-        assert_eq!(c.reply(reply_from("c", 42), later + pause), Step::Done);
+        assert_eq!(c.reply(reply_from("c", 42), K, later + pause), Step::Done);
     }
 
     #[test]
@@ -559,7 +693,7 @@ mod tests {
             report(false, &["a", "b", "c", "d"]),
             Some((BatchSize::Percent(50), Duration::ZERO)),
             TIMEOUT,
-            true,
+            Some(keys()),
         );
         let step = c.start();
         let Step::Publish(first) = &step else {
@@ -567,8 +701,8 @@ mod tests {
         };
         assert_eq!(first.len(), 2);
         send(&mut c, step, now, Delivered::Queued);
-        c.reply(reply_from("a", 42), now);
-        let next = c.reply(reply_from("b", 42), now);
+        c.reply(reply_from("a", 42), K, now);
+        let next = c.reply(reply_from("b", 42), K, now);
         assert_eq!(
             next,
             Step::Publish(vec![Target::Node(node("c")), Target::Node(node("d"))])
@@ -578,16 +712,16 @@ mod tests {
     #[test]
     fn cancel_stops_after_the_registry_answered() {
         let now = Instant::now();
-        let mut c = Collect::new(report(true, &[]), None, TIMEOUT, false);
+        let mut c = Collect::new(report(true, &[]), None, TIMEOUT, None);
         let step = c.start();
         send(&mut c, step, now, Delivered::Queued);
         assert_eq!(c.cancelled(now), Step::AwaitRegistry);
-        assert_eq!(c.registry(nodes(&["a"]), now), Step::Done);
+        assert_eq!(c.registry(answer(&["a"]), now), Step::Done);
         let mut b = Collect::new(
             report(false, &["a", "b"]),
             Some((BatchSize::Nodes(1), Duration::from_secs(5))),
             TIMEOUT,
-            true,
+            Some(keys()),
         );
         let step = b.start();
         send(&mut b, step, now, Delivered::Queued);
@@ -605,24 +739,24 @@ mod tests {
                 collected_at: Utc::now(),
             },
         );
-        let mut c = Collect::new(r, None, TIMEOUT, true);
+        let mut c = Collect::new(r, None, TIMEOUT, Some(keys()));
         let step = c.start();
         assert_eq!(step, Step::Publish(vec![Target::Node(node("b"))]));
         send(&mut c, step, now, Delivered::Queued);
-        assert_eq!(c.reply(reply_from("b", 42), now), Step::Done);
+        assert_eq!(c.reply(reply_from("b", 42), K, now), Step::Done);
     }
 
     #[test]
     fn nothing_to_ask_is_done_at_once() {
         let now = Instant::now();
-        let mut c = Collect::new(report(false, &[]), None, TIMEOUT, true);
+        let mut c = Collect::new(report(false, &[]), None, TIMEOUT, Some(keys()));
         let step = c.start();
         assert_eq!(send(&mut c, step, now, Delivered::Queued), Step::Done);
         let mut batched = Collect::new(
             report(false, &[]),
             Some((BatchSize::Nodes(5), Duration::ZERO)),
             TIMEOUT,
-            true,
+            Some(keys()),
         );
         assert_eq!(batched.start(), Step::Done);
     }

@@ -42,7 +42,7 @@ use vogeler_proto::{
     wire::{Command, Message, PluginResult, Target},
 };
 
-use crate::collect::{Collect, Delivered, Notice, Step};
+use crate::collect::{Collect, Delivered, Keys, Notice, RegistryAnswer, Step};
 pub use crate::report::Report;
 use crate::target::{NodeSet, RegisteredNode};
 
@@ -238,6 +238,7 @@ pub async fn registry(
                     fresh: r.last_seen.is_some_and(|t| t >= cutoff),
                     last_seen: r.last_seen,
                     agent_version: r.agent_version,
+                    key: r.key,
                 },
             ))
         })
@@ -267,20 +268,46 @@ pub async fn query(
     // needs the registry only to know whom to wait for, so it is read while the command
     // goes out and the first replies arrive: with a large fleet the view can take as long
     // as the replies (the database re-indexes every document the last query updated).
+    // Every reply is checked against its node's pinned key, which the registry holds; for
+    // names and a plain broadcast it is read alongside the first replies.
     let mut registry_pending = None;
+    let mut keys = None;
     let expected = match &q.nodes {
-        NodeSet::Names(names) => names.clone(),
+        NodeSet::Names(names) => {
+            let couch = settings.couch.clone();
+            let freshness = settings.freshness;
+            registry_pending = Some(tokio::spawn(async move {
+                Ok(match registry(&couch, freshness).await {
+                    Ok(known) => RegistryAnswer {
+                        expected: None,
+                        keys: pinned_keys(&known),
+                    },
+                    Err(e) => {
+                        warn!(error = %e, "cannot read the registry, so no reply can be verified against its node's pinned key: every reply is reported unverified");
+                        RegistryAnswer::default()
+                    }
+                })
+            }));
+            names.clone()
+        }
         NodeSet::All if q.batch.is_none() && q.cached.is_none() => {
             let (couch, freshness, set) =
                 (settings.couch.clone(), settings.freshness, q.nodes.clone());
             registry_pending = Some(tokio::spawn(async move {
                 registry(&couch, freshness)
                     .await
-                    .map(|known| set.resolve(&known))
+                    .map(|known| RegistryAnswer {
+                        expected: Some(set.resolve(&known)),
+                        keys: pinned_keys(&known),
+                    })
             }));
             BTreeSet::new()
         }
-        set => set.resolve(&registry(&settings.couch, settings.freshness).await?),
+        set => {
+            let known = registry(&settings.couch, settings.freshness).await?;
+            keys = Some(pinned_keys(&known));
+            set.resolve(&known)
+        }
     };
     let b = &settings.broker;
     let conn =
@@ -294,6 +321,7 @@ pub async fn query(
         replies: BTreeMap::new(),
         cached: BTreeMap::new(),
         undelivered: BTreeMap::new(),
+        unverified: BTreeMap::new(),
         elapsed: Duration::ZERO,
     };
     if let Some(max_age) = q.cached {
@@ -309,14 +337,21 @@ pub async fn query(
         topology: b.topology.clone(),
         signer: &signer,
     };
-    let result = collect(&fanout, q, report, registry_pending, cancel, on_reply).await;
+    let result = collect(&fanout, q, report, keys, registry_pending, cancel, on_reply).await;
     let _ = conn.close(200, "runner done".into()).await;
     result
 }
 
-/// The registry read running alongside a broadcast: the nodes it expects.
-type PendingRegistry =
-    tokio::task::JoinHandle<Result<std::collections::BTreeSet<NodeName>, RunnerError>>;
+/// The registry read running alongside the first replies.
+type PendingRegistry = tokio::task::JoinHandle<Result<RegistryAnswer, RunnerError>>;
+
+/// The pinned key of every registered node that has one.
+fn pinned_keys(known: &BTreeMap<NodeName, RegisteredNode>) -> Keys {
+    known
+        .iter()
+        .filter_map(|(n, r)| Some((n.clone(), r.key.clone()?)))
+        .collect()
+}
 
 /// Where a query publishes and how it signs.
 struct Fanout<'a> {
@@ -331,6 +366,7 @@ async fn collect(
     fanout: &Fanout<'_>,
     q: &Query,
     report: Report,
+    keys: Option<Keys>,
     mut registry_pending: Option<PendingRegistry>,
     cancel: &CancellationToken,
     on_reply: &mut (dyn FnMut(Progress<'_>) + Send),
@@ -370,7 +406,7 @@ async fn collect(
     };
     let started = tokio::time::Instant::now();
     let batch = q.batch.map(|b| (b.size, b.pause));
-    let mut c = Collect::new(report, batch, q.timeout, registry_pending.is_none());
+    let mut c = Collect::new(report, batch, q.timeout, keys);
     let mut step = c.start();
     loop {
         for notice in c.notices() {
@@ -418,7 +454,7 @@ async fn collect(
                     Ok(incoming) => match incoming.message.message {
                         Message::Result(r) => {
                             debug!(node = %r.node, outcome = r.outcome.status(), "reply");
-                            c.reply(r, now())
+                            c.reply(r, &incoming.message.signer.to_base64(), now())
                         }
                         other => {
                             debug!(kind = other.kind(), "ignored a message that is not a reply to this request");

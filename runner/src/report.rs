@@ -47,6 +47,9 @@ pub struct Report {
     /// Nodes the broker could not deliver the command to, with why (no queue: the agent
     /// never connected; queue full: it has been away long). Not waited for.
     pub undelivered: BTreeMap<NodeName, String>,
+    /// Replies signed by another key than the node's pinned one (or for a node the registry
+    /// has no key for), with why: never shown as the node's answer.
+    pub unverified: BTreeMap<NodeName, String>,
     pub elapsed: Duration,
 }
 
@@ -202,6 +205,9 @@ impl Report {
             let names: Vec<&str> = unexpected.iter().map(|n| n.as_str()).collect();
             let _ = writeln!(out, "unexpected response from: {}", names.join(", "));
         }
+        for (n, why) in &self.unverified {
+            let _ = writeln!(out, "unverified reply as {n} (not shown): {why}");
+        }
         if counted.is_empty() {
             let _ = writeln!(
                 out,
@@ -249,6 +255,7 @@ impl Report {
                 "no_response": self.missing().iter().map(|n| n.as_str()).collect::<Vec<_>>(),
                 "not_delivered": &self.undelivered,
                 "unexpected": self.unexpected().iter().map(|n| n.as_str()).collect::<Vec<_>>(),
+                "unverified": &self.unverified,
                 "success": self.success(),
             }
         })
@@ -365,6 +372,7 @@ mod tests {
             replies: replies.into_iter().collect(),
             cached: BTreeMap::new(),
             undelivered: BTreeMap::new(),
+            unverified: BTreeMap::new(),
             elapsed: Duration::from_millis(1500),
         }
     }

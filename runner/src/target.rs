@@ -58,6 +58,8 @@ pub struct RegisteredNode {
     pub fresh: bool,
     pub last_seen: Option<chrono::DateTime<chrono::Utc>>,
     pub agent_version: Option<String>,
+    /// The pinned public key (base64) its replies must be signed with.
+    pub key: Option<String>,
 }
 
 /// Where `@file` and `-` read names from; injected so parsing is testable.
