@@ -70,6 +70,18 @@ pub struct BrokerSettings {
     pub password_file: Option<PathBuf>,
 }
 
+impl BrokerSettings {
+    /// For programs that consume what agents publish (the server, the runner's replies):
+    /// take the broker's largest frame whatever `amqp.frame_max` says. RabbitMQ never splits
+    /// a message's headers across frames, and anyone holding the agent credential may
+    /// publish with the broker's largest frames; headers bigger than the consumer's frame
+    /// would cost it its connection, on every redelivery.
+    pub fn take_largest_frames(&mut self) {
+        // 0 in the tune reply means "whatever the broker offers".
+        self.url.set_query("frame_max", "0");
+    }
+}
+
 /// TLS material for `amqps://`, read when connecting (so renewed certificates are picked up
 /// at the next reconnect).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

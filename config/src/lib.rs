@@ -450,20 +450,15 @@ mod tests {
 
     #[test]
     fn heartbeat_and_frame_max_go_into_the_broker_url_unless_it_sets_them() {
+        let query = |s: &BrokerSettings| s.url.expose().query().unwrap_or_default().to_string();
         let s = load(&sources(None, &[], &[]))
             .expect("load")
-            .server()
+            .agent(Some("web01".into()))
             .expect("valid");
-        let query = s
-            .broker
-            .url
-            .expose()
-            .query()
-            .unwrap_or_default()
-            .to_string();
+        let q = query(&s.broker);
         assert!(
-            query.contains("heartbeat=10") && query.contains("frame_max=16384"),
-            "{query}"
+            q.contains("heartbeat=10") && q.contains("frame_max=16384"),
+            "{q}"
         );
         let flags = [
             ("amqp.url", "amqp://h/v?frame_max=131072"),
@@ -471,22 +466,26 @@ mod tests {
         ];
         let s = load(&sources(None, &[], &flags))
             .expect("load")
-            .server()
+            .agent(Some("web01".into()))
             .expect("valid");
-        assert!(
-            s.broker
-                .url
-                .expose()
-                .query()
-                .unwrap_or_default()
-                .contains("frame_max=131072")
-        );
+        assert!(query(&s.broker).contains("frame_max=131072"));
         let flags = [("amqp.frame_max", "1024")];
         let err = load(&sources(None, &[], &flags))
             .expect("load")
             .server()
             .expect_err("too small");
         assert!(err.to_string().contains("amqp.frame_max"), "{err}");
+        // What agents publish is read with the broker's largest frames, whatever is set.
+        let flags = [("amqp.url", "amqp://h/v?frame_max=8192&heartbeat=5")];
+        let raw = load(&sources(None, &[], &flags)).expect("load");
+        for broker in [
+            raw.server().expect("valid").broker,
+            raw.runner().expect("valid").broker,
+        ] {
+            let q = query(&broker);
+            assert!(q.contains("frame_max=0") && !q.contains("8192"), "{q}");
+            assert!(q.contains("heartbeat=5"), "{q}");
+        }
     }
 
     #[test]

@@ -51,7 +51,11 @@ impl RawConfig {
     /// Settings for `vogeler-runner`.
     pub fn runner(&self) -> Result<RunnerSettings, ConfigError> {
         let mut p = Problems::default();
-        let broker = self.broker(&mut p);
+        // It reads what agents publish: see BrokerSettings::take_largest_frames.
+        let broker = self.broker(&mut p).map(|mut b| {
+            b.take_largest_frames();
+            b
+        });
         let couch = self.couch(&mut p);
         let timeout = self
             .runner

@@ -61,7 +61,11 @@ impl RawConfig {
     /// Settings for `vogeler-server`.
     pub fn server(&self) -> Result<ServerSettings, ConfigError> {
         let mut p = Problems::default();
-        let broker = self.broker(&mut p);
+        // It reads what agents publish: see BrokerSettings::take_largest_frames.
+        let broker = self.broker(&mut p).map(|mut b| {
+            b.take_largest_frames();
+            b
+        });
         let couch = self.couch(&mut p);
         let prefetch = self.server.prefetch.unwrap_or(defaults::SERVER_PREFETCH);
         if prefetch == 0 {

@@ -392,3 +392,29 @@ async fn node_supplied_text_reaches_the_terminal_escaped() {
     );
     let _ = server.kill().await;
 }
+
+/// Headers that fit the broker's largest frame but not a 16 KiB one: the server (which reads
+/// what any holder of the agent credential publishes) takes the broker's largest frames, so
+/// such a message is handled like any other instead of costing it its connection on every
+/// redelivery.
+#[tokio::test]
+async fn headers_larger_than_a_small_frame_do_not_cost_the_server_its_connection() {
+    let stack = TestStack::new().await;
+    let _server = vogeler_e2e::spawn_server(stack.server_settings());
+    let (conn, ch) = stack.publisher("test-big-headers").await;
+    let t = stack.topology();
+    for (i, node) in ["padded01", "after01"].into_iter().enumerate() {
+        let body = wire::encode(&Message::Result(result(node, "hello", json!(i))));
+        let mut headers = amqp::signature_headers(&stack.agent_key, Purpose::Agent, &body);
+        if i == 0 {
+            headers.insert(
+                "x-pad".into(),
+                lapin::types::AMQPValue::LongString("p".repeat(100 * 1024).into()),
+            );
+        }
+        vogeler_e2e::publish_bytes(&ch, &t.results_exchange(), "result.x", &body, Some(headers))
+            .await;
+    }
+    stack.wait_registered(&["padded01", "after01"]).await;
+    let _ = conn.close(200, "done".into()).await;
+}

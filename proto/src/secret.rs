@@ -57,6 +57,22 @@ impl SecretUrl {
         }
     }
 
+    /// Set a query parameter, replacing any value it had.
+    pub fn set_query(&mut self, key: &str, value: &str) {
+        let rest: Vec<(String, String)> = self
+            .0
+            .query_pairs()
+            .filter(|(k, _)| k != key)
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        let mut q = self.0.query_pairs_mut();
+        q.clear();
+        for (k, v) in rest {
+            q.append_pair(&k, &v);
+        }
+        q.append_pair(key, value);
+    }
+
     /// Replace the password (from a password file). Returns false for a URL that cannot
     /// carry one (no host).
     pub fn set_password(&mut self, password: &str) -> bool {
