@@ -1,7 +1,10 @@
 //! End-to-end tests: the three real binaries, as an operator runs them, against the real
 //! broker and database.
 
-use std::{process::Stdio, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use nix::{sys::signal::Signal, unistd::Pid};
 use serde_json::json;
@@ -12,37 +15,55 @@ use vogeler_e2e::{
     wait_for,
 };
 
-/// SIGTERM a daemon and check it exits 0 within the grace period.
-async fn terminate(mut child: Child, what: &str) {
+/// SIGTERM a daemon and check it exits 0 within its grace period (10 s) and a margin; on
+/// failure, show what it logged.
+async fn terminate(mut child: Child, what: &str, log: &Path) {
     let pid = Pid::from_raw(i32::try_from(child.id().expect("pid")).expect("pid fits"));
     nix::sys::signal::kill(pid, Signal::SIGTERM).expect("send SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .expect("wait");
+    let waited = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    let logged = || std::fs::read_to_string(log).unwrap_or_default();
+    let Ok(status) = waited else {
+        let _ = child.kill().await;
+        panic!(
+            "{what} still running 15 s after SIGTERM; it logged:\n{}",
+            logged()
+        );
+    };
+    let status = status.expect("wait");
     assert!(
         status.success(),
-        "{what} exited with {status} after SIGTERM"
+        "{what} exited with {status} after SIGTERM; it logged:\n{}",
+        logged()
     );
+}
+
+/// A file for a daemon's stderr.
+fn log_file(dir: &Path, name: &str) -> (PathBuf, std::fs::File) {
+    let path = dir.join(format!("{name}.log"));
+    let file = std::fs::File::create(&path).expect("log file");
+    (path, file)
 }
 
 #[tokio::test]
 async fn runner_agents_server_and_couchdb_end_to_end() {
     let stack = TestStack::new().await;
     let plugins = plugin_dir(&[("hello.toml", HELLO)]);
+    let logs = tempfile::tempdir().expect("log dir");
+    let (server_log, file) = log_file(logs.path(), "vogeler-server");
     let server = with_couch(program("vogeler-server", &stack), &stack)
-        .stderr(Stdio::null())
+        .stderr(file)
         .spawn()
         .expect("server");
     let nodes = ["e2e-web01", "e2e-web02", "e2e-db01"];
-    let agents: Vec<Child> = nodes
+    let agents: Vec<(Child, PathBuf)> = nodes
         .iter()
         .map(|n| {
+            let (log, file) = log_file(logs.path(), n);
             let mut cmd = program("vogeler-agent", &stack);
             cmd.args(["--node", n, "--plugin-dir"])
                 .arg(plugins.path())
-                .stderr(Stdio::null());
-            cmd.spawn().expect("agent")
+                .stderr(file);
+            (cmd.spawn().expect("agent"), log)
         })
         .collect();
     stack.wait_registered(&nodes).await;
@@ -179,10 +200,10 @@ async fn runner_agents_server_and_couchdb_end_to_end() {
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nodes json");
     assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed:#}");
 
-    for (agent, n) in agents.into_iter().zip(nodes) {
-        terminate(agent, n).await;
+    for ((agent, log), n) in agents.into_iter().zip(nodes) {
+        terminate(agent, n, &log).await;
     }
-    terminate(server, "vogeler-server").await;
+    terminate(server, "vogeler-server", &server_log).await;
 }
 
 #[tokio::test]

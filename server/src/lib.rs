@@ -53,6 +53,8 @@ const WRITERS: usize = 2;
 const MAINTENANCE_EVERY: Duration = Duration::from_secs(3600);
 /// How often the results queue's length is read for the `queue_messages` gauge.
 const QUEUE_POLL_EVERY: Duration = Duration::from_secs(5);
+/// How long batches in flight may take to be stored after a shutdown signal.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often throughput is logged at DEBUG (and every tenth time at INFO).
 const THROUGHPUT_EVERY: Duration = Duration::from_secs(30);
 
@@ -159,15 +161,27 @@ pub async fn run_with(
     let served = match broker {
         Ok(Some(mut broker)) => loop {
             metrics.broker_up.set(true);
-            let served = serve(
+            let serving = serve(
                 broker.connection(),
                 &settings,
                 &store,
                 &mut stats,
                 &metrics,
                 &cancel,
-            )
-            .await;
+            );
+            // Batches in flight at shutdown get SHUTDOWN_GRACE to be stored and acked; a
+            // write still waiting on a slow database after that is dropped unacked (the
+            // broker redelivers it when the connection closes, and writes are idempotent).
+            let served = tokio::select! {
+                served = serving => served,
+                () = async {
+                    cancel.cancelled().await;
+                    tokio::time::sleep(SHUTDOWN_GRACE).await;
+                } => {
+                    warn!(grace_s = SHUTDOWN_GRACE.as_secs(), "batches still being stored at shutdown; they stay in the queue");
+                    Ok(())
+                }
+            };
             metrics.broker_up.set(false);
             match broker.again(served).await {
                 Ok(true) => {}

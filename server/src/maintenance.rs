@@ -102,27 +102,37 @@ pub async fn periodic(
     cancel: tokio_util::sync::CancellationToken,
 ) {
     loop {
-        match stale_nodes(&inventory, stale_after).await {
-            Ok(stale) if !stale.is_empty() => {
-                let shown: Vec<&str> = stale.iter().take(20).map(String::as_str).collect();
-                let more = if stale.len() > shown.len() {
-                    ", ..."
-                } else {
-                    ""
-                };
-                info!(count = stale.len(), stale_after = %vogeler_proto::duration::format(stale_after), "stale nodes (not deleted; see `vogeler-server prune`): {}{more}", shown.join(", "));
-            }
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "cannot list stale nodes"),
-        }
-        match expire_history(&inventory, retention).await {
-            Ok(0) => {}
-            Ok(n) => info!(deleted = n, "expired old history entries"),
-            Err(e) => warn!(error = %e, "cannot expire history"),
+        // A first view build on a large database can take a minute: shutdown does not wait
+        // for it (both steps only read or delete, so stopping halfway is harmless).
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = maintain(&inventory, stale_after, retention) => {}
         }
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
+    }
+}
+
+/// One round of [`periodic`]: report stale nodes, expire old history.
+async fn maintain(inventory: &Inventory, stale_after: Duration, retention: Duration) {
+    match stale_nodes(inventory, stale_after).await {
+        Ok(stale) if !stale.is_empty() => {
+            let shown: Vec<&str> = stale.iter().take(20).map(String::as_str).collect();
+            let more = if stale.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            };
+            info!(count = stale.len(), stale_after = %vogeler_proto::duration::format(stale_after), "stale nodes (not deleted; see `vogeler-server prune`): {}{more}", shown.join(", "));
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot list stale nodes"),
+    }
+    match expire_history(inventory, retention).await {
+        Ok(0) => {}
+        Ok(n) => info!(deleted = n, "expired old history entries"),
+        Err(e) => warn!(error = %e, "cannot expire history"),
     }
 }
