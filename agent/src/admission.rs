@@ -376,7 +376,7 @@ mod tests {
             panic!("{:?}", r.outcome)
         };
         assert_eq!(format, "string");
-        assert!(error.contains("over the 15 MiB limit"), "{error}");
+        assert!(error.contains("over the 7 MiB limit"), "{error}");
 
         let mut deep = serde_json::json!("x");
         for _ in 0..=limits::MAX_VALUE_DEPTH {

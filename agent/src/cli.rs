@@ -75,6 +75,9 @@ pub enum Command {
         #[command(subcommand)]
         action: PluginsAction,
     },
+    /// Print this node's key id (and public key), to compare with `vogeler-runner nodes
+    /// pending` before accepting the node. Creates the key if the agent never ran
+    Key,
     /// Run many simulated nodes in this one process, for load tests and benchmarks
     ///
     /// Each is a full agent (its own name PREFIX0001..., key, state directory, queue and real

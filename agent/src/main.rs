@@ -74,8 +74,10 @@ fn plugins(action: PluginsAction) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let show_key = matches!(cli.command, Some(Command::Key));
     let simulation = match cli.command {
         Some(Command::Plugins { action }) => return plugins(action),
+        Some(Command::Key) => None,
         Some(Command::Simulate {
             count,
             prefix,
@@ -112,6 +114,19 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    if show_key {
+        return match vogeler_agent::security::node_key(&settings) {
+            Ok(key) => {
+                println!("node {}: key {}", settings.node, key.id());
+                println!("{}", key.to_line(settings.node.as_str()));
+                exit::code(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("vogeler-agent: {e}");
+                exit::code(vogeler_core::exit::ExitStatus::exit_code(&e))
+            }
+        };
+    }
     telemetry::init(&settings.log_level);
     tracing::info!(settings = ?settings, "configuration (secrets redacted)");
     vogeler_core::cli::start("vogeler-agent", async {

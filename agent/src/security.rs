@@ -33,6 +33,22 @@ impl std::fmt::Debug for Security {
     }
 }
 
+/// This node's public key, from its state directory (created 0700 with the key when the
+/// agent never ran).
+pub fn node_key(settings: &AgentSettings) -> Result<vogeler_proto::signing::PublicKey, AgentError> {
+    let dir = &settings.state_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| AgentError::State {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    let (key, _) = vogeler_core::keyfile::load_or_create_private(&dir.join("agent.key"))?;
+    Ok(key.public())
+}
+
 impl Security {
     /// Load the authorized keys (refusing to go on without one), create the node's state
     /// directory (0700), its key on first start, the replay cache and the audit log.

@@ -80,25 +80,27 @@ fn result_message(
     }))
 }
 
-/// `ing.results` encoded results for nodes `bench00000`..., and the key that signs them
-/// (results are signed as agents sign them: verifying is part of the server's work).
-fn result_bodies(ing: Ingest) -> Result<(PrivateKey, Vec<Vec<u8>>)> {
+/// `ing.results` encoded results for nodes `bench00000`..., each with the key of its node
+/// that signs it (results are signed as agents sign them: verifying is part of the server's
+/// work, and one key serves one node).
+fn result_bodies(ing: Ingest) -> Result<Vec<(PrivateKey, Vec<u8>)>> {
     let now = Utc::now();
-    let bodies = (0..ing.results)
-        .map(|n| result_message(ing, n, format!("bench{n:05}"), now).map(|m| wire::encode(&m)))
-        .collect::<Result<_>>()?;
-    Ok((PrivateKey::generate()?, bodies))
+    (0..ing.results)
+        .map(|n| {
+            let body = wire::encode(&result_message(ing, n, format!("bench{n:05}"), now)?);
+            Ok((PrivateKey::generate()?, body))
+        })
+        .collect()
 }
 
 /// Publish signed bodies back to back, then wait for every confirm.
 async fn publish_bodies(
     ch: &lapin::Channel,
     topology: &Topology,
-    key: &PrivateKey,
-    bodies: &[Vec<u8>],
+    bodies: &[(PrivateKey, Vec<u8>)],
 ) -> Result<()> {
     let mut confirms = Vec::with_capacity(bodies.len());
-    for body in bodies {
+    for (key, body) in bodies {
         let props = lapin::BasicProperties::default()
             .with_delivery_mode(2)
             .with_headers(amqp::signature_headers(key, Purpose::Agent, body));
@@ -123,8 +125,8 @@ async fn publish_bodies(
 pub async fn publish_results(broker: &BrokerSettings, ing: Ingest) -> Result<()> {
     let conn = amqp::connect(&broker.url, "vogeler-bench").await?;
     let ch = amqp::publisher_channel(&conn).await?;
-    let (key, bodies) = result_bodies(ing)?;
-    publish_bodies(&ch, &broker.topology, &key, &bodies).await?;
+    let bodies = result_bodies(ing)?;
+    publish_bodies(&ch, &broker.topology, &bodies).await?;
     let _ = conn.close(200, "done".into()).await;
     Ok(())
 }
@@ -139,9 +141,10 @@ pub async fn server_rate(cli: &Stack, ing: Ingest, mode: Mode) -> Result<f64> {
     let conn = amqp::connect(&settings.broker.url, "vogeler-bench").await?;
     amqp::declare::server(&topology, &conn).await?;
     let ch = amqp::publisher_channel(&conn).await?;
-    let (agent_key, bodies) = result_bodies(ing)?;
+    let bodies = result_bodies(ing)?;
+    let sentinel_key = PrivateKey::generate()?;
     let result = |n: usize, name: String| result_message(ing, n, name, Utc::now());
-    let publish_all = publish_bodies(&ch, &topology, &agent_key, &bodies);
+    let publish_all = publish_bodies(&ch, &topology, &bodies);
 
     let cancel = CancellationToken::new();
     let (server, started) = match mode {
@@ -162,7 +165,7 @@ pub async fn server_rate(cli: &Stack, ing: Ingest, mode: Mode) -> Result<f64> {
                 &topology.results_exchange(),
                 "result.sentinel",
                 &sentinel,
-                &agent_key,
+                &sentinel_key,
             )
             .await?;
             let ready = Instant::now();

@@ -11,7 +11,7 @@ use super::{
     effective::{dur, finish, int, render},
     validate_level, validate_listen,
 };
-use vogeler_proto::duration;
+use vogeler_proto::{duration, enrollment::Mode as Enrollment};
 
 /// `[server]` defaults, quoted by `--help` and the example configs.
 pub mod defaults {
@@ -21,6 +21,10 @@ pub mod defaults {
     pub const SERVER_HISTORY_RETENTION_SECS: u64 = 90 * 24 * 3600;
     /// CouchDB's own default `max_document_size`.
     pub const SERVER_MAX_DOCUMENT_BYTES: usize = vogeler_proto::limits::COUCHDB_MAX_DOCUMENT_BYTES;
+    /// Bytes of results the server holds at once (received and not yet settled).
+    pub const SERVER_MAX_IN_FLIGHT_BYTES: usize = 256 * 1024 * 1024;
+    /// How a new node's first key is trusted: `open` (pinned on first contact) or `approve`.
+    pub const SERVER_ENROLLMENT: &str = "open";
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +45,13 @@ pub struct RawServer {
     /// `[couchdb] max_document_size`. A result that would make a document larger is refused
     /// with that reason instead of being retried for ever.
     pub max_document_bytes: Option<usize>,
+    /// The most bytes of results the server holds at once, received and not yet stored:
+    /// the broker's prefetch window is sized so that even results of the largest size a
+    /// node may send stay within it.
+    pub max_in_flight_bytes: Option<usize>,
+    /// `open`: a new node's first key is pinned on first contact. `approve`: it waits until
+    /// `vogeler-runner nodes accept NODE`.
+    pub enrollment: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -54,7 +65,26 @@ pub struct ServerSettings {
     pub history_retention: Duration,
     pub http_listen: Option<SocketAddr>,
     pub max_document_bytes: usize,
+    pub max_in_flight_bytes: usize,
+    pub enrollment: Enrollment,
     pub log_level: String,
+}
+
+impl ServerSettings {
+    /// The prefetch window the server consumes with: `prefetch`, lowered so that a window
+    /// of results of the largest size a node may send fits in `max_in_flight_bytes`
+    /// (RabbitMQ counts prefetch in messages only, and hands over the whole window at once).
+    pub fn prefetch_window(&self) -> u16 {
+        let by_bytes = self.max_in_flight_bytes / vogeler_proto::limits::MAX_MESSAGE_BYTES;
+        self.prefetch
+            .min(u16::try_from(by_bytes).unwrap_or(u16::MAX))
+            .max(1)
+    }
+
+    /// Results written in one request: never more than the prefetch window holds.
+    pub fn batch_window(&self) -> usize {
+        self.batch_size.min(usize::from(self.prefetch_window()))
+    }
 }
 
 impl RawConfig {
@@ -98,6 +128,28 @@ impl RawConfig {
                 defaults::SERVER_MAX_DOCUMENT_BYTES
             ));
         }
+        let max_in_flight_bytes = self
+            .server
+            .max_in_flight_bytes
+            .unwrap_or(defaults::SERVER_MAX_IN_FLIGHT_BYTES);
+        let largest = vogeler_proto::limits::MAX_MESSAGE_BYTES;
+        if max_in_flight_bytes < largest {
+            p.0.push(format!(
+                "server.max_in_flight_bytes: {max_in_flight_bytes} is smaller than the largest result a node may send ({largest}); use at least {largest}"
+            ));
+        }
+        let enrollment = match Enrollment::parse(
+            self.server
+                .enrollment
+                .as_deref()
+                .unwrap_or(defaults::SERVER_ENROLLMENT),
+        ) {
+            Ok(mode) => mode,
+            Err(e) => {
+                p.0.push(format!("server.enrollment: {e}"));
+                Enrollment::default()
+            }
+        };
         let log_level = validate_level(&mut p, &self.log, LOG_LEVEL);
         let http_listen = validate_listen(
             &mut p,
@@ -114,6 +166,8 @@ impl RawConfig {
                 stale_after,
                 history_retention,
                 max_document_bytes,
+                max_in_flight_bytes,
+                enrollment,
                 log_level,
             })
         })
@@ -135,6 +189,8 @@ impl ProgramSettings for ServerSettings {
         s.insert("stale_after".into(), dur(self.stale_after));
         s.insert("history_retention".into(), dur(self.history_retention));
         s.insert("max_document_bytes".into(), int(self.max_document_bytes));
+        s.insert("max_in_flight_bytes".into(), int(self.max_in_flight_bytes));
+        s.insert("enrollment".into(), self.enrollment.name().into());
         if let Some(listen) = &self.http_listen {
             s.insert("http_listen".into(), listen.to_string().into());
         }

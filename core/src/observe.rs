@@ -72,6 +72,8 @@ pub struct ServerMetrics {
     pub batches: Counter,
     pub store_retries: Counter,
     pub dead_lettered: Family<ReasonLabel, Counter>,
+    /// Messages from nodes whose key waits for approval or was rejected: acked, not stored.
+    pub held: Counter,
     /// Messages waiting in the results queue at the last poll (the ingest lag).
     pub queue_messages: Gauge,
     /// Nodes whose stored document cannot be read back, one series each (value 1).
@@ -118,6 +120,11 @@ impl Metrics for ServerMetrics {
             "dead_lettered",
             "Messages moved to the dead-letter queue, by reason (malformed, wrong_key, refused)",
             self.dead_lettered.clone(),
+        );
+        r.register(
+            "held",
+            "Messages from nodes whose key waits for approval (or was rejected): acked, not stored",
+            self.held.clone(),
         );
         r.register(
             "queue_messages",

@@ -6,18 +6,20 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 use vogeler_proto::{
-    design::{self, Collected, Quarantined, Registered, View},
+    design::{self, Collected, Pending, Quarantined, Registered, View},
     document::HistoryEntry,
+    enrollment,
 };
 
 use crate::couch::{CouchClient, CouchError, ViewRow};
 
-/// A node database and its history database.
+/// A node database, its history database and its enrollment database.
 #[derive(Debug, Clone)]
 pub struct Inventory {
     couch: CouchClient,
     db: String,
     history_db: String,
+    enrollment_db: String,
 }
 
 impl Inventory {
@@ -25,6 +27,7 @@ impl Inventory {
         let db = db.into();
         Self {
             history_db: design::history_database(&db),
+            enrollment_db: enrollment::enrollment_database(&db),
             couch,
             db,
         }
@@ -39,16 +42,19 @@ impl Inventory {
     pub fn history_database(&self) -> &str {
         &self.history_db
     }
+    pub fn enrollment_database(&self) -> &str {
+        &self.enrollment_db
+    }
 
     async fn rows(
         &self,
         view: View,
         params: &[(&str, String)],
     ) -> Result<Vec<ViewRow>, CouchError> {
-        let db = if view.ddoc == design::HISTORY_DDOC {
-            &self.history_db
-        } else {
-            &self.db
+        let db = match view.ddoc {
+            design::HISTORY_DDOC => &self.history_db,
+            design::ENROLLMENT_DDOC => &self.enrollment_db,
+            _ => &self.db,
         };
         self.couch.view(db, view.ddoc, view.name, params).await
     }
@@ -60,6 +66,16 @@ impl Inventory {
             .await?
             .into_iter()
             .filter_map(|r| Some((r.id?, Registered::from_value(&r.value))))
+            .collect())
+    }
+
+    /// Every key waiting for approval as a node, by node name.
+    pub async fn pending(&self) -> Result<Vec<(String, Pending)>, CouchError> {
+        Ok(self
+            .rows(design::PENDING, &[("reduce", "false".to_string())])
+            .await?
+            .into_iter()
+            .filter_map(|r| Some((r.key.as_str()?.to_string(), Pending::from_value(&r.value))))
             .collect())
     }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CouchDB setup for Vogeler: the node and history databases, readable only by Vogeler's
+# CouchDB setup for Vogeler: the node, history and enrollment databases, readable only by Vogeler's
 # users, writable only by the server. For Apache CouchDB 3.x (it uses only the documented
 # HTTP API: _session, _users, PUT /{db}, /{db}/_security, a validate_doc_update design
 # document). Idempotent: config management can run it on every pass.
@@ -12,7 +12,8 @@
 #   users   <prefix>-server (role vogeler-writer) and <prefix>-runner (role vogeler-reader),
 #           passwords in <secrets-dir>/couchdb-<role>.password (0600, generated when missing;
 #           an existing file is kept and its password set again)
-#   dbs     <database> and <database>_history (every database vogeler-server uses, so it
+#   dbs     <database>, <database>_history and <database>_enrollment (every database
+#           vogeler-server uses, so it
 #           never needs to create one), each with a _security object: admins are the
 #           vogeler-writer role (the server installs its design documents), members the
 #           vogeler-reader and vogeler-writer roles; nobody else, not even anonymous
@@ -30,7 +31,7 @@
 #   curl $URL/system_records/_all_docs                                -> 401 unauthorized
 # Point the server at it with couchdb.username = "vogeler-server" and couchdb.password_file,
 # and runners with couchdb.username = "vogeler-runner". `vogeler-runner nodes forget` writes,
-# so run it with the server's credentials.
+# so run it with the server's credentials; so do `nodes accept` and `nodes reject`.
 set -euo pipefail
 
 url=http://127.0.0.1:5984 admin=admin db=system_records prefix=vogeler secrets=/etc/vogeler/secrets
@@ -131,11 +132,11 @@ done
 
 security='{"admins":{"names":[],"roles":["vogeler-writer"]},"members":{"names":[],"roles":["vogeler-reader","vogeler-writer"]}}'
 readonly_ddoc='{"language":"javascript","validate_doc_update":"function(newDoc, oldDoc, userCtx) { var r = userCtx.roles; if (r.indexOf(\"_admin\") === -1 && r.indexOf(\"vogeler-writer\") === -1) { throw({forbidden: \"read-only: only vogeler-server writes here\"}); } }"}'
-for d in "$db" "${db}_history"; do
+for d in "$db" "${db}_history" "${db}_enrollment"; do
   path=/$(segment "$d")
   need "$(call PUT "$path")" 201 202 412
   need "$(call PUT "$path/_security" "$security")" 200
   rev_of "$path/_design/readonly"
   need "$(call PUT "$path/_design/readonly" "${readonly_ddoc%\}}${rev:+,\"_rev\":\"$rev\"}}")" 201 202
 done
-echo "databases $db and ${db}_history ready at $url: writer $prefix-server, reader $prefix-runner (passwords in $secrets)"
+echo "databases $db, ${db}_history and ${db}_enrollment ready at $url: writer $prefix-server, reader $prefix-runner (passwords in $secrets)"

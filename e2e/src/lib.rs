@@ -106,7 +106,8 @@ pub struct TestStack {
     pub keys: tempfile::TempDir,
     /// The key this stack's runner signs with.
     pub runner_key: PrivateKey,
-    /// A key for tests that publish results as an agent would.
+    /// A key for tests that publish as an agent would, when no node is named (see
+    /// [`TestStack::key_for`] for a node's own key).
     pub agent_key: PrivateKey,
 }
 
@@ -146,6 +147,24 @@ impl TestStack {
             keys,
             runner_key,
             agent_key: PrivateKey::generate().expect("agent key"),
+        }
+    }
+
+    /// The key a test signs results and announcements of `node` with: one per node (one
+    /// key serves exactly one node name), the same every time it is asked.
+    pub fn key_for(&self, node: &str) -> PrivateKey {
+        use sha2::Digest;
+        let seed = sha2::Sha256::digest(format!("{}/{node}", self.collective));
+        PrivateKey::from_seed(seed.into())
+    }
+
+    /// The key a raw body is signed with: its node's ([`TestStack::key_for`]) when it decodes
+    /// as a result or announcement, else the stack's agent key.
+    fn key_for_body(&self, body: &[u8]) -> PrivateKey {
+        match vogeler_proto::wire::decode(body) {
+            Ok(vogeler_proto::wire::Message::Result(r)) => self.key_for(r.node.as_str()),
+            Ok(vogeler_proto::wire::Message::Announce(a)) => self.key_for(a.node.as_str()),
+            _ => self.agent_key.clone(),
         }
     }
 
@@ -311,14 +330,18 @@ impl TestStack {
     /// broker: signed with the stack's runner key (commands exchange) or agent key (results
     /// exchange), so what is tested is what lies beyond the signature check.
     pub async fn publish_raw(&self, exchange: &str, key: &str, bodies: &[&[u8]]) {
-        let (signer, purpose) = if exchange == self.topology().commands_exchange() {
-            (&self.runner_key, Purpose::Command)
-        } else {
-            (&self.agent_key, Purpose::Agent)
-        };
+        let commands = exchange == self.topology().commands_exchange();
         let (conn, ch) = self.publisher("test-raw").await;
         for body in bodies {
-            let headers = vogeler_core::amqp::signature_headers(signer, purpose, body);
+            let headers = if commands {
+                vogeler_core::amqp::signature_headers(&self.runner_key, Purpose::Command, body)
+            } else {
+                vogeler_core::amqp::signature_headers(
+                    &self.key_for_body(body),
+                    Purpose::Agent,
+                    body,
+                )
+            };
             publish_bytes(&ch, exchange, key, body, Some(headers)).await;
         }
         let _ = conn.close(200, "done".into()).await;
@@ -378,6 +401,7 @@ impl Drop for TestStack {
             if let Ok(couch) = CouchClient::new(&url, None) {
                 let _ = rt.block_on(couch.delete_database(&db));
                 let _ = rt.block_on(couch.delete_database(&format!("{db}_history")));
+                let _ = rt.block_on(couch.delete_database(&format!("{db}_enrollment")));
             }
         })
         .join();

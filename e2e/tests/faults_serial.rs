@@ -164,13 +164,14 @@ async fn a_server_killed_mid_batch_20_times_stores_every_result_once() {
             duration_ms: 1,
             agent_version: "test".into(),
         };
+        let signer = stack.key_for(&node);
         last.insert(node, i);
         amqp::publish(
             &ch,
             &t.results_exchange(),
             &Topology::result_routing_key(r.request_id),
             &Message::Result(r),
-            &stack.agent_key,
+            &signer,
         )
         .await
         .expect("publish");

@@ -172,15 +172,21 @@ async fn malformed_messages_crash_nothing_and_are_all_refused() {
     };
     let result_template =
         String::from_utf8(wire::encode(&Message::Result(result(0)))).expect("utf8");
+    // Signed as each node's own agent would (one key serves one node): a body that still
+    // decodes by its node's key, the rest by a stray key.
     let key = PrivateKey::generate().expect("key");
+    let signer = |body: &[u8]| match wire::decode(body) {
+        Ok(Message::Result(r)) => stack.key_for(r.node.as_str()),
+        _ => key.clone(),
+    };
     let mut to_server = Vec::new();
     for i in 0..malformed_n {
         let body = malformed(&result_template, i, &mut rng);
-        let headers = amqp::signature_headers(&key, Purpose::Agent, &body);
+        let headers = amqp::signature_headers(&signer(&body), Purpose::Agent, &body);
         to_server.push((Topology::result_routing_key(Uuid::new_v4()), body, headers));
         if i % 25 == 0 {
             let body = wire::encode(&Message::Result(result(i / 25)));
-            let headers = amqp::signature_headers(&key, Purpose::Agent, &body);
+            let headers = amqp::signature_headers(&signer(&body), Purpose::Agent, &body);
             to_server.push(("result.valid".to_string(), body, headers));
         }
     }

@@ -57,6 +57,8 @@ struct Class {
     /// How many of them must be refused (the rest are stored).
     refused: usize,
     reason: &'static str,
+    /// Signed all with one key (a key holder posing as many nodes), not each node's own.
+    one_key: bool,
 }
 
 fn classes() -> Vec<Class> {
@@ -68,6 +70,7 @@ fn classes() -> Vec<Class> {
                 .collect(),
             refused: PER_CLASS,
             reason: "nests deeper than 64",
+            one_key: false,
         },
         Class {
             name: "timestamp in the future",
@@ -80,6 +83,7 @@ fn classes() -> Vec<Class> {
                 .collect(),
             refused: PER_CLASS,
             reason: "ahead of the server's clock",
+            one_key: false,
         },
         Class {
             name: "oversized text field",
@@ -92,6 +96,7 @@ fn classes() -> Vec<Class> {
                 .collect(),
             refused: PER_CLASS,
             reason: "agent_version is",
+            one_key: false,
         },
         Class {
             name: "document over max size",
@@ -101,6 +106,7 @@ fn classes() -> Vec<Class> {
             // The first fits (150 kB under 200 kB); every later one would grow the document.
             refused: PER_CLASS - 1,
             reason: "over server.max_document_bytes",
+            one_key: false,
         },
         Class {
             name: "plugin keys per document",
@@ -109,6 +115,7 @@ fn classes() -> Vec<Class> {
                 .collect(),
             refused: PER_CLASS,
             reason: "already stores 256 plugins",
+            one_key: false,
         },
         Class {
             name: "stored document unreadable",
@@ -118,6 +125,31 @@ fn classes() -> Vec<Class> {
                 .collect(),
             refused: 2 * PER_CLASS,
             reason: "cannot be read back",
+            one_key: false,
+        },
+        Class {
+            name: "one key posing as many nodes",
+            results: (0..PER_CLASS)
+                .map(|i| result(&format!("squat{i:03}"), "hello", json!(i)))
+                .collect(),
+            // The first name is the key's; every other one is refused.
+            refused: PER_CLASS - 1,
+            reason: "already serves node",
+            one_key: true,
+        },
+        Class {
+            name: "value flapping on every run",
+            results: (0..2 * PER_CLASS)
+                .map(|i| {
+                    let mut r = result("flap01", "hello", json!(i % 2));
+                    r.collected_at = Utc::now() - chrono::Duration::seconds(300 - i as i64);
+                    r
+                })
+                .collect(),
+            // All stored (the document stays current); the history is what is bounded.
+            refused: 0,
+            reason: "(none)",
+            one_key: false,
         },
     ]
 }
@@ -190,9 +222,14 @@ async fn poisoned_and_over_limit_results_are_refused_and_every_other_node_is_sto
 
     let t = stack.topology();
     let (conn, ch) = stack.publisher("test-poison").await;
-    let key = PrivateKey::generate().expect("key");
-    let publish = |r: &PluginResult| {
+    let shared = PrivateKey::generate().expect("key");
+    let publish = |r: &PluginResult, one_key: bool| {
         let body = wire::encode(&Message::Result(r.clone()));
+        let key = if one_key {
+            shared.clone()
+        } else {
+            stack.key_for(r.node.as_str())
+        };
         let headers = amqp::signature_headers(&key, Purpose::Agent, &body);
         (body, headers)
     };
@@ -202,8 +239,12 @@ async fn poisoned_and_over_limit_results_are_refused_and_every_other_node_is_sto
         .collect();
     // Poison first, the healthy results behind it: they must not wait for it.
     let started = std::time::Instant::now();
-    for r in classes.iter().flat_map(|c| &c.results).chain(&healthy) {
-        let (body, headers) = publish(r);
+    let sent = classes
+        .iter()
+        .flat_map(|c| c.results.iter().map(|r| (r, c.one_key)))
+        .chain(healthy.iter().map(|r| (r, false)));
+    for (r, one_key) in sent {
+        let (body, headers) = publish(r, one_key);
         vogeler_e2e::publish_bytes(&ch, &t.results_exchange(), "result.x", &body, Some(headers))
             .await;
     }
@@ -241,6 +282,9 @@ async fn poisoned_and_over_limit_results_are_refused_and_every_other_node_is_sto
     println!("|---|---|---|---|---|");
     for c in &classes {
         let refused = reasons.iter().filter(|r| r.contains(c.reason)).count();
+        if c.refused == 0 {
+            continue; // the flapping value: below
+        }
         println!(
             "| {} | {} | {refused} | {HEALTHY}/{HEALTHY} | {} |",
             c.name,
@@ -255,6 +299,24 @@ async fn poisoned_and_over_limit_results_are_refused_and_every_other_node_is_sto
     let keys = stack.document("keys01").await.expect("keys01");
     assert_eq!(keys.meta.plugins.len(), limits::MAX_PLUGINS_PER_DOCUMENT);
     assert!(stack.document("future01").await.is_none());
+    // A flapping value: the document holds the newest, the history a bounded part of it.
+    let flap = stack.document("flap01").await.expect("flap01");
+    assert_eq!(flap.value("hello"), Some(&json!(1)));
+    let flap_history = stack
+        .history_ids()
+        .await
+        .into_iter()
+        .filter(|id| id.starts_with("flap01:"))
+        .count();
+    println!(
+        "| value flapping on every run | {} | 0 (all stored) | {HEALTHY}/{HEALTHY} | history kept {flap_history} entries of {} changes |",
+        2 * PER_CLASS,
+        2 * PER_CLASS - 1
+    );
+    assert!(
+        flap_history <= vogeler_server::budget::PER_WINDOW as usize,
+        "{flap_history} history entries"
+    );
 
     // The unreadable documents are flagged, in /metrics and in `vogeler-runner nodes`.
     let metrics = reqwest::get(format!("http://{metrics_addr}/metrics"))
@@ -297,7 +359,7 @@ async fn poisoned_and_over_limit_results_are_refused_and_every_other_node_is_sto
         .bulk_docs(&stack.database, &[gone])
         .await
         .expect("delete");
-    let (body, headers) = publish(&result("schema01", "hello", json!("again")));
+    let (body, headers) = publish(&result("schema01", "hello", json!("again")), false);
     vogeler_e2e::publish_bytes(&ch, &t.results_exchange(), "result.x", &body, Some(headers)).await;
     wait_for(
         "the repaired node stored",
@@ -405,7 +467,7 @@ async fn headers_larger_than_a_small_frame_do_not_cost_the_server_its_connection
     let t = stack.topology();
     for (i, node) in ["padded01", "after01"].into_iter().enumerate() {
         let body = wire::encode(&Message::Result(result(node, "hello", json!(i))));
-        let mut headers = amqp::signature_headers(&stack.agent_key, Purpose::Agent, &body);
+        let mut headers = amqp::signature_headers(&stack.key_for(node), Purpose::Agent, &body);
         if i == 0 {
             headers.insert(
                 "x-pad".into(),

@@ -124,7 +124,10 @@ async fn one_agent_cannot_change_another_nodes_document() {
     )
     .await;
     let doc = stack.document("web01").await.expect("document");
-    assert_eq!(doc.meta.key, Some(stack.agent_key.public().to_base64()));
+    assert_eq!(
+        doc.meta.key,
+        Some(stack.key_for("web01").public().to_base64())
+    );
 }
 
 #[tokio::test]

@@ -48,12 +48,18 @@ async fn publish(stack: &TestStack, messages: &[Message]) {
     let (conn, ch) = stack.publisher("test-publisher").await;
     let t = stack.topology();
     for m in messages {
-        let key = match m {
-            Message::Result(r) => Topology::result_routing_key(r.request_id),
-            Message::Announce(a) => Topology::announce_routing_key(&a.node),
-            Message::Command(_) => "command".into(),
+        let (key, signer) = match m {
+            Message::Result(r) => (
+                Topology::result_routing_key(r.request_id),
+                stack.key_for(r.node.as_str()),
+            ),
+            Message::Announce(a) => (
+                Topology::announce_routing_key(&a.node),
+                stack.key_for(a.node.as_str()),
+            ),
+            Message::Command(_) => ("command".into(), stack.agent_key.clone()),
         };
-        amqp::publish(&ch, &t.results_exchange(), &key, m, &stack.agent_key)
+        amqp::publish(&ch, &t.results_exchange(), &key, m, &signer)
             .await
             .expect("publish");
     }

@@ -12,7 +12,7 @@
 //! command = ["printf", "alpha\nbeta\n"]  # argv, run without a shell
 //! format = "lines"                       # lines | string | json | yaml | kv | raw | fields
 //! timeout = "60s"                        # optional, default 60s
-//! max_output = "4MiB"                    # optional cap on stdout, default 4 MiB
+//! max_output = "4MiB"                    # optional cap on stdout, default 4 MiB, at most 7 MiB
 //! user = "nobody"                        # optional: run as this account (agent must be root)
 //! env = { TZ = "UTC" }                   # optional extra environment
 //! fields = ["name", "version"]           # format "fields" only: one object per line
@@ -38,8 +38,8 @@ use crate::format::Format;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Used when a plugin file sets no `max_output`.
 pub const DEFAULT_MAX_OUTPUT: usize = 4 * 1024 * 1024;
-/// The largest `max_output` a plugin may ask for: results travel as one broker message.
-pub const MAX_MAX_OUTPUT: usize = 16 * 1024 * 1024;
+/// The largest `max_output` a plugin may ask for: the largest value a result may carry.
+pub const MAX_MAX_OUTPUT: usize = vogeler_proto::limits::MAX_VALUE_BYTES;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -9,10 +9,12 @@ use serde_json::{Value, json};
 pub const NODES_DDOC: &str = "vogeler";
 /// The design document id in the history database.
 pub const HISTORY_DDOC: &str = "vogeler_history";
+/// The design document id in the enrollment database.
+pub const ENROLLMENT_DDOC: &str = "vogeler_enrollment";
 
 /// Bumped whenever a view below changes: servers upgrade older design documents on start and
 /// leave newer ones (from a newer server) alone.
-pub const VERSION: u64 = 4;
+pub const VERSION: u64 = 5;
 
 /// A view: the design document it lives in, its name and its map function, in one place so
 /// that the server installs and every reader queries the same thing.
@@ -21,6 +23,8 @@ pub struct View {
     pub ddoc: &'static str,
     pub name: &'static str,
     pub map: &'static str,
+    /// A built-in reduce (`_count`, `_sum`), for views read as counts.
+    pub reduce: Option<&'static str>,
 }
 
 /// Last seen time → null: stale nodes and `prune`.
@@ -28,6 +32,7 @@ pub const NODES_BY_LAST_SEEN: View = View {
     ddoc: NODES_DDOC,
     name: "nodes_by_last_seen",
     map: "function (doc) { if (doc.vogeler && doc.vogeler.last_seen) { emit(doc.vogeler.last_seen, null); } }",
+    reduce: None,
 };
 
 /// Plugin name → its last outcome.
@@ -35,6 +40,7 @@ pub const NODES_BY_PLUGIN: View = View {
     ddoc: NODES_DDOC,
     name: "nodes_by_plugin",
     map: "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit(name, p[name].outcome); } }",
+    reduce: None,
 };
 
 /// `[name, version]` → source plugin, for installed `dpkg` and `rpms` entries.
@@ -42,6 +48,7 @@ pub const PACKAGES: View = View {
     ddoc: NODES_DDOC,
     name: "packages",
     map: "function (doc) { ['dpkg', 'rpms'].forEach(function (source) { var list = doc[source]; if (!Array.isArray(list)) { return; } list.forEach(function (pkg) { if (!pkg || typeof pkg.name !== 'string') { return; } if (pkg.status && pkg.status !== 'installed') { return; } emit([pkg.name, pkg.version || null], source); }); }); }",
+    reduce: None,
 };
 
 /// `[plugin, node]` → [`Collected`], for answering from stored values (`--cached`).
@@ -49,6 +56,7 @@ pub const COLLECTED: View = View {
     ddoc: NODES_DDOC,
     name: "collected",
     map: "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome }); } }",
+    reduce: None,
 };
 
 /// Node name → [`Registered`], what the runner resolves node sets against without reading
@@ -57,6 +65,7 @@ pub const REGISTRY: View = View {
     ddoc: NODES_DDOC,
     name: "registry",
     map: "function (doc) { if (doc.vogeler) { emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {}, key: doc.vogeler.key || null }); } }",
+    reduce: None,
 };
 
 /// Node name → `{reason, since}` for nodes whose document the server cannot read back: the
@@ -66,6 +75,7 @@ pub const QUARANTINE: View = View {
     ddoc: NODES_DDOC,
     name: "quarantine",
     map: "function (doc) { var q = doc.vogeler_quarantine; if (q && q.node) { emit(q.node, { reason: q.reason || null, since: q.since || null }); } }",
+    reduce: None,
 };
 
 /// The id of a node's quarantine flag. Node names have no `:`, so it never names a node.
@@ -79,6 +89,7 @@ pub const FACTS: View = View {
     ddoc: NODES_DDOC,
     name: "facts",
     map: "function (doc) { var f = doc.vogeler && doc.vogeler.facts; if (!f) { return; } function walk(prefix, o) { for (var k in o) { var v = o[k]; var key = prefix ? prefix + '.' + k : k; if (v !== null && typeof v === 'object' && !Array.isArray(v)) { walk(key, v); } else if (v === null || typeof v !== 'object') { emit([key, v], null); } } } walk('', f); }",
+    reduce: None,
 };
 
 /// History entry time → null, for retention.
@@ -86,6 +97,7 @@ pub const HISTORY_BY_TIME: View = View {
     ddoc: HISTORY_DDOC,
     name: "by_time",
     map: "function (doc) { if (doc.at) { emit(doc.at, null); } }",
+    reduce: None,
 };
 
 /// `[node, plugin, time]` → null: one plugin's changes on one node, in order.
@@ -93,6 +105,7 @@ pub const HISTORY_BY_NODE_PLUGIN: View = View {
     ddoc: HISTORY_DDOC,
     name: "by_node_plugin",
     map: "function (doc) { if (doc.node && doc.plugin && doc.at) { emit([doc.node, doc.plugin, doc.at], null); } }",
+    reduce: None,
 };
 
 /// The views of the node database.
@@ -106,6 +119,18 @@ pub const NODE_VIEWS: [View; 7] = [
     QUARANTINE,
 ];
 
+/// Node name → the [`Pending`] claim of each key waiting for approval (reduced: how many
+/// keys wait), from the enrollment records (see [`crate::enrollment`]).
+pub const PENDING: View = View {
+    ddoc: ENROLLMENT_DDOC,
+    name: "pending",
+    map: "function (doc) { if (!doc.node || !Array.isArray(doc.claims)) { return; } doc.claims.forEach(function (c) { if (c && c.status === 'pending') { emit(doc.node, { key_id: c.key_id || null, first_seen: c.first_seen || null, last_seen: c.last_seen || null, agent_version: c.agent_version || null, facts: c.facts || {} }); } }); }",
+    reduce: Some("_count"),
+};
+
+/// The views of the enrollment database.
+pub const ENROLLMENT_VIEWS: [View; 1] = [PENDING];
+
 /// The views of the history database.
 pub const HISTORY_VIEWS: [View; 2] = [HISTORY_BY_TIME, HISTORY_BY_NODE_PLUGIN];
 
@@ -117,7 +142,13 @@ pub fn history_database(db: &str) -> String {
 fn design_document(id: &str, views: &[View]) -> Value {
     let views: serde_json::Map<String, Value> = views
         .iter()
-        .map(|v| (v.name.to_string(), json!({ "map": v.map })))
+        .map(|v| {
+            let mut view = json!({ "map": v.map });
+            if let Some(reduce) = v.reduce {
+                view["reduce"] = reduce.into();
+            }
+            (v.name.to_string(), view)
+        })
         .collect();
     json!({
         "_id": format!("_design/{id}"),
@@ -135,6 +166,39 @@ pub fn nodes() -> Value {
 /// The history database's design document.
 pub fn history() -> Value {
     design_document(HISTORY_DDOC, &HISTORY_VIEWS)
+}
+
+/// The enrollment database's design document.
+pub fn enrollment() -> Value {
+    design_document(ENROLLMENT_DDOC, &ENROLLMENT_VIEWS)
+}
+
+/// A [`PENDING`] row: a key waiting for approval as a node, read as leniently as
+/// [`Registered`].
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Pending {
+    pub key_id: Option<String>,
+    pub first_seen: Option<DateTime<Utc>>,
+    pub last_seen: Option<DateTime<Utc>>,
+    pub agent_version: Option<String>,
+    pub facts: serde_json::Map<String, Value>,
+}
+
+impl Pending {
+    pub fn from_value(v: &Value) -> Self {
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        Self {
+            key_id: text("key_id"),
+            first_seen: time(v.get("first_seen")),
+            last_seen: time(v.get("last_seen")),
+            agent_version: text("agent_version"),
+            facts: v
+                .get("facts")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// A [`REGISTRY`] row's value. Read leniently: a document written by hand (or by a broken
@@ -220,7 +284,7 @@ mod tests {
 
     #[test]
     fn design_documents_are_versioned() {
-        for d in [nodes(), history()] {
+        for d in [nodes(), history(), enrollment()] {
             assert_eq!(version_of(&d), VERSION);
             assert!(
                 d["_id"]
@@ -245,6 +309,12 @@ mod tests {
             assert_eq!(v.ddoc, HISTORY_DDOC);
         }
         assert_eq!(history_database("inv"), "inv_history");
+        let enrollment = enrollment();
+        for v in ENROLLMENT_VIEWS {
+            assert_eq!(enrollment["views"][v.name]["map"], v.map, "{}", v.name);
+            assert_eq!(enrollment["views"][v.name]["reduce"], "_count");
+            assert_eq!(v.ddoc, ENROLLMENT_DDOC);
+        }
     }
 
     #[test]

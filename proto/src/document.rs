@@ -163,6 +163,16 @@ pub struct HistoryEntry {
     pub new_hash: String,
     pub old: Value,
     pub new: Value,
+    /// Changes of this plugin's value on this node since the previous entry that were not
+    /// recorded: a value that flaps faster than the server's history budget (see
+    /// `vogeler-server`'s `budget` module) is kept current in the node document, but only so
+    /// many of its changes an hour get an entry of their own.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unrecorded: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl HistoryEntry {
@@ -382,6 +392,7 @@ impl NodeDocument {
                     new_hash: hash.clone(),
                     old: self.values.get(key).cloned().unwrap_or(Value::Null),
                     new: value.clone(),
+                    unrecorded: 0,
                 });
             }
             self.values.insert(key.to_string(), value);

@@ -12,11 +12,13 @@
 //! - [`trust`]: what a receiver checks before it believes a message from an agent.
 //! - [`document`]: the node document shape and how results merge into it.
 //! - [`design`]: the design documents (views) the server installs.
+//! - [`enrollment`]: which key may speak for which node name (open or approve).
 //! - [`duration`], [`secret`]: value types configuration is written in.
 
 pub mod design;
 pub mod document;
 pub mod duration;
+pub mod enrollment;
 pub mod guard;
 pub mod limits;
 pub mod names;

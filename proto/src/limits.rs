@@ -9,15 +9,20 @@ use serde_json::Value;
 
 use crate::wire::{Announce, Message, Outcome, PluginResult};
 
-/// Messages larger than this are refused before parsing (a plugin's output is capped far lower).
-pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Messages larger than this are refused before parsing: the largest result an agent
+/// publishes (a value of [`MAX_VALUE_BYTES`] and its envelope) fits in it, and the server
+/// sizes its prefetch window by it (see `server.max_in_flight_bytes`). RabbitMQ 4 refuses
+/// messages over 16 MiB by default; set `max_message_size` to this on the broker to refuse
+/// larger ones there (see docs/operations.md).
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Commands are a few hundred bytes; anything near this is not from a runner.
 pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
 
-/// The largest plugin value (as JSON) an agent publishes. RabbitMQ 4 refuses messages over
-/// 16 MiB by default; this leaves room for the rest of the result.
-pub const MAX_VALUE_BYTES: usize = 15 * 1024 * 1024;
+/// The largest plugin value (as JSON) an agent publishes: small enough that a node document
+/// holding it stays within CouchDB's default `max_document_size` (8,000,000 bytes), so a
+/// value one layer takes, the next can store.
+pub const MAX_VALUE_BYTES: usize = 7 * 1024 * 1024;
 
 /// How deeply arrays and objects may nest in a plugin value or in announced facts (`[]` is
 /// one level). Every reader parses with serde_json's limit of [`READ_DEPTH`], and a value is
@@ -33,6 +38,9 @@ pub const READ_DEPTH: usize = 128;
 pub const WRAP_DEPTH: usize = 8;
 
 const _: () = assert!(MAX_VALUE_DEPTH + WRAP_DEPTH < READ_DEPTH);
+// A result is its value and a few short texts (each at most MAX_TEXT_BYTES).
+const _: () = assert!(MAX_VALUE_BYTES + 16 * MAX_TEXT_BYTES < MAX_MESSAGE_BYTES);
+const _: () = assert!(MAX_VALUE_BYTES < COUCHDB_MAX_DOCUMENT_BYTES);
 
 /// Entries in one object of a value (a package list is an array, so this is generous).
 pub const MAX_OBJECT_KEYS: usize = 100_000;

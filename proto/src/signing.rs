@@ -112,6 +112,12 @@ impl PrivateKey {
         Ok(Self(SigningKey::from_bytes(&seed)))
     }
 
+    /// The key a 32-byte seed makes: for tests and simulated fleets that need many keys
+    /// they can make again. A real key comes from [`PrivateKey::generate`].
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self(SigningKey::from_bytes(&seed))
+    }
+
     /// Parse a PKCS#8 PEM private key; the error says why it is not one.
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, String> {
         SigningKey::from_pkcs8_pem(pem)

@@ -33,6 +33,14 @@ fn print_doc(output: Output, v: &serde_json::Value) {
     }
 }
 
+/// Rows as one document (json, yaml) or one line each (jsonl).
+fn print_rows(output: Output, rows: &[serde_json::Value]) {
+    match output {
+        Output::Jsonl => rows.iter().for_each(|r| println!("{r}")),
+        _ => print_doc(output, &serde_json::Value::Array(rows.to_vec())),
+    }
+}
+
 fn lines(names: Vec<String>) -> String {
     names.into_iter().map(|n| format!("{n}\n")).collect()
 }
@@ -64,6 +72,50 @@ async fn inventory(
             ),
             None => format!("node {node}: no key was pinned\n"),
         },
+        Command::Nodes {
+            action: Some(NodesAction::Pending),
+        } => {
+            let pending = inv::pending(&settings.couch).await?;
+            if cli.output != Output::Table {
+                let rows: Vec<serde_json::Value> = pending
+                    .iter()
+                    .map(|(node, p)| {
+                        let mut row = serde_json::to_value(p).unwrap_or_default();
+                        row["node"] = node.as_str().into();
+                        row
+                    })
+                    .collect();
+                print_rows(cli.output, &rows);
+                return Ok(exit::OK);
+            }
+            inv::render_pending(&pending)
+        }
+        Command::Nodes {
+            action: Some(NodesAction::Accept { node, key }),
+        } => {
+            let a = inv::accept(&settings.couch, node, key.as_deref()).await?;
+            if cli.output != Output::Table {
+                print_doc(cli.output, &serde_json::to_value(&a).unwrap_or_default());
+                return Ok(exit::OK);
+            }
+            format!(
+                "node {}: accepted key {} (first seen {}, last seen {}); its document is in database {}\n",
+                a.node,
+                a.key_id,
+                inv::time(a.first_seen),
+                inv::time(a.last_seen),
+                settings.couch.database
+            )
+        }
+        Command::Nodes {
+            action: Some(NodesAction::Reject { node, key }),
+        } => {
+            let keys = inv::reject(&settings.couch, node, key.as_deref()).await?;
+            format!(
+                "node {node}: rejected key {}; messages signed with it are not stored\n",
+                keys.join(", ")
+            )
+        }
         Command::Nodes { action: None } => {
             let set = node_set(cli)?;
             let nodes = inv::nodes(&settings.couch, &set, settings.freshness).await?;

@@ -35,7 +35,9 @@ use crate::inventory as inv;
         "  vogeler-runner find fact os.family=Debian\n",
         "  vogeler-runner history web01 dpkg             how a plugin's value changed\n",
         "  vogeler-runner keygen --out /etc/vogeler/keys  a key pair to sign commands with\n",
-        "  vogeler-runner nodes forget web01             accept a reinstalled node's new key\n\n",
+        "  vogeler-runner nodes forget web01             accept a reinstalled node's new key\n",
+        "  vogeler-runner nodes pending                 keys waiting for approval\n",
+        "  vogeler-runner nodes accept web04            pin web04's waiting key\n\n",
         "Exit codes: 0 every node answered ok; 1 a node failed or did not answer; 2 usage;\n",
         "69 broker or database unavailable; 78 bad configuration.\n",
     ),
@@ -164,11 +166,37 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum NodesAction {
     /// Forget a node's pinned key: the next key it signs with is pinned instead (after
-    /// reinstalling a node, whose new agent has a new key). Needs write access to the database
+    /// reinstalling a node, whose new agent has a new key), or with server.enrollment =
+    /// "approve" waits for `nodes accept` again. Needs write access to the database
     Forget {
         /// The node's name
         #[arg(value_parser = NodeName::new_checked)]
         node: NodeName,
+    },
+    /// Keys waiting for approval as a node (server.enrollment = "approve"): node, key id,
+    /// first and last seen, agent version and announced facts. Compare the key id with
+    /// `vogeler-agent key` on the node before accepting it
+    Pending,
+    /// Accept the key waiting as NODE: it is pinned, and the node's document appears at once.
+    /// Asks nothing. Needs write access to the database
+    Accept {
+        /// The node's name
+        #[arg(value_parser = NodeName::new_checked)]
+        node: NodeName,
+        /// When several keys claim the name: the id (or its first characters) of the one to
+        /// accept; the others are rejected
+        #[arg(long, value_name = "KEY_ID")]
+        key: Option<String>,
+    },
+    /// Reject the key(s) waiting as NODE: their messages are never stored. Needs write
+    /// access to the database
+    Reject {
+        /// The node's name
+        #[arg(value_parser = NodeName::new_checked)]
+        node: NodeName,
+        /// Only the key whose id starts with this [default: every waiting key]
+        #[arg(long, value_name = "KEY_ID")]
+        key: Option<String>,
     },
 }
 

@@ -10,7 +10,9 @@ use vogeler_core::{
     query::Inventory,
 };
 use vogeler_proto::{
+    design::Pending,
     document::{HistoryEntry, NodeDocument},
+    enrollment::{self, Enrollment, KeyBinding},
     names::{NodeName, PluginName},
     signing::{KeyError, PrivateKey, PublicKey},
 };
@@ -35,48 +37,225 @@ pub(crate) fn registry_error(e: CouchError) -> RunnerError {
 }
 
 /// Clear a node's pinned key, so the next key it signs with is pinned (a reinstalled node
-/// has a new key). Returns the id of the key that was pinned, or `None` when none was.
+/// has a new key), or in approve mode waits for `nodes accept` again. The old key's binding
+/// and the node's enrollment record go with it, so the old key may serve another node and
+/// the node starts afresh. Returns the id of the key that was pinned, or `None` when none
+/// was.
 pub async fn forget(
     settings: &CouchSettings,
     node: &NodeName,
 ) -> Result<Option<String>, RunnerError> {
     let inventory = open(settings)?;
     let couch = inventory.client();
-    let node = node.as_str();
-    // A result arriving in between changes the revision: read and write again.
+    let enrollment_db = inventory.enrollment_database();
+    let write = |source: CouchError| write_error(node, source);
+    let record = couch
+        .get::<Enrollment>(enrollment_db, node.as_str())
+        .await
+        .map_err(registry_error)?;
+    let old = match couch
+        .get::<NodeDocument>(&settings.database, node.as_str())
+        .await
+        .map_err(registry_error)?
+    {
+        None if record.is_none() => return Err(RunnerError::NoSuchNode(node.to_string())),
+        None => None,
+        Some(_) => update_document(settings, couch, node, |doc| Ok(doc.meta.key.take())).await?,
+    };
+    if let Some(key) = old.as_deref().and_then(PublicKey::from_base64) {
+        let id = enrollment::key_binding_id(&key);
+        if let Some(binding) = couch
+            .get::<KeyBinding>(enrollment_db, &id)
+            .await
+            .map_err(registry_error)?
+            && binding.node == node.as_str()
+        {
+            delete(couch, enrollment_db, &id, binding.rev.as_deref())
+                .await
+                .map_err(write)?;
+        }
+    }
+    if let Some(record) = record {
+        delete(couch, enrollment_db, node.as_str(), record.rev.as_deref())
+            .await
+            .map_err(write)?;
+    }
+    Ok(old.map(|old| PublicKey::from_base64(&old).map_or_else(|| old.clone(), |k| k.id())))
+}
+
+/// What `nodes accept` did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Accepted {
+    pub node: String,
+    pub key_id: String,
+    pub first_seen: chrono::DateTime<chrono::Utc>,
+    pub last_seen: chrono::DateTime<chrono::Utc>,
+}
+
+/// Accept the key waiting for approval as `node` (the one whose id starts with `key_id`, or
+/// the only one): bind the key to the node, record the decision, and write the node's
+/// document with the key pinned. Asks nothing: the operator compared the key id first.
+pub async fn accept(
+    settings: &CouchSettings,
+    node: &NodeName,
+    key_id: Option<&str>,
+) -> Result<Accepted, RunnerError> {
+    let inventory = open(settings)?;
+    let couch = inventory.client();
+    let enrollment_db = inventory.enrollment_database();
+    let write = |source: CouchError| write_error(node, source);
+    let now = chrono::Utc::now();
+    let (claim, record) = decide(couch, enrollment_db, node, |r| r.accept(key_id, now)).await?;
+    let key = PublicKey::from_base64(&claim.key).ok_or_else(|| {
+        RunnerError::Enrollment(format!("node {node}: the claim's key is not a valid key"))
+    })?;
+    // One key serves one node: the binding first, so a key bound elsewhere is never accepted.
+    let binding = KeyBinding::new(&key, node, now);
+    match couch.put(enrollment_db, &binding.id, &binding).await {
+        Ok(_) => {}
+        Err(e) if e.is_conflict() => {
+            let existing = couch
+                .get::<KeyBinding>(enrollment_db, &binding.id)
+                .await
+                .map_err(registry_error)?;
+            if let Some(why) = existing.and_then(|b| enrollment::bound_elsewhere(&key, node, &b)) {
+                return Err(RunnerError::Enrollment(why));
+            }
+        }
+        Err(e) => return Err(write(e)),
+    }
+    // The decision next: from here on the server pins this key itself on the node's next
+    // message, even if writing the document below fails.
+    couch
+        .put(enrollment_db, node.as_str(), &record)
+        .await
+        .map_err(write)?;
+    let exists = couch
+        .get::<NodeDocument>(&settings.database, node.as_str())
+        .await
+        .map_err(registry_error)?
+        .is_some();
+    if exists {
+        update_document(settings, couch, node, |doc| {
+            enrollment::admit(doc, &claim, now).map_err(RunnerError::Enrollment)
+        })
+        .await?;
+    } else {
+        let mut doc = NodeDocument::new(node, now);
+        enrollment::admit(&mut doc, &claim, now).map_err(RunnerError::Enrollment)?;
+        match couch.put(&settings.database, node.as_str(), &doc).await {
+            Ok(_) => {}
+            // The server wrote it first, from the node's next message: pin it there.
+            Err(e) if e.is_conflict() => {
+                update_document(settings, couch, node, |doc| {
+                    enrollment::admit(doc, &claim, now).map_err(RunnerError::Enrollment)
+                })
+                .await?;
+            }
+            Err(e) => return Err(write(e)),
+        }
+    }
+    Ok(Accepted {
+        node: node.to_string(),
+        key_id: claim.key_id,
+        first_seen: claim.first_seen,
+        last_seen: claim.last_seen,
+    })
+}
+
+/// Reject the key(s) waiting for approval as `node`: their messages are never stored.
+/// Returns the ids of the keys rejected.
+pub async fn reject(
+    settings: &CouchSettings,
+    node: &NodeName,
+    key_id: Option<&str>,
+) -> Result<Vec<String>, RunnerError> {
+    let inventory = open(settings)?;
+    let couch = inventory.client();
+    let enrollment_db = inventory.enrollment_database();
+    let now = chrono::Utc::now();
+    let (rejected, record) = decide(couch, enrollment_db, node, |r| r.reject(key_id, now)).await?;
+    couch
+        .put(enrollment_db, node.as_str(), &record)
+        .await
+        .map_err(|source| write_error(node, source))?;
+    Ok(rejected)
+}
+
+/// Every key waiting for approval, by node.
+pub async fn pending(settings: &CouchSettings) -> Result<Vec<(String, Pending)>, RunnerError> {
+    open(settings)?.pending().await.map_err(registry_error)
+}
+
+/// Read a node's enrollment record and apply a decision to it (the caller writes it back
+/// with the revision it was read at, so a concurrent change is a conflict, not a loss).
+async fn decide<T>(
+    couch: &CouchClient,
+    enrollment_db: &str,
+    node: &NodeName,
+    decision: impl FnOnce(&mut Enrollment) -> Result<T, String>,
+) -> Result<(T, Enrollment), RunnerError> {
+    let Some(mut record) = couch
+        .get::<Enrollment>(enrollment_db, node.as_str())
+        .await
+        .map_err(registry_error)?
+    else {
+        return Err(RunnerError::Enrollment(format!(
+            "node {node}: no key is waiting for approval (see vogeler-runner nodes pending; keys wait only when the server runs with server.enrollment = \"approve\")"
+        )));
+    };
+    let decided = decision(&mut record).map_err(RunnerError::Enrollment)?;
+    Ok((decided, record))
+}
+
+/// Change a node's document and write it back, reading it again after a conflict (a result
+/// arriving in between changes the revision).
+async fn update_document<T>(
+    settings: &CouchSettings,
+    couch: &CouchClient,
+    node: &NodeName,
+    mut change: impl FnMut(&mut NodeDocument) -> Result<T, RunnerError>,
+) -> Result<T, RunnerError> {
     for _ in 0..5 {
         let Some(mut doc) = couch
-            .get::<NodeDocument>(&settings.database, node)
+            .get::<NodeDocument>(&settings.database, node.as_str())
             .await
             .map_err(registry_error)?
         else {
             return Err(RunnerError::NoSuchNode(node.to_string()));
         };
-        let Some(old) = doc.meta.key.take() else {
-            return Ok(None);
-        };
-        match couch.put(&settings.database, node, &doc).await {
-            Ok(_) => {
-                return Ok(Some(
-                    PublicKey::from_base64(&old).map_or_else(|| old.clone(), |k| k.id()),
-                ));
-            }
+        let changed = change(&mut doc)?;
+        match couch.put(&settings.database, node.as_str(), &doc).await {
+            Ok(_) => return Ok(changed),
             Err(e) if e.is_conflict() => continue,
-            Err(source) => {
-                return Err(RunnerError::Write {
-                    node: node.to_string(),
-                    source: Box::new(source),
-                });
-            }
+            Err(source) => return Err(write_error(node, source)),
         }
     }
-    Err(RunnerError::Write {
-        node: node.to_string(),
-        source: Box::new(CouchError::Conflict {
+    Err(write_error(
+        node,
+        CouchError::Conflict {
             db: settings.database.clone(),
             id: node.to_string(),
-        }),
-    })
+        },
+    ))
+}
+
+/// Delete a document at the revision it was read at.
+async fn delete(
+    couch: &CouchClient,
+    db: &str,
+    id: &str,
+    rev: Option<&str>,
+) -> Result<(), CouchError> {
+    let gone = serde_json::json!({ "_id": id, "_rev": rev, "_deleted": true });
+    couch.put(db, id, &gone).await.map(|_| ())
+}
+
+fn write_error(node: &NodeName, source: CouchError) -> RunnerError {
+    RunnerError::Write {
+        node: node.to_string(),
+        source: Box::new(source),
+    }
 }
 
 /// Write a new key pair into `dir` (created 0700 if missing): `runner.key` (0600) and
@@ -273,6 +452,54 @@ pub fn render_nodes(nodes: &[NodeInfo]) -> String {
     out
 }
 
+/// A time as the tables show it.
+pub fn time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// `nodes pending` as a table. Node-supplied text (version, facts) is escaped.
+pub fn render_pending(pending: &[(String, Pending)]) -> String {
+    use vogeler_proto::text::printable;
+    let width = pending
+        .iter()
+        .map(|(n, _)| n.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    let mut out = format!(
+        "{:<width$}  {:<16}  {:<20}  {:<20}  {:<8}  {}\n",
+        "NODE", "KEY", "FIRST SEEN", "LAST SEEN", "VERSION", "FACTS"
+    );
+    let never = || "-".to_string();
+    for (node, p) in pending {
+        // The facts that tell nodes apart, not all of them.
+        let facts: Vec<String> = ["hostname", "os.family", "os.version", "kernel", "arch"]
+            .iter()
+            .filter_map(|k| {
+                let v = p.facts.get(*k)?;
+                let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                Some(format!("{k}={v}"))
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<16}  {:<20}  {:<20}  {:<8}  {}",
+            printable(node),
+            printable(p.key_id.as_deref().unwrap_or("-")),
+            p.first_seen.map_or_else(never, time),
+            p.last_seen.map_or_else(never, time),
+            printable(p.agent_version.as_deref().unwrap_or("-")),
+            printable(&facts.join(" "))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{} key(s) waiting; compare each KEY with `vogeler-agent key` on its node, then: vogeler-runner nodes accept NODE (or nodes reject NODE)",
+        pending.len()
+    );
+    out
+}
+
 /// A node's stored document, or one plugin's value (with its collection metadata).
 pub async fn show(
     settings: &CouchSettings,
@@ -376,6 +603,7 @@ mod tests {
             new_hash: String::new(),
             old,
             new,
+            unrecorded: 0,
         };
         let text = render_history(&[
             entry(Value::Null, json!(["a"])),

@@ -65,7 +65,7 @@ pub enum RunnerError {
     #[error("{0}")]
     Usage(String),
     #[error(
-        "cannot update node {node}'s document: {source}; `nodes forget` writes, so run it with the server's CouchDB account (couchdb.username = \"vogeler-server\")"
+        "cannot update node {node}: {source}; `nodes forget`, `nodes accept` and `nodes reject` write, so run them with the server's CouchDB account (couchdb.username = \"vogeler-server\")"
     )]
     Write {
         node: String,
@@ -75,6 +75,9 @@ pub enum RunnerError {
     },
     #[error("node {0} has no document in the inventory")]
     NoSuchNode(String),
+    /// An enrollment decision that cannot be taken as asked (no such key, several keys).
+    #[error("{0}")]
+    Enrollment(String),
     #[error(
         "{0}; commands must be signed: create a key pair with `vogeler-runner keygen --out /etc/vogeler/keys`, install runner.pub in every agent's authorized keys, and point runner.signing_key (or --signing-key, or VOGELER_RUNNER__SIGNING_KEY) at runner.key"
     )]
@@ -94,6 +97,7 @@ impl ExitStatus for RunnerError {
             RunnerError::Registry(_)
             | RunnerError::NotReady(_)
             | RunnerError::NoSuchNode(_)
+            | RunnerError::Enrollment(_)
             | RunnerError::Task(_) => exit::FAILURE,
             RunnerError::Http(_) => exit::CONFIG,
             RunnerError::Usage(_) => exit::USAGE,

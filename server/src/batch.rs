@@ -183,6 +183,8 @@ pub struct Settlement {
     pub dead: Vec<(usize, String)>,
     /// Of `dead`, how many were signed by another key than their node's.
     pub wrong_key: u64,
+    /// Of `ack`, how many were held back by enrollment (not stored).
+    pub held: u64,
 }
 
 impl Settlement {
@@ -191,6 +193,10 @@ impl Settlement {
         for (i, stored) in outcome.into_iter().enumerate() {
             match stored {
                 Stored::Done => s.ack.push(i),
+                Stored::Held(_) => {
+                    s.held += 1;
+                    s.ack.push(i);
+                }
                 Stored::Refused(reason) => s.dead.push((i, reason)),
                 Stored::WrongKey(reason) => {
                     s.wrong_key += 1;

@@ -2,11 +2,21 @@
 //! configuration errors, not outages), then create the node and history databases if
 //! missing and install their design documents.
 
+use std::collections::BTreeMap;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use vogeler_config::CouchSettings;
-use vogeler_core::{backoff, couch::CouchClient};
-use vogeler_proto::design;
+
+use vogeler_core::{
+    backoff,
+    couch::{CouchClient, CouchError},
+};
+use vogeler_proto::{
+    design,
+    enrollment::{self, KeyBinding},
+    names::NodeName,
+    signing::PublicKey,
+};
 
 use crate::{ServerError, maintenance, store::Store};
 
@@ -52,12 +62,16 @@ pub async fn connect_database(
     }
 }
 
-/// Create the node and history databases if missing and install their design documents.
+/// Create the node, history and enrollment databases if missing and install their design
+/// documents. A new enrollment database gets a key binding for every key already pinned, so
+/// that one key keeps serving one node across the upgrade that introduced bindings.
 pub async fn prepare_database(couch: &CouchClient, db: &str) -> Result<Store, ServerError> {
     let store = Store::new(couch.clone(), db);
+    let mut new_enrollment = false;
     for (name, ddoc) in [
         (db, design::nodes()),
         (store.history_database(), design::history()),
+        (store.enrollment_database(), design::enrollment()),
     ] {
         let fail = |source| ServerError::Database {
             db: name.to_string(),
@@ -65,11 +79,60 @@ pub async fn prepare_database(couch: &CouchClient, db: &str) -> Result<Store, Se
         };
         if couch.ensure_database(name).await.map_err(fail)? {
             info!(database = %name, "created database");
+            new_enrollment |= name == store.enrollment_database();
         }
         let done = maintenance::ensure_design(couch, name, ddoc)
             .await
             .map_err(fail)?;
         info!(database = %name, design_version = design::VERSION, status = done, "design document");
     }
+    if new_enrollment {
+        bind_pinned_keys(couch, &store)
+            .await
+            .map_err(|source| ServerError::Database {
+                db: store.enrollment_database().to_string(),
+                source,
+            })?;
+    }
     Ok(store)
+}
+
+/// A binding for each key pinned before bindings existed. Where one key was pinned to
+/// several nodes (allowed then), the first node keeps it and the others are named, so an
+/// operator can give them keys of their own: their documents keep working until then.
+async fn bind_pinned_keys(couch: &CouchClient, store: &Store) -> Result<(), CouchError> {
+    let inventory = vogeler_core::query::Inventory::new(couch.clone(), store.database());
+    let now = chrono::Utc::now();
+    let mut bound: BTreeMap<String, (PublicKey, String)> = BTreeMap::new();
+    for (node, registered) in inventory.registry().await? {
+        let (Some(key), Ok(name)) = (
+            registered.key.as_deref().and_then(PublicKey::from_base64),
+            NodeName::new(node),
+        ) else {
+            continue;
+        };
+        let id = enrollment::key_binding_id(&key);
+        match bound.get(&id) {
+            Some((_, first)) => {
+                warn!(key = %key, node = %name, serves = %first, "one key is pinned to several nodes; it keeps serving the first, and new nodes cannot claim it: give this node its own key (vogeler-runner nodes forget NODE, then restart its agent with a new key)")
+            }
+            None => {
+                bound.insert(id, (key, name.to_string()));
+            }
+        }
+    }
+    let bindings: Vec<KeyBinding> = bound
+        .values()
+        .filter_map(|(key, node)| Some(KeyBinding::new(key, &NodeName::new(node).ok()?, now)))
+        .collect();
+    for chunk in bindings.chunks(500) {
+        couch.bulk_docs(store.enrollment_database(), chunk).await?;
+    }
+    if !bindings.is_empty() {
+        info!(
+            keys = bindings.len(),
+            "recorded which node each pinned key serves"
+        );
+    }
+    Ok(())
 }

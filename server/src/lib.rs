@@ -1,6 +1,7 @@
 //! vogeler-server: drains the results queue into CouchDB, one document per node.
 //!
 //! - [`batch`]: which batches are written at once, and narrowing a refusal to its message.
+//! - [`budget`]: how many history entries a flapping value may write.
 //! - [`database`]: reaching CouchDB at start-up and preparing its databases.
 //! - [`store`]: batched read-merge-write of node documents, and the history of changes.
 //! - [`maintenance`]: design documents, stale nodes, history retention, `prune`.
@@ -13,6 +14,7 @@
 //! in-process.
 
 pub mod batch;
+pub mod budget;
 pub mod cli;
 pub mod database;
 pub mod maintenance;
@@ -139,7 +141,8 @@ pub async fn run_with(
     }
     let store = prepare_database(&couch, &settings.couch.database)
         .await?
-        .with_max_document_bytes(settings.max_document_bytes);
+        .with_max_document_bytes(settings.max_document_bytes)
+        .with_enrollment(settings.enrollment);
     store
         .load_quarantine()
         .await
@@ -281,16 +284,24 @@ async fn serve(
     let how = Consume {
         queue: &queue,
         tag: "vogeler-server",
-        prefetch: Some(settings.prefetch),
+        prefetch: Some(settings.prefetch_window()),
         no_ack: false,
     };
     let mut consumer = Consumer::open(conn, how, FromAgents).await?;
     let lag_probe = QueueLength::open(conn, &queue).await?;
-    info!(queue = %queue, database = %store.database(), batch_size = settings.batch_size, "storing results");
+    info!(
+        queue = %queue,
+        database = %store.database(),
+        prefetch = settings.prefetch_window(),
+        batch_size = settings.batch_window(),
+        max_in_flight_bytes = settings.max_in_flight_bytes,
+        enrollment = settings.enrollment.name(),
+        "storing results"
+    );
     // Two stages so the next batch is gathered while the current one is written: the reader
     // hands whole batches to the writer through a channel that holds one.
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Delivered>>(1);
-    let batch_size = settings.batch_size;
+    let batch_size = settings.batch_window();
     let consumer = &mut consumer;
     let reader = async move {
         loop {
@@ -441,6 +452,7 @@ async fn handle_batch(
             Stored::WrongKey(reason) => {
                 warn!(reason = %reason, "refused a message signed by another key than its node's")
             }
+            Stored::Held(reason) => debug!(reason = %reason, "held back a message"),
             Stored::Done => {}
         }
     }
@@ -460,7 +472,8 @@ async fn handle_batch(
         .map(|(i, r)| (&valid[*i].settlement, r.as_str()))
         .collect();
     dead_count += unstorable.len() as u64;
-    let stored_count = plan.ack.len() as u64;
+    let stored_count = plan.ack.len() as u64 - plan.held;
+    metrics.held.inc_by(plan.held);
     metrics.batches.inc();
     metrics.stored.inc_by(stored_count);
     metrics.dead_lettered("wrong_key", plan.wrong_key);

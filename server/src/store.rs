@@ -9,10 +9,14 @@ use std::sync::{Arc, Mutex};
 use tracing::warn;
 
 use vogeler_core::couch::{CouchClient, CouchError, Fetched};
+
+use crate::budget::{self, HistoryBudget};
 use vogeler_proto::{
-    design::quarantine_id,
+    design::{self, quarantine_id},
     document::{Change, HistoryEntry, NodeDocument},
+    enrollment::{self, Enrollment, KeyBinding, Mode, Seen, Verdict},
     names::NodeName,
+    signing::PublicKey,
     wire::Message,
 };
 
@@ -27,9 +31,17 @@ pub enum Stored {
     Done,
     /// The database refused this node's document; retrying will not help.
     Refused(String),
-    /// Signed by another key than the one pinned for its node.
+    /// Signed by another key than the one pinned for its node (or by a key that already
+    /// serves another node).
     WrongKey(String),
+    /// From a node whose key waits for approval, or was rejected: acked, not stored, and not
+    /// dead-lettered (a pending node's heartbeats would fill the dead letters).
+    Held(String),
 }
+
+/// Nodes waiting for approval at most: beyond it new claims are not recorded (each new key
+/// is free to make, so an open door must not let one node fill the database).
+pub const MAX_PENDING_NODES: u64 = 10_000;
 
 /// A message whose signature checked out, with its signer (checked by the consumer).
 pub use vogeler_proto::trust::Signed;
@@ -40,20 +52,39 @@ pub struct Store {
     couch: CouchClient,
     db: String,
     history_db: String,
+    /// Key bindings (one key, one node) and, in approve mode, the claims waiting for an
+    /// operator.
+    enrollment_db: String,
+    mode: Mode,
     max_document_bytes: usize,
     quarantine: Quarantine,
+    /// History entries a flapping value may still write (shared by the writers).
+    budget: Arc<Mutex<HistoryBudget>>,
 }
 
 impl Store {
     pub fn new(couch: CouchClient, db: impl Into<String>) -> Self {
         let db = db.into();
         Self {
-            history_db: vogeler_proto::design::history_database(&db),
+            history_db: design::history_database(&db),
+            enrollment_db: enrollment::enrollment_database(&db),
             couch,
             db,
+            mode: Mode::Open,
             max_document_bytes: vogeler_proto::limits::COUCHDB_MAX_DOCUMENT_BYTES,
             quarantine: Quarantine::default(),
+            budget: Arc::default(),
         }
+    }
+
+    /// How a new node's first key is trusted.
+    pub fn with_enrollment(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    pub fn enrollment_database(&self) -> &str {
+        &self.enrollment_db
     }
 
     /// Refuse results that would make a node document larger than this.
@@ -96,6 +127,26 @@ impl Store {
                 return Ok(outcome);
             }
             let current = self.read(&pending).await?;
+            // Every attempt judges its nodes' messages afresh, from what it just read.
+            for node in &pending {
+                for &i in &by_node[*node] {
+                    outcome[i] = Stored::Done;
+                }
+            }
+            let unpinned: Vec<&NodeName> = pending
+                .iter()
+                .zip(&current)
+                .filter(|(_, (_, fetched))| match fetched {
+                    Fetched::Missing => true,
+                    Fetched::Found(doc) => doc.meta.key.is_none(),
+                    Fetched::Unreadable(_) => false,
+                })
+                .map(|(node, _)| *node)
+                .collect();
+            if !unpinned.is_empty() {
+                self.enroll(&unpinned, &by_node, messages, &mut outcome)
+                    .await?;
+            }
             let mut writes = Vec::new();
             let mut history = Vec::new();
             let mut flags = Vec::new();
@@ -127,8 +178,12 @@ impl Store {
                         continue;
                     }
                 };
-                let mine: Vec<(usize, &Signed)> =
-                    by_node[node].iter().map(|&i| (i, messages[i])).collect();
+                // Held back or refused by enrollment: not merged.
+                let mine: Vec<(usize, &Signed)> = by_node[node]
+                    .iter()
+                    .filter(|&&i| outcome[i] == Stored::Done)
+                    .map(|&i| (i, messages[i]))
+                    .collect();
                 let mut changed =
                     merge_node(&mut doc, &mine, now, None, &mut history, &mut outcome);
                 if changed && doc.encoded_len() > self.max_document_bytes {
@@ -161,6 +216,7 @@ impl Store {
                 // A flag already there is a conflict, and that is fine.
                 self.couch.bulk_docs(&self.db, &flags).await?;
             }
+            self.spend_budget(&mut history);
             let written = self.write_history(&history).await?;
             if writes.is_empty() {
                 return Ok(outcome);
@@ -211,6 +267,192 @@ impl Store {
             db: self.db.clone(),
             id: pending[0].to_string(),
         })
+    }
+
+    /// Decide who may speak for nodes no key is pinned to: in open mode the signer of each
+    /// node's oldest message, in approve mode only a key an operator accepted (every other
+    /// message is [`Stored::Held`], and new keys are recorded as claims). Then make sure
+    /// each such key serves no other node: its [`KeyBinding`] is created, or, when it exists
+    /// already, must name this node; if not, the node's messages signed with it are
+    /// [`Stored::WrongKey`].
+    async fn enroll(
+        &self,
+        nodes: &[&NodeName],
+        by_node: &BTreeMap<&NodeName, Vec<usize>>,
+        messages: &[&Signed],
+        outcome: &mut [Stored],
+    ) -> Result<(), CouchError> {
+        let now = Utc::now();
+        let allowed: Vec<(&NodeName, PublicKey)> = match self.mode {
+            Mode::Open => nodes
+                .iter()
+                .map(|node| (*node, messages[by_node[*node][0]].signer))
+                .collect(),
+            Mode::Approve => self.judge_claims(nodes, by_node, messages, outcome).await?,
+        };
+        if allowed.is_empty() {
+            return Ok(());
+        }
+        let bindings: Vec<KeyBinding> = allowed
+            .iter()
+            .map(|(node, key)| KeyBinding::new(key, node, now))
+            .collect();
+        let results = self.couch.bulk_docs(&self.enrollment_db, &bindings).await?;
+        let mut taken: Vec<&str> = Vec::new();
+        for r in &results {
+            match r.error.as_deref() {
+                None => {}
+                Some("conflict") => taken.push(r.id.as_str()),
+                // Fail closed: a key whose binding cannot be recorded is not pinned.
+                Some(error) => {
+                    let why = format!(
+                        "cannot record which node key binding {} serves in database {}: {error}: {}; check that the server's CouchDB account may write it (deploy/couchdb/setup.sh)",
+                        r.id,
+                        self.enrollment_db,
+                        r.reason.as_deref().unwrap_or("")
+                    );
+                    for (node, key) in &allowed {
+                        if enrollment::key_binding_id(key) == r.id {
+                            refuse_signed_by(
+                                node,
+                                key,
+                                by_node,
+                                messages,
+                                outcome,
+                                Stored::Refused,
+                                &why,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        if taken.is_empty() {
+            return Ok(());
+        }
+        taken.sort_unstable();
+        taken.dedup();
+        let existing = self
+            .couch
+            .get_many::<KeyBinding>(&self.enrollment_db, &taken)
+            .await?;
+        for (id, fetched) in existing {
+            let Some(binding) = fetched.found() else {
+                continue;
+            };
+            for (node, key) in &allowed {
+                if enrollment::key_binding_id(key) != id {
+                    continue;
+                }
+                if let Some(why) = enrollment::bound_elsewhere(key, node, &binding) {
+                    warn!(node = %node, key = %key, serves = %binding.node, "refused a key that already serves another node");
+                    refuse_signed_by(
+                        node,
+                        key,
+                        by_node,
+                        messages,
+                        outcome,
+                        Stored::WrongKey,
+                        &why,
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Approve mode: judge each unpinned node's messages by its enrollment record, write the
+    /// records that changed (new claims, refreshed ones), and return the accepted keys.
+    async fn judge_claims<'n>(
+        &self,
+        nodes: &[&'n NodeName],
+        by_node: &BTreeMap<&NodeName, Vec<usize>>,
+        messages: &[&Signed],
+        outcome: &mut [Stored],
+    ) -> Result<Vec<(&'n NodeName, PublicKey)>, CouchError> {
+        let ids: Vec<&str> = nodes.iter().map(|n| n.as_str()).collect();
+        let records = self
+            .couch
+            .get_many::<Enrollment>(&self.enrollment_db, &ids)
+            .await?;
+        let mut room: Option<bool> = None;
+        let mut writes = Vec::new();
+        let mut allowed = Vec::new();
+        for (node, (_, fetched)) in nodes.iter().zip(records) {
+            let mut record = match fetched {
+                Fetched::Found(record) => record,
+                Fetched::Missing => {
+                    // Checked once per batch, and only when a new node asks.
+                    if room.is_none() {
+                        room = Some(self.pending_nodes().await? < MAX_PENDING_NODES);
+                    }
+                    if room == Some(false) {
+                        let why = format!(
+                            "node {node} is not recorded for approval: {MAX_PENDING_NODES} nodes wait already; accept or reject some (vogeler-runner nodes pending)"
+                        );
+                        warn!(node = %node, "{why}");
+                        for &i in &by_node[*node] {
+                            outcome[i] = Stored::Held(why.clone());
+                        }
+                        continue;
+                    }
+                    Enrollment::new(node)
+                }
+                Fetched::Unreadable(why) => {
+                    let why = format!(
+                        "the enrollment record of node {node} in database {} cannot be read ({why}); delete it and the node asks again",
+                        self.enrollment_db
+                    );
+                    for &i in &by_node[*node] {
+                        outcome[i] = Stored::Held(why.clone());
+                    }
+                    continue;
+                }
+            };
+            let claims = record.claims.len();
+            let mut changed = false;
+            let mut pin = None;
+            for &i in &by_node[*node] {
+                let m = messages[i];
+                let (verdict, c) = record.judge(seen(m));
+                changed |= c;
+                match verdict {
+                    Verdict::Pin => {
+                        pin.get_or_insert(m.signer);
+                    }
+                    Verdict::Hold(why) => outcome[i] = Stored::Held(why),
+                }
+            }
+            for claim in &record.claims[claims..] {
+                tracing::info!(node = %node, key = %claim.key_id, "a new key waits for approval: vogeler-runner nodes pending, then nodes accept {node} (or nodes reject {node})");
+            }
+            if changed {
+                writes.push(record);
+            }
+            if let Some(key) = pin {
+                allowed.push((*node, key));
+            }
+        }
+        if !writes.is_empty() {
+            // A conflict means another server recorded the same node: the next message
+            // records this claim again.
+            self.couch.bulk_docs(&self.enrollment_db, &writes).await?;
+        }
+        Ok(allowed)
+    }
+
+    /// How many keys wait for approval (the pending view, reduced).
+    async fn pending_nodes(&self) -> Result<u64, CouchError> {
+        let rows = self
+            .couch
+            .view(
+                &self.enrollment_db,
+                design::PENDING.ddoc,
+                design::PENDING.name,
+                &[],
+            )
+            .await?;
+        Ok(rows.first().and_then(|r| r.value.as_u64()).unwrap_or(0))
     }
 
     /// The current documents of `nodes`, in order. Quarantined nodes are read one by one,
@@ -268,6 +510,20 @@ impl Store {
         }
         tracing::info!(node = %node, "the node's document reads again; released from quarantine");
         Ok(())
+    }
+
+    /// Drop the history entries over their value's budget, saying once per node and plugin
+    /// when a value starts to flap.
+    fn spend_budget(&self, history: &mut Vec<HistoryEntry>) {
+        if history.is_empty() {
+            return;
+        }
+        let mut budget = self.budget.lock().unwrap_or_else(|e| e.into_inner());
+        let mut dropped = budget.admit(history);
+        dropped.dedup();
+        for (node, plugin) in dropped {
+            tracing::debug!(node = %node, plugin = %plugin, per_hour = budget::PER_WINDOW, "value changes faster than its history budget; the change is stored but gets no history entry of its own");
+        }
     }
 
     /// History entries are written before the node documents, so a crash between the two
@@ -390,6 +646,44 @@ pub fn merge_node(
         changed |= change == Change::Updated;
     }
     changed
+}
+
+/// What a message tells an enrollment record about its signer.
+fn seen(m: &Signed) -> Seen<'_> {
+    match &m.message {
+        Message::Announce(a) => Seen {
+            key: &m.signer,
+            at: a.sent_at,
+            agent_version: Some(a.agent_version.as_str()),
+            facts: Some(&a.facts),
+        },
+        other => Seen {
+            key: &m.signer,
+            at: time_of(other),
+            agent_version: match other {
+                Message::Result(r) => Some(r.agent_version.as_str()),
+                _ => None,
+            },
+            facts: None,
+        },
+    }
+}
+
+/// Set the outcome of `node`'s messages signed by `key`.
+fn refuse_signed_by(
+    node: &NodeName,
+    key: &PublicKey,
+    by_node: &BTreeMap<&NodeName, Vec<usize>>,
+    messages: &[&Signed],
+    outcome: &mut [Stored],
+    as_outcome: impl Fn(String) -> Stored,
+    why: &str,
+) {
+    for &i in &by_node[node] {
+        if messages[i].signer == *key {
+            outcome[i] = as_outcome(why.to_string());
+        }
+    }
 }
 
 /// The node a result or announcement is about.

@@ -385,7 +385,7 @@ mod tests {
         assert_eq!(text.len(), 3, "{text:#?}");
         assert!(
             text.iter()
-                .any(|t| t.contains("big.toml") && t.contains("16 MiB")),
+                .any(|t| t.contains("big.toml") && t.contains("7 MiB")),
             "{text:#?}"
         );
         assert!(
