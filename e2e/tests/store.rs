@@ -513,4 +513,20 @@ async fn stale_nodes_are_reported_and_prune_removes_only_old_ones() {
     let mut left = stack.node_ids().await;
     left.sort();
     assert_eq!(left, ["mid01", "new01"]);
+    // Their keys are free again: only the remaining nodes' bindings are left.
+    let bindings = stack
+        .couch
+        .all_ids(&vogeler_proto::enrollment::enrollment_database(
+            &stack.database,
+        ))
+        .await
+        .expect("enrollment ids")
+        .unwrap_or_default();
+    let bound = |n: &str| {
+        bindings.contains(&vogeler_proto::enrollment::key_binding_id(
+            &stack.key_for(n).public(),
+        ))
+    };
+    assert!(!bound("old01") && !bound("old02"), "{bindings:?}");
+    assert!(bound("mid01") && bound("new01"), "{bindings:?}");
 }

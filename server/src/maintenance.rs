@@ -10,7 +10,7 @@ use vogeler_core::{
     couch::{CouchClient, CouchError},
     query::Inventory,
 };
-use vogeler_proto::design;
+use vogeler_proto::{design, document::NodeDocument, enrollment, signing::PublicKey};
 
 /// Install `ddoc` in `db` unless the stored one has the same or a newer version.
 /// Returns what was done, for the log.
@@ -55,6 +55,16 @@ fn cutoff(age: Duration) -> String {
 
 /// Delete these documents (with their current revisions). Returns how many went.
 async fn delete_ids(couch: &CouchClient, db: &str, ids: &[String]) -> Result<usize, CouchError> {
+    delete_where(couch, db, ids, |_| true).await
+}
+
+/// Delete those of these documents `doomed` says yes to. Returns how many went.
+async fn delete_where(
+    couch: &CouchClient,
+    db: &str,
+    ids: &[String],
+    doomed: impl Fn(&Value) -> bool,
+) -> Result<usize, CouchError> {
     let mut deleted = 0;
     for chunk in ids.chunks(500) {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
@@ -63,7 +73,7 @@ async fn delete_ids(couch: &CouchClient, db: &str, ids: &[String]) -> Result<usi
             .await?
             .into_iter()
             .filter_map(|(id, doc)| {
-                let doc = doc.found()?;
+                let doc = doc.found().filter(|d| doomed(d))?;
                 Some(json!({ "_id": id, "_rev": doc.get("_rev")?.clone(), "_deleted": true }))
             })
             .collect();
@@ -77,10 +87,39 @@ async fn delete_ids(couch: &CouchClient, db: &str, ids: &[String]) -> Result<usi
     Ok(deleted)
 }
 
-/// `vogeler-server prune`: delete nodes not seen for `age`. Returns their names.
+/// `vogeler-server prune`: delete nodes not seen for `age`, with their keys' bindings and
+/// their enrollment records (a pruned node is forgotten: its name and key are free again).
+/// Returns their names.
 pub async fn prune(inventory: &Inventory, age: Duration) -> Result<Vec<String>, CouchError> {
+    let couch = inventory.client();
     let ids = stale_nodes(inventory, age).await?;
-    delete_ids(inventory.client(), inventory.database(), &ids).await?;
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut bindings = Vec::new();
+    for chunk in refs.chunks(500) {
+        for (_, doc) in couch
+            .get_many::<NodeDocument>(inventory.database(), chunk)
+            .await?
+        {
+            if let Some(key) = doc
+                .found()
+                .and_then(|d| d.meta.key)
+                .and_then(|k| PublicKey::from_base64(&k))
+            {
+                bindings.push(enrollment::key_binding_id(&key));
+            }
+        }
+    }
+    delete_ids(couch, inventory.database(), &ids).await?;
+    let enrollment_db = inventory.enrollment_database();
+    // Only a binding that names a pruned node: a key pinned to several nodes before
+    // bindings existed may serve another one still.
+    delete_where(couch, enrollment_db, &bindings, |b| {
+        b.get("node")
+            .and_then(Value::as_str)
+            .is_some_and(|n| ids.iter().any(|i| i == n))
+    })
+    .await?;
+    delete_ids(couch, enrollment_db, &ids).await?;
     Ok(ids)
 }
 
