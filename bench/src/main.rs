@@ -68,6 +68,16 @@ enum What {
         #[arg(long, default_value_t = 500)]
         packages: usize,
     },
+    /// Server peak memory while large results arrive (issue 16: 200 results of 4 MiB, one
+    /// per node), against server.max_in_flight_bytes
+    ServerMemory {
+        /// Results, one per node
+        #[arg(long, default_value_t = 200)]
+        results: usize,
+        /// Packages per result (40,000 make a 4 MiB dpkg list)
+        #[arg(long, default_value_t = 40_000)]
+        packages: usize,
+    },
     /// Agent idle and burst footprint, server memory while ingesting
     Footprint {
         /// Seconds the idle agent is watched
@@ -96,6 +106,13 @@ fn p50(v: &[f64]) -> f64 {
 
 fn max(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::MIN, f64::max)
+}
+
+/// The encoded size of one result of `ing`.
+fn wire_size(ing: ingest::Ingest) -> usize {
+    serde_json::to_vec(&ingest::packages(ing.packages, 0))
+        .map(|v| v.len())
+        .unwrap_or(0)
 }
 
 /// Rows of the printed table: (benchmark, measure, p50, max, unit, target).
@@ -458,6 +475,50 @@ async fn main() -> Result<()> {
             )
             .await?;
             "ingest"
+        }
+        What::ServerMemory { results, packages } => {
+            let ing = ingest::Ingest {
+                results: *results,
+                packages: *packages,
+            };
+            let bytes = wire_size(ing);
+            eprintln!(
+                "server-memory: {results} results of {:.1} MiB each",
+                bytes as f64 / 1048576.0
+            );
+            let s = fleet::server_footprint(&stack, ing).await?;
+            let mib = |k: u64| k as f64 / 1024.0;
+            let what = format!(
+                "server storing {results} x {:.1} MiB",
+                bytes as f64 / 1048576.0
+            );
+            rows.push((
+                what.clone(),
+                "RSS idle".into(),
+                mib(s.idle_rss_kib),
+                mib(s.idle_rss_kib),
+                "MiB",
+                String::new(),
+            ));
+            rows.push((
+                what.clone(),
+                "RSS peak".into(),
+                mib(s.peak_rss_kib),
+                mib(s.peak_rss_kib),
+                "MiB",
+                "bounded by server.max_in_flight_bytes".into(),
+            ));
+            rows.push((
+                what,
+                "all stored".into(),
+                s.seconds,
+                s.seconds,
+                "s",
+                String::new(),
+            ));
+            json.push(json!({"benchmark": "server-memory", "results": results, "packages": packages, "result_bytes": bytes,
+                "server_idle_rss_kib": s.idle_rss_kib, "server_peak_rss_kib": s.peak_rss_kib, "seconds": s.seconds}));
+            "server-memory"
         }
         What::Footprint { idle, burst } => {
             footprint_rows(&stack, *idle, *burst, &mut rows, &mut json).await?;
