@@ -285,3 +285,200 @@ async fn malformed_messages_crash_nothing_and_are_all_refused() {
     let _ = server.kill().await;
     let _ = agent.kill().await;
 }
+
+/// Ready messages in `queue`, or None when it does not exist (the probe closes the channel
+/// of a failed passive declare, hence a channel each time).
+async fn queue_length(conn: &lapin::Connection, queue: &str) -> Option<u32> {
+    let probe = amqp::consume::QueueLength::open(conn, queue)
+        .await
+        .expect("channel");
+    probe.get().await.ok()
+}
+
+/// A valid result of `node`, signed by the stack's agent key: once the server stored it, it
+/// has settled everything published before it (each batch's dead letters are confirmed
+/// before its results are written).
+fn marker_result(stack: &TestStack, node: &str) -> (String, Vec<u8>, lapin::types::FieldTable) {
+    let body = wire::encode(&Message::Result(PluginResult {
+        request_id: Uuid::new_v4(),
+        node: NodeName::new(node).expect("node"),
+        plugin: PluginName::new("hello").expect("plugin"),
+        outcome: Outcome::Ok,
+        value: Some(serde_json::json!(["marker"])),
+        truncated: false,
+        collected_at: Utc::now(),
+        duration_ms: 1,
+        agent_version: "test".into(),
+    }));
+    let headers = amqp::signature_headers(&stack.agent_key, Purpose::Agent, &body);
+    ("result.marker".into(), body, headers)
+}
+
+#[tokio::test]
+async fn the_dead_letter_queue_keeps_its_bounds_and_the_newest_letters() {
+    const MAX_LENGTH: u64 = 50;
+    const MAX_BYTES: u64 = 1024 * 1024;
+    let stack = TestStack::new().await;
+    let mut sources = stack.sources();
+    sources
+        .set("amqp.dead_letters_max_length", Some(MAX_LENGTH))
+        .set("amqp.dead_letters_max_bytes", Some(MAX_BYTES));
+    let settings = vogeler_config::load(&sources)
+        .expect("load")
+        .server()
+        .expect("settings");
+    let t = settings.broker.topology.clone();
+    let _server = vogeler_e2e::spawn_server(settings);
+    let url = vogeler_proto::secret::SecretUrl::parse(&stack.amqp_url).expect("url");
+    let conn = amqp::connect(&url, "test-dead-letters")
+        .await
+        .expect("connect");
+    // Published only once the server declared its queues, with these bounds.
+    wait_for(
+        "the server's declarations",
+        Duration::from_secs(20),
+        || async { queue_length(&conn, &t.dead_letter_queue()).await.is_some() },
+    )
+    .await;
+    let ch = amqp::publisher_channel(&conn).await.expect("channel");
+    let results = t.results_exchange();
+    let dlq = t.dead_letter_queue();
+    let drain = || async {
+        let mut bodies = Vec::new();
+        while let Some(m) = ch
+            .basic_get(
+                dlq.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .expect("get")
+        {
+            bodies.push(String::from_utf8_lossy(&m.delivery.data).into_owned());
+        }
+        bodies
+    };
+
+    // By count: 200 unsigned letters, 50 kept, the newest.
+    let mut garbage: Vec<_> = (0..200)
+        .map(|i| {
+            (
+                "result.x".to_string(),
+                format!("garbage {i:04}").into_bytes(),
+                Default::default(),
+            )
+        })
+        .collect();
+    garbage.push(marker_result(&stack, "dl01"));
+    publish_all(&ch, &results, garbage).await;
+    wait_for("the marker stored", Duration::from_secs(30), || async {
+        stack.document("dl01").await.is_some()
+    })
+    .await;
+    assert_eq!(
+        queue_length(&conn, &dlq).await,
+        Some(MAX_LENGTH as u32),
+        "bounded in messages"
+    );
+    let kept = drain().await;
+    let newest: Vec<String> = (150..200).map(|i| format!("garbage {i:04}")).collect();
+    assert_eq!(kept, newest, "the oldest were dropped");
+
+    // By bytes: 20 letters of 200 KiB, 5 kept (1 MiB), the newest.
+    let big = |i: usize| {
+        let mut b = format!("big {i:04} ").into_bytes();
+        b.resize(200 * 1024, b'x');
+        b
+    };
+    let mut large: Vec<_> = (0..20)
+        .map(|i| ("result.x".to_string(), big(i), Default::default()))
+        .collect();
+    large.push(marker_result(&stack, "dl02"));
+    publish_all(&ch, &results, large).await;
+    wait_for(
+        "the second marker stored",
+        Duration::from_secs(30),
+        || async { stack.document("dl02").await.is_some() },
+    )
+    .await;
+    assert_eq!(queue_length(&conn, &dlq).await, Some(5), "bounded in bytes");
+    let kept: Vec<String> = drain().await.iter().map(|b| b[..8].to_string()).collect();
+    let newest: Vec<String> = (15..20).map(|i| format!("big {i:04}")).collect();
+    assert_eq!(kept, newest);
+    println!(
+        "dead letters: 200 published, {MAX_LENGTH} kept; 20 x 200 KiB published, 5 kept within {} KiB",
+        MAX_BYTES / 1024
+    );
+    let _ = conn.close(200, "done".into()).await;
+}
+
+#[tokio::test]
+async fn an_unbounded_dead_letter_queue_stops_the_server_with_the_way_out() {
+    use lapin::types::{AMQPValue, FieldTable};
+    use vogeler_proto::topology::QueueArgument;
+
+    let stack = TestStack::new().await;
+    let t = stack.topology();
+    let dlq = t.dead_letter_queue();
+    let url = vogeler_proto::secret::SecretUrl::parse(&stack.amqp_url).expect("url");
+    let conn = amqp::connect(&url, "test-old-dead-letters")
+        .await
+        .expect("connect");
+    let table = |args: Vec<(&'static str, QueueArgument)>| {
+        let mut table = FieldTable::default();
+        for (k, v) in args {
+            let v = match v {
+                QueueArgument::Int(i) => AMQPValue::LongLongInt(i),
+                QueueArgument::Text(s) => AMQPValue::LongString(s.into()),
+            };
+            table.insert(k.into(), v);
+        }
+        table
+    };
+    let declare = |args: FieldTable| {
+        let (conn, dlq) = (&conn, dlq.clone());
+        async move {
+            let ch = conn.create_channel().await.expect("channel");
+            ch.queue_declare(
+                dlq.as_str().into(),
+                lapin::options::QueueDeclareOptions::durable(),
+                args,
+            )
+            .await
+            .map(|_| ())
+        }
+    };
+    // As releases before the bound declared it: no limits.
+    declare(table(t.queue_arguments()))
+        .await
+        .expect("old declaration");
+
+    let out =
+        vogeler_e2e::programs::run(with_couch(program("vogeler-server", &stack), &stack)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains(&format!("queue \"{dlq}\" exists with other settings"))
+            && stderr.contains("amqp.dead_letters_max_length")
+            && stderr.contains(&format!("rabbitmqctl delete_queue {dlq}")),
+        "{stderr}"
+    );
+
+    // The way out works: deleted, the queue comes back with its bounds.
+    let ch = conn.create_channel().await.expect("channel");
+    ch.queue_delete(dlq.as_str().into(), Default::default())
+        .await
+        .expect("delete");
+    let _server = vogeler_e2e::spawn_server(stack.server_settings());
+    wait_for(
+        "the server's declarations",
+        Duration::from_secs(20),
+        || async { queue_length(&conn, &dlq).await.is_some() },
+    )
+    .await;
+    // Declaring succeeds only with the arguments it has.
+    declare(table(t.dead_letter_queue_arguments()))
+        .await
+        .expect("declared with the bounds");
+    assert!(declare(table(t.queue_arguments())).await.is_err());
+    let _ = conn.close(200, "done".into()).await;
+}
