@@ -47,6 +47,10 @@ pub enum Rejection {
     OtherNode(NodeName),
     #[error("request {0} was already received (replay)")]
     Replayed(Uuid),
+    #[error(
+        "the replay cache holds {limit} request ids that have not expired yet, its limit: new commands are refused until some expire. Someone with a runner key is sending commands faster than they expire (the audit log's accepted lines name the key); remove that key, or lower agent.max_command_ttl"
+    )]
+    ReplayCacheFull { limit: usize },
     #[error("{0}")]
     Denied(String),
     /// Authentic and well-formed, for a plugin this node lacks: the command is kept so the
@@ -69,6 +73,7 @@ impl Rejection {
             Rejection::FromTheFuture { .. } => "future",
             Rejection::OtherNode(_) => "other_node",
             Rejection::Replayed(_) => "replayed",
+            Rejection::ReplayCacheFull { .. } => "replay_cache_full",
             Rejection::Denied(_) => "denied",
             Rejection::UnknownPlugin(_) => "unknown_plugin",
         }
