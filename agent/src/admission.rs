@@ -17,6 +17,8 @@ use vogeler_proto::{
     wire::{Command, Outcome, PluginResult},
 };
 
+use crate::replay::ReplayError;
+
 /// The agent's trust boundary on its command queue: the guard, at the time of delivery.
 #[derive(Debug, Clone)]
 pub struct GuardCheck(pub Guard);
@@ -56,14 +58,14 @@ pub enum Admission {
 
 /// The checks after the guard, in order: the plugin exists here, then the request id is
 /// recorded until `remember_until` by `record` (which says false for an id it already holds).
-/// A replay cache that cannot record denies the command: without a durable record it could
-/// be replayed later.
+/// A replay cache that cannot record denies the command (without a durable record it could
+/// be replayed later), and a full one refuses it as `replay_cache_full`.
 pub fn admit(
     command: Command,
     redelivered: bool,
     has_plugin: bool,
     remember_until: DateTime<Utc>,
-    record: impl FnOnce(Uuid, DateTime<Utc>) -> std::io::Result<bool>,
+    record: impl FnOnce(Uuid, DateTime<Utc>) -> Result<bool, ReplayError>,
 ) -> Admission {
     if !has_plugin {
         return Admission::Refuse(Rejection::UnknownPlugin(Box::new(command)));
@@ -72,9 +74,8 @@ pub fn admit(
         Ok(true) => Admission::Run(command),
         Ok(false) if redelivered => Admission::AlreadyAccepted(command.request_id),
         Ok(false) => Admission::Refuse(Rejection::Replayed(command.request_id)),
-        Err(e) => Admission::Refuse(Rejection::Denied(format!(
-            "cannot record the request id in the replay cache: {e}"
-        ))),
+        Err(ReplayError::Full { limit }) => Admission::Refuse(Rejection::ReplayCacheFull { limit }),
+        Err(e @ ReplayError::Io(_)) => Admission::Refuse(Rejection::Denied(e.to_string())),
     }
 }
 
@@ -264,7 +265,7 @@ mod tests {
 
     fn record(
         cache: &RefCell<Vec<(Uuid, DateTime<Utc>)>>,
-    ) -> impl FnOnce(Uuid, DateTime<Utc>) -> std::io::Result<bool> + '_ {
+    ) -> impl FnOnce(Uuid, DateTime<Utc>) -> Result<bool, ReplayError> + '_ {
         move |id, until| {
             let mut c = cache.borrow_mut();
             if c.iter().any(|(i, _)| *i == id) {
@@ -327,13 +328,32 @@ mod tests {
     fn a_replay_cache_that_cannot_record_denies() {
         let c = command(Target::All, 60);
         let a = admit(c, false, true, Utc::now(), |_, _| {
-            Err(std::io::Error::other("disk full"))
+            Err(std::io::Error::other("disk full").into())
         });
         let Admission::Refuse(rejection) = a else {
             panic!("{a:?}")
         };
         assert_eq!(rejection.class(), "denied");
         assert!(rejection.to_string().contains("disk full"), "{rejection}");
+    }
+
+    #[test]
+    fn a_full_replay_cache_refuses_with_its_own_class() {
+        let c = command(Target::All, 60);
+        let a = admit(c.clone(), false, true, Utc::now(), |_, _| {
+            Err(ReplayError::Full { limit: 7 })
+        });
+        let Admission::Refuse(rejection) = a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(rejection.class(), "replay_cache_full");
+        assert!(
+            rejection.to_string().contains("holds 7 request ids"),
+            "{rejection}"
+        );
+        // A redelivery of what was accepted is still acked, full or not.
+        let again = admit(c.clone(), true, true, Utc::now(), |_, _| Ok(false));
+        assert!(matches!(again, Admission::AlreadyAccepted(id) if id == c.request_id));
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //!   it, and the result a run becomes.
 //! - [`replay`]: the on-disk cache of request ids that refuses replays.
 //! - [`security`]: the keys, state directory, replay cache and audit log an agent starts with.
-//! - [`audit`]: the audit log of accepted, refused and finished commands.
+//! - [`audit`]: the audit log of accepted, refused and finished commands, rotated by size.
+//! - [`throttle`]: how many refusals of a class the audit log and the log write under a
+//!   flood.
 //!
 //! [`run`] is the whole agent; it takes its settings and a shutdown token so tests run it
 //! in-process against a real broker.
@@ -31,6 +33,7 @@ pub mod reload;
 pub mod replay;
 pub mod security;
 pub mod simulate;
+pub mod throttle;
 
 use std::{
     sync::{Arc, Mutex},
@@ -74,6 +77,10 @@ pub(crate) const RUNNING_DIR: &str = "running";
 
 /// How long in-flight plugin runs may take to finish after a shutdown signal.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How often the throttle's windows that are over are summed up in the audit log: a flood
+/// that stops has no later refusal to do it.
+const SUPPRESSED_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -179,6 +186,32 @@ impl NodeAgent {
     fn publisher(&self) -> Option<Publisher> {
         self.publisher.lock().ok().and_then(|p| p.clone())
     }
+
+    /// Sum up the refusals the throttle held back in windows over by now; with `all`, every
+    /// open window too (at shutdown).
+    fn sum_up_suppressed(&self, all: bool) {
+        let now = Utc::now();
+        let summaries = if all {
+            self.audit.drain(now)
+        } else {
+            self.audit.expired(now)
+        };
+        for s in &summaries {
+            warn_suppressed(&self.settings.node, s);
+        }
+    }
+}
+
+fn warn_suppressed(node: &vogeler_proto::names::NodeName, s: &throttle::Suppressed) {
+    warn!(
+        node = %node,
+        class = s.class,
+        suppressed = s.count,
+        since = %s.since,
+        "{} more refusals of class {} suppressed (in this log and the audit log; commands_rejected_total counts them all)",
+        s.count,
+        s.class
+    );
 }
 
 /// Run the agent until `cancel` fires. Gives up with [`AmqpError::Unavailable`] only when the
@@ -244,6 +277,7 @@ pub async fn run_with(
             "plugin runs still in flight at shutdown; their commands will be redelivered"
         );
     }
+    shared.sum_up_suppressed(true);
     // Closed only after in-flight runs finished, so their results could still go out.
     let broker = served?;
     if let Some(broker) = broker {
@@ -301,8 +335,14 @@ async fn serve(
     let mut heartbeat =
         tokio::time::interval_at(tokio::time::Instant::now() + s.heartbeat, s.heartbeat);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut suppressed = tokio::time::interval(SUPPRESSED_EVERY);
+    suppressed.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let delivery = tokio::select! {
+            _ = suppressed.tick() => {
+                shared.sum_up_suppressed(false);
+                continue;
+            }
             _ = heartbeat.tick() => {
                 let current = catalog.borrow().clone();
                 announce(shared, &publisher, started_at, &current).await?;
@@ -420,21 +460,29 @@ async fn handle(shared: &NodeAgent, delivery: Delivered, cancel: &CancellationTo
     .await;
 }
 
+/// Count a refusal, and write it to the audit log and the log unless the throttle holds it
+/// back: the metric counts every one, the lines only the first of each class a minute.
 fn refuse(shared: &NodeAgent, provenance: &Provenance, rejection: &Rejection) {
     let class = rejection.class();
     let total = shared.metrics.rejected(class);
-    shared
+    let reason = rejection.to_string();
+    let decision = shared
         .audit
-        .rejected(provenance, class, &rejection.to_string());
-    warn!(
-        node = %shared.settings.node,
-        class,
-        request_id = ?provenance.request_id,
-        key = provenance.key_id.as_deref().unwrap_or("-"),
-        reason = %rejection,
-        rejected_of_class = total,
-        "refused a command"
-    );
+        .rejected(provenance, class, &reason, Utc::now());
+    if let Some(s) = &decision.closed {
+        warn_suppressed(&shared.settings.node, s);
+    }
+    if decision.write {
+        warn!(
+            node = %shared.settings.node,
+            class,
+            request_id = ?provenance.request_id,
+            key = provenance.key_id.as_deref().unwrap_or("-"),
+            reason = %audit::clip(&reason),
+            rejected_of_class = total,
+            "refused a command"
+        );
+    }
 }
 
 /// Publish a result, retrying in place while the broker refuses it (results queue full) so

@@ -6,6 +6,12 @@
 //! rewritten without the expired entries when it has grown. Each append reaches the
 //! operating system before the plugin starts; it is not fsynced, so only a machine crash,
 //! not an agent crash, could lose one.
+//!
+//! It holds at most [`MAX_ENTRIES`] unexpired ids. Only commands that passed the guard (a
+//! trusted signature, a TTL within `agent.max_command_ttl`) are recorded, so filling it takes
+//! a runner key; when it is full the cache fails closed: new commands are refused
+//! ([`ReplayError::Full`]) and no unexpired id is ever dropped to make room, since that would
+//! let its command be replayed.
 
 use std::{
     collections::HashMap,
@@ -18,6 +24,21 @@ use std::{
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+/// Unexpired request ids held at most. A line is 48 bytes and an entry about 50 bytes of
+/// memory (hash table included), so a full cache costs ~48 MB of file and ~50 MB of memory,
+/// an amount a root-run agent may take on a node where someone floods it with a runner key.
+/// Honest use is far below it: even one command a second for the longest TTL
+/// (`agent.max_command_ttl`, 1 day) stays under 90,000 entries.
+pub const MAX_ENTRIES: usize = 1_000_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("the replay cache is full: {limit} request ids have not expired yet")]
+    Full { limit: usize },
+    #[error("cannot record the request id in the replay cache: {0}")]
+    Io(#[from] std::io::Error),
+}
+
 #[derive(Debug)]
 pub struct ReplayCache {
     path: PathBuf,
@@ -27,6 +48,11 @@ pub struct ReplayCache {
     /// Lines in the file, to know when compaction pays.
     lines: usize,
     since_prune: usize,
+    /// Unexpired ids held at most ([`MAX_ENTRIES`]; smaller in tests).
+    limit: usize,
+    /// The second of the last look for expired ids made because the cache was full: one look
+    /// a second at most, as each walks the whole table.
+    full_pruned_at: Option<i64>,
 }
 
 /// Inserts between two looks for expired entries.
@@ -35,6 +61,12 @@ const PRUNE_EVERY: usize = 1024;
 impl ReplayCache {
     /// Open (or create) the cache at `path`, dropping entries expired before `now`.
     pub fn open(path: &Path, now: DateTime<Utc>) -> std::io::Result<Self> {
+        Self::open_with_limit(path, now, MAX_ENTRIES)
+    }
+
+    /// [`ReplayCache::open`] holding at most `limit` unexpired ids. A file holding more (the
+    /// limit was lowered) is kept whole: the cache refuses new commands until enough expire.
+    pub fn open_with_limit(path: &Path, now: DateTime<Utc>, limit: usize) -> std::io::Result<Self> {
         let mut seen = HashMap::new();
         match File::open(path) {
             Ok(f) => {
@@ -59,6 +91,8 @@ impl ReplayCache {
             lines: seen.len(),
             since_prune: 0,
             seen,
+            limit,
+            full_pruned_at: None,
         };
         cache.file.flush()?;
         Ok(cache)
@@ -81,15 +115,26 @@ impl ReplayCache {
         OpenOptions::new().append(true).open(path)
     }
 
-    /// Record `id` until `until`. Returns false when it was already there (a replay).
+    /// Record `id` until `until`. Returns false when it was already there (a replay), and
+    /// [`ReplayError::Full`] when it holds its limit of unexpired ids.
     pub fn insert(
         &mut self,
         id: Uuid,
         until: DateTime<Utc>,
         now: DateTime<Utc>,
-    ) -> std::io::Result<bool> {
+    ) -> Result<bool, ReplayError> {
         if self.seen.get(&id).is_some_and(|t| *t >= now.timestamp()) {
             return Ok(false);
+        }
+        if self.seen.len() >= self.limit {
+            // Only what expired may make room.
+            if self.full_pruned_at != Some(now.timestamp()) {
+                self.full_pruned_at = Some(now.timestamp());
+                self.seen.retain(|_, t| *t >= now.timestamp());
+            }
+            if self.seen.len() >= self.limit {
+                return Err(ReplayError::Full { limit: self.limit });
+            }
         }
         writeln!(self.file, "{id} {}", until.timestamp())?;
         self.seen.insert(id, until.timestamp());
@@ -173,5 +218,55 @@ mod tests {
             .count();
         assert!(lines <= PRUNE_EVERY, "compacted to {lines} lines");
         assert!(c.len() <= PRUNE_EVERY);
+    }
+
+    #[test]
+    fn a_full_cache_refuses_new_ids_and_never_forgets_a_live_one() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("replay");
+        let now: DateTime<Utc> = "2026-11-22T08:00:00Z".parse().expect("time");
+        let hour = chrono::Duration::hours(1);
+        let mut c = ReplayCache::open_with_limit(&path, now, 3).expect("open");
+        let short = Uuid::new_v4();
+        assert!(c.insert(short, now, now).expect("short"));
+        let live: Vec<Uuid> = (0..2).map(|_| Uuid::new_v4()).collect();
+        for id in &live {
+            assert!(c.insert(*id, now + hour, now).expect("live"));
+        }
+        let late = Uuid::new_v4();
+        assert!(
+            matches!(
+                c.insert(late, now + hour, now),
+                Err(ReplayError::Full { limit: 3 })
+            ),
+            "full"
+        );
+        // A replay is still a replay, not "full".
+        assert!(!c.insert(live[0], now + hour, now).expect("replay"));
+        assert_eq!(c.len(), 3);
+        // Once `short` expired it makes room, and only it.
+        let later = now + chrono::Duration::seconds(1);
+        assert!(c.insert(late, later + hour, later).expect("room"));
+        assert!(matches!(
+            c.insert(Uuid::new_v4(), later + hour, later),
+            Err(ReplayError::Full { .. })
+        ));
+        for id in live.iter().chain([&late]) {
+            assert!(!c.insert(*id, later + hour, later).expect("kept"), "{id}");
+        }
+        // A restart with a lower limit keeps every live id and refuses until they expire.
+        drop(c);
+        let mut c = ReplayCache::open_with_limit(&path, later, 1).expect("reopen");
+        assert_eq!(c.len(), 3);
+        assert!(
+            !c.insert(live[1], later + hour, later)
+                .expect("still a replay")
+        );
+        assert!(matches!(
+            c.insert(Uuid::new_v4(), later + hour, later),
+            Err(ReplayError::Full { limit: 1 })
+        ));
+        let gone = later + hour + chrono::Duration::seconds(1);
+        assert!(c.insert(Uuid::new_v4(), gone, gone).expect("all expired"));
     }
 }

@@ -96,7 +96,11 @@ impl Security {
             info!(node = %settings.node, key = %key.public(), "created this node's signing key");
         }
         let replay = ReplayCache::open(&dir.join("replay"), Utc::now()).map_err(state)?;
-        let audit = AuditLog::open(&dir.join(audit::FILE)).map_err(state)?;
+        let bounds = audit::Bounds {
+            max_bytes: settings.audit_max_bytes,
+            files: settings.audit_files,
+        };
+        let audit = AuditLog::open(&dir.join(audit::FILE), bounds).map_err(state)?;
         Ok(Self {
             guard: Guard {
                 node: settings.node.clone(),

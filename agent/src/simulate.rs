@@ -148,6 +148,9 @@ pub async fn run(
     .await;
     tracker.close();
     let _ = tokio::time::timeout(crate::SHUTDOWN_GRACE, tracker.wait()).await;
+    for node in &nodes {
+        node.sum_up_suppressed(true);
+    }
     let _ = reloader.await;
     results
         .into_iter()

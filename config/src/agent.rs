@@ -22,7 +22,17 @@ pub mod defaults {
     pub const STATE_DIR: &str = "/var/lib/vogeler";
     pub const MAX_CLOCK_SKEW_SECS: u64 = 60;
     pub const MAX_COMMAND_TTL_SECS: u64 = 24 * 3600;
+    /// 16 MiB of JSON lines is tens of thousands of commands.
+    pub const AUDIT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+    /// With `audit.log` itself, at most 5 × `AUDIT_MAX_BYTES` (80 MiB) of disk.
+    pub const AUDIT_FILES: usize = 4;
 }
+
+/// The smallest `agent.audit_max_bytes`: room for dozens of the largest lines (a reason is
+/// cut to 1 KiB), so a value meant in MiB but written in bytes is caught.
+pub const MIN_AUDIT_MAX_BYTES: u64 = 64 * 1024;
+/// The most rotated audit files kept.
+pub const MAX_AUDIT_FILES: usize = 100;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -49,6 +59,11 @@ pub struct RawAgent {
     pub max_command_ttl: Option<Duration>,
     /// `host:port` for `/healthz` and `/metrics`; unset, no HTTP listener.
     pub http_listen: Option<String>,
+    /// The audit log is rotated (`audit.log` to `audit.log.1`, ...) before a line would take
+    /// it past this many bytes.
+    pub audit_max_bytes: Option<u64>,
+    /// Rotated audit logs kept (`audit.log.1` to `audit.log.N`); older ones are deleted.
+    pub audit_files: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -68,6 +83,10 @@ pub struct AgentSettings {
     pub max_clock_skew: Duration,
     pub max_command_ttl: Duration,
     pub http_listen: Option<SocketAddr>,
+    /// The audit log's size before rotation, and the rotated files kept: together they bound
+    /// its disk use to `(audit_files + 1) × audit_max_bytes`.
+    pub audit_max_bytes: u64,
+    pub audit_files: usize,
     pub log_level: String,
 }
 
@@ -111,6 +130,22 @@ impl RawConfig {
         if max_command_ttl < Duration::from_secs(1) {
             p.0.push("agent.max_command_ttl: must be at least 1s".into());
         }
+        let audit_max_bytes = self
+            .agent
+            .audit_max_bytes
+            .unwrap_or(defaults::AUDIT_MAX_BYTES);
+        if audit_max_bytes < MIN_AUDIT_MAX_BYTES {
+            p.0.push(format!(
+                "agent.audit_max_bytes: {audit_max_bytes} is too small; use at least {MIN_AUDIT_MAX_BYTES} (the default is {}, 16 MiB)",
+                defaults::AUDIT_MAX_BYTES
+            ));
+        }
+        let audit_files = self.agent.audit_files.unwrap_or(defaults::AUDIT_FILES);
+        if !(1..=MAX_AUDIT_FILES).contains(&audit_files) {
+            p.0.push(format!(
+                "agent.audit_files: {audit_files} must be between 1 and {MAX_AUDIT_FILES}"
+            ));
+        }
         let log_level = validate_level(&mut p, &self.log, LOG_LEVEL);
         let http_listen = validate_listen(
             &mut p,
@@ -144,6 +179,8 @@ impl RawConfig {
                 heartbeat,
                 facts: self.agent.facts.clone(),
                 http_listen,
+                audit_max_bytes,
+                audit_files,
                 log_level,
             })
         })
@@ -168,6 +205,8 @@ impl ProgramSettings for AgentSettings {
         insert_path(&mut a, "state_dir", self.state_dir.parent());
         a.insert("max_clock_skew".into(), dur(self.max_clock_skew));
         a.insert("max_command_ttl".into(), dur(self.max_command_ttl));
+        a.insert("audit_max_bytes".into(), int(self.audit_max_bytes));
+        a.insert("audit_files".into(), int(self.audit_files));
         if let Some(listen) = &self.http_listen {
             a.insert("http_listen".into(), listen.to_string().into());
         }

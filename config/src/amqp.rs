@@ -13,7 +13,7 @@ use super::{
 use vogeler_proto::{
     duration,
     secret::SecretUrl,
-    topology::{AgentQueue, QueueKind, ResultsQueue, Topology},
+    topology::{AgentQueue, DeadLetterQueue, QueueKind, ResultsQueue, Topology},
 };
 
 /// `[amqp]` defaults, quoted by `--help` and the example configs.
@@ -36,6 +36,10 @@ pub struct RawAmqp {
     pub results_queue_type: Option<String>,
     /// Results the queue holds at most before it refuses publishes.
     pub results_max_length: Option<u64>,
+    /// Dead letters kept at most, in messages and in bytes of their bodies; beyond either
+    /// the oldest are dropped.
+    pub dead_letters_max_length: Option<u64>,
+    pub dead_letters_max_bytes: Option<u64>,
     /// AMQP heartbeat: a silent broker link is detected within about twice this.
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub heartbeat: Option<Duration>,
@@ -159,6 +163,21 @@ impl RawAmqp {
             Some(n) => results.max_length = n,
             None => {}
         }
+        let mut dead_letters = DeadLetterQueue::default();
+        match self.dead_letters_max_length {
+            Some(0) => {
+                p.0.push("amqp.dead_letters_max_length: must be at least 1".into())
+            }
+            Some(n) => dead_letters.max_length = n,
+            None => {}
+        }
+        match self.dead_letters_max_bytes {
+            Some(n) if n < 1024 * 1024 => p.0.push(format!(
+                "amqp.dead_letters_max_bytes: {n} is too small; use at least 1048576 (1 MiB)"
+            )),
+            Some(n) => dead_letters.max_bytes = n,
+            None => {}
+        }
         let client = match (&self.cert_file, &self.key_file) {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
             (None, None) => None,
@@ -185,7 +204,8 @@ impl RawAmqp {
             url: url?,
             topology: Topology::new(collective?, self.queue_expires)
                 .with_results_queue(results)
-                .with_agent_queue(agent_queue),
+                .with_agent_queue(agent_queue)
+                .with_dead_letters(dead_letters),
             connect_timeout,
         })
     }
@@ -239,6 +259,14 @@ impl BrokerSettings {
         amqp.insert(
             "results_max_length".into(),
             int(t.results_queue_settings().max_length),
+        );
+        amqp.insert(
+            "dead_letters_max_length".into(),
+            int(t.dead_letter_bounds().max_length),
+        );
+        amqp.insert(
+            "dead_letters_max_bytes".into(),
+            int(t.dead_letter_bounds().max_bytes),
         );
         amqp.insert(
             "agent_queue_max_length".into(),

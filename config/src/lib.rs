@@ -358,6 +358,88 @@ mod tests {
     }
 
     #[test]
+    fn dead_letter_bounds_have_defaults_and_are_checked() {
+        let s = load(&sources(None, &[], &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        let dead = s.broker.topology.dead_letter_bounds();
+        assert_eq!(dead, vogeler_proto::topology::DeadLetterQueue::default());
+        let printed = s.to_toml();
+        for key in [
+            "dead_letters_max_length = 10000",
+            "dead_letters_max_bytes = 268435456",
+        ] {
+            assert!(printed.contains(key), "{key} in {printed}");
+        }
+        let env = [
+            ("VOGELER_AMQP__DEAD_LETTERS_MAX_LENGTH", "5"),
+            ("VOGELER_AMQP__DEAD_LETTERS_MAX_BYTES", "1048576"),
+        ];
+        let s = load(&sources(None, &env, &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        let dead = s.broker.topology.dead_letter_bounds();
+        assert_eq!((dead.max_length, dead.max_bytes), (5, 1 << 20));
+        let flags = [
+            ("amqp.dead_letters_max_length", "0"),
+            ("amqp.dead_letters_max_bytes", "1000"),
+        ];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect_err("invalid");
+        let text = err.to_string();
+        for problem in [
+            "amqp.dead_letters_max_length: must be at least 1",
+            "amqp.dead_letters_max_bytes: 1000 is too small; use at least 1048576",
+        ] {
+            assert!(text.contains(problem), "{problem} in {text}");
+        }
+    }
+
+    #[test]
+    fn audit_bounds_have_defaults_and_are_checked() {
+        let node = [("agent.node", "web01")];
+        let s = load(&sources(None, &[], &node))
+            .expect("load")
+            .agent(None)
+            .expect("valid");
+        assert_eq!(s.audit_max_bytes, defaults::AUDIT_MAX_BYTES);
+        assert_eq!(s.audit_files, defaults::AUDIT_FILES);
+        let printed = s.to_toml();
+        for key in ["audit_max_bytes = 16777216", "audit_files = 4"] {
+            assert!(printed.contains(key), "{key} in {printed}");
+        }
+        let env = [
+            ("VOGELER_AGENT__AUDIT_MAX_BYTES", "65536"),
+            ("VOGELER_AGENT__AUDIT_FILES", "9"),
+        ];
+        let s = load(&sources(None, &env, &node))
+            .expect("load")
+            .agent(None)
+            .expect("valid");
+        assert_eq!((s.audit_max_bytes, s.audit_files), (65536, 9));
+        let flags = [
+            ("agent.node", "web01"),
+            ("agent.audit_max_bytes", "16"),
+            ("agent.audit_files", "0"),
+        ];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .agent(None)
+            .expect_err("invalid");
+        let text = err.to_string();
+        for problem in [
+            "agent.audit_max_bytes: 16 is too small; use at least 65536",
+            "agent.audit_files: 0 must be between 1 and 100",
+        ] {
+            assert!(text.contains(problem), "{problem} in {text}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_name_the_key() {
         let err = load(&sources(Some("[amqp]\nulr = \"x\"\n"), &[], &[])).expect_err("unknown key");
         assert!(err.to_string().contains("ulr"), "{err}");

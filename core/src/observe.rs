@@ -225,6 +225,14 @@ impl AgentMetrics {
             .inc()
             + 1
     }
+    /// Commands refused so far with this class.
+    pub fn rejected_count(&self, reason: &str) -> u64 {
+        self.commands_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
+            })
+            .get()
+    }
     pub fn plugin_run(&self, plugin: &str, outcome: &str) {
         self.plugin_runs
             .get_or_create(&PluginLabels {

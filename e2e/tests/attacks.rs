@@ -1,7 +1,9 @@
 //! Crafted commands against a real agent on the real broker: for each class of attack, 100
 //! commands that must never run, next to 100 valid signed commands that must each run
 //! exactly once. A canary plugin appends its request id to a marker file, so "ran" is
-//! observed, not inferred. Run with `--nocapture` to see the table.
+//! observed, not inferred. Refusals are counted by class in the agent's metrics, which see
+//! every one (the audit log writes 100 a minute of each class). Run with `--nocapture` to
+//! see the table.
 
 use std::{collections::BTreeMap, path::Path, time::Duration};
 
@@ -9,8 +11,10 @@ use chrono::Utc;
 use lapin::types::FieldTable;
 use uuid::Uuid;
 use vogeler_core::amqp;
-use vogeler_e2e::{TestStack, node, plugin_dir, publish_bytes, spawn_agent, wait_for};
+use vogeler_core::observe::AgentMetrics;
+use vogeler_e2e::{TestStack, node, plugin_dir, publish_bytes, spawn_agent_with, wait_for};
 use vogeler_proto::{
+    guard::Rejection,
     names::{NodeName, PluginName},
     signing::{PrivateKey, Purpose},
     wire::{self, Command, Message, Target},
@@ -63,14 +67,29 @@ fn count_lines(path: &Path) -> BTreeMap<String, usize> {
     runs
 }
 
-/// The rejection classes of the audit lines after the first `skip` rejected ones.
-fn rejection_classes(stack: &TestStack, skip: usize) -> std::collections::BTreeSet<String> {
-    stack
-        .audit_events(NODE, "rejected")
+/// Refusals so far, by class.
+fn rejections(metrics: &AgentMetrics) -> BTreeMap<&'static str, u64> {
+    Rejection::CLASSES
         .into_iter()
-        .skip(skip)
-        .filter_map(|v| v["outcome"].as_str().map(str::to_string))
+        .map(|c| (c, metrics.rejected_count(c)))
         .collect()
+}
+
+/// The classes refused more often in `now` than in `before`, and how many refusals that is.
+fn refused_since(
+    before: &BTreeMap<&'static str, u64>,
+    now: &BTreeMap<&'static str, u64>,
+) -> (usize, std::collections::BTreeSet<String>) {
+    let mut total = 0;
+    let mut classes = std::collections::BTreeSet::new();
+    for (class, n) in now {
+        let more = n - before.get(class).copied().unwrap_or(0);
+        if more > 0 {
+            total += usize::try_from(more).expect("count");
+            classes.insert(class.to_string());
+        }
+    }
+    (total, classes)
 }
 
 fn audit_count(stack: &TestStack, event: &str) -> usize {
@@ -81,6 +100,7 @@ fn audit_count(stack: &TestStack, event: &str) -> usize {
 struct Attacker<'a> {
     stack: &'a TestStack,
     ch: &'a lapin::Channel,
+    metrics: &'a AgentMetrics,
     exchange: String,
     routing: String,
     marker: &'a Path,
@@ -91,7 +111,7 @@ impl Attacker<'_> {
     async fn send(&self, class: &'static str, crafted: Vec<Crafted>, expect_runs: bool) -> Row {
         let (stack, marker) = (self.stack, self.marker);
         let runs_before: usize = count_lines(marker).values().sum();
-        let rejected_before = audit_count(stack, "rejected");
+        let rejected_before = rejections(self.metrics);
         let finished_before = audit_count(stack, "finished");
         for (body, headers) in &crafted {
             publish_bytes(
@@ -111,17 +131,18 @@ impl Attacker<'_> {
                 if expect_runs {
                     audit_count(stack, "finished") - finished_before >= n
                 } else {
-                    audit_count(stack, "rejected") - rejected_before >= n
+                    refused_since(&rejected_before, &rejections(self.metrics)).0 >= n
                 }
             },
         )
         .await;
+        let (rejected, reasons) = refused_since(&rejected_before, &rejections(self.metrics));
         Row {
             class,
             sent: n,
             executed: count_lines(marker).values().sum::<usize>() - runs_before,
-            rejected: audit_count(stack, "rejected") - rejected_before,
-            reasons: rejection_classes(stack, rejected_before),
+            rejected,
+            reasons,
         }
     }
 }
@@ -131,7 +152,7 @@ struct Row {
     sent: usize,
     executed: usize,
     rejected: usize,
-    /// What the audit log gave as the reason.
+    /// The classes the agent counted them under.
     reasons: std::collections::BTreeSet<String>,
 }
 
@@ -142,7 +163,8 @@ async fn no_crafted_command_runs_and_every_valid_one_runs_once() {
     let canary_plugin = vogeler_e2e::canary_plugin(marker.path());
     let plugins = plugin_dir(&[("canary.toml", &canary_plugin)]);
     let settings = stack.agent_settings(NODE, plugins.path());
-    let mut agent = spawn_agent(settings.clone());
+    let metrics = AgentMetrics::default();
+    let mut agent = spawn_agent_with(settings.clone(), metrics.clone());
     let runner = &stack.runner_key;
     let stranger = PrivateKey::generate().expect("key");
     let t = stack.topology();
@@ -154,6 +176,7 @@ async fn no_crafted_command_runs_and_every_valid_one_runs_once() {
     let attacker = Attacker {
         stack: &stack,
         ch: &ch,
+        metrics: &metrics,
         exchange: t.commands_exchange(),
         routing: format!("node.{NODE}"),
         marker: marker.path(),
@@ -316,7 +339,7 @@ async fn no_crafted_command_runs_and_every_valid_one_runs_once() {
     task.await
         .expect("agent task")
         .expect("agent stopped cleanly");
-    let _agent = spawn_agent(settings);
+    let _agent = spawn_agent_with(settings, metrics.clone());
     rows.push(
         attacker
             .send("replayed after agent restart", valid, false)
@@ -325,7 +348,7 @@ async fn no_crafted_command_runs_and_every_valid_one_runs_once() {
     let _ = conn.close(200, "done".into()).await;
 
     println!(
-        "\n{:<30} {:>5} {:>9} {:>9}  audit reason",
+        "\n{:<30} {:>5} {:>9} {:>9}  refused as",
         "class", "sent", "executed", "rejected"
     );
     for r in &rows {

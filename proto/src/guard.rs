@@ -47,6 +47,10 @@ pub enum Rejection {
     OtherNode(NodeName),
     #[error("request {0} was already received (replay)")]
     Replayed(Uuid),
+    #[error(
+        "the replay cache holds {limit} request ids that have not expired yet, its limit: new commands are refused until some expire. Someone with a runner key is sending commands faster than they expire (the audit log's accepted lines name the key); remove that key, or lower agent.max_command_ttl"
+    )]
+    ReplayCacheFull { limit: usize },
     #[error("{0}")]
     Denied(String),
     /// Authentic and well-formed, for a plugin this node lacks: the command is kept so the
@@ -56,6 +60,23 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every name [`Rejection::class`] gives, for counters and docs.
+    pub const CLASSES: [&'static str; 13] = [
+        "too_large",
+        "unsigned",
+        "bad_signature",
+        "unknown_key",
+        "malformed",
+        "bad_ttl",
+        "expired",
+        "future",
+        "other_node",
+        "replayed",
+        "replay_cache_full",
+        "denied",
+        "unknown_plugin",
+    ];
+
     /// A stable name for the kind of rejection.
     pub fn class(&self) -> &'static str {
         match self {
@@ -69,6 +90,7 @@ impl Rejection {
             Rejection::FromTheFuture { .. } => "future",
             Rejection::OtherNode(_) => "other_node",
             Rejection::Replayed(_) => "replayed",
+            Rejection::ReplayCacheFull { .. } => "replay_cache_full",
             Rejection::Denied(_) => "denied",
             Rejection::UnknownPlugin(_) => "unknown_plugin",
         }
@@ -296,6 +318,40 @@ mod tests {
         let junk = b"\xff\xfe{";
         let (k, s) = f.runner.sign(Purpose::Command, junk);
         assert_eq!(check(junk, Some(&k), Some(&s)), "malformed");
+    }
+
+    #[test]
+    fn every_class_is_listed_once() {
+        let f = fixture("");
+        let at = f.now;
+        let all = [
+            Rejection::TooLarge { size: 2, limit: 1 },
+            Rejection::Signature(SignError::Unsigned),
+            Rejection::Signature(SignError::BadKey),
+            Rejection::UnknownKey("k".into()),
+            Rejection::Malformed("m".into()),
+            Rejection::NoExpiry,
+            Rejection::TtlTooLong { ttl_s: 2, max_s: 1 },
+            Rejection::Expired {
+                expires_at: at,
+                now: at,
+                skew_s: 0,
+            },
+            Rejection::FromTheFuture {
+                issued_at: at,
+                now: at,
+                skew_s: 0,
+            },
+            Rejection::OtherNode(f.guard.node.clone()),
+            Rejection::Replayed(Uuid::nil()),
+            Rejection::ReplayCacheFull { limit: 1 },
+            Rejection::Denied("d".into()),
+            Rejection::UnknownPlugin(Box::new(f.command("dpkg", Target::All, 0, 60))),
+        ];
+        let classes: std::collections::BTreeSet<&str> = all.iter().map(Rejection::class).collect();
+        let listed: std::collections::BTreeSet<&str> = Rejection::CLASSES.into_iter().collect();
+        assert_eq!(classes, listed);
+        assert_eq!(listed.len(), Rejection::CLASSES.len(), "no class twice");
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //!   --> <c>.agent.<node>   (durable; one per agent, bound to "all" and "node.<name>")
 //! agent  --(result, key "result.<request id>"; announce, key "announce.<node>")--> <c>.results (topic)
 //!   --> <c>.ingest         (durable; bound to "#", drained by the servers; bounded, and
-//!                           refused messages go to <c>.dead (fanout) --> <c>.dead-letters)
+//!                           refused messages go to <c>.dead (fanout) --> <c>.dead-letters,
+//!                           bounded too, keeping the newest)
 //!   --> reply queue        (exclusive; one per runner request, bound to "result.<request id>")
 //! ```
 //! `<c>` is the collective, so several fleets or test runs can share one broker. Every program
@@ -92,6 +93,28 @@ impl Default for AgentQueue {
     }
 }
 
+/// Bounds of the dead-letter queue. It holds full persistent copies of what could never be
+/// stored, for an operator to read: anyone holding the agent credential can fill it, so it
+/// is bounded in messages and in bytes (of bodies, as the broker counts them). Beyond either,
+/// the oldest copies are dropped (`drop-head`): refusing new ones would lose exactly the
+/// letters an operator is about to look for, and the oldest are the likeliest read already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeadLetterQueue {
+    pub max_length: u64,
+    pub max_bytes: u64,
+}
+
+impl Default for DeadLetterQueue {
+    /// 10,000 copies is days of a broken node's results at a realistic rate; 256 MiB keeps
+    /// at least three messages of the 64 MiB the server admits, and a broker's disk whole.
+    fn default() -> Self {
+        Self {
+            max_length: 10_000,
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
 /// Names and declarations for one collective.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -101,6 +124,7 @@ pub struct Topology {
     queue_expires: Option<Duration>,
     results: ResultsQueue,
     agent: AgentQueue,
+    dead_letters: DeadLetterQueue,
 }
 
 impl Topology {
@@ -111,6 +135,7 @@ impl Topology {
             queue_expires,
             results: ResultsQueue::default(),
             agent: AgentQueue::default(),
+            dead_letters: DeadLetterQueue::default(),
         }
     }
 
@@ -126,6 +151,12 @@ impl Topology {
         self
     }
 
+    /// The same topology with these dead-letter queue bounds.
+    pub fn with_dead_letters(mut self, dead_letters: DeadLetterQueue) -> Self {
+        self.dead_letters = dead_letters;
+        self
+    }
+
     pub fn collective(&self) -> &str {
         &self.collective
     }
@@ -137,6 +168,9 @@ impl Topology {
     }
     pub fn agent_queue_bounds(&self) -> AgentQueue {
         self.agent
+    }
+    pub fn dead_letter_bounds(&self) -> DeadLetterQueue {
+        self.dead_letters
     }
     pub fn commands_exchange(&self) -> String {
         format!("{}.commands", self.collective)
@@ -227,6 +261,18 @@ impl Topology {
                 QueueArgument::Int(i64::try_from(self.results.max_length).unwrap_or(i64::MAX)),
             ),
             ("x-overflow", QueueArgument::Text("reject-publish".into())),
+        ]);
+        args
+    }
+
+    /// The dead-letter queue: bounded in messages and bytes, dropping the oldest beyond.
+    pub fn dead_letter_queue_arguments(&self) -> Vec<(&'static str, QueueArgument)> {
+        let int = |n: u64| QueueArgument::Int(i64::try_from(n).unwrap_or(i64::MAX));
+        let mut args = self.queue_arguments();
+        args.extend([
+            ("x-max-length", int(self.dead_letters.max_length)),
+            ("x-max-length-bytes", int(self.dead_letters.max_bytes)),
+            ("x-overflow", QueueArgument::Text("drop-head".into())),
         ]);
         args
     }
@@ -332,5 +378,30 @@ mod tests {
             QueueArgument::Text("c.dead".into())
         )));
         assert!(results.contains(&("x-overflow", QueueArgument::Text("reject-publish".into()))));
+    }
+
+    #[test]
+    fn dead_letters_are_bounded_and_keep_the_newest() {
+        let t = Topology::new("c", Some(Duration::from_secs(60)));
+        assert_eq!(
+            t.dead_letter_queue_arguments(),
+            vec![
+                ("x-expires", QueueArgument::Int(60_000)),
+                ("x-max-length", QueueArgument::Int(10_000)),
+                ("x-max-length-bytes", QueueArgument::Int(256 * 1024 * 1024)),
+                ("x-overflow", QueueArgument::Text("drop-head".into())),
+            ]
+        );
+        let small = Topology::new("c", None).with_dead_letters(DeadLetterQueue {
+            max_length: 5,
+            max_bytes: u64::MAX,
+        });
+        let args = small.dead_letter_queue_arguments();
+        assert!(args.contains(&("x-max-length", QueueArgument::Int(5))));
+        assert!(
+            args.contains(&("x-max-length-bytes", QueueArgument::Int(i64::MAX))),
+            "saturates rather than wraps"
+        );
+        assert!(!args.iter().any(|(k, _)| *k == "x-expires"));
     }
 }

@@ -94,10 +94,10 @@ pub enum ServerError {
 }
 
 impl ExitStatus for ServerError {
-    /// A results queue declared with other settings, bad TLS files, a listen address that
-    /// cannot be used, a database account or URL CouchDB refuses: 78. A port another process
-    /// holds is not one: it can be freed, so systemd may retry. Broker or database
-    /// unreachable at start-up: 69.
+    /// A results or dead-letter queue declared with other settings, bad TLS files, a listen
+    /// address that cannot be used, a database account or URL CouchDB refuses: 78. A port
+    /// another process holds is not one: it can be freed, so systemd may retry. Broker or
+    /// database unreachable at start-up: 69.
     fn exit_code(&self) -> u8 {
         match self {
             ServerError::Broker(e) => e.exit_code(),
@@ -269,16 +269,7 @@ async fn serve(
     cancel: &CancellationToken,
 ) -> Result<(), AmqpError> {
     let topology = &settings.broker.topology;
-    amqp::declare::server(topology, conn).await.map_err(|e| {
-        if amqp::is_precondition_failed(&e) {
-            AmqpError::Mismatch {
-                queue: topology.results_queue(),
-                detail: e.to_string(),
-            }
-        } else {
-            e.into()
-        }
-    })?;
+    amqp::declare::server(topology, conn).await?;
     let dead = DeadLetters::open(conn, topology).await?;
     let queue = topology.results_queue();
     let how = Consume {

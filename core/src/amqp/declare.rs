@@ -12,6 +12,8 @@ use vogeler_proto::{
     topology::{self, QueueArgument, Topology},
 };
 
+use super::AmqpError;
+
 /// Queue arguments as lapin takes them.
 fn table(args: Vec<(&'static str, QueueArgument)>) -> FieldTable {
     let mut t = FieldTable::default();
@@ -48,12 +50,13 @@ async fn declare_exchanges(t: &Topology, ch: &Channel) -> Result<(), lapin::Erro
     .await
 }
 
-async fn declare_results_queue(t: &Topology, ch: &Channel) -> Result<(), lapin::Error> {
+/// The dead-letter queue, bounded, and its binding to the dead-letter exchange.
+async fn declare_dead_letters(t: &Topology, ch: &Channel) -> Result<(), lapin::Error> {
     let dlq = t.dead_letter_queue();
     ch.queue_declare(
         dlq.as_str().into(),
         QueueDeclareOptions::durable(),
-        table(t.queue_arguments()),
+        table(t.dead_letter_queue_arguments()),
     )
     .await?;
     ch.queue_bind(
@@ -63,7 +66,10 @@ async fn declare_results_queue(t: &Topology, ch: &Channel) -> Result<(), lapin::
         QueueBindOptions::default(),
         FieldTable::default(),
     )
-    .await?;
+    .await
+}
+
+async fn declare_results_queue(t: &Topology, ch: &Channel) -> Result<(), lapin::Error> {
     let q = t.results_queue();
     ch.queue_declare(
         q.as_str().into(),
@@ -117,9 +123,10 @@ async fn exists(
     Ok(found)
 }
 
-/// What agents and runners need before they publish: the exchanges, and the results queue so
-/// results are kept even before any server ran. An existing results queue is left as the
-/// server declared it (classic or quorum), whatever this program's settings.
+/// What agents and runners need before they publish: the exchanges, and the results and
+/// dead-letter queues so results are kept even before any server ran. An existing queue is
+/// left as it was declared (by the server, or an older release), whatever this program's
+/// settings.
 pub async fn shared(t: &Topology, conn: &Connection) -> Result<(), lapin::Error> {
     let exchanges = [
         (t.commands_exchange(), ExchangeKind::Topic),
@@ -136,8 +143,12 @@ pub async fn shared(t: &Topology, conn: &Connection) -> Result<(), lapin::Error>
     }
     // Only a fresh broker gets here; declaring needs configure permissions, which a
     // least-privilege agent or runner lacks until the server has run once.
+    let missing_dead_letters = !exists(conn, &t.dead_letter_queue(), None).await?;
     let ch = conn.create_channel().await?;
     declare_exchanges(t, &ch).await?;
+    if missing_dead_letters {
+        declare_dead_letters(t, &ch).await?;
+    }
     if missing_queue {
         declare_results_queue(t, &ch).await?;
     }
@@ -145,12 +156,37 @@ pub async fn shared(t: &Topology, conn: &Connection) -> Result<(), lapin::Error>
     Ok(())
 }
 
-/// The server's declarations: the exchanges, the results queue and the dead letters, with
-/// this server's settings (a queue declared with others is a precondition failure).
-pub async fn server(t: &Topology, conn: &Connection) -> Result<(), lapin::Error> {
+/// The server's declarations: the exchanges, the dead letters and the results queue, with
+/// this server's settings. A queue declared with other arguments (by an older release, or
+/// other settings) is [`AmqpError::Mismatch`], naming the queue and the way out: the broker
+/// never changes a queue's arguments, and no reconnect can cure it.
+pub async fn server(t: &Topology, conn: &Connection) -> Result<(), AmqpError> {
+    let mismatch = |queue: String, settings: &'static str, first: &'static str| {
+        move |e: lapin::Error| {
+            if super::is_precondition_failed(&e) {
+                AmqpError::Mismatch {
+                    queue,
+                    detail: e.to_string(),
+                    settings,
+                    first,
+                }
+            } else {
+                e.into()
+            }
+        }
+    };
     let ch = conn.create_channel().await?;
     declare_exchanges(t, &ch).await?;
-    declare_results_queue(t, &ch).await?;
+    declare_dead_letters(t, &ch).await.map_err(mismatch(
+        t.dead_letter_queue(),
+        "amqp.dead_letters_max_length or amqp.dead_letters_max_bytes (releases before them declared it unbounded)",
+        "read what it holds if you still need it (Get messages in the management UI)",
+    ))?;
+    declare_results_queue(t, &ch).await.map_err(mismatch(
+        t.results_queue(),
+        "amqp.results_queue_type or amqp.results_max_length",
+        "let a server with the old settings drain it",
+    ))?;
     let _ = ch.close(200, "declared".into()).await;
     Ok(())
 }

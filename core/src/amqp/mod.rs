@@ -50,9 +50,16 @@ pub enum AmqpError {
     #[error("broker error: {0}")]
     Broker(#[from] lapin::Error),
     #[error(
-        "queue {queue:?} exists with other settings than this server's ({detail}); it was declared by an older release or with another amqp.results_queue_type: let a server with the old settings drain it, then delete it (rabbitmqctl delete_queue {queue}) and start again"
+        "queue {queue:?} exists with other settings than this server's ({detail}); it was declared by an older release or with other {settings}: {first}, then delete it (rabbitmqctl delete_queue {queue}) and start again"
     )]
-    Mismatch { queue: String, detail: String },
+    Mismatch {
+        queue: String,
+        detail: String,
+        /// The settings the queue's arguments come from.
+        settings: &'static str,
+        /// What to do before deleting it.
+        first: &'static str,
+    },
     #[error("the broker ended our consumer on queue {queue:?}")]
     ConsumerEnded { queue: String },
     #[error("shutting down")]
