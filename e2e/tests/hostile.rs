@@ -338,7 +338,27 @@ async fn the_dead_letter_queue_keeps_its_bounds_and_the_newest_letters() {
         .server()
         .expect("settings");
     let t = settings.broker.topology.clone();
-    let _server = vogeler_e2e::spawn_server(settings);
+    let metrics = vogeler_core::observe::ServerMetrics::default();
+    let _server = vogeler_e2e::spawn_server_with(settings, metrics.clone());
+    // Every letter is decided once the server counted it: a marker stored in one batch can
+    // be acked while another batch still dead-letters.
+    let refused = |n: u64| {
+        let metrics = metrics.clone();
+        async move {
+            wait_for("the letters dead-lettered", Duration::from_secs(30), || {
+                let m = metrics.clone();
+                async move {
+                    m.dead_lettered
+                        .get_or_create(&vogeler_core::observe::ReasonLabel {
+                            reason: "malformed".into(),
+                        })
+                        .get()
+                        >= n
+                }
+            })
+            .await;
+        }
+    };
     let url = vogeler_proto::secret::SecretUrl::parse(&stack.amqp_url).expect("url");
     let conn = amqp::connect(&url, "test-dead-letters")
         .await
@@ -384,6 +404,7 @@ async fn the_dead_letter_queue_keeps_its_bounds_and_the_newest_letters() {
         stack.document("dl01").await.is_some()
     })
     .await;
+    refused(200).await;
     assert_eq!(
         queue_length(&conn, &dlq).await,
         Some(MAX_LENGTH as u32),
@@ -418,6 +439,7 @@ async fn the_dead_letter_queue_keeps_its_bounds_and_the_newest_letters() {
         || async { stack.document("dl02").await.is_some() },
     )
     .await;
+    refused(220).await;
     assert_eq!(queue_length(&conn, &dlq).await, Some(5), "bounded in bytes");
     let mut kept: Vec<String> = drain().await.iter().map(|b| b[..8].to_string()).collect();
     kept.sort();
@@ -614,10 +636,16 @@ async fn a_flood_of_refusals_keeps_the_audit_log_bounded_and_the_agent_answering
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM");
-    let status = tokio::time::timeout(Duration::from_secs(20), agent.wait())
-        .await
-        .expect("agent stopped within 20 s")
-        .expect("agent status");
+    let Ok(status) = tokio::time::timeout(Duration::from_secs(20), agent.wait()).await else {
+        let logged = std::fs::read_to_string(log.path()).unwrap_or_default();
+        let tail: Vec<&str> = logged.lines().rev().take(30).collect();
+        let _ = agent.kill().await;
+        panic!(
+            "the agent did not stop within 20 s of SIGTERM; its last lines:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+    };
+    let status = status.expect("agent status");
     assert!(status.success(), "{status}");
     let _ = conn.close(200, "done".into()).await;
 

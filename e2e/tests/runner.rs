@@ -46,6 +46,9 @@ fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|s| s.to_string()).collect()
 }
 
+/// Crafted messages per attack class.
+const PER_CLASS: usize = 100;
+
 #[tokio::test]
 async fn every_targeting_form_reaches_exactly_the_right_agents() {
     let stack = TestStack::new().await;
@@ -272,8 +275,9 @@ async fn a_rogue_replier_is_reported_unverified_and_never_shown_as_an_answer() {
     use vogeler_proto::{secret::SecretUrl, topology::Topology, wire};
     let stack = TestStack::new().await;
     let _server = spawn_server(stack.server_settings());
-    // web01 takes half a second, so the rogue's instant reply is in before web01's.
-    let slow = "name = \"mark\"\ncommand = [\"sh\", \"-c\", \"sleep 0.5; echo done\"]\nformat = \"lines\"\n";
+    // web01 takes five seconds, so the rogue's 200 replies are in before web01's.
+    let slow =
+        "name = \"mark\"\ncommand = [\"sh\", \"-c\", \"sleep 5; echo done\"]\nformat = \"lines\"\n";
     let plugins = plugin_dir(&[("mark.toml", slow)]);
     let _agent = spawn_agent(stack.agent_settings("web01", plugins.path()));
     stack.wait_registered(&["web01"]).await;
@@ -313,17 +317,19 @@ async fn a_rogue_replier_is_reported_unverified_and_never_shown_as_an_answer() {
         .basic_consume(q.name().clone(), "".into(), no_ack, Default::default())
         .await
         .expect("consume");
-    let rogue_key = stack.agent_key.clone();
     let rogue = tokio::spawn(async move {
         let d = commands.next().await.expect("stream").expect("delivery");
         let wire::Message::Command(c) = wire::decode(&d.data).expect("command") else {
             panic!("not a command")
         };
-        // As a node of its own, and posing as web01 (answering before web01 does).
-        for as_node in ["web01", "rogue01"] {
+        // 100 times posing as web01 (answering before web01 does), each with a key of its
+        // own, and as 100 nodes the registry does not know.
+        let replies = (0..PER_CLASS).flat_map(|i| ["web01".to_string(), format!("rogue{i:03}")]);
+        for as_node in replies {
+            let rogue_key = vogeler_proto::signing::PrivateKey::generate().expect("key");
             let reply = wire::Message::Result(wire::PluginResult {
                 request_id: c.request_id,
-                node: vogeler_e2e::node(as_node),
+                node: vogeler_e2e::node(&as_node),
                 plugin: c.plugin.clone(),
                 outcome: wire::Outcome::Ok,
                 value: Some(serde_json::json!(["not me"])),
@@ -345,7 +351,7 @@ async fn a_rogue_replier_is_reported_unverified_and_never_shown_as_an_answer() {
         conn
     });
 
-    let r = ask(&stack, "mark", "web01", "5").await;
+    let r = ask(&stack, "mark", "web01", "15").await;
     let _conn = rogue.await.expect("rogue task");
     let table = r.render_table();
     assert!(
@@ -364,12 +370,18 @@ async fn a_rogue_replier_is_reported_unverified_and_never_shown_as_an_answer() {
         "{table}"
     );
     // A replier the registry has no key for is never shown as an answer.
+    let strangers = (0..PER_CLASS).map(|i| vogeler_e2e::node(&format!("rogue{i:03}")));
+    for n in strangers {
+        assert!(!r.replies.contains_key(&n), "{table}");
+        assert!(r.unverified.contains_key(&n), "{n} not reported: {table}");
+    }
     assert!(
-        !r.replies.contains_key(&vogeler_e2e::node("rogue01")),
+        table.contains("unverified reply as rogue000 (not shown)"),
         "{table}"
     );
-    assert!(
-        table.contains("unverified reply as rogue01 (not shown)"),
-        "{table}"
+    println!(
+        "rogue replies: {} sent (100 as web01, 100 as unknown nodes), {} nodes reported unverified, web01's own answer shown",
+        2 * PER_CLASS,
+        r.unverified.len()
     );
 }

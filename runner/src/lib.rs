@@ -342,7 +342,7 @@ pub async fn query(
         signer: &signer,
     };
     let result = collect(&fanout, q, report, keys, registry_pending, cancel, on_reply).await;
-    let _ = conn.close(200, "runner done".into()).await;
+    let _ = tokio::time::timeout(amqp::CLOSE_WAIT, conn.close(200, "runner done".into())).await;
     result
 }
 

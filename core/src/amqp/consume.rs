@@ -234,11 +234,13 @@ impl<V: Verify> Consumer<V> {
     }
 
     /// Stop deliveries (unacked ones go back to the queue when the channel closes).
+    /// Stop the broker's deliveries to this consumer. Bounded: at shutdown a broker busy with
+    /// a flood must not hold the program (closing the connection cancels it anyway).
     pub async fn cancel(&self) {
-        let _ = self
+        let cancel = self
             .channel
-            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default())
-            .await;
+            .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
+        let _ = tokio::time::timeout(super::CLOSE_WAIT, cancel).await;
     }
 }
 

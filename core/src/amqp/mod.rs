@@ -33,6 +33,10 @@ use vogeler_proto::{
 
 use crate::backoff;
 
+/// How long shutdown waits for the broker to confirm a consumer cancel or a connection
+/// close: a broker busy with a flood must not hold a program that was told to stop.
+pub const CLOSE_WAIT: Duration = Duration::from_secs(3);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
     #[error("broker at {url} is unavailable after {}: {source}", vogeler_proto::duration::format(*waited))]

@@ -67,7 +67,11 @@ impl<'a> Supervisor<'a> {
         match served {
             Ok(()) => return Ok(false),
             Err(e) if e.is_fatal() => {
-                let _ = self.conn.close(200, "stopping".into()).await;
+                let _ = tokio::time::timeout(
+                    super::CLOSE_WAIT,
+                    self.conn.close(200, "stopping".into()),
+                )
+                .await;
                 return Err(e);
             }
             Err(_) if self.cancel.is_cancelled() => return Ok(false),
@@ -85,8 +89,13 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    /// Close the current connection (unacked deliveries go back to their queues).
+    /// Close the current connection (unacked deliveries go back to their queues), waiting
+    /// at most [`super::CLOSE_WAIT`] for the broker to confirm: the socket closes anyway.
     pub async fn close(self) {
-        let _ = self.conn.close(200, "shutting down".into()).await;
+        let _ = tokio::time::timeout(
+            super::CLOSE_WAIT,
+            self.conn.close(200, "shutting down".into()),
+        )
+        .await;
     }
 }
