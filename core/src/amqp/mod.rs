@@ -53,6 +53,14 @@ pub enum AmqpError {
         "queue {queue:?} exists with other settings than this server's ({detail}); it was declared by an older release or with another amqp.results_queue_type: let a server with the old settings drain it, then delete it (rabbitmqctl delete_queue {queue}) and start again"
     )]
     Mismatch { queue: String, detail: String },
+    #[error(
+        "the broker has no {names} and this broker user may not declare them: start the server once (it declares them), or run deploy/rabbitmq/setup.sh"
+    )]
+    Undeclared { names: String },
+    #[error(
+        "the broker has no command queue {queue:?} and this broker user may not declare it: enrol the node at the broker (deploy/rabbitmq/setup.sh --agent {node}) and check amqp.username"
+    )]
+    NotEnrolled { queue: String, node: String },
     #[error("the broker ended our consumer on queue {queue:?}")]
     ConsumerEnded { queue: String },
     #[error("shutting down")]
@@ -66,13 +74,25 @@ impl AmqpError {
     pub fn is_fatal(&self) -> bool {
         matches!(self, AmqpError::Mismatch { .. } | AmqpError::Tls(_))
     }
+
+    /// The broker lacks an exchange or queue this user may not declare: retrying helps only
+    /// once someone else has declared it, so it is worth a pause (see
+    /// [`supervise::SETUP_RETRY`]).
+    pub fn awaits_setup(&self) -> bool {
+        matches!(
+            self,
+            AmqpError::Undeclared { .. } | AmqpError::NotEnrolled { .. }
+        )
+    }
 }
 
 impl crate::exit::ExitStatus for AmqpError {
     fn exit_code(&self) -> u8 {
         match self {
             AmqpError::Mismatch { .. } | AmqpError::Tls(_) => crate::exit::CONFIG,
-            AmqpError::Unavailable { .. } => crate::exit::UNAVAILABLE,
+            AmqpError::Unavailable { .. }
+            | AmqpError::Undeclared { .. }
+            | AmqpError::NotEnrolled { .. } => crate::exit::UNAVAILABLE,
             _ => crate::exit::FAILURE,
         }
     }
@@ -95,6 +115,13 @@ pub fn is_precondition_failed(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(err)
         if matches!(err.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
+/// The broker refused an operation to this user (its permissions do not cover the name).
+pub fn is_access_refused(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err)
+        if matches!(err.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)))
 }
 
 /// Connect once, without TLS settings. `name` shows in the broker's management UI.
