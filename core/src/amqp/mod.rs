@@ -54,7 +54,7 @@ pub enum AmqpError {
     )]
     Mismatch { queue: String, detail: String },
     #[error(
-        "the broker has no {names} and this broker user may not declare them: start the server once (it declares them), or run deploy/rabbitmq/setup.sh"
+        "the broker lacks {names}, which this broker user may not declare: start the server once (it declares the exchanges and its queue), or run deploy/rabbitmq/setup.sh"
     )]
     Undeclared { names: String },
     #[error(
