@@ -53,6 +53,10 @@ pub struct RawAmqp {
     /// Commands older than this are dropped from an offline agent's queue.
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     pub agent_queue_max_age: Option<Duration>,
+    /// The broker user, used instead of the one in `amqp.url`: each agent has a user of its
+    /// own (`<prefix>-agent-<node>`, see `deploy/rabbitmq/setup.sh`), so config management
+    /// can share the URL and set the user per node.
+    pub username: Option<String>,
     /// A file holding the broker password, used instead of the one in `amqp.url` (so the
     /// URL can live in a shared config and the password in a root-only file).
     pub password_file: Option<PathBuf>,
@@ -147,6 +151,17 @@ impl RawAmqp {
             && (u.expose().cannot_be_a_base() || u.expose().host().is_none())
         {
             p.0.push("amqp.password_file: amqp.url cannot carry a password".into());
+        }
+        if let Some(name) = &self.username {
+            if name.is_empty() || name.chars().any(char::is_control) {
+                p.0.push(format!(
+                    "amqp.username: {name:?} must be a non-empty user name without control characters"
+                ));
+            } else if let Some(u) = url.as_mut()
+                && !u.set_username(name)
+            {
+                p.0.push("amqp.username: amqp.url cannot carry a user name".into());
+            }
         }
         let collective = validate_collective(p, self.collective.as_deref());
         let mut results = ResultsQueue::default();

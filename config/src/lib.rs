@@ -531,6 +531,50 @@ mod tests {
     }
 
     #[test]
+    fn broker_username_replaces_the_one_in_the_url() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").expect("write");
+        let flags = [
+            ("amqp.url", "amqp://broker:5672/vogeler"),
+            ("amqp.username", "vogeler-agent-db-2.example.com"),
+            ("amqp.password_file", file.to_str().expect("path")),
+        ];
+        let s = load(&sources(None, &[], &flags))
+            .expect("load")
+            .agent(Some("db-2.example.com".into()))
+            .expect("valid")
+            .read_secrets()
+            .expect("readable");
+        let url = s.broker.url.expose();
+        assert_eq!(url.username(), "vogeler-agent-db-2.example.com");
+        assert_eq!(url.password(), Some("s3cret"));
+        // --print-config shows the user in the URL, so its output loads back the same.
+        assert!(
+            s.to_toml()
+                .contains("amqp://vogeler-agent-db-2.example.com:***@broker:5672/vogeler"),
+            "{}",
+            s.to_toml()
+        );
+        let flags = [
+            ("amqp.url", "amqp://guest:guest@broker/v"),
+            ("amqp.username", "web01 user"),
+        ];
+        let s = load(&sources(None, &[], &flags))
+            .expect("load")
+            .agent(Some("web01".into()))
+            .expect("valid");
+        assert_eq!(s.broker.url.expose().username(), "web01%20user");
+        assert_eq!(s.broker.url.expose().password(), Some("guest"));
+        let flags = [("amqp.username", "")];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .agent(Some("web01".into()))
+            .expect_err("empty user name");
+        assert!(err.to_string().contains("amqp.username"), "{err}");
+    }
+
+    #[test]
     fn heartbeat_and_frame_max_go_into_the_broker_url_unless_it_sets_them() {
         let query = |s: &BrokerSettings| s.url.expose().query().unwrap_or_default().to_string();
         let s = load(&sources(None, &[], &[]))

@@ -43,6 +43,9 @@ vogeler_agent_package_source: deb
 vogeler_agent_deb: "$deb"
 vogeler_agent_service_manager: none
 vogeler_amqp_url: "$amqp_url"
+# The stack's URL carries its user (the check's private collective is not set up by
+# deploy/rabbitmq/setup.sh).
+vogeler_amqp_username: ""
 vogeler_collective: "$collective"
 vogeler_queue_expires: 10m
 vogeler_agent_node: "$node"

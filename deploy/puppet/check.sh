@@ -51,6 +51,7 @@ class { 'vogeler::agent':
   package_source  => '$deb',
   service_manager => 'none',
   amqp_url        => '$amqp_url',
+  amqp_username   => '',
   collective      => '$collective',
   queue_expires   => '10m',
   node            => '$node',

@@ -73,6 +73,11 @@ impl SecretUrl {
         q.append_pair(key, value);
     }
 
+    /// Replace the user name (percent-encoded as needed). Returns false for a URL that
+    /// cannot carry one (no host).
+    pub fn set_username(&mut self, username: &str) -> bool {
+        self.0.set_username(username).is_ok()
+    }
     /// Replace the password (from a password file). Returns false for a URL that cannot
     /// carry one (no host).
     pub fn set_password(&mut self, password: &str) -> bool {

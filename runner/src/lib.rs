@@ -381,9 +381,7 @@ async fn collect(
         signer,
     } = fanout;
     let publisher = Publisher::open(conn, topology).await?;
-    amqp::declare::shared(topology, conn)
-        .await
-        .map_err(AmqpError::from)?;
+    amqp::declare::shared(topology, conn).await?;
     let reply_queue = amqp::declare::reply_queue(topology, conn, report.request_id)
         .await
         .map_err(AmqpError::from)?;

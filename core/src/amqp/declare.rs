@@ -1,18 +1,24 @@
 //! Declaring a collective's exchanges and queues on the broker, from the names and arguments
 //! in [`vogeler_proto::topology`].
+//!
+//! A least-privilege broker user may declare less than it uses: an agent's per-node user
+//! (`deploy/rabbitmq/setup.sh --agent`) may declare nothing at all, and finds its queue
+//! declared and bound by the broker's administrator. What is refused but already there is
+//! used as it is; what is refused and missing is an [`AmqpError`] that says who declares it.
 
 use lapin::{
     Channel, Connection, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
+use tracing::info;
 use uuid::Uuid;
 use vogeler_proto::{
     names::NodeName,
     topology::{self, QueueArgument, Topology},
 };
 
-use super::AmqpError;
+use super::{AmqpError, is_access_refused};
 
 /// Queue arguments as lapin takes them.
 fn table(args: Vec<(&'static str, QueueArgument)>) -> FieldTable {
@@ -127,33 +133,46 @@ async fn exists(
 /// dead-letter queues so results are kept even before any server ran. An existing queue is
 /// left as it was declared (by the server, or an older release), whatever this program's
 /// settings.
-pub async fn shared(t: &Topology, conn: &Connection) -> Result<(), lapin::Error> {
+pub async fn shared(t: &Topology, conn: &Connection) -> Result<(), AmqpError> {
     let exchanges = [
         (t.commands_exchange(), ExchangeKind::Topic),
         (t.results_exchange(), ExchangeKind::Topic),
         (t.dead_letter_exchange(), ExchangeKind::Fanout),
     ];
-    let mut missing_exchange = false;
+    let mut missing = Vec::new();
     for (name, kind) in &exchanges {
-        missing_exchange |= !exists(conn, name, Some(kind.clone())).await?;
+        if !exists(conn, name, Some(kind.clone())).await? {
+            missing.push(name.clone());
+        }
     }
     let missing_queue = !exists(conn, &t.results_queue(), None).await?;
-    if !missing_exchange && !missing_queue {
+    if missing_queue {
+        missing.push(t.results_queue());
+    }
+    if missing.is_empty() {
         return Ok(());
     }
     // Only a fresh broker gets here; declaring needs configure permissions, which a
     // least-privilege agent or runner lacks until the server has run once.
     let missing_dead_letters = !exists(conn, &t.dead_letter_queue(), None).await?;
-    let ch = conn.create_channel().await?;
-    declare_exchanges(t, &ch).await?;
-    if missing_dead_letters {
-        declare_dead_letters(t, &ch).await?;
+    let declared = async {
+        let ch = conn.create_channel().await?;
+        declare_exchanges(t, &ch).await?;
+        if missing_dead_letters {
+            declare_dead_letters(t, &ch).await?;
+        }
+        if missing_queue {
+            declare_results_queue(t, &ch).await?;
+        }
+        let _ = ch.close(200, "declared".into()).await;
+        Ok::<_, lapin::Error>(())
+    };
+    match declared.await {
+        Err(e) if is_access_refused(&e) => Err(AmqpError::Undeclared {
+            names: missing.join(", "),
+        }),
+        r => Ok(r?),
     }
-    if missing_queue {
-        declare_results_queue(t, &ch).await?;
-    }
-    let _ = ch.close(200, "declared".into()).await;
-    Ok(())
 }
 
 /// The server's declarations: the exchanges, the dead letters and the results queue, with
@@ -192,11 +211,15 @@ pub async fn server(t: &Topology, conn: &Connection) -> Result<(), AmqpError> {
 }
 
 /// An agent's own durable command queue, bound for commands addressed to it.
+///
+/// A broker user that may not declare it (a per-node user, see the module doc) gets it as
+/// the administrator declared and bound it, with the administrator's bounds: the agent's
+/// `amqp.agent_queue_*` settings do not apply then.
 pub async fn agent_queue(
     t: &Topology,
     conn: &Connection,
     node: &NodeName,
-) -> Result<String, lapin::Error> {
+) -> Result<String, AmqpError> {
     let q = t.agent_queue(node);
     let args = table(t.agent_queue_arguments());
     let mut ch = conn.create_channel().await?;
@@ -208,8 +231,19 @@ pub async fn agent_queue(
         )
         .await
     {
+        if is_access_refused(&e) {
+            // The refusal closed that channel; a passive declaration needs no permission.
+            if !exists(conn, &q, None).await? {
+                return Err(AmqpError::NotEnrolled {
+                    queue: q,
+                    node: node.to_string(),
+                });
+            }
+            info!(queue = %q, "using the command queue the broker's administrator declared for this node (this broker user may not declare or bind it)");
+            return Ok(q);
+        }
         if !super::is_precondition_failed(&e) {
-            return Err(e);
+            return Err(e.into());
         }
         // Declared by an older release or with other bounds. It holds only commands, which
         // the runner can send again: replace it rather than refuse to start.

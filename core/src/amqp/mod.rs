@@ -64,6 +64,14 @@ pub enum AmqpError {
         /// What to do before deleting it.
         first: &'static str,
     },
+    #[error(
+        "the broker lacks {names}, which this broker user may not declare: start the server once (it declares the exchanges and its queue), or run deploy/rabbitmq/setup.sh"
+    )]
+    Undeclared { names: String },
+    #[error(
+        "the broker has no command queue {queue:?} and this broker user may not declare it: enrol the node at the broker (deploy/rabbitmq/setup.sh --agent {node}) and check amqp.username"
+    )]
+    NotEnrolled { queue: String, node: String },
     #[error("the broker ended our consumer on queue {queue:?}")]
     ConsumerEnded { queue: String },
     #[error("shutting down")]
@@ -77,13 +85,25 @@ impl AmqpError {
     pub fn is_fatal(&self) -> bool {
         matches!(self, AmqpError::Mismatch { .. } | AmqpError::Tls(_))
     }
+
+    /// The broker lacks an exchange or queue this user may not declare: retrying helps only
+    /// once someone else has declared it, so it is worth a pause (see
+    /// [`supervise::SETUP_RETRY`]).
+    pub fn awaits_setup(&self) -> bool {
+        matches!(
+            self,
+            AmqpError::Undeclared { .. } | AmqpError::NotEnrolled { .. }
+        )
+    }
 }
 
 impl crate::exit::ExitStatus for AmqpError {
     fn exit_code(&self) -> u8 {
         match self {
             AmqpError::Mismatch { .. } | AmqpError::Tls(_) => crate::exit::CONFIG,
-            AmqpError::Unavailable { .. } => crate::exit::UNAVAILABLE,
+            AmqpError::Unavailable { .. }
+            | AmqpError::Undeclared { .. }
+            | AmqpError::NotEnrolled { .. } => crate::exit::UNAVAILABLE,
             _ => crate::exit::FAILURE,
         }
     }
@@ -106,6 +126,13 @@ pub fn is_precondition_failed(e: &lapin::Error) -> bool {
     use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
     matches!(e.kind(), lapin::ErrorKind::ProtocolError(err)
         if matches!(err.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)))
+}
+
+/// The broker refused an operation to this user (its permissions do not cover the name).
+pub fn is_access_refused(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(err)
+        if matches!(err.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)))
 }
 
 /// Connect once, without TLS settings. `name` shows in the broker's management UI.

@@ -19,12 +19,20 @@
 //! future borrows the caller's state, and async closures cannot yet promise such a future is
 //! `Send`, which every task on tokio's runtime must be.)
 
+use std::time::Duration;
+
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{error, warn};
 
 use super::{AmqpError, connect_with_retry};
 use vogeler_config::BrokerSettings;
+
+/// How long to wait before trying again when the broker lacks what this user may not
+/// declare ([`AmqpError::awaits_setup`]): the connection itself works, so without a pause the
+/// loop would reconnect at once, forever; an operator's fix (enrolling the node, starting
+/// the server) is picked up within this.
+pub const SETUP_RETRY: Duration = Duration::from_secs(15);
 
 /// A broker connection that is replaced whenever it is lost.
 #[derive(Debug)]
@@ -75,6 +83,17 @@ impl<'a> Supervisor<'a> {
                 return Err(e);
             }
             Err(_) if self.cancel.is_cancelled() => return Ok(false),
+            Err(e) if e.awaits_setup() => {
+                error!(connection = %self.name, error = %e, retry_in_s = SETUP_RETRY.as_secs(), "the broker is not set up for this program yet");
+                let _ = self
+                    .conn
+                    .close(200, "waiting for broker setup".into())
+                    .await;
+                tokio::select! {
+                    () = self.cancel.cancelled() => return Ok(false),
+                    () = tokio::time::sleep(SETUP_RETRY) => {}
+                }
+            }
             Err(e) => {
                 warn!(connection = %self.name, error = %e, "lost the broker connection; reconnecting")
             }
