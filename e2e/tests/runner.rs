@@ -323,8 +323,10 @@ async fn a_rogue_replier_is_reported_unverified_and_never_shown_as_an_answer() {
             panic!("not a command")
         };
         // 100 times posing as web01 (answering before web01 does), each with a key of its
-        // own, and as 100 nodes the registry does not know.
+        // own, and as 100 nodes the registry does not know; published back to back, the
+        // confirms awaited after, so all are in long before web01's answer.
         let replies = (0..PER_CLASS).flat_map(|i| ["web01".to_string(), format!("rogue{i:03}")]);
+        let mut confirms = Vec::new();
         for as_node in replies {
             let rogue_key = vogeler_proto::signing::PrivateKey::generate().expect("key");
             let reply = wire::Message::Result(wire::PluginResult {
@@ -338,15 +340,23 @@ async fn a_rogue_replier_is_reported_unverified_and_never_shown_as_an_answer() {
                 duration_ms: 1,
                 agent_version: "rogue".into(),
             });
-            amqp::publish(
-                &ch,
-                &t.results_exchange(),
-                &Topology::result_routing_key(c.request_id),
-                &reply,
-                &rogue_key,
-            )
-            .await
-            .expect("reply");
+            let body = wire::encode(&reply);
+            let headers =
+                amqp::signature_headers(&rogue_key, vogeler_proto::signing::Purpose::Agent, &body);
+            let confirm = ch
+                .basic_publish(
+                    t.results_exchange().as_str().into(),
+                    Topology::result_routing_key(c.request_id).as_str().into(),
+                    Default::default(),
+                    &body,
+                    lapin::BasicProperties::default().with_headers(headers),
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            assert!(confirm.await.expect("confirm").is_ack(), "reply refused");
         }
         conn
     });
