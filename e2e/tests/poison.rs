@@ -465,10 +465,15 @@ async fn headers_larger_than_a_small_frame_do_not_cost_the_server_its_connection
     let _server = vogeler_e2e::spawn_server(stack.server_settings());
     let (conn, ch) = stack.publisher("test-big-headers").await;
     let t = stack.topology();
-    for (i, node) in ["padded01", "after01"].into_iter().enumerate() {
+    // 100 padded with 100 KiB of headers each (several times a 16 KiB frame), then one plain.
+    let nodes: Vec<String> = (0..PER_CLASS)
+        .map(|i| format!("padded{i:03}"))
+        .chain(["after01".to_string()])
+        .collect();
+    for (i, node) in nodes.iter().enumerate() {
         let body = wire::encode(&Message::Result(result(node, "hello", json!(i))));
         let mut headers = amqp::signature_headers(&stack.key_for(node), Purpose::Agent, &body);
-        if i == 0 {
+        if i < PER_CLASS {
             headers.insert(
                 "x-pad".into(),
                 lapin::types::AMQPValue::LongString("p".repeat(100 * 1024).into()),
@@ -477,6 +482,100 @@ async fn headers_larger_than_a_small_frame_do_not_cost_the_server_its_connection
         vogeler_e2e::publish_bytes(&ch, &t.results_exchange(), "result.x", &body, Some(headers))
             .await;
     }
-    stack.wait_registered(&["padded01", "after01"]).await;
+    let names: Vec<&str> = nodes.iter().map(String::as_str).collect();
+    stack.wait_registered(&names).await;
+    println!(
+        "| headers over a 16 KiB frame | {PER_CLASS} | 0 (all stored, the connection kept) | 1/1 | - |"
+    );
     let _ = conn.close(200, "done".into()).await;
+}
+
+/// The scenario: one node whose stored document cannot be read back keeps
+/// publishing, among 100 healthy nodes publishing at the same time. Prints how long the
+/// healthy results took to be stored after they were published, and where the poison went.
+#[tokio::test]
+async fn one_poisoned_node_among_100_healthy_ones_delays_nobody() {
+    let stack = TestStack::new().await;
+    stack
+        .couch
+        .ensure_database(&stack.database)
+        .await
+        .expect("database");
+    let deep = json!({ "hello": nested(limits::READ_DEPTH + 2) });
+    stack
+        .couch
+        .put(&stack.database, "poison01", &deep)
+        .await
+        .expect("write the poisoned document");
+    let mut server = with_couch(program("vogeler-server", &stack), &stack)
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server");
+    let t = stack.topology();
+    let (conn, ch) = stack.publisher("test-one-poison").await;
+    // Interleaved: the poisoned node publishes as often as all the others together.
+    let mut published = Vec::new();
+    let started = std::time::Instant::now();
+    for n in 0..HEALTHY {
+        for r in [
+            result("poison01", "hello", json!(n)),
+            result(&format!("ok{n:03}"), "hello", json!(n)),
+        ] {
+            let body = wire::encode(&Message::Result(r.clone()));
+            let headers =
+                amqp::signature_headers(&stack.key_for(r.node.as_str()), Purpose::Agent, &body);
+            vogeler_e2e::publish_bytes(
+                &ch,
+                &t.results_exchange(),
+                "result.x",
+                &body,
+                Some(headers),
+            )
+            .await;
+        }
+        published.push(started.elapsed());
+    }
+    let healthy: Vec<String> = (0..HEALTHY).map(|n| format!("ok{n:03}")).collect();
+    wait_for(
+        "every healthy node stored beside the poisoned one",
+        Duration::from_secs(60),
+        || async {
+            let ids = stack.node_ids().await;
+            healthy.iter().all(|n| ids.contains(n))
+        },
+    )
+    .await;
+    let stored = started.elapsed();
+    let probe = conn.create_channel().await.expect("channel");
+    let dlq = t.dead_letter_queue();
+    let mut reasons = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while reasons.len() < HEALTHY {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {HEALTHY} poisoned results dead-lettered",
+            reasons.len()
+        );
+        reasons.extend(dead_letters(&probe, &dlq).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(reasons.len(), HEALTHY, "{reasons:?}");
+    assert!(
+        reasons.iter().all(|r| r.contains("cannot be read back")),
+        "{reasons:?}"
+    );
+    let flag: Option<Value> = stack
+        .couch
+        .get(&stack.database, "quarantine:poison01")
+        .await
+        .expect("read flag");
+    assert!(flag.is_some(), "poison01 is flagged");
+    let last = published.last().copied().unwrap_or_default();
+    println!(
+        "one poisoned node among {HEALTHY} healthy: all {HEALTHY} healthy results stored {:.1} s after the first publish, {:.1} s after the last healthy one was published; the poisoned node's {HEALTHY} results went to {dlq} (\"cannot be read back\"), and the node is flagged quarantine:poison01",
+        stored.as_secs_f64(),
+        stored.saturating_sub(last).as_secs_f64()
+    );
+    let _ = conn.close(200, "done".into()).await;
+    let _ = server.kill().await;
 }
