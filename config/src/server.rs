@@ -72,13 +72,19 @@ pub struct ServerSettings {
 
 impl ServerSettings {
     /// The prefetch window the server consumes with: `prefetch`, lowered so that a window
-    /// of results of the largest size a node may send fits in `max_in_flight_bytes`
+    /// of results of the largest size a node may send fits in half of `max_in_flight_bytes`
     /// (RabbitMQ counts prefetch in messages only, and hands over the whole window at once).
+    /// The other half is for decoding: see [`ServerSettings::decode_budget`].
     pub fn prefetch_window(&self) -> u16 {
-        let by_bytes = self.max_in_flight_bytes / vogeler_proto::limits::MAX_MESSAGE_BYTES;
+        let by_bytes = self.max_in_flight_bytes / 2 / vogeler_proto::limits::MAX_MESSAGE_BYTES;
         self.prefetch
             .min(u16::try_from(by_bytes).unwrap_or(u16::MAX))
             .max(1)
+    }
+
+    /// Bytes the server may hold decoded at once (results being merged and written).
+    pub fn decode_budget(&self) -> usize {
+        self.max_in_flight_bytes / 2
     }
 
     /// Results written in one request: never more than the prefetch window holds.
@@ -132,10 +138,10 @@ impl RawConfig {
             .server
             .max_in_flight_bytes
             .unwrap_or(defaults::SERVER_MAX_IN_FLIGHT_BYTES);
-        let largest = vogeler_proto::limits::MAX_MESSAGE_BYTES;
-        if max_in_flight_bytes < largest {
+        let least = 2 * vogeler_proto::limits::MAX_MESSAGE_BYTES;
+        if max_in_flight_bytes < least {
             p.0.push(format!(
-                "server.max_in_flight_bytes: {max_in_flight_bytes} is smaller than the largest result a node may send ({largest}); use at least {largest}"
+                "server.max_in_flight_bytes: {max_in_flight_bytes} is too small: it must hold twice the largest result a node may send; use at least {least}"
             ));
         }
         let enrollment = match Enrollment::parse(

@@ -67,6 +67,9 @@ impl Verify for FromAgents {
 pub struct Settlement {
     delivery: Delivery,
     no_ack: bool,
+    /// This delivery's share of the consumer's [`Budget`], given back when it is settled
+    /// and dropped.
+    _share: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Settlement {
@@ -134,6 +137,46 @@ pub struct Refused<E> {
 /// What [`Consumer::next`] hands over.
 pub type Received<T, E> = Result<Incoming<T>, Refused<E>>;
 
+/// How much a consumer may hold decoded at once, weighed by bytes: a delivery is verified
+/// (and so decoded) only once its weight fits, and gives its weight back when settled. The
+/// broker's prefetch bounds what arrives in messages; this bounds what is being worked on in
+/// bytes, whatever the size of each message.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
+    /// In KiB, so that large budgets fit the semaphore's count.
+    total_kib: u32,
+    /// What holding one decoded delivery costs, per byte of its body.
+    per_byte: u32,
+}
+
+impl Budget {
+    /// `bytes` in all; each delivery weighs `per_byte` times its body (a decoded JSON tree
+    /// and the copies working on it take several times the bytes it was sent in).
+    pub fn new(bytes: usize, per_byte: u32) -> Self {
+        let total_kib = u32::try_from(bytes / 1024).unwrap_or(u32::MAX).max(1);
+        Self {
+            permits: std::sync::Arc::new(tokio::sync::Semaphore::new(total_kib as usize)),
+            total_kib,
+            per_byte: per_byte.max(1),
+        }
+    }
+
+    /// A body's weight in KiB: at least 1, at most the whole budget (a delivery heavier
+    /// than the budget waits until it has the budget to itself).
+    fn weight(&self, body: usize) -> u32 {
+        let kib = (body as u64 * u64::from(self.per_byte)).div_ceil(1024);
+        u32::try_from(kib)
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.total_kib)
+    }
+
+    /// How much of the budget is free, in bytes (for tests and metrics).
+    pub fn available_bytes(&self) -> usize {
+        self.permits.available_permits() * 1024
+    }
+}
+
 /// A consumer of one queue whose deliveries all pass one [`Verify`].
 #[derive(Debug)]
 pub struct Consumer<V> {
@@ -143,6 +186,10 @@ pub struct Consumer<V> {
     tag: String,
     no_ack: bool,
     verify: V,
+    budget: Option<Budget>,
+    /// A delivery taken from the broker's stream whose share of the budget is not free yet:
+    /// kept here so that a caller giving up on [`Consumer::next`] loses nothing.
+    waiting: Option<Delivery>,
 }
 
 /// How to consume a queue.
@@ -190,7 +237,15 @@ impl<V: Verify> Consumer<V> {
             queue: how.queue.to_string(),
             no_ack: how.no_ack,
             verify,
+            budget: None,
+            waiting: None,
         })
+    }
+
+    /// Decode deliveries only within `budget`.
+    pub fn with_budget(mut self, budget: Budget) -> Self {
+        self.budget = Some(budget);
+        self
     }
 
     pub fn queue(&self) -> &str {
@@ -199,15 +254,35 @@ impl<V: Verify> Consumer<V> {
 
     /// The next delivery, verified. An error means the channel or connection is gone (or the
     /// broker cancelled the consumer): reconnect.
+    /// Cancel-safe: a delivery already taken waits in the consumer for the next call.
     pub async fn next(&mut self) -> Result<Received<V::Message, V::Refusal>, AmqpError> {
-        let delivery = match self.inner.next().await {
-            Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e.into()),
-            None => {
-                return Err(AmqpError::ConsumerEnded {
-                    queue: self.queue.clone(),
-                });
+        if self.waiting.is_none() {
+            self.waiting = Some(match self.inner.next().await {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(AmqpError::ConsumerEnded {
+                        queue: self.queue.clone(),
+                    });
+                }
+            });
+        }
+        let share = match (&self.budget, &self.waiting) {
+            (Some(budget), Some(d)) => {
+                let weight = budget.weight(d.data.len());
+                Some(
+                    budget
+                        .permits
+                        .clone()
+                        .acquire_many_owned(weight)
+                        .await
+                        .unwrap_or_else(|_| unreachable!("the budget is never closed")),
+                )
             }
+            _ => None,
+        };
+        let Some(delivery) = self.waiting.take() else {
+            unreachable!("a delivery is waiting")
         };
         let (key, signature) = signature_of(&delivery.properties);
         let raw = Raw {
@@ -220,6 +295,7 @@ impl<V: Verify> Consumer<V> {
         let settlement = Settlement {
             delivery,
             no_ack: self.no_ack,
+            _share: share,
         };
         Ok(match verified {
             Ok(message) => Ok(Incoming {
@@ -356,4 +432,21 @@ fn dead_letter_properties(d: &Delivery, reason: &str) -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(2)
         .with_headers(headers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_delivery_weighs_its_decoded_size_within_the_budget() {
+        let b = Budget::new(128 * 1024 * 1024, 24);
+        assert_eq!(b.weight(0), 1, "even an empty body takes a share");
+        assert_eq!(b.weight(1024), 24);
+        // 4 MiB decodes to ~96 MiB: two fit, the third waits.
+        assert_eq!(b.weight(4 << 20), 96 * 1024);
+        // Heavier than the whole budget: it waits for the budget to itself, never for ever.
+        assert_eq!(b.weight(8 << 20), 128 * 1024);
+        assert_eq!(b.available_bytes(), 128 * 1024 * 1024);
+    }
 }
