@@ -345,7 +345,7 @@ async fn the_dead_letter_queue_keeps_its_bounds_and_the_newest_letters() {
     let refused = |n: u64| {
         let metrics = metrics.clone();
         async move {
-            wait_for("the letters dead-lettered", Duration::from_secs(30), || {
+            wait_for("the letters dead-lettered", Duration::from_secs(90), || {
                 let m = metrics.clone();
                 async move {
                     m.dead_lettered
@@ -400,7 +400,7 @@ async fn the_dead_letter_queue_keeps_its_bounds_and_the_newest_letters() {
         .collect();
     garbage.push(marker_result(&stack, "dl01"));
     publish_all(&ch, &results, garbage).await;
-    wait_for("the marker stored", Duration::from_secs(30), || async {
+    wait_for("the marker stored", Duration::from_secs(90), || async {
         stack.document("dl01").await.is_some()
     })
     .await;
@@ -435,7 +435,7 @@ async fn the_dead_letter_queue_keeps_its_bounds_and_the_newest_letters() {
     publish_all(&ch, &results, large).await;
     wait_for(
         "the second marker stored",
-        Duration::from_secs(30),
+        Duration::from_secs(90),
         || async { stack.document("dl02").await.is_some() },
     )
     .await;
