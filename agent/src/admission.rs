@@ -107,6 +107,31 @@ impl Run {
 pub fn result(
     node: &NodeName,
     command: &Command,
+    run: Run,
+    format: &str,
+    agent_version: &str,
+    collected_at: DateTime<Utc>,
+) -> PluginResult {
+    let asked = Asked {
+        request_id: command.request_id,
+        plugin: &command.plugin,
+        scheduled: None,
+    };
+    result_for(node, asked, run, format, agent_version, collected_at)
+}
+
+/// What a result answers: a command, or the agent's own schedule.
+#[derive(Debug, Clone)]
+pub struct Asked<'a> {
+    pub request_id: uuid::Uuid,
+    pub plugin: &'a vogeler_proto::names::PluginName,
+    pub scheduled: Option<vogeler_proto::wire::Schedule>,
+}
+
+/// [`result`] for a command or a scheduled run.
+pub fn result_for(
+    node: &NodeName,
+    asked: Asked<'_>,
     mut run: Run,
     format: &str,
     agent_version: &str,
@@ -133,15 +158,16 @@ pub fn result(
         }
     }
     PluginResult {
-        request_id: command.request_id,
+        request_id: asked.request_id,
         node: node.clone(),
-        plugin: command.plugin.clone(),
+        plugin: asked.plugin.clone(),
         outcome: run.outcome,
         value: run.value,
         truncated: run.truncated,
         collected_at,
         duration_ms: u64::try_from(run.duration.as_millis()).unwrap_or(u64::MAX),
         agent_version: agent_version.to_string(),
+        scheduled: asked.scheduled,
     }
 }
 

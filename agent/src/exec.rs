@@ -295,6 +295,8 @@ mod tests {
             env: Default::default(),
             file: PathBuf::from("/dev/null"),
             hash: String::new(),
+            interval: None,
+            splay: None,
         }
     }
 

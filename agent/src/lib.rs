@@ -11,6 +11,7 @@
 //! - [`admission`]: the guard as the consumer's verifier, the catalog and replay checks after
 //!   it, and the result a run becomes.
 //! - [`replay`]: the on-disk cache of request ids that refuses replays.
+//! - [`schedule`]: plugins run on their own interval, and change-only results.
 //! - [`security`]: the keys, state directory, replay cache and audit log an agent starts with.
 //! - [`audit`]: the audit log of accepted, refused and finished commands, rotated by size.
 //! - [`throttle`]: how many refusals of a class the audit log and the log write under a
@@ -31,11 +32,13 @@ pub mod local;
 pub mod plugin;
 pub mod reload;
 pub mod replay;
+pub mod schedule;
 pub mod security;
 pub mod simulate;
 pub mod throttle;
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -56,6 +59,7 @@ use vogeler_core::{
 };
 use vogeler_proto::{
     guard::{Guard, Provenance, Rejection},
+    names::PluginName,
     signing::PrivateKey,
     wire::{Announce, Command, Message, Outcome, PluginResult},
 };
@@ -160,6 +164,14 @@ struct NodeAgent {
     /// The publisher of the current connection: a result computed before a reconnect is
     /// published on the new one.
     publisher: Mutex<Option<Publisher>>,
+    /// Woken when a connection's publisher is in place, so a result that waited for the
+    /// broker (a scheduled run before the first connection) goes out at once.
+    publisher_ready: tokio::sync::Notify,
+    /// One lock per plugin: never two runs of one plugin at once, whoever asked.
+    locks: Mutex<BTreeMap<PluginName, Arc<tokio::sync::Mutex<()>>>>,
+    /// The value each plugin last published in full, for change-only scheduled results.
+    /// In memory only: the first run after a start always sends the value.
+    published: Mutex<BTreeMap<PluginName, schedule::Published>>,
 }
 
 impl NodeAgent {
@@ -180,7 +192,29 @@ impl NodeAgent {
             audit: security.audit,
             metrics,
             publisher: Mutex::default(),
+            publisher_ready: tokio::sync::Notify::new(),
+            locks: Mutex::default(),
+            published: Mutex::default(),
         })
+    }
+
+    fn plugin_lock(&self, plugin: &PluginName) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        locks.entry(plugin.clone()).or_default().clone()
+    }
+
+    /// Remember a value that went out in full (a command's or a scheduled run's).
+    fn note_published(&self, result: &PluginResult) {
+        if let (Outcome::Ok, Some(value)) = (&result.outcome, &result.value) {
+            let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+            published.insert(
+                result.plugin.clone(),
+                schedule::Published {
+                    hash: vogeler_proto::document::value_hash(value),
+                    full_at: result.collected_at,
+                },
+            );
+        }
     }
 
     fn publisher(&self) -> Option<Publisher> {
@@ -252,6 +286,11 @@ pub async fn run_with(
     let name = format!("vogeler-agent {}", s.node);
     let started_at = Utc::now();
     let tracker = TaskTracker::new();
+    let scheduler = tokio::spawn(scheduled(
+        Arc::clone(&shared),
+        tracker.clone(),
+        cancel.clone(),
+    ));
 
     let served = match Supervisor::connect(&s.broker, &name, &cancel).await {
         Ok(Some(mut broker)) => loop {
@@ -267,6 +306,8 @@ pub async fn run_with(
         Ok(None) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
+    // The scheduler stops with `cancel`; only then no more runs join the tracker.
+    let _ = scheduler.await;
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
         .await
@@ -317,6 +358,7 @@ async fn serve(
     if let Ok(mut current) = shared.publisher.lock() {
         *current = Some(publisher.clone());
     }
+    shared.publisher_ready.notify_waiters();
     let queue = amqp::declare::agent_queue(topology, conn, &s.node).await?;
 
     let mut catalog = shared.catalog.clone();
@@ -432,7 +474,7 @@ async fn handle(shared: &NodeAgent, delivery: Delivered, cancel: &CancellationTo
             let _ = incoming.settlement.reject().await;
             if let Rejection::UnknownPlugin(command) = rejection {
                 let result = result_of(shared, &command, Run::nothing(Outcome::UnknownPlugin), "");
-                publish_result(shared, result, cancel).await;
+                publish_result(shared, &result, cancel).await;
             }
             return;
         }
@@ -445,7 +487,8 @@ async fn handle(shared: &NodeAgent, delivery: Delivered, cancel: &CancellationTo
         shared
             .metrics
             .plugin_run(command.plugin.as_str(), result.outcome.status());
-        if publish_result(shared, result, cancel).await {
+        if publish_result(shared, &result, cancel).await {
+            shared.note_published(&result);
             // Ack only once the broker holds the result.
             if let Err(e) = incoming.settlement.ack().await {
                 warn!(error = %e, "could not ack command; a redelivery will be refused as a replay");
@@ -489,11 +532,13 @@ fn refuse(shared: &NodeAgent, provenance: &Provenance, rejection: &Rejection) {
 /// the command is never run twice. Returns false only when shutting down first.
 async fn publish_result(
     shared: &NodeAgent,
-    result: PluginResult,
+    result: &PluginResult,
     cancel: &CancellationToken,
 ) -> bool {
-    let message = Message::Result(result);
+    let message = Message::Result(result.clone());
     loop {
+        // Created before looking, so a publisher set in between still wakes this.
+        let ready = shared.publisher_ready.notified();
         let sent = match shared.publisher() {
             Some(publisher) => publisher.publish(&message, &shared.key).await,
             None => Err(AmqpError::Cancelled),
@@ -508,6 +553,7 @@ async fn publish_result(
                 warn!(error = %e, retry_in_s = PUBLISH_RETRY.as_secs(), "could not publish result (broker down or results queue full); retrying");
                 tokio::select! {
                     () = cancel.cancelled() => return false,
+                    () = ready => {}
                     () = tokio::time::sleep(PUBLISH_RETRY) => {}
                 }
             }
@@ -535,28 +581,179 @@ async fn run_command(shared: &NodeAgent, command: &Command) -> PluginResult {
         info!("unknown plugin requested");
         return result_of(shared, command, Run::nothing(Outcome::UnknownPlugin), "");
     };
+    let lock = shared.plugin_lock(&command.plugin);
+    let _running = lock.lock().await;
+    let run = execute(shared, plugin, command.request_id, "command").await;
+    result_of(shared, command, run, plugin.format.name())
+}
+
+/// Run a plugin within the concurrency limit (the caller holds the plugin's lock).
+async fn execute(
+    shared: &NodeAgent,
+    plugin: &plugin::Plugin,
+    request_id: uuid::Uuid,
+    why: &'static str,
+) -> Run {
     let Ok(_permit) = shared.runs.acquire().await else {
         unreachable!("the run semaphore is never closed")
     };
-    debug!(program = %plugin.program.display(), "running plugin");
-    let request_id = command.request_id.to_string();
+    debug!(program = %plugin.program.display(), why, "running plugin");
+    let request_id = request_id.to_string();
     let run_env = [
         ("VOGELER_REQUEST_ID", request_id.as_str()),
         ("VOGELER_NODE", shared.settings.node.as_str()),
+        ("VOGELER_RUN", why),
     ];
     let running = shared.settings.state_dir.join(RUNNING_DIR);
     let e = exec::execute_with(plugin, &run_env, Some(&running)).await;
     info!(
+        plugin = %plugin.name,
+        why,
         outcome = e.outcome.status(),
         duration_ms = e.duration.as_millis() as u64,
         truncated = e.truncated,
         "plugin finished"
     );
-    let run = Run {
+    Run {
         outcome: e.outcome,
         value: e.value,
         truncated: e.truncated,
         duration: e.duration,
+    }
+}
+
+/// If a plugin is due while it still runs (a command, or a run longer than its interval),
+/// look again this soon: it runs once right after, never twice at once.
+const BUSY_RETRY: Duration = Duration::from_secs(1);
+
+/// The agent's own schedule: runs plugins that have an interval when they are due, until
+/// `cancel`. Runs join `tracker`, so shutdown waits for them as for commands.
+async fn scheduled(shared: Arc<NodeAgent>, tracker: TaskTracker, cancel: CancellationToken) {
+    let s = &shared.settings;
+    let mut record = match schedule::LastRuns::load(&s.state_dir) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(node = %s.node, "{e}");
+            schedule::LastRuns::default()
+        }
     };
-    result_of(shared, command, run, plugin.format.name())
+    let mut catalog = shared.catalog.clone();
+    // Each scheduled plugin's schedule and when it is next due.
+    let mut due: BTreeMap<PluginName, (schedule::Every, chrono::DateTime<Utc>)> = BTreeMap::new();
+    loop {
+        let current = catalog.borrow_and_update().clone();
+        let now = Utc::now();
+        due.retain(|name, _| current.contains(name));
+        for plugin in current.plugins() {
+            let Some(every) = schedule::every(plugin, &s.schedule) else {
+                due.remove(&plugin.name);
+                continue;
+            };
+            if due.get(&plugin.name).is_some_and(|(e, _)| *e == every) {
+                continue;
+            }
+            let last = record.last_run.get(plugin.name.as_str()).copied();
+            let at = schedule::first_due(every, last, now, schedule::random_fraction());
+            info!(
+                node = %s.node,
+                plugin = %plugin.name,
+                interval = %vogeler_proto::duration::format(every.interval),
+                splay = %vogeler_proto::duration::format(every.splay),
+                next_run = %at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                "plugin scheduled"
+            );
+            due.insert(plugin.name.clone(), (every, at));
+        }
+        let wait = due
+            .values()
+            .map(|(_, at)| (*at - now).to_std().unwrap_or_default())
+            .min()
+            .unwrap_or(Duration::from_secs(3600));
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            Ok(()) = catalog.changed() => continue,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let now = Utc::now();
+        let mut ran = false;
+        for (name, (every, at)) in due.iter_mut() {
+            if *at > now {
+                continue;
+            }
+            let Some(plugin) = current.get(name).cloned() else {
+                continue;
+            };
+            let Ok(running) = shared.plugin_lock(name).try_lock_owned() else {
+                *at = now + chrono::TimeDelta::from_std(BUSY_RETRY).unwrap_or_default();
+                continue;
+            };
+            record.last_run.insert(name.to_string(), now);
+            ran = true;
+            *at = schedule::next_due(*every, now, now, schedule::random_fraction());
+            let shared = Arc::clone(&shared);
+            let cancel = cancel.clone();
+            let every = *every;
+            tracker.spawn(async move {
+                let _running = running;
+                run_scheduled(&shared, &plugin, every, &cancel).await;
+            });
+        }
+        if ran && let Err(e) = record.save(&s.state_dir) {
+            warn!(node = %s.node, error = %e, "cannot record when plugins ran; after a restart they run within their splay");
+        }
+    }
+}
+
+/// One scheduled run: execute, send the value or "unchanged", publish signed.
+async fn run_scheduled(
+    shared: &NodeAgent,
+    plugin: &plugin::Plugin,
+    every: schedule::Every,
+    cancel: &CancellationToken,
+) {
+    let request_id = uuid::Uuid::new_v4();
+    let run = execute(shared, plugin, request_id, "schedule").await;
+    let asked = admission::Asked {
+        request_id,
+        plugin: &plugin.name,
+        scheduled: Some(vogeler_proto::wire::Schedule {
+            interval_s: every.interval_s(),
+        }),
+    };
+    let mut result = admission::result_for(
+        &shared.settings.node,
+        asked,
+        run,
+        plugin.format.name(),
+        VERSION,
+        Utc::now(),
+    );
+    if let (Outcome::Ok, Some(value)) = (&result.outcome, &result.value) {
+        let hash = vogeler_proto::document::value_hash(value);
+        let skip = {
+            let published = shared.published.lock().unwrap_or_else(|e| e.into_inner());
+            schedule::may_skip_value(
+                published.get(&plugin.name),
+                &hash,
+                result.collected_at,
+                shared.settings.full_every,
+            )
+        };
+        if skip {
+            result.value = None;
+            result.outcome = Outcome::Unchanged { hash };
+        }
+    }
+    shared
+        .metrics
+        .plugin_run(plugin.name.as_str(), result.outcome.status());
+    let provenance = Provenance {
+        request_id: Some(request_id),
+        key_id: Some("schedule".into()),
+        plugin: Some(plugin.name.to_string()),
+    };
+    shared.audit.finished(&provenance, result.outcome.status());
+    if publish_result(shared, &result, cancel).await {
+        shared.note_published(&result);
+    }
 }

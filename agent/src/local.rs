@@ -7,6 +7,17 @@ use vogeler_proto::{names::PluginName, wire::Outcome};
 
 use crate::{exec, plugin::Catalog};
 
+/// A plugin file's schedule as `plugins list` shows it (`[agent.schedule]` in the agent's
+/// config may override it; `--print-config` shows the overrides).
+fn every(p: &crate::plugin::Plugin) -> String {
+    use vogeler_proto::duration::format;
+    match (p.interval, p.splay) {
+        (None, _) => "-".into(),
+        (Some(i), None) => format(i),
+        (Some(i), Some(s)) => format!("{}~{}", format(i), format(s)),
+    }
+}
+
 /// `plugins list`: one line per plugin and per skipped file.
 pub fn list(dir: &Path) -> Result<String, String> {
     let c = Catalog::load_dir(dir).map_err(|p| p.to_string())?;
@@ -19,8 +30,8 @@ pub fn list(dir: &Path) -> Result<String, String> {
         .max(4);
     let _ = writeln!(
         out,
-        "{:<width$}  {:<7}  {:<8}  FILE",
-        "NAME", "FORMAT", "STATUS"
+        "{:<width$}  {:<7}  {:<8}  {:<10}  FILE",
+        "NAME", "FORMAT", "STATUS", "INTERVAL"
     );
     for p in c.plugins() {
         let status = if crate::plugin::warnings(p).is_empty() {
@@ -30,15 +41,20 @@ pub fn list(dir: &Path) -> Result<String, String> {
         };
         let _ = writeln!(
             out,
-            "{:<width$}  {:<7}  {:<8}  {}",
+            "{:<width$}  {:<7}  {:<8}  {:<10}  {}",
             p.name,
             p.format.name(),
             status,
+            every(p),
             p.file.display()
         );
     }
     for p in &c.problems {
-        let _ = writeln!(out, "{:<width$}  {:<7}  {:<8}  {}", "-", "-", "error", p);
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<7}  {:<8}  {:<10}  {}",
+            "-", "-", "error", "-", p
+        );
     }
     for w in &c.warnings {
         let _ = writeln!(out, "warning: {w}");

@@ -77,6 +77,7 @@ fn result_message(
         collected_at: now,
         duration_ms: 10,
         agent_version: "bench".into(),
+        scheduled: None,
     }))
 }
 

@@ -26,6 +26,9 @@ pub mod defaults {
     pub const AUDIT_MAX_BYTES: u64 = 16 * 1024 * 1024;
     /// With `audit.log` itself, at most 5 × `AUDIT_MAX_BYTES` (80 MiB) of disk.
     pub const AUDIT_FILES: usize = 4;
+    /// A scheduled plugin's value goes out in full at least this often even when unchanged,
+    /// so a server that lost it (a new database, a pruned node) has it back within a day.
+    pub const FULL_EVERY_SECS: u64 = 24 * 3600;
 }
 
 /// The smallest `agent.audit_max_bytes`: room for dozens of the largest lines (a reason is
@@ -64,6 +67,22 @@ pub struct RawAgent {
     pub audit_max_bytes: Option<u64>,
     /// Rotated audit logs kept (`audit.log.1` to `audit.log.N`); older ones are deleted.
     pub audit_files: Option<usize>,
+    /// `[agent.schedule]`: per plugin, an interval overriding the plugin file's (`dpkg =
+    /// "6h"`), or `"off"` to run it only on command.
+    #[serde(default)]
+    pub schedule: std::collections::BTreeMap<String, String>,
+    /// A scheduled run sends its value in full at least this often, even when unchanged.
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    pub full_every: Option<Duration>,
+}
+
+/// What `[agent.schedule]` says of one plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleOverride {
+    /// Run on this interval, whatever the plugin file says.
+    Every(Duration),
+    /// Run only on command.
+    Off,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +106,9 @@ pub struct AgentSettings {
     /// its disk use to `(audit_files + 1) × audit_max_bytes`.
     pub audit_max_bytes: u64,
     pub audit_files: usize,
+    /// `[agent.schedule]`, by plugin name.
+    pub schedule: std::collections::BTreeMap<vogeler_proto::names::PluginName, ScheduleOverride>,
+    pub full_every: Duration,
     pub log_level: String,
 }
 
@@ -146,6 +168,36 @@ impl RawConfig {
                 "agent.audit_files: {audit_files} must be between 1 and {MAX_AUDIT_FILES}"
             ));
         }
+        let mut schedule = std::collections::BTreeMap::new();
+        for (name, when) in &self.agent.schedule {
+            let key = format!("agent.schedule.{name}");
+            let Some(plugin) = p.check(&key, vogeler_proto::names::PluginName::new(name.clone()))
+            else {
+                continue;
+            };
+            let parsed = if when == "off" {
+                Ok(ScheduleOverride::Off)
+            } else {
+                duration::parse(when).and_then(|d| {
+                    vogeler_proto::limits::check_interval(d).map(ScheduleOverride::Every)
+                })
+            };
+            match parsed {
+                Ok(o) => {
+                    schedule.insert(plugin, o);
+                }
+                Err(e) => p.0.push(format!(
+                    "{key}: {e}; write an interval such as \"1h\" or \"off\""
+                )),
+            }
+        }
+        let full_every = self
+            .agent
+            .full_every
+            .unwrap_or(Duration::from_secs(defaults::FULL_EVERY_SECS));
+        if full_every < Duration::from_secs(1) {
+            p.0.push("agent.full_every: must be at least 1s".into());
+        }
         let log_level = validate_level(&mut p, &self.log, LOG_LEVEL);
         let http_listen = validate_listen(
             &mut p,
@@ -181,6 +233,8 @@ impl RawConfig {
                 http_listen,
                 audit_max_bytes,
                 audit_files,
+                schedule,
+                full_every,
                 log_level,
             })
         })
@@ -207,6 +261,21 @@ impl ProgramSettings for AgentSettings {
         a.insert("max_command_ttl".into(), dur(self.max_command_ttl));
         a.insert("audit_max_bytes".into(), int(self.audit_max_bytes));
         a.insert("audit_files".into(), int(self.audit_files));
+        a.insert("full_every".into(), dur(self.full_every));
+        if !self.schedule.is_empty() {
+            let schedule: Table = self
+                .schedule
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        ScheduleOverride::Off => "off".to_string(),
+                        ScheduleOverride::Every(d) => duration::format(*d),
+                    };
+                    (k.to_string(), v.into())
+                })
+                .collect();
+            a.insert("schedule".into(), schedule.into());
+        }
         if let Some(listen) = &self.http_listen {
             a.insert("http_listen".into(), listen.to_string().into());
         }

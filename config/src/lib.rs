@@ -22,7 +22,7 @@ mod effective;
 pub mod runner;
 pub mod server;
 
-pub use agent::{AgentSettings, RawAgent};
+pub use agent::{AgentSettings, RawAgent, ScheduleOverride};
 pub use amqp::{BrokerSettings, RawAmqp, TlsFiles};
 pub use couchdb::{CouchSettings, Credentials, RawCouch};
 pub use effective::ProgramSettings;

@@ -74,6 +74,10 @@ pub struct ServerMetrics {
     pub dead_lettered: Family<ReasonLabel, Counter>,
     /// Messages from nodes whose key waits for approval or was rejected: acked, not stored.
     pub held: Counter,
+    /// Unchanged results about a value the database does not hold: acked, not stored.
+    pub unconfirmed: Counter,
+    /// Scheduled plugins not stored within twice their interval, over all nodes (polled).
+    pub overdue: Gauge,
     /// Messages waiting in the results queue at the last poll (the ingest lag).
     pub queue_messages: Gauge,
     /// Nodes whose stored document cannot be read back, one series each (value 1).
@@ -125,6 +129,16 @@ impl Metrics for ServerMetrics {
             "held",
             "Messages from nodes whose key waits for approval (or was rejected): acked, not stored",
             self.held.clone(),
+        );
+        r.register(
+            "unconfirmed",
+            "Unchanged results about a value the database does not hold (a new or restored database, a pruned node): acked, not stored; the agent sends the value in full within agent.full_every",
+            self.unconfirmed.clone(),
+        );
+        r.register(
+            "overdue_plugins",
+            "Scheduled plugins, over all nodes, with no run stored within twice their interval",
+            self.overdue.clone(),
         );
         r.register(
             "queue_messages",

@@ -371,6 +371,7 @@ fn result(from: &str, id: Uuid) -> Message {
         collected_at: Utc::now(),
         duration_ms: 1,
         agent_version: "0".into(),
+        scheduled: None,
     })
 }
 

@@ -163,6 +163,7 @@ async fn a_server_killed_mid_batch_20_times_stores_every_result_once() {
             collected_at: start + chrono::Duration::milliseconds(i as i64),
             duration_ms: 1,
             agent_version: "test".into(),
+            scheduled: None,
         };
         let signer = stack.key_for(&node);
         last.insert(node, i);

@@ -173,6 +173,7 @@ async fn malformed_messages_crash_nothing_and_are_all_refused() {
         collected_at: Utc::now() + chrono::Duration::milliseconds(n as i64),
         duration_ms: 1,
         agent_version: "test".into(),
+        scheduled: None,
     };
     let result_template =
         String::from_utf8(wire::encode(&Message::Result(result(0)))).expect("utf8");
@@ -319,6 +320,7 @@ fn marker_result(stack: &TestStack, node: &str) -> (String, Vec<u8>, lapin::type
         collected_at: Utc::now(),
         duration_ms: 1,
         agent_version: "test".into(),
+        scheduled: None,
     }));
     let headers = amqp::signature_headers(&stack.key_for(node), Purpose::Agent, &body);
     ("result.marker".into(), body, headers)

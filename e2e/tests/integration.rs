@@ -304,6 +304,7 @@ async fn duplicate_deliveries_leave_the_document_as_if_delivered_once() {
         collected_at: Utc::now(),
         duration_ms: 1,
         agent_version: "test".into(),
+        scheduled: None,
     };
     let body = vogeler_proto::wire::encode(&Message::Result(result.clone()));
     let key = Topology::result_routing_key(result.request_id);

@@ -39,6 +39,7 @@ fn result(node: &str, plugin: &str, value: Value) -> PluginResult {
         collected_at: Utc::now(),
         duration_ms: 1,
         agent_version: "test".into(),
+        scheduled: None,
     }
 }
 

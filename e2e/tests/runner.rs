@@ -339,6 +339,7 @@ async fn a_rogue_replier_is_reported_unverified_and_never_shown_as_an_answer() {
                 collected_at: chrono::Utc::now(),
                 duration_ms: 1,
                 agent_version: "rogue".into(),
+                scheduled: None,
             });
             let body = wire::encode(&reply);
             let headers =

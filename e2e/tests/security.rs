@@ -27,6 +27,7 @@ fn forged(node_name: &str, value: serde_json::Value) -> (PluginResult, Vec<u8>) 
         collected_at: Utc::now() + chrono::Duration::seconds(5),
         duration_ms: 1,
         agent_version: "rogue".into(),
+        scheduled: None,
     };
     let body = vogeler_proto::wire::encode(&Message::Result(r.clone()));
     (r, body)

@@ -29,6 +29,7 @@ fn result(n: &str, plugin: &str, value: Value, at: DateTime<Utc>) -> Message {
         collected_at: at,
         duration_ms: 1,
         agent_version: "test".into(),
+        scheduled: None,
     })
 }
 

@@ -97,5 +97,8 @@ fn definition<'a>(
         max_output: None,
         user: None,
         env: BTreeMap::new(),
+        // Legacy plugins run only on command; `[agent.schedule]` can give them an interval.
+        interval: None,
+        splay: None,
     })
 }

@@ -17,6 +17,8 @@
 //! env = { TZ = "UTC" }                   # optional extra environment
 //! fields = ["name", "version"]           # format "fields" only: one object per line
 //! separator = "\t"                       # format "fields" only: default runs of whitespace
+//! interval = "1h"                        # optional: the agent also runs it on this schedule
+//! splay = "5m"                           # optional: each run a random 0..splay later
 //! ```
 //! Original Vogeler `*.cfg` files load too (see [`legacy`]).
 
@@ -61,6 +63,10 @@ struct PluginFile {
     fields: Option<Vec<String>>,
     #[serde(default)]
     separator: Option<String>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    interval: Option<Duration>,
+    #[serde(default, deserialize_with = "duration::deserialize_opt")]
+    splay: Option<Duration>,
 }
 
 /// A size in bytes: a number, or a string such as `"512KiB"` or `"4MiB"`.
@@ -118,6 +124,11 @@ pub struct Plugin {
     pub file: PathBuf,
     /// `sha256:<hex>` of the file, announced so the server can see which version runs.
     pub hash: String,
+    /// The agent also runs the plugin on this interval (the agent config may override it).
+    pub interval: Option<Duration>,
+    /// Each scheduled run starts a random time up to this much after it is due, so a fleet
+    /// started together does not collect in lockstep.
+    pub splay: Option<Duration>,
 }
 
 /// Everything a plugin definition may say, whichever file syntax it came from.
@@ -131,6 +142,8 @@ pub struct Definition {
     pub max_output: Option<u64>,
     pub user: Option<String>,
     pub env: BTreeMap<String, String>,
+    pub interval: Option<Duration>,
+    pub splay: Option<Duration>,
 }
 
 impl Definition {
@@ -174,6 +187,22 @@ impl Definition {
         {
             return Err(format!("env: {bad:?} is not a valid variable name"));
         }
+        if let Some(i) = self.interval {
+            vogeler_proto::limits::check_interval(i)?;
+        }
+        match (self.interval, self.splay) {
+            (None, Some(_)) => {
+                return Err("splay without an interval: set interval too, or remove splay".into());
+            }
+            (Some(i), Some(s)) if s > i => {
+                return Err(format!(
+                    "splay {} is longer than the interval {}: runs would overtake each other; use a splay up to the interval",
+                    duration::format(s),
+                    duration::format(i)
+                ));
+            }
+            _ => {}
+        }
         if self.user.as_deref() == Some("") {
             return Err("user must not be empty; leave it out to run as the agent's user".into());
         }
@@ -189,6 +218,8 @@ impl Definition {
             env: self.env,
             file: file.to_path_buf(),
             hash: hash.to_string(),
+            interval: self.interval,
+            splay: self.splay,
         })
     }
 }
@@ -217,6 +248,8 @@ fn toml_definition(text: &str) -> Result<Definition, String> {
         timeout: raw.timeout,
         user: raw.user,
         env: raw.env,
+        interval: raw.interval,
+        splay: raw.splay,
     })
 }
 

@@ -2,7 +2,7 @@
 //! (reads).
 //!
 //! ```json
-//! { "_id": "web01",
+//! { "_id": "web01", "_rev": "...",
 //!   "hello": ["alpha", "beta"],
 //!   "vogeler": { "created_at": "...", "updated_at": "...", "last_seen": "...",
 //!                "agent_version": "0.1.0",
@@ -36,12 +36,14 @@ pub struct NodeDocument {
     /// Present on documents read from CouchDB; a write must carry it back.
     #[serde(rename = "_rev", default, skip_serializing_if = "Option::is_none")]
     pub rev: Option<String>,
+    /// Plugin values by plugin name (and any other top-level fields, kept as they are).
+    /// Written before the bookkeeping: CouchDB keeps the order it is given, so someone
+    /// opening the document in Fauxton sees the inventory first.
+    #[serde(flatten)]
+    pub values: BTreeMap<String, Value>,
     /// Missing on documents someone created by hand; adopted with fresh metadata.
     #[serde(rename = "vogeler")]
     pub meta: NodeMeta,
-    /// Plugin values by plugin name (and any other top-level fields, kept as they are).
-    #[serde(flatten)]
-    pub values: BTreeMap<String, Value>,
 }
 
 /// Read as one JSON object whose entries are then moved into place: a derived
@@ -146,6 +148,32 @@ pub struct PluginMeta {
     pub value_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_request_id: Option<Uuid>,
+    /// The plugin's interval on this node, from its last scheduled run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_s: Option<u64>,
+    /// When the next scheduled run is due: `collected_at` plus the interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_due: Option<DateTime<Utc>>,
+    /// The newest scheduled run that found the stored value unchanged (and so sent none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_at: Option<DateTime<Utc>>,
+}
+
+/// How many intervals a scheduled plugin may go without a stored run before it is overdue.
+pub const OVERDUE_INTERVALS: i32 = 2;
+
+impl PluginMeta {
+    /// When a scheduled plugin becomes overdue: no run stored within twice its interval.
+    pub fn overdue_at(&self) -> Option<DateTime<Utc>> {
+        let interval = chrono::TimeDelta::try_seconds(i64::try_from(self.interval_s?).ok()?)?;
+        self.collected_at
+            .checked_add_signed(interval.checked_mul(OVERDUE_INTERVALS)?)
+    }
+
+    /// Whether a scheduled plugin is overdue at `now` (a plugin without a schedule never is).
+    pub fn overdue(&self, now: DateTime<Utc>) -> bool {
+        self.overdue_at().is_some_and(|at| now > at)
+    }
 }
 
 /// One change of one plugin's value on one node, kept in the history database.
@@ -191,6 +219,10 @@ impl HistoryEntry {
 pub enum Change {
     Updated,
     Unchanged,
+    /// A scheduled run said its value is unchanged, but this document does not hold that
+    /// value (a new or restored database, a pruned or forgotten node, or a result lost on the
+    /// way): nothing is recorded until the agent sends the value in full.
+    Unconfirmed,
 }
 
 /// `sha256:<hex>` of a value's canonical JSON (object keys sorted), hashed as it is
@@ -215,6 +247,22 @@ pub fn value_hash(v: &Value) -> String {
         s.push_str(&format!("{b:02x}"));
     }
     s
+}
+
+/// Whether an unchanged run adds nothing worth a write: the stored run was `ok`, on the same
+/// interval, and at most half an interval before this one. Readers judge a plugin overdue
+/// only after twice its interval, so a confirmation skipped here never makes one look
+/// overdue, and a fleet whose values do not change is rewritten at most once an interval.
+fn confirmed_recently(stored: &PluginMeta, r: &PluginResult) -> bool {
+    let Some(schedule) = &r.scheduled else {
+        return false;
+    };
+    let half = i64::try_from(schedule.interval_s / 2).unwrap_or(i64::MAX);
+    stored.outcome == Outcome::Ok.status()
+        && stored.interval_s == Some(schedule.interval_s)
+        && stored.collected_at <= r.collected_at
+        && chrono::TimeDelta::try_seconds(half)
+            .is_some_and(|half| r.collected_at - stored.collected_at < half)
 }
 
 /// Whether a stored stamp lies further ahead of the server's clock than any node's clock
@@ -343,6 +391,18 @@ impl NodeDocument {
         let key = r.plugin.as_str();
         let stamp = (r.collected_at, r.request_id);
         let previous = self.meta.plugins.get(key).cloned();
+        if let Outcome::Unchanged { hash } = &r.outcome {
+            let holds = previous
+                .as_ref()
+                .is_some_and(|p| p.hash.as_deref() == Some(hash))
+                && self.values.contains_key(key);
+            if !holds {
+                return Change::Unconfirmed;
+            }
+            if previous.as_ref().is_some_and(|p| confirmed_recently(p, r)) {
+                return Change::Unchanged;
+            }
+        }
         // Two last-writer-wins registers, ordered by (collected_at, request_id): the run's
         // status, and the value of the newest `ok` run. Any order of the same results, with
         // any duplicates, gives the same document.
@@ -376,7 +436,12 @@ impl NodeDocument {
             truncated: false,
             value_at: None,
             value_request_id: None,
+            interval_s: None,
+            next_due: None,
+            confirmed_at: None,
         });
+        // An unchanged run confirms the stored value: no new value, no history entry.
+        let value_newer = value_newer && !matches!(r.outcome, Outcome::Unchanged { .. });
         if value_newer {
             let value = r.value.clone().unwrap_or(Value::Null);
             let hash = value_hash(&value);
@@ -408,6 +473,17 @@ impl NodeDocument {
             meta.exit_code = r.outcome.exit_code();
             meta.duration_ms = r.duration_ms;
             meta.truncated = r.truncated;
+            if let Outcome::Unchanged { .. } = r.outcome {
+                meta.outcome = Outcome::Ok.status().to_string();
+                meta.confirmed_at = Some(r.collected_at);
+            }
+            if let Some(schedule) = &r.scheduled {
+                meta.interval_s = Some(schedule.interval_s);
+                meta.next_due = i64::try_from(schedule.interval_s)
+                    .ok()
+                    .and_then(chrono::TimeDelta::try_seconds)
+                    .and_then(|i| r.collected_at.checked_add_signed(i));
+            }
         }
         self.meta.plugins.insert(key.to_string(), meta);
         self.meta.updated_at = now;
@@ -458,6 +534,7 @@ mod tests {
             collected_at: t(at),
             duration_ms: 5,
             agent_version: "0.1.0".into(),
+            scheduled: None,
         }
     }
 
@@ -669,5 +746,105 @@ mod tests {
             value_hash(&json!({"a": 2, "b": 1}))
         );
         assert!(value_hash(&json!(null)).starts_with("sha256:"));
+    }
+
+    fn scheduled(mut r: PluginResult, interval_s: u64) -> PluginResult {
+        r.scheduled = Some(crate::wire::Schedule { interval_s });
+        r
+    }
+
+    #[test]
+    fn an_unchanged_run_confirms_the_value_without_history_or_rewrite() {
+        let mut d = doc();
+        let v = json!(["alpha"]);
+        let full = scheduled(result(1, "00", Outcome::Ok, Some(v.clone())), 10);
+        let mut history = Vec::new();
+        assert_eq!(
+            d.apply_result_recording(&full, t("00"), &mut history),
+            Change::Updated
+        );
+        let hash = value_hash(&v);
+        // Half an interval later or more: the confirmation is recorded.
+        let same = scheduled(
+            result(2, "10", Outcome::Unchanged { hash: hash.clone() }, None),
+            10,
+        );
+        assert_eq!(
+            d.apply_result_recording(&same, t("10"), &mut history),
+            Change::Updated
+        );
+        assert!(history.is_empty(), "{history:?}");
+        assert_eq!(d.value("hello"), Some(&v));
+        let m = &d.meta.plugins["hello"];
+        assert_eq!(m.collected_at, t("10"));
+        assert_eq!(m.confirmed_at, Some(t("10")));
+        assert_eq!(m.value_at, Some(t("00")), "the value is the one sent at 00");
+        assert_eq!(m.outcome, "ok");
+        assert_eq!(m.next_due, Some(t("20")));
+        assert_eq!(m.interval_s, Some(10));
+        // Within half an interval of the stored run: nothing to write.
+        let soon = scheduled(result(3, "14", Outcome::Unchanged { hash }, None), 10);
+        assert_eq!(
+            d.apply_result_recording(&soon, t("14"), &mut history),
+            Change::Unchanged
+        );
+        assert_eq!(d.meta.plugins["hello"].collected_at, t("10"));
+    }
+
+    #[test]
+    fn an_unchanged_run_about_a_value_not_held_changes_nothing() {
+        let mut d = doc();
+        let claim = |id, hash: &str| {
+            scheduled(
+                result(id, "10", Outcome::Unchanged { hash: hash.into() }, None),
+                10,
+            )
+        };
+        // No value at all (a new database, a pruned node).
+        let before = d.clone();
+        assert_eq!(
+            d.apply_result(&claim(1, "sha256:00"), t("10")),
+            Change::Unconfirmed
+        );
+        assert_eq!(d, before);
+        // Another value than the one stored.
+        d.apply_result(&result(2, "00", Outcome::Ok, Some(json!(1))), t("00"));
+        let before = d.clone();
+        assert_eq!(
+            d.apply_result(&claim(3, "sha256:00"), t("10")),
+            Change::Unconfirmed
+        );
+        assert_eq!(d, before);
+        // The value comes back in full: stored as usual.
+        let full = scheduled(result(4, "20", Outcome::Ok, Some(json!(2))), 10);
+        assert_eq!(d.apply_result(&full, t("20")), Change::Updated);
+        assert_eq!(d.value("hello"), Some(&json!(2)));
+    }
+
+    #[test]
+    fn a_scheduled_plugin_is_overdue_after_twice_its_interval() {
+        let mut d = doc();
+        d.apply_result(
+            &scheduled(result(1, "00", Outcome::Ok, Some(json!(1))), 10),
+            t("00"),
+        );
+        let m = &d.meta.plugins["hello"];
+        assert_eq!(m.overdue_at(), Some(t("20")));
+        assert!(!m.overdue(t("20")));
+        assert!(m.overdue(t("21")));
+        // A plugin only ever run by commands has no schedule to miss.
+        let mut d = doc();
+        d.apply_result(&result(1, "00", Outcome::Ok, Some(json!(1))), t("00"));
+        assert!(!d.meta.plugins["hello"].overdue(t("59")));
+    }
+
+    #[test]
+    fn plugin_values_come_before_the_bookkeeping() {
+        let mut d = doc();
+        d.apply_result(&result(1, "00", Outcome::Ok, Some(json!(["a"]))), t("00"));
+        let text = serde_json::to_string(&d).expect("json");
+        let at = |k: &str| text.find(k).expect(k);
+        assert!(at("\"_id\"") < at("\"hello\""), "{text}");
+        assert!(at("\"hello\"") < at("\"vogeler\""), "{text}");
     }
 }

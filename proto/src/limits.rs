@@ -134,6 +134,30 @@ fn not_ahead(field: &str, at: DateTime<Utc>, now: DateTime<Utc>) -> Result<(), R
     Ok(())
 }
 
+/// The longest plugin interval (31 days): beyond that a schedule is a mistake, and twice it
+/// must still be a date.
+pub const MAX_INTERVAL_S: u64 = 31 * 24 * 3600;
+
+/// A plugin interval within bounds (1 s to [`MAX_INTERVAL_S`]), for plugin files and
+/// `[agent.schedule]` alike.
+pub fn check_interval(d: std::time::Duration) -> Result<std::time::Duration, String> {
+    let max = std::time::Duration::from_secs(MAX_INTERVAL_S);
+    if d < std::time::Duration::from_secs(1) {
+        return Err(format!(
+            "interval {} is under 1s",
+            crate::duration::format(d)
+        ));
+    }
+    if d > max {
+        return Err(format!(
+            "interval {} is over the longest, {}",
+            crate::duration::format(d),
+            crate::duration::format(max)
+        ));
+    }
+    Ok(d)
+}
+
 /// Check a result against every limit; `now` is the receiver's clock.
 pub fn check_result(r: &PluginResult, now: DateTime<Utc>) -> Result<(), Refusal> {
     not_ahead("collected_at", r.collected_at, now)?;
@@ -145,7 +169,21 @@ pub fn check_result(r: &PluginResult, now: DateTime<Utc>) -> Result<(), Refusal>
             text("error", error)?;
         }
         Outcome::FailedToStart { error } => text("error", error)?,
+        Outcome::Unchanged { hash } => {
+            text("hash", hash)?;
+            if r.value.is_some() {
+                return Err("an unchanged result carries no value".into());
+            }
+        }
         Outcome::Ok | Outcome::TimedOut { .. } | Outcome::UnknownPlugin => {}
+    }
+    if let Some(s) = &r.scheduled
+        && !(1..=MAX_INTERVAL_S).contains(&s.interval_s)
+    {
+        return Err(format!(
+            "interval_s {} is outside 1 s to {MAX_INTERVAL_S} s",
+            s.interval_s
+        ));
     }
     if let Some(v) = &r.value {
         check_value(v).map_err(|e| format!("value of plugin {}: {e}", r.plugin))?;

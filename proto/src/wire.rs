@@ -115,11 +115,18 @@ pub enum Outcome {
     FailedToStart { error: String },
     /// The agent has no plugin of that name.
     UnknownPlugin,
+    /// A scheduled run whose value has the hash of the value this agent last published for
+    /// the plugin: the value is left out. Only scheduled runs send it; a server that does
+    /// not hold that value ignores it and gets the value in full with the agent's next full
+    /// result (see `agent.full_every`). A release before this variant refuses it (to the
+    /// dead letters) rather than storing an empty value: upgrade servers first.
+    Unchanged { hash: String },
 }
 
 impl Outcome {
+    /// Whether the run succeeded and its output parsed (a value, or "unchanged").
     pub fn is_ok(&self) -> bool {
-        matches!(self, Outcome::Ok)
+        matches!(self, Outcome::Ok | Outcome::Unchanged { .. })
     }
     /// The `status` tag, for tables and metadata.
     pub fn status(&self) -> &'static str {
@@ -130,12 +137,13 @@ impl Outcome {
             Outcome::TimedOut { .. } => "timed_out",
             Outcome::FailedToStart { .. } => "failed_to_start",
             Outcome::UnknownPlugin => "unknown_plugin",
+            Outcome::Unchanged { .. } => "unchanged",
         }
     }
     /// The exit code when the process exited on its own.
     pub fn exit_code(&self) -> Option<i32> {
         match self {
-            Outcome::Ok | Outcome::InvalidOutput { .. } => Some(0),
+            Outcome::Ok | Outcome::Unchanged { .. } | Outcome::InvalidOutput { .. } => Some(0),
             Outcome::Failed { exit_code, .. } => *exit_code,
             _ => None,
         }
@@ -143,7 +151,7 @@ impl Outcome {
     /// A one-line explanation for anything but `ok`.
     pub fn error_text(&self) -> Option<String> {
         match self {
-            Outcome::Ok => None,
+            Outcome::Ok | Outcome::Unchanged { .. } => None,
             Outcome::Failed {
                 exit_code,
                 signal,
@@ -192,6 +200,18 @@ pub struct PluginResult {
     pub collected_at: DateTime<Utc>,
     pub duration_ms: u64,
     pub agent_version: String,
+    /// Present when the agent's own schedule ran the plugin (no command asked): the
+    /// request id is then the agent's own, and no runner waits for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled: Option<Schedule>,
+}
+
+/// How a scheduled run's plugin is scheduled on its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Schedule {
+    /// The plugin's interval on this node: the server marks the plugin overdue when no run
+    /// is stored within twice this.
+    pub interval_s: u64,
 }
 
 /// A present field, even `null`, is `Some`; an absent one is `None` (via `default`).
@@ -530,6 +550,7 @@ mod tests {
             collected_at: ts("2026-11-22T05:00:01Z"),
             duration_ms: 12,
             agent_version: "0.1.0".into(),
+            scheduled: None,
         })
     }
 

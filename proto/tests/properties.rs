@@ -91,6 +91,7 @@ fn result() -> impl Strategy<Value = PluginResult> {
                     collected_at,
                     duration_ms: d,
                     agent_version: v,
+                    scheduled: None,
                 }
             },
         )
@@ -160,6 +161,7 @@ fn node_results() -> impl Strategy<Value = Vec<PluginResult>> {
                 .expect("time"),
             duration_ms: 1,
             agent_version: v.to_string(),
+            scheduled: None,
         });
     // A request id names one result of one node: make them distinct.
     prop::collection::vec(one, 1..10).prop_map(|mut rs| {

@@ -423,6 +423,7 @@ mod tests {
             collected_at: Utc::now(),
             duration_ms: 1,
             agent_version: "1".into(),
+            scheduled: None,
         }
     }
 

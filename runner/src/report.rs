@@ -354,6 +354,7 @@ mod tests {
                 collected_at: Utc::now(),
                 duration_ms: 7,
                 agent_version: "0".into(),
+                scheduled: None,
             },
         )
     }

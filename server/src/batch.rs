@@ -185,6 +185,8 @@ pub struct Settlement {
     pub wrong_key: u64,
     /// Of `ack`, how many were held back by enrollment (not stored).
     pub held: u64,
+    /// Of `ack`, how many said "unchanged" about a value the database does not hold.
+    pub unconfirmed: u64,
 }
 
 impl Settlement {
@@ -195,6 +197,10 @@ impl Settlement {
                 Stored::Done => s.ack.push(i),
                 Stored::Held(_) => {
                     s.held += 1;
+                    s.ack.push(i);
+                }
+                Stored::Unconfirmed(_) => {
+                    s.unconfirmed += 1;
                     s.ack.push(i);
                 }
                 Stored::Refused(reason) => s.dead.push((i, reason)),
@@ -425,6 +431,7 @@ mod tests {
                 collected_at: at,
                 duration_ms: 1,
                 agent_version: "0.1.0".into(),
+                scheduled: None,
             })
         };
         let fine = serde_json::json!({"a": [1, 2]});

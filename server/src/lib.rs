@@ -451,6 +451,7 @@ async fn handle_batch(
                 warn!(reason = %reason, "refused a message signed by another key than its node's")
             }
             Stored::Held(reason) => debug!(reason = %reason, "held back a message"),
+            Stored::Unconfirmed(reason) => info!(reason = %reason, "unconfirmed unchanged result"),
             Stored::Done => {}
         }
     }
@@ -470,8 +471,9 @@ async fn handle_batch(
         .map(|(i, r)| (&valid[*i].settlement, r.as_str()))
         .collect();
     dead_count += unstorable.len() as u64;
-    let stored_count = plan.ack.len() as u64 - plan.held;
+    let stored_count = plan.ack.len() as u64 - plan.held - plan.unconfirmed;
     metrics.held.inc_by(plan.held);
+    metrics.unconfirmed.inc_by(plan.unconfirmed);
     metrics.batches.inc();
     metrics.stored.inc_by(stored_count);
     metrics.dead_lettered("wrong_key", plan.wrong_key);

@@ -37,6 +37,9 @@ pub enum Stored {
     /// From a node whose key waits for approval, or was rejected: acked, not stored, and not
     /// dead-lettered (a pending node's heartbeats would fill the dead letters).
     Held(String),
+    /// A scheduled run said "unchanged" about a value this database does not hold: acked and
+    /// counted, and stored once the agent sends the value in full (`agent.full_every`).
+    Unconfirmed(String),
 }
 
 /// Nodes waiting for approval at most: beyond it new claims are not recorded (each new key
@@ -643,6 +646,14 @@ pub fn merge_node(
             Message::Announce(a) => doc.apply_announce(a, now),
             Message::Command(_) => Change::Unchanged,
         };
+        if change == Change::Unconfirmed
+            && let Message::Result(r) = &m.message
+        {
+            outcome[i] = Stored::Unconfirmed(format!(
+                "node {} says plugin {}'s value is unchanged, but its stored value differs or is missing; it is stored when the agent next sends it in full (or run: vogeler-runner -c {} -n {})",
+                r.node, r.plugin, r.plugin, r.node
+            ));
+        }
         changed |= change == Change::Updated;
     }
     changed
@@ -724,6 +735,7 @@ mod tests {
             collected_at: Utc::now() - chrono::Duration::seconds(1000 - n as i64),
             duration_ms: 1,
             agent_version: "0.1.0".into(),
+            scheduled: None,
         })
     }
 

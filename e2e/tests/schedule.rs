@@ -1,0 +1,188 @@
+//! Scheduled collection through the whole path, with no runner involved: agent schedule →
+//! plugin → signed result → server → CouchDB, on the real broker and database. Change-only
+//! results, the schedule surviving a restart, and no burst after downtime.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use vogeler_e2e::{TestStack, plugin_dir, spawn_agent, spawn_server, wait_for};
+
+/// A plugin whose output changes on every run (nanoseconds since the epoch).
+const TICK: &str =
+    "name = \"tick\"\ncommand = [\"date\", \"+%s%N\"]\nformat = \"string\"\ninterval = \"2s\"\n";
+/// A plugin whose output never changes.
+const SAME: &str =
+    "name = \"same\"\ncommand = [\"printf\", \"steady\"]\nformat = \"string\"\ninterval = \"2s\"\n";
+
+/// History entries of one node's plugin.
+async fn history_of(stack: &TestStack, node: &str, plugin: &str) -> usize {
+    let prefix = format!("{node}:{plugin}:");
+    stack
+        .history_ids()
+        .await
+        .iter()
+        .filter(|id| id.starts_with(&prefix))
+        .count()
+}
+
+/// The times the agent's schedule ran `plugin`, from its audit log.
+fn scheduled_runs(stack: &TestStack, node: &str, plugin: &str) -> Vec<DateTime<Utc>> {
+    stack
+        .audit_events(node, "finished")
+        .iter()
+        .filter(|e| e["key"] == "schedule" && e["plugin"] == plugin)
+        .filter_map(|e| e["time"].as_str()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_plugin_whose_output_changes_is_stored_on_every_run_and_one_that_does_not_is_only_confirmed()
+ {
+    let stack = TestStack::new().await;
+    let _server = spawn_server(stack.server_settings());
+    let plugins = plugin_dir(&[("tick.toml", TICK), ("same.toml", SAME)]);
+    let started = Instant::now();
+    let agent = spawn_agent(stack.agent_settings("sched01", plugins.path()));
+
+    // Changing output on a 2 s interval: three values stored (the first and two changes)
+    // within 8 s of the agent's start.
+    wait_for(
+        "three values of tick stored",
+        Duration::from_secs(8),
+        || async { history_of(&stack, "sched01", "tick").await >= 2 },
+    )
+    .await;
+    let three = started.elapsed();
+
+    // Unchanging output: its first value, then only confirmations.
+    wait_for(
+        "two confirmations of same",
+        Duration::from_secs(20),
+        || async {
+            let runs = scheduled_runs(&stack, "sched01", "same").len();
+            let doc = stack.document("sched01").await;
+            runs >= 3
+                && doc.is_some_and(|d| {
+                    let m = &d.meta.plugins["same"];
+                    m.confirmed_at.is_some() && m.confirmed_at > m.value_at
+                })
+        },
+    )
+    .await;
+    let doc = stack.document("sched01").await.expect("document");
+    let first = doc.meta.plugins["same"].clone();
+    wait_for(
+        "a later confirmation of same",
+        Duration::from_secs(20),
+        || async {
+            let d = stack.document("sched01").await.expect("document");
+            d.meta.plugins["same"].confirmed_at > first.confirmed_at
+        },
+    )
+    .await;
+    let doc = stack.document("sched01").await.expect("document");
+    let same = &doc.meta.plugins["same"];
+    assert_eq!(history_of(&stack, "sched01", "same").await, 0, "no history");
+    assert_eq!(doc.value("same"), Some(&serde_json::json!("steady")));
+    // Not rewritten: the stored value is still the one of the first run.
+    assert_eq!(same.value_at, first.value_at);
+    assert_eq!(same.value_request_id, first.value_request_id);
+    assert_eq!(same.outcome, "ok");
+    assert_eq!(same.interval_s, Some(2));
+    let due = same.next_due.expect("next due");
+    assert_eq!(
+        due - same.collected_at,
+        chrono::TimeDelta::seconds(2),
+        "next due an interval after the last run"
+    );
+    assert!(!same.overdue(Utc::now()), "{same:?}");
+    let tick = &doc.meta.plugins["tick"];
+    assert_eq!(tick.interval_s, Some(2));
+    assert!(tick.confirmed_at.is_none(), "tick changed every time");
+    println!(
+        "tick: 3 values stored {:.1} s after the agent started; same: {} runs, {} history entries, value from {}",
+        three.as_secs_f64(),
+        scheduled_runs(&stack, "sched01", "same").len(),
+        history_of(&stack, "sched01", "same").await,
+        same.value_at.expect("value_at")
+    );
+    agent.stop().await.expect("agent");
+}
+
+#[tokio::test]
+async fn a_restart_resumes_the_schedule_instead_of_running_at_once() {
+    let stack = TestStack::new().await;
+    let _server = spawn_server(stack.server_settings());
+    // Six seconds: a restart without the record would run within 6 s of the new start,
+    // that is usually well before 6 s after the last run.
+    let every6 =
+        "name = \"slow\"\ncommand = [\"printf\", \"x\"]\nformat = \"string\"\ninterval = \"6s\"\n";
+    let plugins = plugin_dir(&[("slow.toml", every6)]);
+    let settings = stack.agent_settings("sched02", plugins.path());
+    let agent = spawn_agent(settings.clone());
+    wait_for(
+        "the first scheduled run",
+        Duration::from_secs(20),
+        || async { !scheduled_runs(&stack, "sched02", "slow").is_empty() },
+    )
+    .await;
+    agent.stop().await.expect("agent");
+    let record = vogeler_agent::schedule::LastRuns::load(&settings.state_dir).expect("record");
+    assert!(record.last_run.contains_key("slow"), "{record:?}");
+
+    let agent = spawn_agent(settings);
+    wait_for(
+        "the run after the restart",
+        Duration::from_secs(20),
+        || async { scheduled_runs(&stack, "sched02", "slow").len() >= 2 },
+    )
+    .await;
+    let runs = scheduled_runs(&stack, "sched02", "slow");
+    let gap = (runs[1] - runs[0]).to_std().expect("ordered");
+    assert!(
+        gap >= Duration::from_millis(5500),
+        "the restarted agent ran {gap:?} after the last run, before the interval was up"
+    );
+    println!("restart: the next run came {gap:?} after the last one (interval 6 s)");
+    agent.stop().await.expect("agent");
+}
+
+#[tokio::test]
+async fn downtime_of_many_intervals_gives_one_catch_up_run_not_a_burst() {
+    let stack = TestStack::new().await;
+    let _server = spawn_server(stack.server_settings());
+    let every3 = "name = \"missed\"\ncommand = [\"printf\", \"x\"]\nformat = \"string\"\ninterval = \"3s\"\n";
+    let plugins = plugin_dir(&[("missed.toml", every3)]);
+    let settings = stack.agent_settings("sched03", plugins.path());
+    // Last ran 100 intervals ago.
+    std::fs::create_dir_all(&settings.state_dir).expect("state dir");
+    let mut record = vogeler_agent::schedule::LastRuns::default();
+    record.last_run.insert(
+        "missed".into(),
+        Utc::now() - chrono::TimeDelta::seconds(300),
+    );
+    record.save(&settings.state_dir).expect("record");
+    let started = Utc::now();
+    let agent = spawn_agent(settings);
+    wait_for(
+        "the catch-up run and the one after",
+        Duration::from_secs(20),
+        || async { scheduled_runs(&stack, "sched03", "missed").len() >= 2 },
+    )
+    .await;
+    let runs = scheduled_runs(&stack, "sched03", "missed");
+    let catch_up = (runs[0] - started).to_std().unwrap_or_default();
+    let gap = (runs[1] - runs[0]).to_std().expect("ordered");
+    assert!(
+        catch_up < Duration::from_secs(4),
+        "catch-up after {catch_up:?}"
+    );
+    assert!(
+        gap >= Duration::from_millis(2500),
+        "a second run {gap:?} after the catch-up: a burst"
+    );
+    println!(
+        "downtime of 100 intervals: catch-up {catch_up:?} after the start, the next {gap:?} later"
+    );
+    agent.stop().await.expect("agent");
+}
