@@ -193,6 +193,11 @@ async fn changes_across_the_fleet_newest_first_and_filtered() {
     let doc: Value = serde_json::from_str(&doc).expect("json");
     assert_eq!(doc.as_array().map(Vec::len), Some(3), "{doc}");
 
+    // The window is a bound: nothing changed in the last second once two have passed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (recent, _) = stdout(&["changes", "--since", "1s"]).await;
+    assert!(recent.starts_with("no changes since "), "{recent}");
+
     // `history` says a change the same way.
     let (history, _) = stdout(&["history", WEB, "pkgs"]).await;
     println!("$ vogeler-runner history {WEB} pkgs\n{history}");
