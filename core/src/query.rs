@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 use vogeler_proto::{
-    design::{self, Collected, Pending, Quarantined, Registered, View},
+    design::{self, Collected, HistoryRow, Pending, Quarantined, Registered, View},
     document::HistoryEntry,
     enrollment,
 };
@@ -146,6 +146,61 @@ impl Inventory {
             .await?
             .into_iter()
             .filter_map(|r| serde_json::from_value(r.doc?).ok())
+            .collect())
+    }
+
+    /// Ids of the history entries recorded at or after `cutoff` (RFC 3339) that `wanted`
+    /// keeps, newest first: at most `limit`, and whether more exist. Reads the time view's
+    /// small rows a page at a time and no entry, so a busy window costs rows, not values.
+    pub async fn changes_since(
+        &self,
+        cutoff: &str,
+        limit: usize,
+        mut wanted: impl FnMut(&HistoryRow) -> bool,
+    ) -> Result<(Vec<String>, bool), CouchError> {
+        const PAGE: usize = 2000;
+        let mut ids = Vec::new();
+        let mut after: Option<(Value, String)> = None;
+        loop {
+            let mut params = vec![
+                ("descending", "true".to_string()),
+                ("endkey", json!(cutoff).to_string()),
+                ("limit", PAGE.to_string()),
+            ];
+            // Keys repeat (two entries in one millisecond): resume after the last row read.
+            if let Some((key, id)) = &after {
+                params.push(("startkey", key.to_string()));
+                params.push(("startkey_docid", id.clone()));
+                params.push(("skip", "1".to_string()));
+            }
+            let rows = self.rows(design::HISTORY_BY_TIME, &params).await?;
+            let full = rows.len() == PAGE;
+            for r in rows {
+                let Some(id) = r.id else { continue };
+                if id.starts_with("_design/") || !wanted(&HistoryRow::from_value(&r.value)) {
+                    after = Some((r.key, id));
+                    continue;
+                }
+                if ids.len() == limit {
+                    return Ok((ids, true));
+                }
+                ids.push(id.clone());
+                after = Some((r.key, id));
+            }
+            if !full {
+                return Ok((ids, false));
+            }
+        }
+    }
+
+    /// History entries by id, in the order asked; missing or unreadable ones left out.
+    pub async fn history_entries(&self, ids: &[&str]) -> Result<Vec<HistoryEntry>, CouchError> {
+        Ok(self
+            .couch
+            .get_many::<HistoryEntry>(&self.history_db, ids)
+            .await?
+            .into_iter()
+            .filter_map(|(_, e)| e.found())
             .collect())
     }
 

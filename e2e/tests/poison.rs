@@ -443,7 +443,10 @@ async fn node_supplied_text_reaches_the_terminal_escaped() {
     let out = run(runner).await;
     let history = String::from_utf8_lossy(&out.stdout);
     assert!(!history.contains('\u{1b}'), "{history:?}");
-    assert!(history.contains(r"new: \u{1b}[31mred"), "{history}");
+    assert!(
+        history.contains(r"\u{1b}]0;owned\u{7} → \u{1b}[31mred"),
+        "{history}"
+    );
 
     let mut runner = with_couch(program("vogeler-runner", &stack), &stack);
     runner.args(["nodes", "--output", "json"]);

@@ -14,7 +14,7 @@ pub const ENROLLMENT_DDOC: &str = "vogeler_enrollment";
 
 /// Bumped whenever a view below changes: servers upgrade older design documents on start and
 /// leave newer ones (from a newer server) alone.
-pub const VERSION: u64 = 5;
+pub const VERSION: u64 = 6;
 
 /// A view: the design document it lives in, its name and its map function, in one place so
 /// that the server installs and every reader queries the same thing.
@@ -92,11 +92,13 @@ pub const FACTS: View = View {
     reduce: None,
 };
 
-/// History entry time → null, for retention.
+/// History entry time → [`HistoryRow`] (`{node, plugin}`): retention, and `changes`
+/// across the fleet, which filters rows by node and plugin before it reads any (large)
+/// entry.
 pub const HISTORY_BY_TIME: View = View {
     ddoc: HISTORY_DDOC,
     name: "by_time",
-    map: "function (doc) { if (doc.at) { emit(doc.at, null); } }",
+    map: "function (doc) { if (doc.at) { emit(doc.at, { node: doc.node || null, plugin: doc.plugin || null }); } }",
     reduce: None,
 };
 
@@ -242,6 +244,24 @@ impl Quarantined {
         Self {
             reason: v.get("reason").and_then(Value::as_str).map(str::to_string),
             since: time(v.get("since")),
+        }
+    }
+}
+
+/// A [`HISTORY_BY_TIME`] row's value, read as leniently as [`Registered`]: `None`s from a
+/// design document older than version 6, whose rows carried no value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistoryRow {
+    pub node: Option<String>,
+    pub plugin: Option<String>,
+}
+
+impl HistoryRow {
+    pub fn from_value(v: &Value) -> Self {
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        Self {
+            node: text("node"),
+            plugin: text("plugin"),
         }
     }
 }

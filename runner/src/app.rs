@@ -41,6 +41,13 @@ fn print_rows(output: Output, rows: &[serde_json::Value]) {
     }
 }
 
+fn to_rows(changes: &[crate::diff::Change]) -> Vec<serde_json::Value> {
+    changes
+        .iter()
+        .map(|c| serde_json::to_value(c).unwrap_or_default())
+        .collect()
+}
+
 fn lines(names: Vec<String>) -> String {
     names.into_iter().map(|n| format!("{n}\n")).collect()
 }
@@ -61,7 +68,34 @@ async fn inventory(
             what: Find::Fact { spec: (key, value) },
         } => lines(inv::find_fact(&settings.couch, key, value).await?),
         Command::History { node, plugin } => {
-            inv::render_history(&inv::history(&settings.couch, node, plugin).await?)
+            let changes = inv::history_changes(&inv::history(&settings.couch, node, plugin).await?);
+            if cli.output != Output::Table {
+                print_rows(cli.output, &to_rows(&changes));
+                return Ok(exit::OK);
+            }
+            inv::render_history(&changes, cli.full)
+        }
+        Command::Changes {
+            since,
+            plugins,
+            limit,
+        } => {
+            let query = inv::ChangesQuery {
+                since: *since,
+                plugins: plugins.clone(),
+                limit: *limit as usize,
+            };
+            let set = node_set(cli)?;
+            let changes = inv::changes(&settings.couch, &set, settings.freshness, &query).await?;
+            if cli.output != Output::Table {
+                print_rows(cli.output, &to_rows(&changes.changes));
+                // On stderr, so the JSON stays one document of changes only.
+                if changes.more {
+                    eprintln!("vogeler-runner: {}", inv::more_note(changes.changes.len()));
+                }
+                return Ok(exit::OK);
+            }
+            inv::render_changes(&changes, cli.full)
         }
         Command::Keygen { .. } => unreachable!("keygen runs before configuration is loaded"),
         Command::Nodes {

@@ -34,6 +34,7 @@ use crate::inventory as inv;
         "  vogeler-runner find package openssl=3.0.11-1  nodes with that package (from CouchDB)\n",
         "  vogeler-runner find fact os.family=Debian\n",
         "  vogeler-runner history web01 dpkg             how a plugin's value changed\n",
+        "  vogeler-runner changes --since 6h -n 'web*'  what changed across the fleet\n",
         "  vogeler-runner keygen --out /etc/vogeler/keys  a key pair to sign commands with\n",
         "  vogeler-runner nodes forget web01             accept a reinstalled node's new key\n",
         "  vogeler-runner nodes pending                 keys waiting for approval\n",
@@ -151,8 +152,15 @@ pub enum Command {
         #[command(subcommand)]
         what: Find,
     },
-    /// Show each recorded change of a plugin's value on a node: for lists the added (+) and
-    /// removed (-) entries, otherwise the old and new values
+    /// Show each recorded change of a plugin's value on a node, oldest first: packages by
+    /// name (openssl 3.0.11-1 → 3.0.13-1, + added, - removed), objects by key path
+    /// (os.version: 11 → 12), other lists by entry, anything else as old → new
+    #[command(after_long_help = concat!(
+        "Examples:\n",
+        "  vogeler-runner history web01 dpkg             package upgrades, installs, removals\n",
+        "  vogeler-runner history web01 facts --full     every changed key, values uncut\n",
+        "  vogeler-runner history web01 dpkg --output jsonl | jq .changed\n",
+    ))]
     History {
         /// The node's name
         #[arg(value_parser = NodeName::new_checked)]
@@ -160,6 +168,31 @@ pub enum Command {
         /// The plugin's name
         #[arg(value_parser = PluginName::new_checked)]
         plugin: PluginName,
+    },
+    /// What changed across the fleet, newest first, from the history the server records:
+    /// one block per changed plugin value on a node, said as `history` says it. Filter with
+    /// -n (any node set, as for a fan-out) and --plugin; no node is asked anything
+    #[command(after_long_help = concat!(
+        "Examples:\n",
+        "  vogeler-runner changes                        the last day, every node\n",
+        "  vogeler-runner changes --since 2h -n 'web*'\n",
+        "  vogeler-runner changes --since 7d --plugin dpkg --plugin rpms   package changes\n",
+        "  vogeler-runner changes -n os.family=Debian --output jsonl | jq -c '{node, changed}'\n",
+        "\n",
+        "Output: table (blocks of at most 20 lines; --full shows all), json, jsonl (one line\n",
+        "per change: at, node, plugin, request_id, kind, and changed/added/removed), yaml.\n",
+    ))]
+    Changes {
+        /// How far back to look: 30m, 6h, 7d (a number alone is seconds)
+        #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = vogeler_proto::duration::parse)]
+        since: std::time::Duration,
+        /// Only this plugin's changes (repeat for several)
+        #[arg(short = 'c', long = "plugin", value_name = "PLUGIN", value_parser = PluginName::new_checked)]
+        plugins: Vec<PluginName>,
+        /// Show at most this many changes, the newest; says so when more exist (each change
+        /// read holds two values of its plugin, up to megabytes for a package list)
+        #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+        limit: u32,
     },
 }
 

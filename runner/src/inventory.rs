@@ -17,7 +17,9 @@ use vogeler_proto::{
     signing::{KeyError, PrivateKey, PublicKey},
 };
 
-use crate::{RunnerError, target::NodeSet};
+use vogeler_proto::text::printable;
+
+use crate::{RunnerError, diff::Change, target::NodeSet};
 
 /// The inventory in CouchDB, through the one query module.
 pub(crate) fn open(settings: &CouchSettings) -> Result<Inventory, RunnerError> {
@@ -518,53 +520,172 @@ pub async fn show(
     })
 }
 
-/// One block per change: its time, and for lists the added and removed entries, otherwise
-/// the old and new values.
-pub fn render_history(entries: &[HistoryEntry]) -> String {
+/// Every recorded change of `plugin` on `node` as [`Change`]s, oldest first.
+pub fn history_changes(entries: &[HistoryEntry]) -> Vec<Change> {
+    entries.iter().map(Change::of).collect()
+}
+
+/// One block per change of one node's plugin: its time and request, then what changed
+/// (see [`crate::diff`]).
+pub fn render_history(changes: &[Change], full: bool) -> String {
     let mut out = String::new();
-    for e in entries {
-        let _ = writeln!(
-            out,
-            "{}  request {}",
-            e.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            e.request_id
-        );
-        match (&e.old, &e.new) {
-            (Value::Array(old), Value::Array(new)) => {
-                let added: Vec<&Value> = new.iter().filter(|v| !old.contains(v)).collect();
-                let removed: Vec<&Value> = old.iter().filter(|v| !new.contains(v)).collect();
-                for v in &added {
-                    let _ = writeln!(out, "  + {}", short(v));
-                }
-                for v in &removed {
-                    let _ = writeln!(out, "  - {}", short(v));
-                }
-                if added.is_empty() && removed.is_empty() {
-                    let _ = writeln!(out, "  (same entries, new order)");
-                }
-            }
-            (Value::Null, new) => {
-                let _ = writeln!(out, "  first value: {}", short(new));
-            }
-            (old, new) => {
-                let _ = writeln!(out, "  old: {}\n  new: {}", short(old), short(new));
-            }
-        }
+    for c in changes {
+        let _ = writeln!(out, "{}  request {}", time(c.at), c.request_id);
+        render_diff(&mut out, c, full);
     }
-    if entries.is_empty() {
+    if changes.is_empty() {
         let _ = writeln!(out, "no recorded changes");
     }
     out
 }
 
-/// A value on one line, with node-supplied escapes shown, not obeyed.
-fn short(v: &Value) -> String {
-    let text = match v {
-        Value::String(s) => s.clone(),
-        Value::Array(a) => format!("{} items", a.len()),
-        other => other.to_string(),
+/// Lines a change shows in a table before `--full` is needed: a distribution upgrade
+/// changes hundreds of packages, and one node should not push the rest off the screen.
+const LINES_PER_CHANGE: usize = 20;
+
+fn render_diff(out: &mut String, c: &Change, full: bool) {
+    if c.unrecorded > 0 {
+        let _ = writeln!(
+            out,
+            "  ({} earlier change(s) not recorded: the value changed faster than the server's history budget)",
+            c.unrecorded
+        );
+    }
+    let lines = c.diff.lines(full);
+    let shown = if full { lines.len() } else { LINES_PER_CHANGE };
+    for line in lines.iter().take(shown) {
+        let _ = writeln!(out, "  {line}");
+    }
+    if lines.len() > shown {
+        let _ = writeln!(
+            out,
+            "  … {} more (--full shows them all)",
+            lines.len() - shown
+        );
+    }
+}
+
+/// What `changes` asks the history for.
+#[derive(Debug, Clone)]
+pub struct ChangesQuery {
+    /// Changes recorded within this long before now.
+    pub since: std::time::Duration,
+    /// Only these plugins (all when empty).
+    pub plugins: Vec<PluginName>,
+    /// At most this many changes, the newest.
+    pub limit: usize,
+}
+
+/// Changes across the fleet, newest first.
+#[derive(Debug, Clone)]
+pub struct Changes {
+    pub changes: Vec<Change>,
+    /// The start of the window asked for.
+    pub since: chrono::DateTime<chrono::Utc>,
+    /// More changes match than the limit let through.
+    pub more: bool,
+}
+
+/// Entries fetched per request: each holds two whole values (a package list can be
+/// megabytes), and only their diffs are kept.
+const ENTRIES_PER_REQUEST: usize = 50;
+
+/// Changes of every node in `set` (or of `plugins`) recorded within `query.since`, newest
+/// first, at most `query.limit` of them.
+pub async fn changes(
+    settings: &CouchSettings,
+    set: &NodeSet,
+    freshness: std::time::Duration,
+    query: &ChangesQuery,
+) -> Result<Changes, RunnerError> {
+    let inventory = open(settings)?;
+    // `all` is every node with history, registered still or not; other sets need facts.
+    let registry = if set.is_all() {
+        None
+    } else {
+        Some(crate::registry(settings, freshness).await?)
     };
-    vogeler_proto::text::printable(&text).into_owned()
+    let node_wanted = |node: &str| match &registry {
+        None => true,
+        Some(registry) => NodeName::new(node).is_ok_and(|n| set.matches(&n, registry.get(&n))),
+    };
+    let plugin_wanted = |plugin: &str| {
+        query.plugins.is_empty() || query.plugins.iter().any(|p| p.as_str() == plugin)
+    };
+    let since = chrono::Utc::now()
+        - chrono::Duration::from_std(query.since).unwrap_or(chrono::Duration::MAX);
+    let cutoff = since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    // Rows from a design document older than version 6 name no node or plugin: kept here,
+    // judged below once their entry is read.
+    let (ids, more) = inventory
+        .changes_since(&cutoff, query.limit, |row| {
+            row.node.as_deref().is_none_or(node_wanted)
+                && row.plugin.as_deref().is_none_or(plugin_wanted)
+        })
+        .await
+        .map_err(registry_error)?;
+    let mut changes = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(ENTRIES_PER_REQUEST) {
+        let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let entries = inventory
+            .history_entries(&chunk)
+            .await
+            .map_err(registry_error)?;
+        changes.extend(
+            entries
+                .iter()
+                .filter(|e| node_wanted(&e.node) && plugin_wanted(&e.plugin))
+                .map(Change::of),
+        );
+    }
+    Ok(Changes {
+        changes,
+        since,
+        more,
+    })
+}
+
+/// `changes` as a table: one block per change, newest first, and what was left out.
+pub fn render_changes(c: &Changes, full: bool) -> String {
+    let mut out = String::new();
+    let width = |f: fn(&Change) -> &str| {
+        c.changes
+            .iter()
+            .map(|c| printable(f(c)).chars().count())
+            .max()
+            .unwrap_or(0)
+    };
+    let (nodes, plugins) = (width(|c| &c.node), width(|c| &c.plugin));
+    for change in &c.changes {
+        let _ = writeln!(
+            out,
+            "{}  {:<nodes$}  {:<plugins$}",
+            time(change.at),
+            printable(&change.node),
+            printable(&change.plugin)
+        );
+        render_diff(&mut out, change, full);
+    }
+    let since = time(c.since);
+    match c.changes.len() {
+        0 => {
+            let _ = writeln!(out, "no changes since {since}");
+        }
+        n => {
+            let _ = writeln!(out, "{n} change(s) since {since}, newest first");
+        }
+    }
+    if c.more {
+        let _ = writeln!(out, "{}", more_note(c.changes.len()));
+    }
+    out
+}
+
+/// What to say when the limit cut the list short.
+pub fn more_note(shown: usize) -> String {
+    format!(
+        "more changes exist: these are the newest {shown}; raise --limit, shorten --since, or narrow with -n or --plugin"
+    )
 }
 
 #[cfg(test)]
@@ -591,9 +712,8 @@ mod tests {
         assert!(parse_fact("nonsense").is_err());
     }
 
-    #[test]
-    fn history_shows_added_and_removed() {
-        let entry = |old: Value, new: Value| HistoryEntry {
+    fn entry(old: Value, new: Value) -> HistoryEntry {
+        HistoryEntry {
             id: "x".into(),
             node: "web01".into(),
             plugin: "p".into(),
@@ -604,15 +724,66 @@ mod tests {
             old,
             new,
             unrecorded: 0,
-        };
-        let text = render_history(&[
-            entry(Value::Null, json!(["a"])),
-            entry(json!(["a", "b"]), json!(["a", "c"])),
-            entry(json!("6.1"), json!("6.2")),
-        ]);
-        assert!(text.contains("first value: 1 items"), "{text}");
+        }
+    }
+
+    #[test]
+    fn history_shows_what_changed() {
+        let pkg = |v: &str| json!({"name": "openssl", "version": v, "arch": "amd64"});
+        let mut flapping = entry(json!({"a": 1}), json!({"a": 2}));
+        flapping.unrecorded = 3;
+        let text = render_history(
+            &history_changes(&[
+                entry(Value::Null, json!(["a"])),
+                entry(json!(["a", "b"]), json!(["a", "c"])),
+                entry(json!("6.1"), json!("6.2")),
+                entry(json!([pkg("3.0.11-1")]), json!([pkg("3.0.13-1")])),
+                flapping,
+            ]),
+            false,
+        );
+        assert!(text.contains("  first value: 1 entries\n"), "{text}");
         assert!(text.contains("  + c\n  - b\n"), "{text}");
-        assert!(text.contains("  old: 6.1\n  new: 6.2\n"), "{text}");
-        assert_eq!(render_history(&[]), "no recorded changes\n");
+        assert!(text.contains("  6.1 → 6.2\n"), "{text}");
+        assert!(text.contains("  openssl 3.0.11-1 → 3.0.13-1\n"), "{text}");
+        assert!(
+            text.contains("  (3 earlier change(s) not recorded") && text.contains("  a: 1 → 2\n"),
+            "{text}"
+        );
+        assert_eq!(render_history(&[], false), "no recorded changes\n");
+    }
+
+    #[test]
+    fn changes_render_newest_first_and_cut_long_blocks() {
+        let mut big = entry(
+            json!([]),
+            json!((0..30).map(|i| format!("l{i}")).collect::<Vec<_>>()),
+        );
+        big.node = "db\u{1b}[2J01".into();
+        let changes = Changes {
+            changes: history_changes(&[big, entry(json!(1), json!(2))]),
+            since: Utc::now(),
+            more: true,
+        };
+        let text = render_changes(&changes, false);
+        assert!(text.contains("db\\u{1b}[2J01  p\n  + l0\n"), "{text}");
+        assert!(
+            text.contains("  … 10 more (--full shows them all)\n"),
+            "{text}"
+        );
+        assert!(text.contains("web01          p\n  1 → 2\n"), "{text}");
+        assert!(
+            text.contains("2 change(s) since ") && text.contains("raise --limit"),
+            "{text}"
+        );
+        assert!(!render_changes(&changes, true).contains("more (--full"));
+        // One JSON line per change: where, when, and the structured diff beside it.
+        let line = serde_json::to_value(&changes.changes[1]).expect("json");
+        assert_eq!(line["node"], "web01");
+        assert_eq!(line["plugin"], "p");
+        assert_eq!(line["request_id"], Uuid::nil().to_string());
+        assert_eq!(line["kind"], "value");
+        assert_eq!((&line["old"], &line["new"]), (&json!(1), &json!(2)));
+        assert!(line.get("unrecorded").is_none() && line["at"].is_string());
     }
 }

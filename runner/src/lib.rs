@@ -3,7 +3,8 @@
 //! - [`report`]: the collected replies and their table.
 //! - [`app`]: what each command line does, printed.
 //! - [`collect`]: one fan-out's bookkeeping, a state machine without I/O.
-//! - [`inventory`]: questions answered from CouchDB (`find`, `history`).
+//! - [`diff`]: what changed between two values of a plugin (`history`, `changes`).
+//! - [`inventory`]: questions answered from CouchDB (`find`, `history`, `changes`).
 //! - [`target`]: node sets (`-n`) and how they resolve against the registry.
 //!
 //! [`query`] reads the expected nodes from the node registry in CouchDB (for `all`), binds a
@@ -13,6 +14,7 @@
 pub mod app;
 pub mod cli;
 pub mod collect;
+pub mod diff;
 pub mod inventory;
 pub mod report;
 pub mod target;
