@@ -109,9 +109,15 @@ done
 
 [ -n "$keep" ] && mkdir -p "$demo" && echo "${pids[*]}" > "$demo/pids"
 
-# Agents announce themselves; wait (up to 30 s) until the server has registered all three.
+# Agents announce themselves; wait (up to 30 s) until the server has registered all three with
+# this run's keys pinned (the registry view shows each node's key): before that, the runner
+# reports their replies as unverified.
+pinned() { # NODE: the registry lists NODE with a pinned key
+  couch_get "/$db/_design/vogeler/_view/registry?key=%22$1%22" 2>/dev/null \
+    | grep -qE '"key":"[A-Za-z0-9+/]{43}="'
+}
 deadline=$((SECONDS + 30))
-until [ "$(couch_get /$db/_all_docs 2>/dev/null | grep -cE '"id":"(web01|web02|db01)"')" = 3 ]; do
+until pinned web01 && pinned web02 && pinned db01; do
   if ((SECONDS >= deadline)); then
     echo "warning: not every agent registered within 30s; see the logs in $logs" >&2
     break
@@ -119,32 +125,17 @@ until [ "$(couch_get /$db/_all_docs 2>/dev/null | grep -cE '"id":"(web01|web02|d
   sleep 0.1
 done
 
-asked_at=$(date -u +%Y-%m-%dT%H:%M:%S)
+# --wait stored: each query returns only once the server has stored every answer it shows, so
+# the document printed below holds the values just collected.
+stored=yes
 for p in "$plugin" hello; do
   echo
-  echo "\$ vogeler-runner -c $p -n all"
-  "$bin/vogeler-runner" -c "$p" -n all
-done
-
-# The runner returns when the agents answered; the server stores their results a moment later.
-# Wait (up to 10 s) until web01's document holds both plugins' values from this run (an earlier
-# run's are there already): the server's `collected` view gives when each was collected.
-stored_since() { # PLUGIN TIME: web01's PLUGIN was collected at TIME (UTC, RFC 3339) or later
-  local at
-  at=$(couch_get "/$db/_design/vogeler/_view/collected?key=%5B%22$1%22,%22web01%22%5D" 2>/dev/null \
-    | sed -n 's/.*"collected_at":"\([^"]*\)".*/\1/p')
-  [ -n "$at" ] && [[ ! $at < $2 ]]
-}
-deadline=$((SECONDS + 10))
-stored=yes
-until stored_since "$plugin" "$asked_at" && stored_since hello "$asked_at"; do
-  if ((SECONDS >= deadline)); then
+  echo "\$ vogeler-runner -c $p -n all --wait stored"
+  if ! "$bin/vogeler-runner" -c "$p" -n all --wait stored; then
     stored=
-    echo "warning: web01's document does not hold both values from this run yet; see $logs/server.log" >&2
+    echo "warning: not every answer was stored; see $logs/server.log" >&2
     grep -m3 ' WARN ' "$logs/server.log" >&2 || true
-    break
   fi
-  sleep 0.1
 done
 
 echo

@@ -237,7 +237,7 @@ async fn cached_answers_from_stored_values_and_asks_only_the_rest() {
     clear(marks.path());
 
     let r = vogeler_e2e::ask_with(&stack, "mark", "all", "10", |q| {
-        q.cached = Some(Duration::from_secs(3600));
+        q.cached = Some(vogeler_runner::MaxAge::Within(Duration::from_secs(3600)));
     })
     .await;
     assert!(r.success(), "{}", r.render_table());

@@ -5,7 +5,11 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use vogeler_e2e::{TestStack, plugin_dir, spawn_agent, spawn_server, wait_for};
+use vogeler_e2e::{
+    TestStack, ask, plugin_dir,
+    programs::{program, run, with_couch},
+    spawn_agent, spawn_server, wait_for,
+};
 
 /// A plugin whose output changes on every run (nanoseconds since the epoch).
 const TICK: &str =
@@ -99,6 +103,29 @@ async fn a_plugin_whose_output_changes_is_stored_on_every_run_and_one_that_does_
     let tick = &doc.meta.plugins["tick"];
     assert_eq!(tick.interval_s, Some(2));
     assert!(tick.confirmed_at.is_none(), "tick changed every time");
+
+    // The scheduled changes are in `changes`, and `same` is not.
+    let mut cmd = with_couch(program("vogeler-runner", &stack), &stack);
+    cmd.args([
+        "changes", "--since", "1h", "-n", "sched01", "--output", "jsonl",
+    ]);
+    let out = run(cmd).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert!(rows.len() >= 2, "{text}");
+    assert!(
+        rows.iter()
+            .all(|r| r["plugin"] == "tick" && r["node"] == "sched01"),
+        "{text}"
+    );
     println!(
         "tick: 3 values stored {:.1} s after the agent started; same: {} runs, {} history entries, value from {}",
         three.as_secs_f64(),
@@ -185,4 +212,52 @@ async fn downtime_of_many_intervals_gives_one_catch_up_run_not_a_burst() {
         "downtime of 100 intervals: catch-up {catch_up:?} after the start, the next {gap:?} later"
     );
     agent.stop().await.expect("agent");
+}
+
+#[tokio::test]
+async fn wait_stored_returns_once_every_answer_is_stored_with_two_servers_on_the_queue() {
+    let stack = TestStack::new().await;
+    let _one = spawn_server(stack.server_settings());
+    let _two = spawn_server(stack.server_settings());
+    let plugins = plugin_dir(&[("hello.toml", vogeler_e2e::HELLO)]);
+    let nodes = ["wait01", "wait02", "wait03", "wait04"];
+    let _agents: Vec<_> = nodes
+        .iter()
+        .map(|n| spawn_agent(stack.agent_settings(n, plugins.path())))
+        .collect();
+    stack.wait_registered(&nodes).await;
+    let settings = stack.runner_settings("10");
+    for round in 0..3 {
+        let report = ask(&stack, "hello", "wait0*", "10").await;
+        assert_eq!(report.replies.len(), 4, "round {round}");
+        let plugin = vogeler_proto::names::PluginName::new("hello").expect("plugin");
+        let check =
+            vogeler_runner::wait_stored(&settings.couch, &plugin, &report, Duration::from_secs(10))
+                .await
+                .expect("wait");
+        assert!(check.all_stored(), "round {round}: {check:?}");
+        assert_eq!(check.stored, 4);
+        // Consistent right after: every document holds this round's run.
+        for (node, reply) in &report.replies {
+            let doc = stack.document(node.as_str()).await.expect("document");
+            assert!(
+                doc.meta.plugins["hello"].collected_at >= reply.collected_at,
+                "round {round}: {node} not stored"
+            );
+        }
+        println!(
+            "round {round}: all 4 stored {} ms after the replies",
+            check.waited_ms
+        );
+    }
+    // An answer that is never stored is named, within the limit.
+    let mut report = ask(&stack, "hello", "wait01", "10").await;
+    let reply = report.replies.values_mut().next().expect("reply");
+    reply.collected_at += chrono::TimeDelta::hours(1);
+    let plugin = vogeler_proto::names::PluginName::new("hello").expect("plugin");
+    let check =
+        vogeler_runner::wait_stored(&settings.couch, &plugin, &report, Duration::from_secs(1))
+            .await
+            .expect("wait");
+    assert_eq!(check.waiting, vec!["wait01".to_string()]);
 }

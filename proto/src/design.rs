@@ -2,6 +2,8 @@
 //! the CouchDB web UI as well as from the runner. Views are plain ES5 so that every JavaScript
 //! engine Apache CouchDB 3 ships with (QuickJS in 3.4, SpiderMonkey before) runs them.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 
@@ -14,7 +16,7 @@ pub const ENROLLMENT_DDOC: &str = "vogeler_enrollment";
 
 /// Bumped whenever a view below changes: servers upgrade older design documents on start and
 /// leave newer ones (from a newer server) alone.
-pub const VERSION: u64 = 6;
+pub const VERSION: u64 = 7;
 
 /// A view: the design document it lives in, its name and its map function, in one place so
 /// that the server installs and every reader queries the same thing.
@@ -55,7 +57,7 @@ pub const PACKAGES: View = View {
 pub const COLLECTED: View = View {
     ddoc: NODES_DDOC,
     name: "collected",
-    map: "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome }); } }",
+    map: "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome, interval_s: p[name].interval_s || null }); } }",
     reduce: None,
 };
 
@@ -64,7 +66,7 @@ pub const COLLECTED: View = View {
 pub const REGISTRY: View = View {
     ddoc: NODES_DDOC,
     name: "registry",
-    map: "function (doc) { if (doc.vogeler) { emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {}, key: doc.vogeler.key || null }); } }",
+    map: "function (doc) { if (doc.vogeler) { var s = {}; var p = doc.vogeler.plugins || {}; for (var name in p) { if (p[name].interval_s) { s[name] = [p[name].collected_at, p[name].interval_s]; } } emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {}, key: doc.vogeler.key || null, schedules: s }); } }",
     reduce: None,
 };
 
@@ -212,6 +214,8 @@ pub struct Registered {
     pub facts: serde_json::Map<String, Value>,
     /// The node's pinned public key (base64), which its replies must be signed with.
     pub key: Option<String>,
+    /// Scheduled plugins: when each last ran, and its interval in seconds.
+    pub schedules: BTreeMap<String, (DateTime<Utc>, u64)>,
 }
 
 impl Registered {
@@ -228,8 +232,39 @@ impl Registered {
                 .cloned()
                 .unwrap_or_default(),
             key: v.get("key").and_then(Value::as_str).map(str::to_string),
+            schedules: v
+                .get("schedules")
+                .and_then(Value::as_object)
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|(k, v)| {
+                            Some((k.clone(), (time(v.get(0))?, v.get(1)?.as_u64()?)))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
+
+    /// The scheduled plugins not collected within twice their interval at `now`.
+    pub fn overdue(&self, now: DateTime<Utc>) -> Vec<&str> {
+        self.schedules
+            .iter()
+            .filter(|(_, (at, interval))| overdue(*at, Some(*interval), now))
+            .map(|(k, _)| k.as_str())
+            .collect()
+    }
+}
+
+/// Whether a plugin last collected `at` on `interval_s` is overdue at `now`: the rule of
+/// [`crate::document::PluginMeta::overdue`], for view rows.
+pub fn overdue(at: DateTime<Utc>, interval_s: Option<u64>, now: DateTime<Utc>) -> bool {
+    let meta_like = interval_s
+        .and_then(|i| i64::try_from(i).ok())
+        .and_then(chrono::TimeDelta::try_seconds)
+        .and_then(|i| i.checked_mul(crate::document::OVERDUE_INTERVALS))
+        .and_then(|d| at.checked_add_signed(d));
+    meta_like.is_some_and(|due| now > due)
 }
 
 /// A [`QUARANTINE`] row's value, read as leniently as [`Registered`].
@@ -271,6 +306,8 @@ impl HistoryRow {
 pub struct Collected {
     pub collected_at: Option<DateTime<Utc>>,
     pub outcome: Option<String>,
+    /// The plugin's interval, when it is scheduled on the node.
+    pub interval_s: Option<u64>,
 }
 
 impl Collected {
@@ -278,7 +315,19 @@ impl Collected {
         Self {
             collected_at: time(v.get("collected_at")),
             outcome: v.get("outcome").and_then(Value::as_str).map(str::to_string),
+            interval_s: v.get("interval_s").and_then(Value::as_u64),
         }
+    }
+
+    /// Scheduled, and not collected within twice its interval at `now`.
+    pub fn overdue(&self, now: DateTime<Utc>) -> bool {
+        self.collected_at
+            .is_some_and(|at| overdue(at, self.interval_s, now))
+    }
+
+    /// `--cached fresh`: scheduled, last run `ok`, and not overdue.
+    pub fn fresh(&self, now: DateTime<Utc>) -> bool {
+        self.outcome.as_deref() == Some("ok") && self.interval_s.is_some() && !self.overdue(now)
     }
 
     /// Collected successfully at or after `cutoff`.

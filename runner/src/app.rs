@@ -251,14 +251,57 @@ async fn fan_out(settings: &RunnerSettings, cli: &Cli) -> Result<u8, RunnerError
         b.finish_and_clear();
     }
     let report = result?;
+    let stored = match cli.wait {
+        Some(crate::cli::Wait::Stored) => Some(
+            crate::wait_stored(&settings.couch, &query.plugin, &report, settings.timeout).await?,
+        ),
+        None => None,
+    };
     match output {
-        Output::Table => print!("{}", report.render_table_with(full)),
-        Output::Jsonl => report.missing_lines().iter().for_each(|l| println!("{l}")),
-        Output::Json | Output::Yaml => print_doc(output, &report.to_json(full)),
+        Output::Table => {
+            print!("{}", report.render_table_with(full));
+            if let Some(s) = &stored {
+                println!("{}", render_stored(s));
+            }
+        }
+        Output::Jsonl => {
+            report.missing_lines().iter().for_each(|l| println!("{l}"));
+            if let Some(s) = &stored {
+                println!("{}", serde_json::json!({ "stored": s }));
+            }
+        }
+        Output::Json | Output::Yaml => {
+            let mut doc = report.to_json(full);
+            if let Some(s) = &stored {
+                doc["stored"] = serde_json::json!(s);
+            }
+            print_doc(output, &doc)
+        }
+    }
+    if stored.as_ref().is_some_and(|s| !s.all_stored()) {
+        return Ok(exit::FAILURE);
     }
     Ok(if report.success() {
         exit::OK
     } else {
         exit::FAILURE
     })
+}
+
+/// The `--wait stored` line under the table.
+fn render_stored(s: &crate::StoredCheck) -> String {
+    let secs = s.waited_ms as f64 / 1000.0;
+    if s.all_stored() {
+        format!(
+            "stored: all {} answers are in CouchDB ({secs:.1} s after the last)",
+            s.stored
+        )
+    } else {
+        format!(
+            "stored: {} of {} answers; not stored within {secs:.1} s: {} (see vogeler-server's log and the dead letters)",
+            s.stored,
+            s.stored + s.waiting.len(),
+            s.waiting.join(", ")
+        )
+    }
 }

@@ -88,8 +88,15 @@ pub struct Cli {
 
     /// Answer from values stored within this age (1h, 30m) and ask only the other nodes;
     /// stored answers are marked with their age
-    #[arg(long, value_name = "MAXAGE", value_parser = vogeler_proto::duration::parse)]
-    pub cached: Option<std::time::Duration>,
+    /// ("fresh": values on their node's schedule and not overdue)
+    #[arg(long, value_name = "MAXAGE|fresh", value_parser = crate::MaxAge::parse)]
+    pub cached: Option<crate::MaxAge>,
+
+    /// Return only once the server stored every answer shown (up to --timeout more), so
+    /// views and documents read right after hold them; answers not stored by then are named
+    /// and the exit status is 1
+    #[arg(long, value_enum, value_name = "WHAT")]
+    pub wait: Option<Wait>,
 
     /// Output: table (default), json (one document), jsonl (one line per node as replies
     /// arrive), yaml
@@ -245,4 +252,11 @@ pub enum Find {
         #[arg(value_name = "KEY=VALUE", value_parser = inv::parse_fact)]
         spec: (String, serde_json::Value),
     },
+}
+
+/// `--wait`: what to wait for after the answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wait {
+    /// The server has stored every answer in CouchDB.
+    Stored,
 }

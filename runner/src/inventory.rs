@@ -372,6 +372,9 @@ pub struct NodeInfo {
     /// Why the server cannot read the node's document back (its results are refused).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<String>,
+    /// Scheduled plugins not collected within twice their interval.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub overdue: Vec<String>,
 }
 
 /// Registered nodes in `set`, stale ones included (and flagged).
@@ -397,6 +400,7 @@ pub async fn nodes(
             agent_version: k.agent_version.clone(),
             stale: !k.fresh,
             quarantined: quarantined.remove(n.as_str()),
+            overdue: k.overdue.clone(),
         })
         .collect();
     // A document the registry view cannot list is still a node the operator must hear of.
@@ -410,6 +414,7 @@ pub async fn nodes(
                 agent_version: None,
                 stale: true,
                 quarantined: Some(reason),
+                overdue: Vec::new(),
             });
         }
     }
@@ -426,11 +431,17 @@ pub fn render_nodes(nodes: &[NodeInfo]) -> String {
         let seen = n.last_seen.map_or("never".into(), |t| {
             t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         });
-        let state = match (&n.quarantined, n.stale) {
+        let mut state = match (&n.quarantined, n.stale) {
             (Some(why), _) => format!("quarantined: {why}"),
             (None, true) => "stale".into(),
             (None, false) => String::new(),
         };
+        if !n.overdue.is_empty() {
+            if !state.is_empty() {
+                state.push_str("; ");
+            }
+            state.push_str(&format!("overdue: {}", n.overdue.join(",")));
+        }
         let version = n.agent_version.as_deref().unwrap_or("-");
         let _ = writeln!(
             out,
@@ -443,7 +454,14 @@ pub fn render_nodes(nodes: &[NodeInfo]) -> String {
     }
     let stale = nodes.iter().filter(|n| n.stale).count();
     let quarantined = nodes.iter().filter(|n| n.quarantined.is_some()).count();
+    let overdue = nodes.iter().filter(|n| !n.overdue.is_empty()).count();
     let _ = write!(out, "{} node(s), {stale} stale", nodes.len());
+    if overdue > 0 {
+        let _ = write!(
+            out,
+            ", {overdue} with overdue plugins (no run stored within twice the interval: is the agent running?)"
+        );
+    }
     if quarantined > 0 {
         let _ = write!(
             out,

@@ -125,25 +125,53 @@ pub struct Query {
     pub ttl: Duration,
     /// Run on at most this many nodes at a time (each batch waited for, up to `timeout`).
     pub batch: Option<Batch>,
-    /// Answer from stored values no older than this; ask only the other nodes.
-    pub cached: Option<Duration>,
+    /// Answer from stored values this fresh; ask only the other nodes.
+    pub cached: Option<MaxAge>,
 }
 
-/// Stored `plugin` values of `nodes` collected (successfully) within `max_age`.
+/// `--cached`: which stored values may answer instead of the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxAge {
+    /// Collected successfully within this long.
+    Within(Duration),
+    /// `fresh`: on the node's schedule and not overdue (collected within twice its
+    /// interval), the notion `nodes` and `/metrics` use.
+    Fresh,
+}
+
+impl MaxAge {
+    /// `fresh`, or a duration (`1h`, `30m`).
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s == "fresh" {
+            return Ok(MaxAge::Fresh);
+        }
+        vogeler_proto::duration::parse(s)
+            .map(MaxAge::Within)
+            .map_err(|e| format!("{e}, or \"fresh\" for values not overdue on their schedule"))
+    }
+}
+
+/// Stored `plugin` values of `nodes` that `max_age` accepts.
 pub async fn stored_values(
     settings: &CouchSettings,
     plugin: &PluginName,
     nodes: &BTreeSet<NodeName>,
-    max_age: Duration,
+    max_age: MaxAge,
 ) -> Result<BTreeMap<NodeName, report::Cached>, RunnerError> {
     let inventory = inventory::open(settings)?;
-    let cutoff = Utc::now() - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+    let now = Utc::now();
+    let accepts = |c: &vogeler_proto::design::Collected| match max_age {
+        MaxAge::Within(age) => {
+            c.ok_since(now - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX))
+        }
+        MaxAge::Fresh => c.fresh(now),
+    };
     let fresh: Vec<String> = inventory
         .collected(plugin.as_str())
         .await
         .map_err(inventory::registry_error)?
         .into_iter()
-        .filter(|(id, c)| c.ok_since(cutoff) && nodes.iter().any(|n| n.as_str() == id))
+        .filter(|(id, c)| accepts(c) && nodes.iter().any(|n| n.as_str() == id))
         .map(|(id, _)| id)
         .collect();
     let ids: Vec<&str> = fresh.iter().map(String::as_str).collect();
@@ -230,16 +258,18 @@ pub async fn registry(
         }
         Err(e) => return Err(inventory::registry_error(e)),
     };
-    let cutoff =
-        Utc::now() - chrono::Duration::from_std(freshness).unwrap_or(chrono::Duration::MAX);
+    let now = Utc::now();
+    let cutoff = now - chrono::Duration::from_std(freshness).unwrap_or(chrono::Duration::MAX);
     Ok(rows
         .into_iter()
         .filter_map(|(id, r)| {
             // Anything that is not a valid node name was not written by Vogeler; leave it out.
             let name = NodeName::new(id).ok()?;
+            let overdue = r.overdue(now).into_iter().map(str::to_string).collect();
             Some((
                 name,
                 RegisteredNode {
+                    overdue,
                     facts: r.facts,
                     fresh: r.last_seen.is_some_and(|t| t >= cutoff),
                     last_seen: r.last_seen,
@@ -504,5 +534,71 @@ mod tests {
         assert_eq!(BatchSize::Percent(25).of(5), 2, "rounded up");
         assert_eq!(BatchSize::Percent(1).of(5), 1, "at least one");
         assert_eq!(BatchSize::Nodes(2).of(5), 2);
+    }
+}
+
+/// `--wait stored`: how far the server got with the answers a query reported.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredCheck {
+    /// Answers whose run (or a newer one) is in the node's document.
+    pub stored: usize,
+    /// Nodes whose answer is not stored yet.
+    pub waiting: Vec<String>,
+    pub waited_ms: u64,
+}
+
+impl StoredCheck {
+    pub fn all_stored(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+/// Wait, up to `limit`, until the server stored every answer of `report` that it stores
+/// (an unknown plugin stores nothing): the node's document records that run or a newer one.
+/// Read through the `collected` view, so it holds with any number of servers on the queue,
+/// and views read right after see the values.
+pub async fn wait_stored(
+    settings: &CouchSettings,
+    plugin: &PluginName,
+    report: &Report,
+    limit: Duration,
+) -> Result<StoredCheck, RunnerError> {
+    let started = std::time::Instant::now();
+    let inventory = inventory::open(settings)?;
+    let expect: BTreeMap<&str, chrono::DateTime<Utc>> = report
+        .replies
+        .iter()
+        .filter(|(_, r)| r.outcome != vogeler_proto::wire::Outcome::UnknownPlugin)
+        .map(|(n, r)| (n.as_str(), r.collected_at))
+        .collect();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let rows = inventory
+            .collected(plugin.as_str())
+            .await
+            .map_err(inventory::registry_error)?;
+        let done: BTreeSet<&str> = rows
+            .iter()
+            .filter(|(id, c)| {
+                expect
+                    .get(id.as_str())
+                    .is_some_and(|at| c.collected_at.is_some_and(|stored| stored >= *at))
+            })
+            .map(|(id, _)| id.as_str())
+            .collect();
+        let waiting: Vec<String> = expect
+            .keys()
+            .filter(|n| !done.contains(*n))
+            .map(|n| n.to_string())
+            .collect();
+        if waiting.is_empty() || started.elapsed() >= limit {
+            return Ok(StoredCheck {
+                stored: expect.len() - waiting.len(),
+                waiting,
+                waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        tokio::time::sleep(delay.min(limit.saturating_sub(started.elapsed()))).await;
+        delay = (delay * 2).min(Duration::from_millis(500));
     }
 }

@@ -60,6 +60,8 @@ pub struct RegisteredNode {
     pub agent_version: Option<String>,
     /// The pinned public key (base64) its replies must be signed with.
     pub key: Option<String>,
+    /// Scheduled plugins not collected within twice their interval.
+    pub overdue: Vec<String>,
 }
 
 /// Where `@file` and `-` read names from; injected so parsing is testable.

@@ -156,6 +156,16 @@ pub async fn run_with(
             source,
         })?;
     show_quarantine(&store, &metrics);
+    let overdue = tokio::spawn(maintenance::count_overdue(
+        vogeler_core::query::Inventory::new(couch.clone(), store.database()),
+        {
+            let gauge = metrics.overdue.clone();
+            move |n| {
+                gauge.set(n);
+            }
+        },
+        cancel.clone(),
+    ));
     let maintenance = tokio::spawn(maintenance::periodic(
         vogeler_core::query::Inventory::new(couch.clone(), store.database()),
         settings.stale_after,
@@ -207,6 +217,7 @@ pub async fn run_with(
         cancel.cancel();
     }
     let _ = maintenance.await;
+    let _ = overdue.await;
     served?;
     info!(
         stored = stats.total_stored,

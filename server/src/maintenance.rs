@@ -132,6 +132,37 @@ pub async fn expire_history(
     delete_ids(inventory.client(), inventory.history_database(), &ids).await
 }
 
+/// How often `/metrics` counts overdue plugins.
+pub const OVERDUE_EVERY: Duration = Duration::from_secs(60);
+
+/// Keep a gauge (through `set`) at the number of scheduled plugins, over all nodes, with no run stored
+/// within twice their interval (from the registry view, which carries each node's
+/// schedules), every [`OVERDUE_EVERY`].
+pub async fn count_overdue(
+    inventory: Inventory,
+    set: impl Fn(i64),
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let counted = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = inventory.registry() => r,
+        };
+        match counted {
+            Ok(rows) => {
+                let now = Utc::now();
+                let n: usize = rows.iter().map(|(_, r)| r.overdue(now).len()).sum();
+                set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            Err(e) => warn!(error = %e, "cannot count overdue plugins"),
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(OVERDUE_EVERY) => {}
+        }
+    }
+}
+
 /// Log stale nodes and expire history: at start, then every `every`.
 pub async fn periodic(
     inventory: Inventory,
