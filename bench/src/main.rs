@@ -9,6 +9,7 @@
 //!   server's memory while ingesting.
 //! - `all` (default): everything, one table, written as JSON to `bench/results/`.
 
+mod day;
 mod fleet;
 mod ingest;
 
@@ -76,6 +77,16 @@ enum What {
         results: usize,
         /// Packages per result (40,000 make a 4 MiB dpkg list)
         #[arg(long, default_value_t = 40_000)]
+        packages: usize,
+    },
+    /// Scheduled collection over a simulated day (facts hourly, dpkg every 6 h), with and
+    /// without change-only results: bytes on the wire, document writes, history entries,
+    /// server CPU and database growth
+    ScheduleDay {
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        /// Packages in each dpkg list
+        #[arg(long, default_value_t = 500)]
         packages: usize,
     },
     /// Agent idle and burst footprint, server memory while ingesting
@@ -519,6 +530,37 @@ async fn main() -> Result<()> {
             json.push(json!({"benchmark": "server-memory", "results": results, "packages": packages, "result_bytes": bytes,
                 "server_idle_rss_kib": s.idle_rss_kib, "server_peak_rss_kib": s.peak_rss_kib, "seconds": s.seconds}));
             "server-memory"
+        }
+        What::ScheduleDay { nodes, packages } => {
+            anyhow::ensure!(*nodes > 0, "--nodes must be at least 1");
+            for change_only in [false, true] {
+                let c = day::simulate(&stack, *nodes, *packages, change_only).await?;
+                let what = format!(
+                    "{nodes} nodes, 1 day, {}",
+                    if change_only {
+                        "change-only"
+                    } else {
+                        "every value sent"
+                    }
+                );
+                let mut row = |m: &str, v: f64, unit: &'static str| {
+                    rows.push((what.clone(), m.to_string(), v, v, unit, String::new()));
+                };
+                row("results", c.results as f64, "");
+                row("results with their value", c.full_results as f64, "");
+                row("bytes on the wire", c.wire_bytes as f64 / 1048576.0, "MiB");
+                row("document writes", c.document_writes as f64, "");
+                row("history entries", c.history_entries as f64, "");
+                row("server CPU", c.server_cpu_s, "s");
+                row(
+                    "database growth",
+                    c.database_growth_bytes as f64 / 1048576.0,
+                    "MiB",
+                );
+                row("stored in", c.seconds, "s");
+                json.push(json!({"benchmark": "schedule-day", "nodes": nodes, "packages": packages, "cost": c}));
+            }
+            "schedule-day"
         }
         What::Footprint { idle, burst } => {
             footprint_rows(&stack, *idle, *burst, &mut rows, &mut json).await?;

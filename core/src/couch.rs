@@ -644,6 +644,15 @@ impl CouchClient {
         Ok(self.json::<Info>(&[db], resp).await?.doc_count)
     }
 
+    /// A database's information (`GET /{db}`): `doc_count`, `update_seq`, `sizes`, ...
+    pub async fn database_info(&self, db: &str) -> Result<serde_json::Value, CouchError> {
+        let resp = self.send(Method::GET, &[db], None).await?;
+        if !resp.status().is_success() {
+            return Err(self.error(Method::GET, &[db], resp).await);
+        }
+        self.json::<serde_json::Value>(&[db], resp).await
+    }
+
     /// Ids of every non-design document; `None` when the database does not exist.
     pub async fn all_ids(&self, db: &str) -> Result<Option<Vec<String>>, CouchError> {
         let path = [db, "_all_docs"];
