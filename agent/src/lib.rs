@@ -167,8 +167,10 @@ struct NodeAgent {
     /// Woken when a connection's publisher is in place, so a result that waited for the
     /// broker (a scheduled run before the first connection) goes out at once.
     publisher_ready: tokio::sync::Notify,
-    /// One lock per plugin: never two runs of one plugin at once, whoever asked.
-    locks: Mutex<BTreeMap<PluginName, Arc<tokio::sync::Mutex<()>>>>,
+    /// One lock per plugin: a scheduled run holds it alone, so it never overlaps another
+    /// run of its plugin; commands share it (two runners may ask for one plugin at once, as
+    /// before schedules), and wait for a scheduled run to end.
+    locks: Mutex<BTreeMap<PluginName, Arc<tokio::sync::RwLock<()>>>>,
     /// The value each plugin last published in full, for change-only scheduled results.
     /// In memory only: the first run after a start always sends the value.
     published: Mutex<BTreeMap<PluginName, schedule::Published>>,
@@ -198,7 +200,7 @@ impl NodeAgent {
         })
     }
 
-    fn plugin_lock(&self, plugin: &PluginName) -> Arc<tokio::sync::Mutex<()>> {
+    fn plugin_lock(&self, plugin: &PluginName) -> Arc<tokio::sync::RwLock<()>> {
         let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
         locks.entry(plugin.clone()).or_default().clone()
     }
@@ -582,7 +584,7 @@ async fn run_command(shared: &NodeAgent, command: &Command) -> PluginResult {
         return result_of(shared, command, Run::nothing(Outcome::UnknownPlugin), "");
     };
     let lock = shared.plugin_lock(&command.plugin);
-    let _running = lock.lock().await;
+    let _running = lock.read().await;
     let run = execute(shared, plugin, command.request_id, "command").await;
     result_of(shared, command, run, plugin.format.name())
 }
@@ -683,7 +685,7 @@ async fn scheduled(shared: Arc<NodeAgent>, tracker: TaskTracker, cancel: Cancell
             let Some(plugin) = current.get(name).cloned() else {
                 continue;
             };
-            let Ok(running) = shared.plugin_lock(name).try_lock_owned() else {
+            let Ok(running) = shared.plugin_lock(name).try_write_owned() else {
                 *at = now + chrono::TimeDelta::from_std(BUSY_RETRY).unwrap_or_default();
                 continue;
             };

@@ -9,8 +9,9 @@
 //! - the state directory records when each plugin last ran, so a restart resumes the
 //!   schedule; after downtime longer than an interval there is one catch-up run, soon, and
 //!   then the schedule goes on from it (never one run per missed interval);
-//! - never two runs of one plugin at once (the agent holds a lock per plugin), and every run
-//!   takes one of the agent's `concurrency` slots, as commands do.
+//! - a scheduled run never overlaps another run of its plugin (it holds the plugin's lock
+//!   alone; commands share it), and every run takes one of the agent's `concurrency` slots,
+//!   as commands do.
 //!
 //! Change-only results: a scheduled run whose value hashes as the value this agent last
 //! published for the plugin sends `unchanged` with the hash instead of the value, except
