@@ -261,3 +261,45 @@ async fn wait_stored_returns_once_every_answer_is_stored_with_two_servers_on_the
             .expect("wait");
     assert_eq!(check.waiting, vec!["wait01".to_string()]);
 }
+
+#[tokio::test]
+async fn a_plugin_whose_agent_stopped_is_overdue_after_twice_its_interval() {
+    let stack = TestStack::new().await;
+    let _server = spawn_server(stack.server_settings());
+    let every1 =
+        "name = \"pulse\"\ncommand = [\"printf\", \"x\"]\nformat = \"string\"\ninterval = \"1s\"\n";
+    let plugins = plugin_dir(&[("pulse.toml", every1)]);
+    let agent = spawn_agent(stack.agent_settings("sched04", plugins.path()));
+    let settings = stack.runner_settings("10");
+    let set =
+        vogeler_runner::target::parse("sched04", &vogeler_runner::target::Files).expect("set");
+    let listed = || async {
+        vogeler_runner::inventory::nodes(&settings.couch, &set, settings.freshness)
+            .await
+            .expect("nodes")
+    };
+    wait_for("pulse stored", Duration::from_secs(20), || async {
+        stack
+            .document("sched04")
+            .await
+            .is_some_and(|d| d.meta.plugins.contains_key("pulse"))
+    })
+    .await;
+    assert!(listed().await[0].overdue.is_empty(), "running: not overdue");
+    agent.stop().await.expect("agent");
+    let stopped = Instant::now();
+    wait_for("pulse overdue", Duration::from_secs(20), || async {
+        listed()
+            .await
+            .first()
+            .is_some_and(|n| n.overdue == ["pulse"])
+    })
+    .await;
+    let table = vogeler_runner::inventory::render_nodes(&listed().await);
+    assert!(table.contains("overdue: pulse"), "{table}");
+    assert!(table.contains("1 with overdue plugins"), "{table}");
+    println!(
+        "overdue {:.1} s after the agent stopped (interval 1 s):\n{table}",
+        stopped.elapsed().as_secs_f64()
+    );
+}
