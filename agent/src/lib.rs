@@ -209,6 +209,13 @@ impl NodeAgent {
     fn note_published(&self, result: &PluginResult) {
         if let (Outcome::Ok, Some(value)) = (&result.outcome, &result.value) {
             let mut published = self.published.lock().unwrap_or_else(|e| e.into_inner());
+            // A command's result noted after a newer scheduled run's must not replace it.
+            if published
+                .get(&result.plugin)
+                .is_some_and(|p| p.full_at > result.collected_at)
+            {
+                return;
+            }
             published.insert(
                 result.plugin.clone(),
                 schedule::Published {
@@ -288,10 +295,14 @@ pub async fn run_with(
     let name = format!("vogeler-agent {}", s.node);
     let started_at = Utc::now();
     let tracker = TaskTracker::new();
+    // Its own token, cancelled on every way out of here (a fatal broker error too), so the
+    // agent never waits for a scheduler that nothing stops.
+    let schedule_stop = cancel.child_token();
+    let _stop_on_exit = schedule_stop.clone().drop_guard();
     let scheduler = tokio::spawn(scheduled(
         Arc::clone(&shared),
         tracker.clone(),
-        cancel.clone(),
+        schedule_stop.clone(),
     ));
 
     let served = match Supervisor::connect(&s.broker, &name, &cancel).await {
@@ -308,7 +319,8 @@ pub async fn run_with(
         Ok(None) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    // The scheduler stops with `cancel`; only then no more runs join the tracker.
+    // Only once the scheduler stopped, no more runs join the tracker.
+    schedule_stop.cancel();
     let _ = scheduler.await;
     tracker.close();
     if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
@@ -640,8 +652,15 @@ async fn scheduled(shared: Arc<NodeAgent>, tracker: TaskTracker, cancel: Cancell
         }
     };
     let mut catalog = shared.catalog.clone();
-    // Each scheduled plugin's schedule and when it is next due.
-    let mut due: BTreeMap<PluginName, (schedule::Every, chrono::DateTime<Utc>)> = BTreeMap::new();
+    // Each scheduled plugin's schedule, the start of its current slot, and when it runs.
+    let mut due: BTreeMap<
+        PluginName,
+        (
+            schedule::Every,
+            chrono::DateTime<Utc>,
+            chrono::DateTime<Utc>,
+        ),
+    > = BTreeMap::new();
     loop {
         let current = catalog.borrow_and_update().clone();
         let now = Utc::now();
@@ -651,7 +670,7 @@ async fn scheduled(shared: Arc<NodeAgent>, tracker: TaskTracker, cancel: Cancell
                 due.remove(&plugin.name);
                 continue;
             };
-            if due.get(&plugin.name).is_some_and(|(e, _)| *e == every) {
+            if due.get(&plugin.name).is_some_and(|(e, _, _)| *e == every) {
                 continue;
             }
             let last = record.last_run.get(plugin.name.as_str()).copied();
@@ -664,11 +683,11 @@ async fn scheduled(shared: Arc<NodeAgent>, tracker: TaskTracker, cancel: Cancell
                 next_run = %at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 "plugin scheduled"
             );
-            due.insert(plugin.name.clone(), (every, at));
+            due.insert(plugin.name.clone(), (every, at, at));
         }
         let wait = due
             .values()
-            .map(|(_, at)| (*at - now).to_std().unwrap_or_default())
+            .map(|(_, _, at)| (*at - now).to_std().unwrap_or_default())
             .min()
             .unwrap_or(Duration::from_secs(3600));
         tokio::select! {
@@ -678,7 +697,7 @@ async fn scheduled(shared: Arc<NodeAgent>, tracker: TaskTracker, cancel: Cancell
         }
         let now = Utc::now();
         let mut ran = false;
-        for (name, (every, at)) in due.iter_mut() {
+        for (name, (every, base, at)) in due.iter_mut() {
             if *at > now {
                 continue;
             }
@@ -691,7 +710,7 @@ async fn scheduled(shared: Arc<NodeAgent>, tracker: TaskTracker, cancel: Cancell
             };
             record.last_run.insert(name.to_string(), now);
             ran = true;
-            *at = schedule::next_due(*every, now, now, schedule::random_fraction());
+            (*base, *at) = schedule::next_slot(*every, *base, now, schedule::random_fraction());
             let shared = Arc::clone(&shared);
             let cancel = cancel.clone();
             let every = *every;

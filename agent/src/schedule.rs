@@ -46,8 +46,12 @@ pub struct Every {
 }
 
 impl Every {
+    /// Whole seconds, rounded up (`1.9s` is published as 2: rounding down would put the
+    /// plugin near overdue on every run).
     pub fn interval_s(&self) -> u64 {
-        self.interval.as_secs().max(1)
+        u64::try_from(self.interval.as_millis().div_ceil(1000))
+            .unwrap_or(u64::MAX)
+            .max(1)
     }
 }
 
@@ -108,15 +112,23 @@ pub fn first_due(
     }
 }
 
-/// When a plugin is next due after a run that started at `ran_at`. A run that took longer
-/// than its interval is followed by the next one right away, not by one per interval missed.
-pub fn next_due(
+/// The next slot after the one starting at `base`, and when in it the plugin runs: slots
+/// are one interval apart and each run a random part of the splay into its slot, so the
+/// period stays the interval (a splay added to the last run's time would stretch it to
+/// interval + splay/2 and make healthy plugins look overdue). Behind by more than an
+/// interval (a run that took that long, a suspended machine): the next slot starts now,
+/// so there is one run, not one per slot missed.
+pub fn next_slot(
     every: Every,
-    ran_at: DateTime<Utc>,
+    base: DateTime<Utc>,
     now: DateTime<Utc>,
     fraction: f64,
-) -> DateTime<Utc> {
-    (ran_at + delta(every.interval) + delta(part(every.splay, fraction))).max(now)
+) -> (DateTime<Utc>, DateTime<Utc>) {
+    let mut next = base + delta(every.interval);
+    if next + delta(every.interval) < now {
+        next = now;
+    }
+    (next, (next + delta(part(every.splay, fraction))).max(now))
 }
 
 /// A random fraction in `[0, 1)`, from the operating system's generator (through v4 UUIDs,
@@ -178,7 +190,12 @@ pub fn may_skip_value(
     now: DateTime<Utc>,
     full_every: Duration,
 ) -> bool {
-    last.is_some_and(|p| p.hash == hash && now < p.full_at + delta(full_every))
+    last.is_some_and(|p| {
+        p.hash == hash
+            && p.full_at
+                .checked_add_signed(delta(full_every))
+                .is_none_or(|until| now < until)
+    })
 }
 
 #[cfg(test)]
@@ -223,7 +240,7 @@ mod tests {
         let e = every(60, 0);
         let catch_up = first_due(e, Some(t(-600)), t(0), 0.5);
         assert_eq!(catch_up, t(30));
-        assert_eq!(next_due(e, catch_up, catch_up, 0.5), t(90));
+        assert_eq!(next_slot(e, catch_up, catch_up, 0.5), (t(90), t(90)));
         // With a splay, the catch-up spreads over it.
         assert_eq!(
             first_due(every(3600, 600), Some(t(-7200)), t(0), 0.5),
@@ -239,8 +256,24 @@ mod tests {
     #[test]
     fn a_run_longer_than_its_interval_is_followed_at_once_not_repeatedly() {
         let e = every(10, 0);
-        // Started at 0, finished at 35: the next is due now, once.
-        assert_eq!(next_due(e, t(0), t(35), 0.0), t(35));
+        // Slot at 0, the run ended at 35: the next runs now, once, and slots go on from it.
+        let (base, at) = next_slot(e, t(0), t(35), 0.0);
+        assert_eq!((base, at), (t(35), t(35)));
+        assert_eq!(next_slot(e, base, t(36), 0.0), (t(45), t(45)));
+    }
+
+    #[test]
+    fn the_splay_does_not_stretch_the_period() {
+        // Interval 100, splay 100: runs land anywhere in their slot, slots stay 100 apart,
+        // so over 100 slots the schedule is 100 intervals long, not 150.
+        let e = every(100, 100);
+        let (mut base, mut at) = (t(0), t(0));
+        for i in 0..100 {
+            let fraction = if i % 2 == 0 { 0.99 } else { 0.01 };
+            (base, at) = next_slot(e, base, at, fraction);
+        }
+        assert_eq!(base, t(10_000));
+        assert!(at >= base && at < base + TimeDelta::seconds(100));
     }
 
     #[test]

@@ -195,8 +195,10 @@ impl RawConfig {
             .agent
             .full_every
             .unwrap_or(Duration::from_secs(defaults::FULL_EVERY_SECS));
-        if full_every < Duration::from_secs(1) {
-            p.0.push("agent.full_every: must be at least 1s".into());
+        if let Err(e) = vogeler_proto::limits::check_interval(full_every) {
+            p.0.push(format!(
+                "agent.full_every: {e}; the value must go out in full at least monthly so a server that lost it gets it back"
+            ));
         }
         let log_level = validate_level(&mut p, &self.log, LOG_LEVEL);
         let http_listen = validate_listen(

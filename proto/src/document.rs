@@ -396,6 +396,9 @@ impl NodeDocument {
                 .as_ref()
                 .is_some_and(|p| p.hash.as_deref() == Some(hash))
                 && self.values.contains_key(key);
+            // Neither moves `last_seen`: that would be a write, which is what skipping a
+            // recent confirmation saves (`last_seen` then lags by under half an interval,
+            // against a staleness window of a day); an unconfirmed one is not stored at all.
             if !holds {
                 return Change::Unconfirmed;
             }
@@ -414,8 +417,9 @@ impl NodeDocument {
         let value_stamp = previous
             .as_ref()
             .and_then(|p| Some((p.value_at?, p.value_request_id?)));
-        let value_newer =
-            r.outcome.is_ok() && value_stamp.is_none_or(|v| stamp > v || from_the_future(v.0, now));
+        // An unchanged run confirms the stored value: never a new value, nor history.
+        let value_newer = matches!(r.outcome, Outcome::Ok)
+            && value_stamp.is_none_or(|v| stamp > v || from_the_future(v.0, now));
         // Seen applies to every result, even one older than the stored status and value.
         let seen = self.saw(r.collected_at, &r.agent_version, now);
         if !status_newer && !value_newer {
@@ -440,8 +444,6 @@ impl NodeDocument {
             next_due: None,
             confirmed_at: None,
         });
-        // An unchanged run confirms the stored value: no new value, no history entry.
-        let value_newer = value_newer && !matches!(r.outcome, Outcome::Unchanged { .. });
         if value_newer {
             let value = r.value.clone().unwrap_or(Value::Null);
             let hash = value_hash(&value);

@@ -54,3 +54,28 @@ mod tests {
         assert!(parse("soon").unwrap_err().contains("500ms"));
     }
 }
+
+/// `d` before `now`, or the earliest time there is when `d` reaches back further (an operator
+/// may write `--since 100000y`): never a panic.
+pub fn before(now: chrono::DateTime<chrono::Utc>, d: Duration) -> chrono::DateTime<chrono::Utc> {
+    chrono::TimeDelta::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_sub_signed(d))
+        .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC)
+}
+
+#[cfg(test)]
+mod before_tests {
+    #[test]
+    fn a_huge_duration_reaches_the_earliest_time_without_panicking() {
+        let now = chrono::Utc::now();
+        assert_eq!(
+            super::before(now, std::time::Duration::from_secs(60)),
+            now - chrono::TimeDelta::seconds(60)
+        );
+        assert_eq!(
+            super::before(now, std::time::Duration::from_secs(u64::MAX)),
+            chrono::DateTime::<chrono::Utc>::MIN_UTC
+        );
+    }
+}

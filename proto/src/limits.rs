@@ -174,6 +174,12 @@ pub fn check_result(r: &PluginResult, now: DateTime<Utc>) -> Result<(), Refusal>
             if r.value.is_some() {
                 return Err("an unchanged result carries no value".into());
             }
+            if r.scheduled.is_none() {
+                return Err(
+                    "only a scheduled run may answer \"unchanged\"; a command's answer carries its value"
+                        .into(),
+                );
+            }
         }
         Outcome::Ok | Outcome::TimedOut { .. } | Outcome::UnknownPlugin => {}
     }

@@ -226,9 +226,11 @@ fn package_diff(old: &Packages<'_>, new: &Packages<'_>) -> Diff {
                 });
             }
             // Several versions installed side by side (rpm's kernels): which came and went.
+            // Counted, not searched: a node could send 100,000 entries of one name.
             (a, b) => {
-                removed.extend(a.iter().filter(|e| !b.contains(e)).map(|e| package(key, e)));
-                added.extend(b.iter().filter(|e| !a.contains(e)).map(|e| package(key, e)));
+                let (gone, came) = multiset_diff(a, b);
+                removed.extend(gone.into_iter().map(|e| package(key, e)));
+                added.extend(came.into_iter().map(|e| package(key, e)));
             }
         }
     }
@@ -444,6 +446,34 @@ impl Diff {
     }
 }
 
+/// The entries of `a` not in `b` and of `b` not in `a`, each as often as it is missing, in
+/// O(n log n) (entries compared by their JSON text).
+type Entries<'v> = Vec<&'v Map<String, Value>>;
+
+fn multiset_diff<'v>(
+    a: &'v [&'v Map<String, Value>],
+    b: &'v [&'v Map<String, Value>],
+) -> (Entries<'v>, Entries<'v>) {
+    (missing(a, b), missing(b, a))
+}
+
+/// The entries of `from` not in `other`, each as often as it is missing.
+fn missing<'v>(from: &'v [&'v Map<String, Value>], other: &[&Map<String, Value>]) -> Entries<'v> {
+    let text = |e: &Map<String, Value>| serde_json::to_string(e).unwrap_or_default();
+    let mut counts: std::collections::BTreeMap<String, i64> = std::collections::BTreeMap::new();
+    for e in other {
+        *counts.entry(text(e)).or_default() += 1;
+    }
+    let mut gone = Vec::new();
+    for e in from {
+        match counts.get_mut(&text(e)) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => gone.push(*e),
+        }
+    }
+    gone
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -606,5 +636,23 @@ mod tests {
         let line = &diff(&json!("a"), &json!(long)).lines(false)[0];
         assert!(line.ends_with('…') && line.chars().count() < 200, "{line}");
         assert!(diff(&json!("a"), &json!(long)).lines(true)[0].ends_with("xxx"));
+    }
+
+    #[test]
+    fn many_entries_of_one_name_diff_in_n_log_n() {
+        let entry = |v: usize| {
+            serde_json::json!({"name": "kernel", "version": format!("{v}")})
+                .as_object()
+                .cloned()
+                .expect("object")
+        };
+        let old: Vec<_> = (0..50_000).map(entry).collect();
+        let new: Vec<_> = (1..50_001).map(entry).collect();
+        let (a, b): (Vec<_>, Vec<_>) = (old.iter().collect(), new.iter().collect());
+        let (gone, came) = super::multiset_diff(&a, &b);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(came.len(), 1);
+        assert_eq!(gone[0]["version"], "0");
+        assert_eq!(came[0]["version"], "50000");
     }
 }

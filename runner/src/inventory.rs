@@ -630,8 +630,7 @@ pub async fn changes(
     let plugin_wanted = |plugin: &str| {
         query.plugins.is_empty() || query.plugins.iter().any(|p| p.as_str() == plugin)
     };
-    let since = chrono::Utc::now()
-        - chrono::Duration::from_std(query.since).unwrap_or(chrono::Duration::MAX);
+    let since = vogeler_proto::duration::before(chrono::Utc::now(), query.since);
     let cutoff = since.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     // Rows from a design document older than version 6 name no node or plugin: kept here,
     // judged below once their entry is read.

@@ -161,9 +161,7 @@ pub async fn stored_values(
     let inventory = inventory::open(settings)?;
     let now = Utc::now();
     let accepts = |c: &vogeler_proto::design::Collected| match max_age {
-        MaxAge::Within(age) => {
-            c.ok_since(now - chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX))
-        }
+        MaxAge::Within(age) => c.ok_since(vogeler_proto::duration::before(now, age)),
         MaxAge::Fresh => c.fresh(now),
     };
     let fresh: Vec<String> = inventory
@@ -259,7 +257,7 @@ pub async fn registry(
         Err(e) => return Err(inventory::registry_error(e)),
     };
     let now = Utc::now();
-    let cutoff = now - chrono::Duration::from_std(freshness).unwrap_or(chrono::Duration::MAX);
+    let cutoff = vogeler_proto::duration::before(now, freshness);
     Ok(rows
         .into_iter()
         .filter_map(|(id, r)| {

@@ -49,8 +49,8 @@ pub async fn stale_nodes(inventory: &Inventory, age: Duration) -> Result<Vec<Str
 }
 
 fn cutoff(age: Duration) -> String {
-    let age = chrono::Duration::from_std(age).unwrap_or(chrono::Duration::MAX);
-    (Utc::now() - age).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    vogeler_proto::duration::before(Utc::now(), age)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// Delete these documents (with their current revisions). Returns how many went.

@@ -184,7 +184,13 @@ impl Store {
                 // Held back or refused by enrollment: not merged.
                 let mine: Vec<(usize, &Signed)> = by_node[node]
                     .iter()
-                    .filter(|&&i| outcome[i] == Stored::Done)
+                    .filter(|&&i| {
+                        // Judged again against the winning revision after a conflict.
+                        if matches!(outcome[i], Stored::Unconfirmed(_)) {
+                            outcome[i] = Stored::Done;
+                        }
+                        outcome[i] == Stored::Done
+                    })
                     .map(|&i| (i, messages[i]))
                     .collect();
                 let mut changed =
