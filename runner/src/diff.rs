@@ -283,6 +283,29 @@ fn child(prefix: &str, key: &str) -> String {
     }
 }
 
+/// One key or index of [`walk`]: on both sides, walked into; on one side, added or removed.
+fn entry(
+    path: String,
+    old: Option<&Value>,
+    new: Option<&Value>,
+    changed: &mut Vec<PathChange>,
+    added: &mut Vec<PathValue>,
+    removed: &mut Vec<PathValue>,
+) {
+    match (old, new) {
+        (Some(a), Some(b)) => walk(&path, a, b, changed, added, removed),
+        (Some(a), None) => removed.push(PathValue {
+            path,
+            value: a.clone(),
+        }),
+        (None, Some(b)) => added.push(PathValue {
+            path,
+            value: b.clone(),
+        }),
+        (None, None) => {}
+    }
+}
+
 /// Objects key by key and arrays inside them index by index, down to what differs.
 fn walk(
     path: &str,
@@ -300,35 +323,13 @@ fn walk(
             let keys: BTreeSet<&String> = o.keys().chain(n.keys()).collect();
             for k in keys {
                 let p = child(path, k);
-                match (o.get(k), n.get(k)) {
-                    (Some(a), Some(b)) => walk(&p, a, b, changed, added, removed),
-                    (Some(a), None) => removed.push(PathValue {
-                        path: p,
-                        value: a.clone(),
-                    }),
-                    (None, Some(b)) => added.push(PathValue {
-                        path: p,
-                        value: b.clone(),
-                    }),
-                    (None, None) => {}
-                }
+                entry(p, o.get(k), n.get(k), changed, added, removed);
             }
         }
         (Value::Array(o), Value::Array(n)) => {
             for i in 0..o.len().max(n.len()) {
                 let p = format!("{path}[{i}]");
-                match (o.get(i), n.get(i)) {
-                    (Some(a), Some(b)) => walk(&p, a, b, changed, added, removed),
-                    (Some(a), None) => removed.push(PathValue {
-                        path: p,
-                        value: a.clone(),
-                    }),
-                    (None, Some(b)) => added.push(PathValue {
-                        path: p,
-                        value: b.clone(),
-                    }),
-                    (None, None) => {}
-                }
+                entry(p, o.get(i), n.get(i), changed, added, removed);
             }
         }
         _ => changed.push(PathChange {
