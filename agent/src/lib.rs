@@ -440,6 +440,15 @@ async fn announce(
             f.extend(s.facts.clone());
             f
         },
+        schedules: Some(
+            catalog
+                .plugins()
+                .filter_map(|p| {
+                    let every = schedule::every(p, &s.schedule)?;
+                    Some((p.name.to_string(), every.interval_s()))
+                })
+                .collect(),
+        ),
     });
     publisher.publish(&message, &shared.key).await
 }

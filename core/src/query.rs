@@ -2,7 +2,7 @@
 //! the view (name and JavaScript) from [`vogeler_proto::design`] and typed rows out, so no
 //! caller spells a view name, probes a row by key, or builds the history database's name.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
 use vogeler_proto::{
@@ -60,13 +60,24 @@ impl Inventory {
     }
 
     /// Every registered node (document id) with what the registry view knows of it.
+    /// A node is registered by its document; the row of its freshness document (same key)
+    /// only folds in, so a freshness document left without a node adds no node.
     pub async fn registry(&self) -> Result<Vec<(String, Registered)>, CouchError> {
-        Ok(self
-            .rows(design::REGISTRY, &[])
-            .await?
-            .into_iter()
-            .filter_map(|r| Some((r.id?, Registered::from_value(&r.value))))
-            .collect())
+        Ok(fold_registry(self.rows(design::REGISTRY, &[]).await?))
+    }
+
+    /// [`Inventory::registry`] for these nodes only (unknown ones left out).
+    pub async fn registry_of(
+        &self,
+        nodes: &[&str],
+    ) -> Result<Vec<(String, Registered)>, CouchError> {
+        let mut out = Vec::new();
+        // Keys travel in the URL: a few dozen names a request keeps it short.
+        for chunk in nodes.chunks(50) {
+            let params = [("keys", json!(chunk).to_string())];
+            out.extend(fold_registry(self.rows(design::REGISTRY, &params).await?));
+        }
+        Ok(out)
     }
 
     /// Every key waiting for approval as a node, by node name.
@@ -100,12 +111,20 @@ impl Inventory {
             ("startkey", json!([plugin]).to_string()),
             ("endkey", json!([plugin, {}]).to_string()),
         ];
-        Ok(self
-            .rows(design::COLLECTED, &params)
-            .await?
-            .into_iter()
-            .filter_map(|r| Some((r.id?, Collected::from_value(&r.value))))
-            .collect())
+        // Up to two rows a node (its document's, its freshness document's): the newer run.
+        let mut by_node: BTreeMap<String, Collected> = BTreeMap::new();
+        for r in self.rows(design::COLLECTED, &params).await? {
+            let Some(node) = r.key.get(1).and_then(Value::as_str) else {
+                continue;
+            };
+            let c = Collected::from_value(&r.value);
+            let merged = match by_node.remove(node) {
+                Some(other) => other.newer(c),
+                None => c,
+            };
+            by_node.insert(node.to_string(), merged);
+        }
+        Ok(by_node.into_iter().collect())
     }
 
     /// Nodes with an installed package (any version when `version` is `None`).
@@ -204,15 +223,27 @@ impl Inventory {
             .collect())
     }
 
-    /// Nodes last seen before `cutoff` (RFC 3339).
+    /// Nodes last seen before `cutoff` (RFC 3339): a node's two documents may each say
+    /// when, and it is stale only if neither says later.
     pub async fn last_seen_before(&self, cutoff: &str) -> Result<Vec<String>, CouchError> {
         let params = [("endkey", json!(cutoff).to_string())];
-        Ok(self
+        let old: BTreeSet<String> = self
             .rows(design::NODES_BY_LAST_SEEN, &params)
             .await?
             .into_iter()
-            .filter_map(|r| r.id)
-            .collect())
+            .filter_map(|r| r.value.as_str().map(str::to_string).or(r.id))
+            .collect();
+        // Only the candidates' registry rows (both documents' last seen), not every node's.
+        let cutoff_at = cutoff.parse::<chrono::DateTime<chrono::Utc>>().ok();
+        let names: Vec<&str> = old.iter().map(String::as_str).collect();
+        let recent: BTreeSet<String> = self
+            .registry_of(&names)
+            .await?
+            .into_iter()
+            .filter(|(_, r)| r.last_seen.is_some_and(|t| cutoff_at.is_none_or(|c| t > c)))
+            .map(|(n, _)| n)
+            .collect();
+        Ok(old.difference(&recent).cloned().collect())
     }
 
     /// History entries recorded before `cutoff` (RFC 3339).
@@ -225,6 +256,29 @@ impl Inventory {
             .filter_map(|r| r.id)
             .collect())
     }
+}
+
+/// Registry rows by node: each node document's row, with its freshness document's row
+/// folded in.
+fn fold_registry(rows: Vec<ViewRow>) -> Vec<(String, Registered)> {
+    let mut nodes: BTreeMap<String, Registered> = BTreeMap::new();
+    let mut fresh: Vec<(String, Registered)> = Vec::new();
+    for r in rows {
+        let (Some(id), Some(node)) = (r.id, r.key.as_str()) else {
+            continue;
+        };
+        if Registered::is_fresh_row(&r.value) {
+            fresh.push((node.to_string(), Registered::from_value(&r.value)));
+        } else if id == node {
+            nodes.insert(id, Registered::from_value(&r.value));
+        }
+    }
+    for (node, f) in fresh {
+        if let Some(n) = nodes.get_mut(&node) {
+            n.merge(f);
+        }
+    }
+    nodes.into_iter().collect()
 }
 
 fn ids(rows: Vec<ViewRow>) -> BTreeSet<String> {

@@ -27,7 +27,7 @@ use vogeler_core::{
     observe::{AgentMetrics, ServerMetrics},
 };
 use vogeler_proto::{
-    document::NodeDocument,
+    document::{Node, NodeDocument},
     names::NodeName,
     secret::SecretUrl,
     signing::{PrivateKey, Purpose},
@@ -360,13 +360,33 @@ impl TestStack {
             .expect("read node document")
     }
 
-    /// Ids of every node document.
+    /// A node as readers see it: its document with its freshness document (last seen,
+    /// confirmations) folded in by [`Node::plugin`] and friends.
+    pub async fn node(&self, node: &str) -> Option<Node> {
+        let doc = self.document(node).await?;
+        let name = vogeler_proto::names::NodeName::new(node).expect("node name");
+        let fresh: Option<serde_json::Value> = self
+            .couch
+            .get(&self.database, &vogeler_proto::fresh::fresh_id(&name))
+            .await
+            .expect("read freshness document");
+        Some(Node::from_parts(
+            doc,
+            fresh.map(|f| vogeler_proto::fresh::FreshDocument::from_value(&name, &f)),
+        ))
+    }
+
+    /// Ids of every node document (and other documents of the node database, such as
+    /// quarantine flags), without the nodes' freshness documents.
     pub async fn node_ids(&self) -> Vec<String> {
         self.couch
             .all_ids(&self.database)
             .await
             .expect("list documents")
             .unwrap_or_default()
+            .into_iter()
+            .filter(|id| vogeler_proto::fresh::node_of_id(id).is_none())
+            .collect()
     }
 
     /// Wait until these nodes have documents (they announced themselves to the server).

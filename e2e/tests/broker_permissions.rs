@@ -356,6 +356,7 @@ fn announce(as_node: &str) -> Message {
         started_at: Utc::now(),
         sent_at: Utc::now(),
         facts: Default::default(),
+        schedules: None,
     })
 }
 

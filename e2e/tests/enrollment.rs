@@ -38,6 +38,7 @@ fn announce(name: &str) -> Message {
         started_at: now,
         sent_at: now,
         facts,
+        schedules: None,
     })
 }
 
@@ -177,9 +178,9 @@ async fn a_rejected_key_stays_out_and_a_squatter_needs_a_choice() {
         Duration::from_secs(15),
         || async {
             stack
-                .document("db09")
+                .node("db09")
                 .await
-                .is_some_and(|d| d.meta.agent_version.as_deref() == Some("test"))
+                .is_some_and(|d| d.agent_version() == Some("test"))
         },
     )
     .await;

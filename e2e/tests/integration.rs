@@ -59,7 +59,8 @@ async fn fan_out_to_all_stores_one_document_per_node_and_updates_it() {
         assert_eq!(doc.value("hello"), Some(&json!(["alpha", "beta"])));
         let meta = &doc.meta.plugins["hello"];
         assert_eq!((meta.outcome.as_str(), meta.exit_code), ("ok", Some(0)));
-        assert!(doc.meta.last_seen.is_some() && doc.meta.agent_version.is_some());
+        let node = stack.node(n).await.expect("node");
+        assert!(node.last_seen().is_some() && node.agent_version().is_some());
     }
     let created: Vec<_> = futures_created(&stack, &nodes).await;
 

@@ -58,39 +58,49 @@ async fn a_plugin_whose_output_changes_is_stored_on_every_run_and_one_that_does_
     .await;
     let three = started.elapsed();
 
-    // Unchanging output: its first value, then only confirmations.
+    // Unchanging output: its first value, then only confirmations, each in the node's
+    // freshness document: the node document is not rewritten.
     wait_for(
         "two confirmations of same",
         Duration::from_secs(20),
         || async {
             let runs = scheduled_runs(&stack, "sched01", "same").len();
-            let doc = stack.document("sched01").await;
+            let node = stack.node("sched01").await;
             runs >= 3
-                && doc.is_some_and(|d| {
-                    let m = &d.meta.plugins["same"];
-                    m.confirmed_at.is_some() && m.confirmed_at > m.value_at
+                && node.is_some_and(|n| {
+                    n.plugin("same")
+                        .is_some_and(|m| m.confirmed_at.is_some() && m.confirmed_at > m.value_at)
                 })
         },
     )
     .await;
-    let doc = stack.document("sched01").await.expect("document");
-    let first = doc.meta.plugins["same"].clone();
+    let node = stack.node("sched01").await.expect("node");
+    let first = node.plugin("same").expect("same");
+
     wait_for(
         "a later confirmation of same",
         Duration::from_secs(20),
         || async {
-            let d = stack.document("sched01").await.expect("document");
-            d.meta.plugins["same"].confirmed_at > first.confirmed_at
+            let n = stack.node("sched01").await.expect("node");
+            n.plugin("same").expect("same").confirmed_at > first.confirmed_at
         },
     )
     .await;
-    let doc = stack.document("sched01").await.expect("document");
-    let same = &doc.meta.plugins["same"];
+    let node = stack.node("sched01").await.expect("node");
+    let doc = &node.doc;
+    let same = node.plugin("same").expect("same");
     assert_eq!(history_of(&stack, "sched01", "same").await, 0, "no history");
     assert_eq!(doc.value("same"), Some(&serde_json::json!("steady")));
-    // Not rewritten: the stored value is still the one of the first run.
+    // Not rewritten: the stored value is still the one of the first run, and the confirmation
+    // is the freshness document's.
     assert_eq!(same.value_at, first.value_at);
     assert_eq!(same.value_request_id, first.value_request_id);
+    assert!(
+        node.fresh.fresh.plugins.contains_key("same"),
+        "{:?}",
+        node.fresh
+    );
+    assert!(doc.meta.plugins["same"].collected_at < same.collected_at);
     assert_eq!(same.outcome, "ok");
     assert_eq!(same.interval_s, Some(2));
     let due = same.next_due.expect("next due");
@@ -100,7 +110,7 @@ async fn a_plugin_whose_output_changes_is_stored_on_every_run_and_one_that_does_
         "next due an interval after the last run"
     );
     assert!(!same.overdue(Utc::now()), "{same:?}");
-    let tick = &doc.meta.plugins["tick"];
+    let tick = node.plugin("tick").expect("tick");
     assert_eq!(tick.interval_s, Some(2));
     assert!(tick.confirmed_at.is_none(), "tick changed every time");
 
@@ -302,4 +312,70 @@ async fn a_plugin_whose_agent_stopped_is_overdue_after_twice_its_interval() {
         "overdue {:.1} s after the agent stopped (interval 1 s):\n{table}",
         stopped.elapsed().as_secs_f64()
     );
+}
+
+#[tokio::test]
+async fn confirmations_and_heartbeats_leave_the_node_document_alone() {
+    let stack = TestStack::new().await;
+    let _server = spawn_server(stack.server_settings());
+    let plugins = plugin_dir(&[("same.toml", SAME)]);
+    let mut settings = stack.agent_settings("sched06", plugins.path());
+    settings.heartbeat = Duration::from_secs(1);
+    let agent = spawn_agent(settings.clone());
+    wait_for(
+        "the first value of same",
+        Duration::from_secs(20),
+        || async {
+            stack
+                .document("sched06")
+                .await
+                .is_some_and(|d| d.value("same").is_some())
+        },
+    )
+    .await;
+    let before = stack.document("sched06").await.expect("document");
+    let started = Instant::now();
+    // Three confirmations (2 s apart) and several heartbeats (1 s apart) later...
+    wait_for(
+        "three confirmations of same",
+        Duration::from_secs(20),
+        || async {
+            scheduled_runs(&stack, "sched06", "same").len() >= 4
+                && stack.node("sched06").await.is_some_and(|n| {
+                    n.fresh.fresh.plugins.contains_key("same")
+                        && n.announced_at() > before.meta.announced_at
+                })
+        },
+    )
+    .await;
+    let node = stack.node("sched06").await.expect("node");
+    // ...the node document is the same revision: nothing rewrote its value.
+    assert_eq!(node.doc.rev, before.rev, "{:?}", node.doc.meta);
+    assert!(node.last_seen() > before.meta.last_seen, "{:?}", node.fresh);
+    let same = node.plugin("same").expect("same");
+    assert!(!same.overdue(Utc::now()), "{same:?}");
+    println!(
+        "{} scheduled runs and heartbeats over {:.1} s: node document still at {:?}",
+        scheduled_runs(&stack, "sched06", "same").len(),
+        started.elapsed().as_secs_f64(),
+        node.doc.rev
+    );
+    agent.stop().await.expect("agent");
+
+    // The schedule turned off in the agent's config: the plugin is no longer expected, so
+    // it never turns overdue.
+    settings.schedule.insert(
+        vogeler_proto::names::PluginName::new("same").expect("plugin"),
+        vogeler_config::ScheduleOverride::Off,
+    );
+    let agent = spawn_agent(settings);
+    wait_for("the schedule cleared", Duration::from_secs(20), || async {
+        stack
+            .node("sched06")
+            .await
+            .and_then(|n| n.plugin("same"))
+            .is_some_and(|m| m.interval_s.is_none())
+    })
+    .await;
+    agent.stop().await.expect("agent");
 }

@@ -41,6 +41,7 @@ fn announce(n: &str, facts: Value, at: DateTime<Utc>) -> Message {
         started_at: at,
         sent_at: at,
         facts: facts.as_object().cloned().unwrap_or_default(),
+        schedules: None,
     })
 }
 

@@ -16,7 +16,7 @@ pub const ENROLLMENT_DDOC: &str = "vogeler_enrollment";
 
 /// Bumped whenever a view below changes: servers upgrade older design documents on start and
 /// leave newer ones (from a newer server) alone.
-pub const VERSION: u64 = 7;
+pub const VERSION: u64 = 8;
 
 /// A view: the design document it lives in, its name and its map function, in one place so
 /// that the server installs and every reader queries the same thing.
@@ -29,11 +29,13 @@ pub struct View {
     pub reduce: Option<&'static str>,
 }
 
-/// Last seen time → null: stale nodes and `prune`.
+/// Last seen time → node name, from node documents (written before freshness documents)
+/// and freshness documents: stale nodes and `prune`. A node has up to two rows; it is
+/// stale only when both are old.
 pub const NODES_BY_LAST_SEEN: View = View {
     ddoc: NODES_DDOC,
     name: "nodes_by_last_seen",
-    map: "function (doc) { if (doc.vogeler && doc.vogeler.last_seen) { emit(doc.vogeler.last_seen, null); } }",
+    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { if (f.last_seen) { emit(f.last_seen, doc._id.substring(6)); } return; } if (doc.vogeler && doc.vogeler.last_seen) { emit(doc.vogeler.last_seen, doc._id); } }",
     reduce: None,
 };
 
@@ -53,20 +55,23 @@ pub const PACKAGES: View = View {
     reduce: None,
 };
 
-/// `[plugin, node]` → [`Collected`], for answering from stored values (`--cached`).
+/// `[plugin, node]` → [`Collected`], for answering from stored values (`--cached`): one row
+/// from the node document's stored run, and one from its freshness document when a
+/// scheduled run confirmed the value since. The newer of the two is the plugin's last run.
 pub const COLLECTED: View = View {
     ddoc: NODES_DDOC,
     name: "collected",
-    map: "function (doc) { var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome, interval_s: p[name].interval_s || null }); } }",
+    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { var c = f.plugins || {}; for (var n in c) { emit([n, doc._id.substring(6)], { collected_at: c[n].confirmed_at, outcome: 'ok', interval_s: c[n].interval_s || null }); } return; } var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome, interval_s: p[name].interval_s || null }); } }",
     reduce: None,
 };
 
 /// Node name → [`Registered`], what the runner resolves node sets against without reading
-/// whole documents.
+/// whole documents: a row from the node document, and one from its freshness document
+/// (last seen, confirmed schedules) that [`Registered::merge`] folds in.
 pub const REGISTRY: View = View {
     ddoc: NODES_DDOC,
     name: "registry",
-    map: "function (doc) { if (doc.vogeler) { var s = {}; var p = doc.vogeler.plugins || {}; for (var name in p) { if (p[name].interval_s) { s[name] = [p[name].collected_at, p[name].interval_s]; } } emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {}, key: doc.vogeler.key || null, schedules: s }); } }",
+    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { var c = f.plugins || {}; var t = {}; for (var n in c) { if (c[n].interval_s) { t[n] = [c[n].confirmed_at, c[n].interval_s]; } } emit(doc._id.substring(6), { fresh: true, last_seen: f.last_seen || null, agent_version: f.agent_version || null, schedules: t }); return; } if (doc.vogeler) { var s = {}; var p = doc.vogeler.plugins || {}; for (var name in p) { if (p[name].interval_s) { s[name] = [p[name].collected_at, p[name].interval_s]; } } emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {}, key: doc.vogeler.key || null, schedules: s }); } }",
     reduce: None,
 };
 
@@ -246,6 +251,26 @@ impl Registered {
         }
     }
 
+    /// Whether a row came from a freshness document ([`crate::fresh`]).
+    pub fn is_fresh_row(v: &Value) -> bool {
+        v.get("fresh").and_then(Value::as_bool) == Some(true)
+    }
+
+    /// Fold in the row of the node's freshness document: the newer last seen (with its
+    /// agent version), and each schedule's newer run.
+    pub fn merge(&mut self, fresh: Registered) {
+        if fresh.last_seen > self.last_seen {
+            self.last_seen = fresh.last_seen;
+            self.agent_version = fresh.agent_version;
+        }
+        for (name, (at, interval)) in fresh.schedules {
+            let newer = self.schedules.get(&name).is_none_or(|(mine, _)| at > *mine);
+            if newer {
+                self.schedules.insert(name, (at, interval));
+            }
+        }
+    }
+
     /// The scheduled plugins not collected within twice their interval at `now`.
     pub fn overdue(&self, now: DateTime<Utc>) -> Vec<&str> {
         self.schedules
@@ -316,6 +341,16 @@ impl Collected {
             collected_at: time(v.get("collected_at")),
             outcome: v.get("outcome").and_then(Value::as_str).map(str::to_string),
             interval_s: v.get("interval_s").and_then(Value::as_u64),
+        }
+    }
+
+    /// Of two rows for one node and plugin (its document's and its freshness document's),
+    /// the newer run.
+    pub fn newer(self, other: Collected) -> Collected {
+        if other.collected_at > self.collected_at {
+            other
+        } else {
+            self
         }
     }
 

@@ -22,6 +22,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use crate::fresh::{Confirmation, Fresh, FreshDocument};
 use crate::signing::PublicKey;
 use crate::{
     names::{NodeName, RESERVED_PLUGIN_NAME},
@@ -83,10 +84,11 @@ pub struct NodeMeta {
     /// Set when the document is first written, never changed.
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    /// The newest time the node itself reported (announcement or result).
-    #[serde(default)]
+    /// The newest time the node itself reported, as documents written before the freshness
+    /// document ([`crate::fresh`]) recorded it; read as a floor, no longer written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<DateTime<Utc>>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginMeta>,
@@ -348,18 +350,162 @@ impl NodeDocument {
             self.values.get(plugin)
         }
     }
+}
 
-    /// Note the node was seen at `at`; returns whether that changed the document.
+/// What applying messages changed, and so which of a node's two documents need a write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    pub document: bool,
+    pub fresh: bool,
+}
+
+/// One document of a batch write: a node document or a freshness document.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Write {
+    Node(NodeDocument),
+    Fresh(FreshDocument),
+}
+
+/// A node as the server merges into it: its document and its freshness document
+/// ([`crate::fresh`]). Heartbeats, unchanged scheduled runs and "last seen" go to the small
+/// freshness document; the node document changes only when a value, a run's status, the
+/// facts, the plugins or the key change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub doc: NodeDocument,
+    pub fresh: FreshDocument,
+    written: Written,
+    /// A confirmation was recorded: the freshness document must be written.
+    confirmed: bool,
+}
+
+impl Node {
+    /// A node seen for the first time.
+    pub fn new(node: &NodeName, now: DateTime<Utc>) -> Self {
+        Self::from_parts(NodeDocument::new(node, now), None)
+    }
+
+    /// A stored node. Without a freshness document (a database written before there were
+    /// any), one starts from what the node document recorded.
+    pub fn from_parts(mut doc: NodeDocument, fresh: Option<FreshDocument>) -> Self {
+        let fresh = fresh.unwrap_or_else(|| {
+            let mut f = match NodeName::new(doc.id.clone()) {
+                Ok(name) => FreshDocument::new(&name),
+                Err(_) => FreshDocument {
+                    id: format!("{}{}", crate::fresh::PREFIX, doc.id),
+                    rev: None,
+                    fresh: Fresh::default(),
+                },
+            };
+            // Moved, so a stamp from the future there cannot outvote the freshness
+            // document once the node document is next written.
+            f.fresh.last_seen = doc.meta.last_seen.take();
+            f.fresh.agent_version = doc.meta.agent_version.take();
+            f.fresh.announced_at = doc.meta.announced_at;
+            f
+        });
+        Self {
+            doc,
+            fresh,
+            written: Written::default(),
+            confirmed: false,
+        }
+    }
+
+    /// Which documents the messages applied so far changed. When the node document is
+    /// written anyway it carries last seen itself, and the freshness document is written
+    /// only for confirmations, which only it holds: a changed value costs one write.
+    pub fn written(&self) -> Written {
+        let mut w = self.written;
+        if w.document && !self.confirmed {
+            w.fresh = false;
+        }
+        w
+    }
+
+    /// The documents to write for what the messages changed (see [`Node::written`]).
+    pub fn into_writes(mut self) -> Vec<Write> {
+        let w = self.written();
+        if w.document {
+            // Readers take the newer of the two documents' times, so this never goes back.
+            self.doc.meta.last_seen = self.last_seen();
+            self.doc.meta.agent_version = self.agent_version().map(str::to_string);
+            self.doc.meta.announced_at = self.announced_at();
+        }
+        let mut out = Vec::new();
+        if w.document {
+            out.push(Write::Node(self.doc));
+        }
+        if w.fresh {
+            out.push(Write::Fresh(self.fresh));
+        }
+        out
+    }
+
+    /// [`NodeDocument::pin_key`], noting a new pin as a change of the node document.
+    pub fn pin_key(&mut self, signer: &PublicKey) -> Result<bool, String> {
+        let pinned = self.doc.pin_key(signer)?;
+        self.written.document |= pinned;
+        Ok(pinned)
+    }
+
+    /// The newest time the node reported, from either document.
+    pub fn last_seen(&self) -> Option<DateTime<Utc>> {
+        self.fresh.fresh.last_seen.max(self.doc.meta.last_seen)
+    }
+
+    /// The agent version the node reported at [`Node::last_seen`].
+    pub fn agent_version(&self) -> Option<&str> {
+        if self.fresh.fresh.last_seen >= self.doc.meta.last_seen {
+            self.fresh.fresh.agent_version.as_deref()
+        } else {
+            self.doc.meta.agent_version.as_deref()
+        }
+    }
+
+    /// When the agent last announced itself, from either document.
+    pub fn announced_at(&self) -> Option<DateTime<Utc>> {
+        self.fresh
+            .fresh
+            .announced_at
+            .max(self.doc.meta.announced_at)
+    }
+
+    /// The plugin's newest run, as readers see it: its stored status, or a later
+    /// confirmation of its stored value.
+    pub fn plugin(&self, plugin: &str) -> Option<PluginMeta> {
+        let meta = self.doc.meta.plugins.get(plugin)?;
+        let Some(c) = self.fresh.fresh.plugins.get(plugin) else {
+            return Some(meta.clone());
+        };
+        if (c.confirmed_at, c.request_id) <= (meta.collected_at, meta.request_id) {
+            return Some(meta.clone());
+        }
+        let mut m = meta.clone();
+        m.collected_at = c.confirmed_at;
+        m.request_id = c.request_id;
+        m.outcome = Outcome::Ok.status().to_string();
+        m.error = None;
+        m.exit_code = Some(0);
+        m.interval_s = Some(c.interval_s);
+        m.next_due = c.next_due;
+        m.confirmed_at = Some(c.confirmed_at);
+        Some(m)
+    }
+
+    /// Note the node was seen at `at`; returns whether that changed anything.
     fn saw(&mut self, at: DateTime<Utc>, agent_version: &str, now: DateTime<Utc>) -> bool {
         // Ties go to the greater version string, so the order of arrival does not matter.
-        let newer = self.meta.last_seen.is_none_or(|seen| {
+        let newer = self.last_seen().is_none_or(|seen| {
             seen < at
-                || (seen == at && self.meta.agent_version.as_deref() < Some(agent_version))
+                || (seen == at && self.agent_version() < Some(agent_version))
                 || from_the_future(seen, now)
         });
         if newer {
-            self.meta.last_seen = Some(at);
-            self.meta.agent_version = Some(agent_version.to_string());
+            self.fresh.fresh.last_seen = Some(at);
+            self.fresh.fresh.agent_version = Some(agent_version.to_string());
+            self.written.fresh = true;
         }
         newer
     }
@@ -370,8 +516,8 @@ impl NodeDocument {
         self.apply_result_recording(r, now, &mut Vec::new())
     }
 
-    /// [`NodeDocument::apply_result`], adding a [`HistoryEntry`] to `history` when the
-    /// plugin's value changed from an earlier one.
+    /// [`Node::apply_result`], adding a [`HistoryEntry`] to `history` when the plugin's
+    /// value changed from an earlier one.
     pub fn apply_result_recording(
         &mut self,
         r: &PluginResult,
@@ -382,30 +528,150 @@ impl NodeDocument {
             // Nothing was collected, and a typo in a runner command must not leave a key for
             // a plugin that does not exist in every document it reached.
             return if self.saw(r.collected_at, &r.agent_version, now) {
-                self.meta.updated_at = now;
                 Change::Updated
             } else {
                 Change::Unchanged
             };
         }
+        if let Outcome::Unchanged { hash } = &r.outcome {
+            return self.confirm(r, hash, now);
+        }
+        let seen = self.saw(r.collected_at, &r.agent_version, now);
+        let stored = self.doc.merge_result(r, now, history);
+        if stored {
+            self.written.document = true;
+        }
+        if stored || seen {
+            Change::Updated
+        } else {
+            Change::Unchanged
+        }
+    }
+
+    /// A scheduled run found the stored value unchanged: record it in the freshness
+    /// document, never in the node document.
+    fn confirm(&mut self, r: &PluginResult, hash: &str, now: DateTime<Utc>) -> Change {
+        let key = r.plugin.as_str();
+        let holds = self
+            .doc
+            .meta
+            .plugins
+            .get(key)
+            .is_some_and(|p| p.hash.as_deref() == Some(hash))
+            && self.doc.values.contains_key(key);
+        // An unconfirmed one is not stored at all, not even as "seen".
+        if !holds {
+            return Change::Unconfirmed;
+        }
+        let Some(schedule) = &r.scheduled else {
+            return Change::Unconfirmed;
+        };
+        let Some(latest) = self.plugin(key) else {
+            return Change::Unconfirmed;
+        };
+        let stamp = (r.collected_at, r.request_id);
+        let newer = stamp > (latest.collected_at, latest.request_id)
+            || from_the_future(latest.collected_at, now);
+        // A recent confirmation is skipped whole, "seen" included: that is what coalescing
+        // saves (`last_seen` then lags by under half an interval, against a staleness window
+        // of a day).
+        if !newer || confirmed_recently(&latest, r) {
+            return Change::Unchanged;
+        }
+        self.fresh.fresh.plugins.insert(
+            key.to_string(),
+            Confirmation {
+                confirmed_at: r.collected_at,
+                request_id: r.request_id,
+                interval_s: schedule.interval_s,
+                next_due: next_due(r.collected_at, schedule.interval_s),
+            },
+        );
+        self.written.fresh = true;
+        self.confirmed = true;
+        self.saw(r.collected_at, &r.agent_version, now);
+        Change::Updated
+    }
+
+    /// Record an agent's announcement (plugins, facts, last seen); a repeated or older one
+    /// changes nothing. A heartbeat that repeats the stored plugins and facts touches only
+    /// the freshness document.
+    pub fn apply_announce(&mut self, a: &Announce, now: DateTime<Utc>) -> Change {
+        if self
+            .announced_at()
+            .is_some_and(|at| at >= a.sent_at && !from_the_future(at, now))
+        {
+            return Change::Unchanged;
+        }
+        self.fresh.fresh.announced_at = Some(a.sent_at);
+        self.written.fresh = true;
+        self.saw(a.sent_at, &a.agent_version, now);
+        let plugins: BTreeMap<String, String> = a
+            .plugins
+            .iter()
+            .map(|p| (p.name.to_string(), p.hash.clone()))
+            .collect();
+        let meta = &mut self.doc.meta;
+        let mut changed = false;
+        if meta.agent_plugins != plugins || meta.facts != a.facts {
+            meta.agent_plugins = plugins;
+            meta.facts = a.facts.clone();
+            meta.announced_at = Some(a.sent_at);
+            changed = true;
+        }
+        // A plugin the agent no longer runs on a schedule (removed, or its schedule turned
+        // off) is no longer expected, so it cannot become overdue.
+        let scheduled = |name: &str| match &a.schedules {
+            Some(s) => s.contains_key(name),
+            None => meta_has(&a.plugins, name),
+        };
+        let unscheduled: Vec<String> = meta
+            .plugins
+            .iter()
+            .filter(|(name, p)| p.interval_s.is_some() && !scheduled(name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &unscheduled {
+            if let Some(p) = meta.plugins.get_mut(name) {
+                p.interval_s = None;
+                p.next_due = None;
+            }
+            if self.fresh.fresh.plugins.remove(name).is_some() {
+                self.confirmed = true;
+            }
+            changed = true;
+        }
+        if changed {
+            meta.updated_at = now;
+            self.written.document = true;
+        }
+        Change::Updated
+    }
+}
+
+fn meta_has(plugins: &[crate::wire::PluginInfo], name: &str) -> bool {
+    plugins.iter().any(|p| p.name.as_str() == name)
+}
+
+fn next_due(at: DateTime<Utc>, interval_s: u64) -> Option<DateTime<Utc>> {
+    i64::try_from(interval_s)
+        .ok()
+        .and_then(chrono::TimeDelta::try_seconds)
+        .and_then(|i| at.checked_add_signed(i))
+}
+
+impl NodeDocument {
+    /// Merge a result that carries a value or a failure (not an unchanged run) into the
+    /// plugin's status and value; returns whether the document changed.
+    fn merge_result(
+        &mut self,
+        r: &PluginResult,
+        now: DateTime<Utc>,
+        history: &mut Vec<HistoryEntry>,
+    ) -> bool {
         let key = r.plugin.as_str();
         let stamp = (r.collected_at, r.request_id);
         let previous = self.meta.plugins.get(key).cloned();
-        if let Outcome::Unchanged { hash } = &r.outcome {
-            let holds = previous
-                .as_ref()
-                .is_some_and(|p| p.hash.as_deref() == Some(hash))
-                && self.values.contains_key(key);
-            // Neither moves `last_seen`: that would be a write, which is what skipping a
-            // recent confirmation saves (`last_seen` then lags by under half an interval,
-            // against a staleness window of a day); an unconfirmed one is not stored at all.
-            if !holds {
-                return Change::Unconfirmed;
-            }
-            if previous.as_ref().is_some_and(|p| confirmed_recently(p, r)) {
-                return Change::Unchanged;
-            }
-        }
         // Two last-writer-wins registers, ordered by (collected_at, request_id): the run's
         // status, and the value of the newest `ok` run. Any order of the same results, with
         // any duplicates, gives the same document.
@@ -417,17 +683,10 @@ impl NodeDocument {
         let value_stamp = previous
             .as_ref()
             .and_then(|p| Some((p.value_at?, p.value_request_id?)));
-        // An unchanged run confirms the stored value: never a new value, nor history.
         let value_newer = matches!(r.outcome, Outcome::Ok)
             && value_stamp.is_none_or(|v| stamp > v || from_the_future(v.0, now));
-        // Seen applies to every result, even one older than the stored status and value.
-        let seen = self.saw(r.collected_at, &r.agent_version, now);
         if !status_newer && !value_newer {
-            if seen {
-                self.meta.updated_at = now;
-                return Change::Updated;
-            }
-            return Change::Unchanged;
+            return false;
         }
         let mut meta = previous.unwrap_or(PluginMeta {
             collected_at: r.collected_at,
@@ -475,43 +734,15 @@ impl NodeDocument {
             meta.exit_code = r.outcome.exit_code();
             meta.duration_ms = r.duration_ms;
             meta.truncated = r.truncated;
-            if let Outcome::Unchanged { .. } = r.outcome {
-                meta.outcome = Outcome::Ok.status().to_string();
-                meta.confirmed_at = Some(r.collected_at);
-            }
+            meta.confirmed_at = None;
             if let Some(schedule) = &r.scheduled {
                 meta.interval_s = Some(schedule.interval_s);
-                meta.next_due = i64::try_from(schedule.interval_s)
-                    .ok()
-                    .and_then(chrono::TimeDelta::try_seconds)
-                    .and_then(|i| r.collected_at.checked_add_signed(i));
+                meta.next_due = next_due(r.collected_at, schedule.interval_s);
             }
         }
         self.meta.plugins.insert(key.to_string(), meta);
         self.meta.updated_at = now;
-        Change::Updated
-    }
-
-    /// Record an agent's announcement (plugins, facts, last seen); a repeated or older one
-    /// changes nothing.
-    pub fn apply_announce(&mut self, a: &Announce, now: DateTime<Utc>) -> Change {
-        if self
-            .meta
-            .announced_at
-            .is_some_and(|at| at >= a.sent_at && !from_the_future(at, now))
-        {
-            return Change::Unchanged;
-        }
-        self.meta.announced_at = Some(a.sent_at);
-        self.meta.agent_plugins = a
-            .plugins
-            .iter()
-            .map(|p| (p.name.to_string(), p.hash.clone()))
-            .collect();
-        self.meta.facts = a.facts.clone();
-        self.saw(a.sent_at, &a.agent_version, now);
-        self.meta.updated_at = now;
-        Change::Updated
+        true
     }
 }
 
@@ -540,8 +771,8 @@ mod tests {
         }
     }
 
-    fn doc() -> NodeDocument {
-        NodeDocument::new(&NodeName::new("web01").expect("node"), t("00"))
+    fn doc() -> Node {
+        Node::new(&NodeName::new("web01").expect("node"), t("00"))
     }
 
     #[test]
@@ -552,17 +783,17 @@ mod tests {
         let mut bad = result(1, "00", Outcome::Ok, Some(json!("frozen")));
         bad.collected_at = future;
         d.apply_result(&bad, future);
-        assert_eq!(d.meta.last_seen, Some(future));
+        assert_eq!(d.last_seen(), Some(future));
         // Real time goes on: a later run replaces the value, status and last seen time.
         let good = result(2, "03", Outcome::Ok, Some(json!("fresh")));
         assert_eq!(d.apply_result(&good, t("04")), Change::Updated);
-        assert_eq!(d.values["hello"], json!("fresh"));
-        assert_eq!(d.meta.plugins["hello"].collected_at, t("03"));
-        assert_eq!(d.meta.last_seen, Some(t("03")));
+        assert_eq!(d.doc.values["hello"], json!("fresh"));
+        assert_eq!(d.doc.meta.plugins["hello"].collected_at, t("03"));
+        assert_eq!(d.last_seen(), Some(t("03")));
         // An older run still loses to the newer one, as before.
         let older = result(3, "01", Outcome::Ok, Some(json!("older")));
         assert_eq!(d.apply_result(&older, t("04")), Change::Unchanged);
-        assert_eq!(d.values["hello"], json!("fresh"));
+        assert_eq!(d.doc.values["hello"], json!("fresh"));
     }
 
     #[test]
@@ -571,14 +802,18 @@ mod tests {
         for i in 0..crate::limits::MAX_PLUGINS_PER_DOCUMENT {
             let mut r = result(i as u128, "01", Outcome::Ok, Some(json!(i)));
             r.plugin = PluginName::new(format!("p{i}")).expect("plugin");
-            assert_eq!(d.admits_plugin(r.plugin.as_str()), Ok(()));
+            assert_eq!(d.doc.admits_plugin(r.plugin.as_str()), Ok(()));
             d.apply_result(&r, t("02"));
         }
-        assert_eq!(d.admits_plugin("p0"), Ok(()), "a stored plugin can change");
-        let err = d.admits_plugin("one-more").expect_err("full");
+        assert_eq!(
+            d.doc.admits_plugin("p0"),
+            Ok(()),
+            "a stored plugin can change"
+        );
+        let err = d.doc.admits_plugin("one-more").expect_err("full");
         assert!(err.contains("already stores 256 plugins"), "{err}");
-        let encoded = serde_json::to_vec(&d).expect("json").len();
-        assert_eq!(d.encoded_len(), encoded);
+        let encoded = serde_json::to_vec(&d.doc).expect("json").len();
+        assert_eq!(d.doc.encoded_len(), encoded);
     }
 
     #[test]
@@ -586,7 +821,19 @@ mod tests {
         let mut d = doc();
         let r = result(1, "01", Outcome::Ok, Some(json!(["a", "b"])));
         assert_eq!(d.apply_result(&r, t("02")), Change::Updated);
-        let v = serde_json::to_value(&d).expect("json");
+        // A changed value is one write: the node document, carrying last seen itself.
+        assert_eq!(
+            d.written(),
+            Written {
+                document: true,
+                fresh: false
+            }
+        );
+        let writes = d.clone().into_writes();
+        let [Write::Node(written)] = &writes[..] else {
+            panic!("{writes:?}")
+        };
+        let v = serde_json::to_value(written).expect("json");
         assert_eq!(v["_id"], "web01");
         assert_eq!(v["hello"], json!(["a", "b"]));
         assert_eq!(v["vogeler"]["plugins"]["hello"]["outcome"], "ok");
@@ -595,7 +842,7 @@ mod tests {
         assert_eq!(v["vogeler"]["last_seen"], "2026-11-22T05:00:01Z");
         assert!(v.get("_rev").is_none());
         let back: NodeDocument = serde_json::from_value(v).expect("round trip");
-        assert_eq!(back, d);
+        assert_eq!(&back, written);
     }
 
     #[test]
@@ -624,14 +871,14 @@ mod tests {
             d2.apply_result(r, t("09"));
         }
         assert_eq!(d1, d2);
-        assert_eq!(d1.value("hello"), Some(&json!("new")));
+        assert_eq!(d1.doc.value("hello"), Some(&json!("new")));
     }
 
     #[test]
     fn failure_keeps_last_good_value() {
         let mut d = doc();
         d.apply_result(&result(1, "01", Outcome::Ok, Some(json!(["a"]))), t("01"));
-        let good_hash = d.meta.plugins["hello"].hash.clone();
+        let good_hash = d.doc.meta.plugins["hello"].hash.clone();
         let failed = Outcome::Failed {
             exit_code: Some(2),
             signal: None,
@@ -641,8 +888,8 @@ mod tests {
             d.apply_result(&result(2, "02", failed, None), t("02")),
             Change::Updated
         );
-        assert_eq!(d.value("hello"), Some(&json!(["a"])));
-        let meta = &d.meta.plugins["hello"];
+        assert_eq!(d.doc.value("hello"), Some(&json!(["a"])));
+        let meta = &d.doc.meta.plugins["hello"];
         assert_eq!(meta.outcome, "failed");
         assert_eq!(meta.exit_code, Some(2));
         assert_eq!(meta.error.as_deref(), Some("exit code 2: nope"));
@@ -659,11 +906,12 @@ mod tests {
             started_at: t("01"),
             sent_at: t("03"),
             facts: Default::default(),
+            schedules: None,
         };
         assert_eq!(d.apply_announce(&a, t("04")), Change::Updated);
         assert_eq!(d.apply_announce(&a, t("05")), Change::Unchanged);
-        assert_eq!(d.meta.last_seen, Some(t("03")));
-        assert_eq!(d.meta.agent_version.as_deref(), Some("0.2.0"));
+        assert_eq!(d.last_seen(), Some(t("03")));
+        assert_eq!(d.agent_version(), Some("0.2.0"));
     }
 
     #[test]
@@ -673,8 +921,8 @@ mod tests {
         let unknown = result(1, "01", Outcome::UnknownPlugin, None);
         assert_eq!(d.apply_result(&unknown, t("02")), Change::Updated);
         assert_eq!(d.apply_result(&unknown, t("03")), Change::Unchanged);
-        assert!(d.meta.plugins.is_empty());
-        assert!(d.values.is_empty());
+        assert!(d.doc.meta.plugins.is_empty());
+        assert!(d.doc.values.is_empty());
     }
 
     #[test]
@@ -731,14 +979,15 @@ mod tests {
                 .as_object()
                 .cloned()
                 .unwrap_or_default(),
+            schedules: None,
         };
         assert_eq!(d.apply_announce(&a, t("07")), Change::Updated);
         assert_eq!(
-            d.meta.agent_plugins.get("hello").map(String::as_str),
+            d.doc.meta.agent_plugins.get("hello").map(String::as_str),
             Some("sha256:1")
         );
-        assert_eq!(d.meta.facts["kernel"], "6.1");
-        assert_eq!(d.meta.last_seen, Some(t("05")), "last_seen never goes back");
+        assert_eq!(d.doc.meta.facts["kernel"], "6.1");
+        assert_eq!(d.last_seen(), Some(t("05")), "last_seen never goes back");
     }
 
     #[test]
@@ -766,7 +1015,11 @@ mod tests {
             Change::Updated
         );
         let hash = value_hash(&v);
-        // Half an interval later or more: the confirmation is recorded.
+        // As the server reads it back: nothing written yet.
+        let mut d = Node::from_parts(d.doc.clone(), Some(d.fresh.clone()));
+        let stored = d.doc.clone();
+        // Half an interval later or more: the confirmation is recorded, in the freshness
+        // document only.
         let same = scheduled(
             result(2, "10", Outcome::Unchanged { hash: hash.clone() }, None),
             10,
@@ -776,21 +1029,193 @@ mod tests {
             Change::Updated
         );
         assert!(history.is_empty(), "{history:?}");
-        assert_eq!(d.value("hello"), Some(&v));
-        let m = &d.meta.plugins["hello"];
+        assert_eq!(
+            d.written(),
+            Written {
+                document: false,
+                fresh: true
+            }
+        );
+        assert_eq!(d.doc, stored, "the node document is not rewritten");
+        assert_eq!(d.last_seen(), Some(t("10")));
+        let m = d.plugin("hello").expect("plugin");
         assert_eq!(m.collected_at, t("10"));
         assert_eq!(m.confirmed_at, Some(t("10")));
         assert_eq!(m.value_at, Some(t("00")), "the value is the one sent at 00");
         assert_eq!(m.outcome, "ok");
         assert_eq!(m.next_due, Some(t("20")));
         assert_eq!(m.interval_s, Some(10));
-        // Within half an interval of the stored run: nothing to write.
+        // Within half an interval of the last confirmation: nothing to write.
+        let mut d = Node::from_parts(d.doc.clone(), Some(d.fresh.clone()));
         let soon = scheduled(result(3, "14", Outcome::Unchanged { hash }, None), 10);
         assert_eq!(
             d.apply_result_recording(&soon, t("14"), &mut history),
             Change::Unchanged
         );
-        assert_eq!(d.meta.plugins["hello"].collected_at, t("10"));
+        assert_eq!(d.written(), Written::default());
+        assert_eq!(d.plugin("hello").expect("plugin").collected_at, t("10"));
+    }
+
+    #[test]
+    fn a_failure_and_a_confirmation_in_either_order_give_the_same_node() {
+        let v = json!(["alpha"]);
+        let full = scheduled(result(1, "00", Outcome::Ok, Some(v.clone())), 10);
+        let failed = scheduled(
+            result(
+                2,
+                "10",
+                Outcome::Failed {
+                    exit_code: Some(1),
+                    signal: None,
+                    stderr_tail: String::new(),
+                },
+                None,
+            ),
+            10,
+        );
+        let same = scheduled(
+            result(
+                3,
+                "20",
+                Outcome::Unchanged {
+                    hash: value_hash(&v),
+                },
+                None,
+            ),
+            10,
+        );
+        let (mut a, mut b) = (doc(), doc());
+        for r in [&full, &failed, &same] {
+            a.apply_result(r, t("30"));
+        }
+        for r in [&full, &same, &failed, &same] {
+            b.apply_result(r, t("30"));
+        }
+        assert_eq!((&a.doc, &a.fresh), (&b.doc, &b.fresh));
+        // The newest run (20) found the value unchanged: ok, after the failure at 10.
+        let m = a.plugin("hello").expect("plugin");
+        assert_eq!((m.outcome.as_str(), m.collected_at), ("ok", t("20")));
+        // A failure after the confirmation wins in turn.
+        let later = scheduled(
+            result(
+                4,
+                "30",
+                Outcome::Failed {
+                    exit_code: Some(1),
+                    signal: None,
+                    stderr_tail: String::new(),
+                },
+                None,
+            ),
+            10,
+        );
+        a.apply_result(&later, t("31"));
+        assert_eq!(a.plugin("hello").expect("plugin").outcome, "failed");
+    }
+
+    fn announce(at: &str, facts: Value, schedules: Option<&[(&str, u64)]>) -> Announce {
+        Announce {
+            node: NodeName::new("web01").expect("node"),
+            agent_version: "0.1.0".into(),
+            plugins: vec![crate::wire::PluginInfo {
+                name: PluginName::new("hello").expect("plugin"),
+                hash: "sha256:1".into(),
+            }],
+            started_at: t("00"),
+            sent_at: t(at),
+            facts: facts.as_object().cloned().unwrap_or_default(),
+            schedules: schedules.map(|s| s.iter().map(|(k, v)| (k.to_string(), *v)).collect()),
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_that_repeats_the_facts_touches_only_the_freshness_document() {
+        let mut d = doc();
+        d.apply_announce(&announce("01", json!({"kernel": "6.1"}), None), t("01"));
+        assert_eq!(
+            d.written(),
+            Written {
+                document: true,
+                fresh: false
+            }
+        );
+        let mut d = Node::from_parts(d.doc.clone(), Some(d.fresh.clone()));
+        let stored = d.doc.clone();
+        assert_eq!(
+            d.apply_announce(&announce("02", json!({"kernel": "6.1"}), None), t("02")),
+            Change::Updated
+        );
+        assert_eq!(
+            d.written(),
+            Written {
+                document: false,
+                fresh: true
+            }
+        );
+        assert_eq!(d.doc, stored);
+        assert_eq!(
+            (d.last_seen(), d.announced_at()),
+            (Some(t("02")), Some(t("02")))
+        );
+        // New facts are the node document's.
+        d.apply_announce(&announce("03", json!({"kernel": "6.2"}), None), t("03"));
+        assert_eq!(
+            d.written(),
+            Written {
+                document: true,
+                fresh: false
+            }
+        );
+        assert_eq!(d.doc.meta.facts["kernel"], "6.2");
+        // An older announcement, arriving late, changes nothing.
+        let mut d = Node::from_parts(d.doc.clone(), Some(d.fresh.clone()));
+        d.apply_announce(&announce("02", json!({"kernel": "6.1"}), None), t("04"));
+        assert_eq!(d.written(), Written::default());
+        assert_eq!(d.doc.meta.facts["kernel"], "6.2");
+    }
+
+    #[test]
+    fn a_schedule_turned_off_is_no_longer_expected() {
+        let mut d = doc();
+        let v = json!(1);
+        d.apply_result(
+            &scheduled(result(1, "00", Outcome::Ok, Some(v.clone())), 10),
+            t("00"),
+        );
+        d.apply_result(
+            &scheduled(
+                result(
+                    2,
+                    "10",
+                    Outcome::Unchanged {
+                        hash: value_hash(&v),
+                    },
+                    None,
+                ),
+                10,
+            ),
+            t("10"),
+        );
+        d.apply_announce(&announce("11", json!({}), Some(&[("hello", 10)])), t("11"));
+        assert_eq!(d.plugin("hello").expect("plugin").interval_s, Some(10));
+        // Still announced, no longer scheduled.
+        d.apply_announce(&announce("12", json!({}), Some(&[])), t("12"));
+        let m = d.plugin("hello").expect("plugin");
+        assert_eq!((m.interval_s, m.next_due), (None, None));
+        assert!(!m.overdue(t("59")));
+        // An agent that does not say which plugins it schedules leaves schedules alone, but
+        // a plugin it no longer announces is not expected either.
+        let mut d = doc();
+        d.apply_result(
+            &scheduled(result(1, "00", Outcome::Ok, Some(v)), 10),
+            t("00"),
+        );
+        d.apply_announce(&announce("01", json!({}), None), t("01"));
+        assert_eq!(d.plugin("hello").expect("plugin").interval_s, Some(10));
+        let mut gone = announce("02", json!({}), None);
+        gone.plugins.clear();
+        d.apply_announce(&gone, t("02"));
+        assert_eq!(d.plugin("hello").expect("plugin").interval_s, None);
     }
 
     #[test]
@@ -820,7 +1245,7 @@ mod tests {
         // The value comes back in full: stored as usual.
         let full = scheduled(result(4, "20", Outcome::Ok, Some(json!(2))), 10);
         assert_eq!(d.apply_result(&full, t("20")), Change::Updated);
-        assert_eq!(d.value("hello"), Some(&json!(2)));
+        assert_eq!(d.doc.value("hello"), Some(&json!(2)));
     }
 
     #[test]
@@ -830,21 +1255,21 @@ mod tests {
             &scheduled(result(1, "00", Outcome::Ok, Some(json!(1))), 10),
             t("00"),
         );
-        let m = &d.meta.plugins["hello"];
+        let m = &d.doc.meta.plugins["hello"];
         assert_eq!(m.overdue_at(), Some(t("20")));
         assert!(!m.overdue(t("20")));
         assert!(m.overdue(t("21")));
         // A plugin only ever run by commands has no schedule to miss.
         let mut d = doc();
         d.apply_result(&result(1, "00", Outcome::Ok, Some(json!(1))), t("00"));
-        assert!(!d.meta.plugins["hello"].overdue(t("59")));
+        assert!(!d.doc.meta.plugins["hello"].overdue(t("59")));
     }
 
     #[test]
     fn plugin_values_come_before_the_bookkeeping() {
         let mut d = doc();
         d.apply_result(&result(1, "00", Outcome::Ok, Some(json!(["a"]))), t("00"));
-        let text = serde_json::to_string(&d).expect("json");
+        let text = serde_json::to_string(&d.doc).expect("json");
         let at = |k: &str| text.find(k).expect(k);
         assert!(at("\"_id\"") < at("\"hello\""), "{text}");
         assert!(at("\"hello\"") < at("\"vogeler\""), "{text}");

@@ -11,6 +11,7 @@
 //! - [`topology`]: exchange, queue and routing-key names, queue arguments, message routes.
 //! - [`trust`]: what a receiver checks before it believes a message from an agent.
 //! - [`document`]: the node document shape and how results merge into it.
+//! - [`fresh`]: the small per-node freshness document (last seen, confirmations).
 //! - [`design`]: the design documents (views) the server installs.
 //! - [`enrollment`]: which key may speak for which node name (open or approve).
 //! - [`duration`], [`secret`]: value types configuration is written in.
@@ -19,6 +20,7 @@ pub mod design;
 pub mod document;
 pub mod duration;
 pub mod enrollment;
+pub mod fresh;
 pub mod guard;
 pub mod limits;
 pub mod names;

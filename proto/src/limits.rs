@@ -211,6 +211,19 @@ pub fn check_announce(a: &Announce, now: DateTime<Utc>) -> Result<(), Refusal> {
     for p in &a.plugins {
         text("a plugin hash", &p.hash)?;
     }
+    for (name, interval_s) in a.schedules.iter().flatten() {
+        if !a.plugins.iter().any(|p| p.name.as_str() == name) {
+            return Err(format!(
+                "it schedules plugin {:?}, which it does not announce",
+                crate::text::printable(name)
+            ));
+        }
+        if !(1..=MAX_INTERVAL_S).contains(interval_s) {
+            return Err(format!(
+                "it schedules plugin {name} every {interval_s} s, outside 1 s to {MAX_INTERVAL_S} s"
+            ));
+        }
+    }
     let facts = Value::Object(a.facts.clone());
     check_value(&facts).map_err(|e| format!("facts: {e}"))?;
     let size = serde_json::to_vec(&facts).map_or(usize::MAX, |b| b.len());

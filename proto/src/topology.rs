@@ -359,6 +359,7 @@ mod tests {
             started_at: at,
             sent_at: at,
             facts: Default::default(),
+            schedules: None,
         });
         assert_eq!(t.route(&announce).exchange, "fleet-a.results");
         assert_eq!(t.route(&announce).routing_key, "announce.web01");

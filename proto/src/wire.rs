@@ -238,6 +238,11 @@ pub struct Announce {
     /// A few facts about the node (OS, kernel, architecture), for targeting and views.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub facts: serde_json::Map<String, Value>,
+    /// The announced plugins the agent runs on a schedule, with each interval in seconds, so
+    /// the server stops expecting runs of one whose schedule was turned off. `None` from
+    /// agents that did not say (before 0.1.0's scheduling).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedules: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 /// Why a message was refused. The text goes into logs (and later the dead-letter reason).
@@ -568,6 +573,7 @@ mod tests {
                 .as_object()
                 .cloned()
                 .unwrap_or_default(),
+            schedules: None,
         })
     }
 

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use serde_json::Value;
 use uuid::Uuid;
 use vogeler_proto::{
-    document::NodeDocument,
+    document::Node,
     names::{NodeName, PluginName},
     wire::{self, Announce, Command, Message, Outcome, PluginInfo, PluginResult, Target},
 };
@@ -123,6 +123,13 @@ fn message() -> impl Strategy<Value = Message> {
         prop::collection::btree_map("[a-z.]{1,10}", json(), 0..5),
     )
         .prop_map(|(node, v, plugins, started_at, sent_at, facts)| {
+            // Every other one says which of its plugins it schedules.
+            let schedules = (plugins.len() % 2 == 0).then(|| {
+                plugins
+                    .iter()
+                    .map(|(name, hash)| (name.to_string(), hash.len() as u64 + 1))
+                    .collect()
+            });
             Message::Announce(Announce {
                 node,
                 agent_version: v,
@@ -133,6 +140,7 @@ fn message() -> impl Strategy<Value = Message> {
                 started_at,
                 sent_at,
                 facts: facts.into_iter().collect(),
+                schedules,
             })
         });
     prop_oneof![command, result().prop_map(Message::Result), announce]
@@ -174,11 +182,11 @@ fn node_results() -> impl Strategy<Value = Vec<PluginResult>> {
 
 fn merged<'a>(results: impl IntoIterator<Item = &'a PluginResult>) -> Value {
     let now = Utc.timestamp_opt(1_900_000_000, 0).single().expect("time");
-    let mut doc = NodeDocument::new(&NodeName::new("web01").expect("node"), now);
+    let mut node = Node::new(&NodeName::new("web01").expect("node"), now);
     for r in results {
-        doc.apply_result(r, now);
+        node.apply_result(r, now);
     }
-    serde_json::to_value(&doc).expect("document json")
+    serde_json::to_value((&node.doc, &node.fresh)).expect("document json")
 }
 
 proptest! {

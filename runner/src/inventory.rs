@@ -520,20 +520,34 @@ pub fn render_pending(pending: &[(String, Pending)]) -> String {
     out
 }
 
-/// A node's stored document, or one plugin's value (with its collection metadata).
+/// A node's stored document (with its freshness document's record under `vogeler_fresh`:
+/// last seen, and runs that confirmed a value since it was stored), or one plugin's value.
 pub async fn show(
     settings: &CouchSettings,
     node: &NodeName,
     plugin: Option<&PluginName>,
 ) -> Result<Option<Value>, RunnerError> {
-    let doc: Option<Value> = open(settings)?
-        .client()
+    let inventory = open(settings)?;
+    let couch = inventory.client();
+    let doc: Option<Value> = couch
         .get(&settings.database, node.as_str())
         .await
         .map_err(registry_error)?;
     Ok(match (doc, plugin) {
         (None, _) => None,
-        (Some(d), None) => Some(d),
+        (Some(mut d), None) => {
+            let fresh: Option<Value> = couch
+                .get(&settings.database, &vogeler_proto::fresh::fresh_id(node))
+                .await
+                .map_err(registry_error)?;
+            if let (Some(f), Some(obj)) = (
+                fresh.and_then(|f| f.get("vogeler_fresh").cloned()),
+                d.as_object_mut(),
+            ) {
+                obj.insert("vogeler_fresh".into(), f);
+            }
+            Some(d)
+        }
         (Some(d), Some(p)) => d.get(p.as_str()).cloned(),
     })
 }

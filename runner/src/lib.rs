@@ -164,15 +164,16 @@ pub async fn stored_values(
         MaxAge::Within(age) => c.ok_since(vogeler_proto::duration::before(now, age)),
         MaxAge::Fresh => c.fresh(now),
     };
-    let fresh: Vec<String> = inventory
+    // The last run as the views merge it: a confirmation newer than the stored value counts.
+    let fresh: BTreeMap<String, chrono::DateTime<Utc>> = inventory
         .collected(plugin.as_str())
         .await
         .map_err(inventory::registry_error)?
         .into_iter()
         .filter(|(id, c)| accepts(c) && nodes.iter().any(|n| n.as_str() == id))
-        .map(|(id, _)| id)
+        .filter_map(|(id, c)| Some((id, c.collected_at?)))
         .collect();
-    let ids: Vec<&str> = fresh.iter().map(String::as_str).collect();
+    let ids: Vec<&str> = fresh.keys().map(String::as_str).collect();
     let docs = inventory
         .client()
         .get_many::<vogeler_proto::document::NodeDocument>(&settings.database, &ids)
@@ -182,7 +183,7 @@ pub async fn stored_values(
         .into_iter()
         .filter_map(|(id, doc)| {
             let doc = doc.found()?;
-            let collected_at = doc.meta.plugins.get(plugin.as_str())?.collected_at;
+            let collected_at = *fresh.get(&id)?;
             let value = doc.value(plugin.as_str())?.clone();
             Some((
                 NodeName::new(id).ok()?,

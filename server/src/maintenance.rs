@@ -110,6 +110,11 @@ pub async fn prune(inventory: &Inventory, age: Duration) -> Result<Vec<String>, 
         }
     }
     delete_ids(couch, inventory.database(), &ids).await?;
+    let fresh_ids: Vec<String> = ids
+        .iter()
+        .map(|n| format!("{}{n}", vogeler_proto::fresh::PREFIX))
+        .collect();
+    delete_ids(couch, inventory.database(), &fresh_ids).await?;
     let enrollment_db = inventory.enrollment_database();
     // Only a binding that names a pruned node: a key pinned to several nodes before
     // bindings existed may serve another one still.

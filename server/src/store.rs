@@ -13,8 +13,9 @@ use vogeler_core::couch::{CouchClient, CouchError, Fetched};
 use crate::budget::{self, HistoryBudget};
 use vogeler_proto::{
     design::{self, quarantine_id},
-    document::{Change, HistoryEntry, NodeDocument},
+    document::{Change, HistoryEntry, Node, NodeDocument},
     enrollment::{self, Enrollment, KeyBinding, Mode, Seen, Verdict},
+    fresh::{self, FreshDocument},
     names::NodeName,
     signing::PublicKey,
     wire::Message,
@@ -130,6 +131,7 @@ impl Store {
                 return Ok(outcome);
             }
             let current = self.read(&pending).await?;
+            let mut freshness = self.read_fresh(&pending).await?;
             // Every attempt judges its nodes' messages afresh, from what it just read.
             for node in &pending {
                 for &i in &by_node[*node] {
@@ -160,7 +162,8 @@ impl Store {
                 if readable && self.quarantine.release(node) {
                     self.unflag(node).await?;
                 }
-                let mut doc = match fetched {
+                let stored_fresh = freshness.remove(node.as_str());
+                let doc = match fetched {
                     Fetched::Found(doc) => doc,
                     Fetched::Missing => NodeDocument::new(node, now),
                     Fetched::Unreadable(why) => {
@@ -193,23 +196,24 @@ impl Store {
                     })
                     .map(|&i| (i, messages[i]))
                     .collect();
-                let mut changed =
-                    merge_node(&mut doc, &mine, now, None, &mut history, &mut outcome);
-                if changed && doc.encoded_len() > self.max_document_bytes {
+                let mut merged = Node::from_parts(doc, stored_fresh.clone());
+                merge_node(&mut merged, &mine, now, None, &mut history, &mut outcome);
+                if merged.written().document && merged.doc.encoded_len() > self.max_document_bytes {
                     // Rare: merge again from the stored document, one message at a time, so
                     // only the results that make it too large are refused.
                     history.retain(|e| e.node != node.as_str());
                     for &(i, _) in &mine {
                         outcome[i] = Stored::Done;
                     }
-                    doc = self
+                    let doc = self
                         .couch
                         .fetch::<NodeDocument>(&self.db, node.as_str())
                         .await?
                         .found()
                         .unwrap_or_else(|| NodeDocument::new(node, now));
-                    changed = merge_node(
-                        &mut doc,
+                    merged = Node::from_parts(doc, stored_fresh);
+                    merge_node(
+                        &mut merged,
                         &mine,
                         now,
                         Some(self.max_document_bytes),
@@ -217,9 +221,7 @@ impl Store {
                         &mut outcome,
                     );
                 }
-                if changed {
-                    writes.push(doc);
-                }
+                writes.extend(merged.into_writes());
             }
             if !flags.is_empty() {
                 // A flag already there is a conflict, and that is fine.
@@ -232,13 +234,31 @@ impl Store {
             }
             let results = self.couch.bulk_docs(&self.db, &writes).await?;
             let mut conflicts = Vec::new();
+            // Nodes whose document (not only freshness) lost a race: their entries go back.
+            let mut lost = Vec::new();
             for r in results {
-                let Some(node) = pending.iter().find(|n| n.as_str() == r.id).copied() else {
+                let (id, is_fresh) = match fresh::node_of_id(&r.id) {
+                    Some(node) => (node, true),
+                    None => (r.id.as_str(), false),
+                };
+                let Some(node) = pending.iter().find(|n| n.as_str() == id).copied() else {
                     continue;
                 };
                 match r.error.as_deref() {
                     None => {}
-                    Some("conflict") => conflicts.push(node),
+                    Some("conflict") => {
+                        if !conflicts.contains(&node) {
+                            conflicts.push(node);
+                        }
+                        if !is_fresh {
+                            lost.push(node);
+                        }
+                    }
+                    // Derived data: the node's results are stored, and the next message
+                    // rebuilds it.
+                    Some(error) if is_fresh => {
+                        warn!(node = %node, error, reason = r.reason.as_deref().unwrap_or(""), "the database refused the node's freshness document; its last seen time and confirmations are not recorded");
+                    }
                     Some(error) => {
                         let reason = format!(
                             "database refused document {:?}: {error}: {}",
@@ -256,7 +276,7 @@ impl Store {
             if !conflicts.is_empty() {
                 let retract: Vec<serde_json::Value> = history
                     .iter()
-                    .filter(|e| conflicts.iter().any(|n| n.as_str() == e.node))
+                    .filter(|e| lost.iter().any(|n| n.as_str() == e.node))
                     .filter_map(|e| {
                         written.get(&e.id).map(
                             |rev| serde_json::json!({"_id": e.id, "_rev": rev, "_deleted": true}),
@@ -495,6 +515,29 @@ impl Store {
         Ok(out)
     }
 
+    /// The freshness documents of `nodes` that exist, by node name, read leniently (they are
+    /// derived data: one that does not read starts over, keeping its revision).
+    async fn read_fresh(
+        &self,
+        nodes: &[&NodeName],
+    ) -> Result<HashMap<String, FreshDocument>, CouchError> {
+        let ids: Vec<String> = nodes.iter().map(|n| fresh::fresh_id(n)).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut out = HashMap::new();
+        for ((_, doc), node) in self
+            .couch
+            .get_many::<serde_json::Value>(&self.db, &refs)
+            .await?
+            .into_iter()
+            .zip(nodes)
+        {
+            if let Some(doc) = doc.found() {
+                out.insert(node.to_string(), FreshDocument::from_value(node, &doc));
+            }
+        }
+        Ok(out)
+    }
+
     /// Read the flags left by earlier runs, so a node repaired while this server was down
     /// is released (and counted) too.
     pub async fn load_quarantine(&self) -> Result<(), CouchError> {
@@ -598,29 +641,28 @@ fn quarantine_flag(node: &NodeName, why: &str, now: chrono::DateTime<Utc>) -> se
     })
 }
 
-/// Merge one node's messages into its document, oldest first, each only if signed by the
+/// Merge one node's messages into its documents, oldest first, each only if signed by the
 /// pinned key and within the plugin-key cap, and with `max_bytes`, each only while the
-/// document stays that small. Sets `outcome` for the messages it refuses and returns whether
-/// the document changed. Pure, so the refusals are unit-tested.
+/// document stays that small. Sets `outcome` for the messages it refuses; which documents
+/// changed is [`Node::written`]. Pure, so the refusals are unit-tested.
 pub fn merge_node(
-    doc: &mut NodeDocument,
+    doc: &mut Node,
     messages: &[(usize, &Signed)],
     now: chrono::DateTime<Utc>,
     max_bytes: Option<usize>,
     history: &mut Vec<HistoryEntry>,
     outcome: &mut [Stored],
-) -> bool {
-    let mut changed = false;
+) {
     for &(i, m) in messages {
         match doc.pin_key(&m.signer) {
-            Ok(pinned) => changed |= pinned,
+            Ok(_) => {}
             Err(reason) => {
                 outcome[i] = Stored::WrongKey(reason);
                 continue;
             }
         }
         let change = match &m.message {
-            Message::Result(r) => match doc.admits_plugin(r.plugin.as_str()) {
+            Message::Result(r) => match doc.doc.admits_plugin(r.plugin.as_str()) {
                 Ok(()) => {
                     // Kept only while a value is being replaced, to take it back when the
                     // document would outgrow the database's limit.
@@ -630,10 +672,10 @@ pub fn merge_node(
                     let entries = history.len();
                     let change = doc.apply_result_recording(r, now, history);
                     if let Some((max_bytes, before)) = before
-                        && change == Change::Updated
-                        && doc.encoded_len() > max_bytes
+                        && doc.written().document
+                        && doc.doc.encoded_len() > max_bytes
                     {
-                        let size = doc.encoded_len();
+                        let size = doc.doc.encoded_len();
                         *doc = before;
                         history.truncate(entries);
                         outcome[i] = Stored::Refused(format!(
@@ -660,9 +702,7 @@ pub fn merge_node(
                 r.node, r.plugin, r.plugin, r.node
             ));
         }
-        changed |= change == Change::Updated;
     }
-    changed
 }
 
 /// What a message tells an enrollment record about its signer.
@@ -757,10 +797,10 @@ mod tests {
         let later = signed(result("small", 3, json!("z")));
         let messages = [(0, &small), (1, &huge), (2, &later)];
         let now = Utc::now();
-        let mut doc = NodeDocument::new(&NodeName::new("web01").expect("node"), now);
+        let mut doc = Node::new(&NodeName::new("web01").expect("node"), now);
         let mut outcome = vec![Stored::Done; 3];
         let mut history = Vec::new();
-        let changed = merge_node(
+        merge_node(
             &mut doc,
             &messages,
             now,
@@ -768,7 +808,7 @@ mod tests {
             &mut history,
             &mut outcome,
         );
-        assert!(changed);
+        assert!(doc.written().document);
         assert_eq!(outcome[0], Stored::Done);
         let Stored::Refused(why) = &outcome[1] else {
             panic!("{:?}", outcome[1])
@@ -779,11 +819,11 @@ mod tests {
         );
         assert_eq!(outcome[2], Stored::Done);
         assert!(
-            doc.value("huge").is_none(),
+            doc.doc.value("huge").is_none(),
             "the refused value was taken back"
         );
-        assert_eq!(doc.value("small"), Some(&json!("z")));
-        assert!(doc.encoded_len() <= 65_536);
+        assert_eq!(doc.doc.value("small"), Some(&json!("z")));
+        assert!(doc.doc.encoded_len() <= 65_536);
         assert_eq!(history.len(), 1, "x -> z only");
     }
 
@@ -792,7 +832,7 @@ mod tests {
         let key = PrivateKey::generate().expect("key").public();
         let other = PrivateKey::generate().expect("key").public();
         let now = Utc::now();
-        let mut doc = NodeDocument::new(&NodeName::new("web01").expect("node"), now);
+        let mut doc = Node::new(&NodeName::new("web01").expect("node"), now);
         let filler: Vec<Signed> = (0..vogeler_proto::limits::MAX_PLUGINS_PER_DOCUMENT)
             .map(|i| Signed {
                 message: result(&format!("p{i}"), i as u128, json!(i)),
@@ -803,6 +843,8 @@ mod tests {
         let mut outcome = vec![Stored::Done; filler.len()];
         merge_node(&mut doc, &indexed, now, None, &mut Vec::new(), &mut outcome);
         assert!(outcome.iter().all(|o| *o == Stored::Done));
+        // As read back for the next batch.
+        let mut doc = Node::from_parts(doc.doc, Some(doc.fresh));
 
         let one_more = Signed {
             message: result("one-more", 999, json!(1)),
@@ -813,7 +855,7 @@ mod tests {
             signer: other,
         };
         let mut outcome = vec![Stored::Done; 2];
-        let changed = merge_node(
+        merge_node(
             &mut doc,
             &[(0, &one_more), (1, &squatter)],
             now,
@@ -821,11 +863,11 @@ mod tests {
             &mut Vec::new(),
             &mut outcome,
         );
-        assert!(!changed);
+        assert!(!doc.written().document);
         assert!(
             matches!(&outcome[0], Stored::Refused(r) if r.contains("already stores 256 plugins"))
         );
         assert!(matches!(&outcome[1], Stored::WrongKey(r) if r.contains("is pinned to key")));
-        assert_eq!(doc.value("p0"), Some(&json!(0)));
+        assert_eq!(doc.doc.value("p0"), Some(&json!(0)));
     }
 }
