@@ -19,7 +19,7 @@ use vogeler_proto::{
     document::value_hash,
     names::{NodeName, PluginName},
     signing::{PrivateKey, Purpose},
-    wire::{self, Message, Outcome, PluginResult, Schedule},
+    wire::{self, Announce, Message, Outcome, PluginInfo, PluginResult, Schedule},
 };
 
 use crate::{
@@ -37,8 +37,14 @@ pub struct DayCost {
     pub wire_bytes: u64,
     /// Results that carried their value.
     pub full_results: usize,
-    /// Node document revisions written (CouchDB's update sequence).
+    /// Documents written (CouchDB's update sequence): node and freshness documents.
     pub document_writes: u64,
+    /// Of those, revisions of node documents (the large ones, with every package).
+    pub node_document_writes: u64,
+    /// Of those, revisions of freshness documents (`fresh:NODE`, a few hundred bytes).
+    pub freshness_writes: u64,
+    /// Heartbeat announcements sent.
+    pub heartbeats: usize,
     pub history_entries: u64,
     pub server_cpu_s: f64,
     /// Growth of the node and history databases' files (no compaction in between).
@@ -72,6 +78,35 @@ fn seq(info: &Value) -> u64 {
     }
 }
 
+/// Revisions written to node documents and to freshness documents: each document's
+/// generation (the number before `-` in its `_rev`), summed over a database that started
+/// empty.
+async fn revisions(fleet: &Fleet, db: &str) -> Result<(u64, u64)> {
+    let base = fleet.stack.couchdb_url.trim_end_matches('/').to_string();
+    let all: Value = reqwest::Client::new()
+        .get(format!("{base}/{db}/_all_docs"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let (mut nodes, mut fresh) = (0, 0);
+    for row in all["rows"].as_array().into_iter().flatten() {
+        let id = row["id"].as_str().unwrap_or_default();
+        let generation: u64 = row["value"]["rev"]
+            .as_str()
+            .and_then(|r| r.split('-').next()?.parse().ok())
+            .unwrap_or(0);
+        if id.starts_with("_design/") {
+            continue;
+        } else if vogeler_proto::fresh::node_of_id(id).is_some() {
+            fresh += generation;
+        } else {
+            nodes += generation;
+        }
+    }
+    Ok((nodes, fresh))
+}
+
 fn file_size(info: &Value) -> u64 {
     info["sizes"]["file"].as_u64().unwrap_or(0)
 }
@@ -81,6 +116,7 @@ pub async fn simulate(
     nodes: usize,
     packages: usize,
     change_only: bool,
+    heartbeat_minutes: u32,
 ) -> Result<DayCost> {
     let mut fleet = Fleet::new(stack, if change_only { "dayco" } else { "dayfull" })?;
     let pid = fleet.spawn("vogeler-server", &[])?;
@@ -114,6 +150,19 @@ pub async fn simulate(
     // What each node last sent in full, per plugin (the agent's memory).
     let mut sent: Vec<[Option<String>; 2]> = vec![[None, None]; nodes];
     let (mut results, mut full_results, mut wire_bytes) = (0usize, 0usize, 0u64);
+    let mut heartbeats = 0usize;
+    let plugin_infos = vec![
+        PluginInfo {
+            name: facts_plugin.clone(),
+            hash: "sha256:facts".into(),
+        },
+        PluginInfo {
+            name: dpkg_plugin.clone(),
+            hash: "sha256:dpkg".into(),
+        },
+    ];
+    let schedules: std::collections::BTreeMap<String, u64> =
+        [("facts".to_string(), 3600), ("dpkg".to_string(), 6 * 3600)].into();
     let started = Instant::now();
     for hour in 0..24i64 {
         let mut confirms = Vec::new();
@@ -130,6 +179,43 @@ pub async fn simulate(
             if (hour + (n % 6) as i64) % 6 == 0 {
                 let upgraded = n % 10 < 3 && hour >= 12;
                 runs.push((1, &dpkg_plugin, 6 * 3600, dpkg(n, packages, upgraded)));
+            }
+            // Heartbeats within the hour: the same plugins and facts each time.
+            let beats = if heartbeat_minutes == 0 {
+                0
+            } else {
+                60 / heartbeat_minutes
+            };
+            for b in 0..beats {
+                let sent_at = at + TimeDelta::minutes(i64::from(b * heartbeat_minutes));
+                let message = Message::Announce(Announce {
+                    node: NodeName::new(format!("day{n:05}"))?,
+                    agent_version: "bench".into(),
+                    plugins: plugin_infos.clone(),
+                    started_at: day_start,
+                    sent_at,
+                    facts: facts(n, n % 20 == 0 && hour >= 12)
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                    schedules: Some(schedules.clone()),
+                });
+                let body = wire::encode(&message);
+                wire_bytes += body.len() as u64;
+                heartbeats += 1;
+                let props = lapin::BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(amqp::signature_headers(&keys[n], Purpose::Agent, &body));
+                confirms.push(
+                    ch.basic_publish(
+                        topology.results_exchange().as_str().into(),
+                        "announce.day".into(),
+                        Default::default(),
+                        &body,
+                        props,
+                    )
+                    .await?,
+                );
             }
             for (slot, plugin, interval_s, value) in runs {
                 let hash = value_hash(&value);
@@ -199,6 +285,7 @@ pub async fn simulate(
         couch.database_info(&history).await?,
     );
     let _ = conn.close(200, "done".into()).await;
+    let (node_document_writes, freshness_writes) = revisions(&fleet, &db).await?;
     fleet.stop().await?;
     let cost = DayCost {
         change_only,
@@ -206,6 +293,9 @@ pub async fn simulate(
         wire_bytes,
         full_results,
         document_writes: seq(&db1) - seq(&db0),
+        node_document_writes,
+        freshness_writes,
+        heartbeats,
         history_entries: h1["doc_count"].as_u64().unwrap_or(0)
             - h0["doc_count"].as_u64().unwrap_or(0),
         server_cpu_s: cpu,

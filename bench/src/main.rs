@@ -88,6 +88,10 @@ enum What {
         /// Packages in each dpkg list
         #[arg(long, default_value_t = 500)]
         packages: usize,
+        /// Minutes between each node's heartbeat announcements (0: none); agents default to
+        /// one a minute
+        #[arg(long, default_value_t = 10)]
+        heartbeat_minutes: u32,
     },
     /// Agent idle and burst footprint, server memory while ingesting
     Footprint {
@@ -531,10 +535,19 @@ async fn main() -> Result<()> {
                 "server_idle_rss_kib": s.idle_rss_kib, "server_peak_rss_kib": s.peak_rss_kib, "seconds": s.seconds}));
             "server-memory"
         }
-        What::ScheduleDay { nodes, packages } => {
+        What::ScheduleDay {
+            nodes,
+            packages,
+            heartbeat_minutes,
+        } => {
             anyhow::ensure!(*nodes > 0, "--nodes must be at least 1");
+            anyhow::ensure!(
+                *heartbeat_minutes <= 60,
+                "--heartbeat-minutes must be 0 (none) to 60"
+            );
             for change_only in [false, true] {
-                let c = day::simulate(&stack, *nodes, *packages, change_only).await?;
+                let c = day::simulate(&stack, *nodes, *packages, change_only, *heartbeat_minutes)
+                    .await?;
                 let what = format!(
                     "{nodes} nodes, 1 day, {}",
                     if change_only {
@@ -549,7 +562,10 @@ async fn main() -> Result<()> {
                 row("results", c.results as f64, "");
                 row("results with their value", c.full_results as f64, "");
                 row("bytes on the wire", c.wire_bytes as f64 / 1048576.0, "MiB");
+                row("heartbeats", c.heartbeats as f64, "");
                 row("document writes", c.document_writes as f64, "");
+                row("  node documents", c.node_document_writes as f64, "");
+                row("  freshness documents", c.freshness_writes as f64, "");
                 row("history entries", c.history_entries as f64, "");
                 row("server CPU", c.server_cpu_s, "s");
                 row(
