@@ -13,6 +13,7 @@
 //! - [`document`]: the node document shape and how results merge into it.
 //! - [`design`]: the design documents (views) the server installs.
 //! - [`enrollment`]: which key may speak for which node name (open or approve).
+//! - [`version`]: package versions ordered by dpkg's or rpm's own rules.
 //! - [`duration`], [`secret`]: value types configuration is written in.
 
 pub mod design;
@@ -27,4 +28,5 @@ pub mod signing;
 pub mod text;
 pub mod topology;
 pub mod trust;
+pub mod version;
 pub mod wire;
