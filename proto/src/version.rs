@@ -4,6 +4,10 @@
 //! - [`compare`]: the order of `dpkg --compare-versions` (dpkg 1.21) or of rpm's `rpmverCmp`
 //!   (rpm 4.16+, what `rpm.vercmp` and `rpm.ver` compare with). It is a total order on all
 //!   strings, so it is safe for `sort_by`, which may panic on an inconsistent comparison.
+//! - [`satisfies`]: whether an installed version meets a bound the way the package manager's
+//!   dependency check decides it. For rpm this is not [`compare`]: a bound without a release
+//!   takes every release of its version as equal, so `3.0.13-1` meets `= 3.0.13` although it
+//!   sorts after it (rpm's `rpmverOverlap`, what `Requires: openssl = 3.0.13` means).
 //!
 //! Every function answers for any input (empty, garbage, non-ASCII, digit runs of any length)
 //! without panicking: a malformed version from a node must not stop the runner. Digit runs are
@@ -43,6 +47,53 @@ pub fn compare(scheme: Scheme, a: &str, b: &str) -> Ordering {
     match scheme {
         Scheme::Dpkg => DebVersion::parse(a).compare(&DebVersion::parse(b)),
         Scheme::Rpm => RpmEvr::parse(a).compare(&RpmEvr::parse(b)),
+    }
+}
+
+/// A comparison operator in a version bound, as in `openssl < 3.0.13`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Lt,
+    Le,
+    Eq,
+    Ge,
+    Gt,
+}
+
+impl Op {
+    /// Whether a version that compares `ordering` to the bound meets this operator.
+    pub fn holds(self, ordering: Ordering) -> bool {
+        match self {
+            Op::Lt => ordering.is_lt(),
+            Op::Le => ordering.is_le(),
+            Op::Eq => ordering.is_eq(),
+            Op::Ge => ordering.is_ge(),
+            Op::Gt => ordering.is_gt(),
+        }
+    }
+}
+
+/// Whether the installed `version` meets `op bound`, as the scheme's dependency check decides.
+/// dpkg's is [`compare`]. rpm's ignores releases unless both sides have one: against a bound
+/// without a release, `3.0.13-1` is equal to `3.0.13` (meets `=`, `<=`, `>=`, not `<`, `>`);
+/// and a version without a release meets any bound on its version that has one, as in rpm.
+pub fn satisfies(scheme: Scheme, version: &str, op: Op, bound: &str) -> bool {
+    match scheme {
+        Scheme::Dpkg => op.holds(compare(scheme, version, bound)),
+        Scheme::Rpm => {
+            let (v, b) = (RpmEvr::parse(version), RpmEvr::parse(bound));
+            let ev = v.compare_ev(&b);
+            if ev.is_ne() {
+                return op.holds(ev);
+            }
+            // rpm counts an empty release as none here.
+            let (vr, br) = (v.release, b.release);
+            match (vr.filter(|r| !r.is_empty()), br.filter(|r| !r.is_empty())) {
+                (Some(vr), Some(br)) => op.holds(rpmvercmp(vr, br)),
+                (None, Some(_)) => true,
+                _ => op.holds(Ordering::Equal),
+            }
+        }
     }
 }
 
@@ -484,6 +535,78 @@ mod tests {
         check_table(Scheme::Rpm, RPM_EVR);
     }
 
+    /// `(version, op, bound, meets)`, as rpm 4.18's dependency check (python3-rpm: a provide
+    /// `= version` against a require `op bound`, `rpm.ds(...).Compare`) answered; `real_tools`
+    /// below re-checks them.
+    pub(super) const RPM_SATISFIES: &[(&str, &str, &str, bool)] = &[
+        ("3.0.13-1", "<", "3.0.13", false),
+        ("3.0.13-1", "<=", "3.0.13", true),
+        ("3.0.13-1", "=", "3.0.13", true),
+        ("3.0.13-1", ">=", "3.0.13", true),
+        ("3.0.13-1", ">", "3.0.13", false),
+        ("3.0.12-1", "<", "3.0.13", true),
+        ("3.0.12-1", "=", "3.0.13", false),
+        ("3.0.12-1", ">", "3.0.13", false),
+        ("3.0.13-2", "<", "3.0.13-10", true),
+        ("3.0.13-2", "=", "3.0.13-2", true),
+        ("3.0.13-2", ">=", "3.0.13-10", false),
+        ("3.0.13-1", "=", "3.0.13-", true),
+        ("3.0.13", "<", "3.0.13-1", true),
+        ("3.0.13", ">", "3.0.13-1", true),
+        ("3.0.13", "=", "3.0.13", true),
+        ("3.0.13", "<", "3.0.13", false),
+        ("1:1.0-1", ">", "2.0", true),
+        ("1.0-1", "=", "0:1.0", true),
+        ("3.0.13~rc1-1", "<", "3.0.13", true),
+    ];
+
+    pub(super) fn op(s: &str) -> Op {
+        match s {
+            "<" => Op::Lt,
+            "<=" => Op::Le,
+            "=" => Op::Eq,
+            ">=" => Op::Ge,
+            ">" => Op::Gt,
+            _ => unreachable!("bad operator {s:?}"),
+        }
+    }
+
+    pub(super) const OPS: [Op; 5] = [Op::Lt, Op::Le, Op::Eq, Op::Ge, Op::Gt];
+
+    #[test]
+    fn rpm_bounds_without_a_release_match_any_release() {
+        for &(v, o, b, want) in RPM_SATISFIES {
+            assert_eq!(satisfies(Scheme::Rpm, v, op(o), b), want, "{v:?} {o} {b:?}");
+        }
+        // dpkg has no such rule: 3.0.13-1 is newer than 3.0.13, for sorting and bounds alike.
+        assert!(!satisfies(Scheme::Dpkg, "3.0.13-1", Op::Eq, "3.0.13"));
+        assert!(satisfies(Scheme::Dpkg, "3.0.13-1", Op::Gt, "3.0.13"));
+        assert!(satisfies(Scheme::Dpkg, "3.0.12-1", Op::Lt, "3.0.13"));
+    }
+
+    /// Where no release is ignored, a bound is the order: dpkg always, rpm when both versions
+    /// have a release or neither has.
+    #[test]
+    fn bounds_agree_with_the_order_where_releases_count() {
+        for scheme in [Scheme::Dpkg, Scheme::Rpm] {
+            let all = sample(scheme, 600, 6);
+            for (a, b) in all.iter().zip(all.iter().rev()) {
+                let releases = |s: &str| RpmEvr::parse(s).release.is_some_and(|r| !r.is_empty());
+                if scheme == Scheme::Rpm && releases(a) != releases(b) {
+                    continue;
+                }
+                for o in OPS {
+                    let want = o.holds(compare(scheme, a, b));
+                    assert_eq!(
+                        satisfies(scheme, a, o, b),
+                        want,
+                        "{scheme:?} {a:?} {o:?} {b:?}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn digit_runs_of_any_length_compare_as_numbers() {
         let nines = "9".repeat(400);
@@ -714,6 +837,9 @@ mod tests {
             for a in &all {
                 for b in &all {
                     assert_eq!(compare(scheme, a, b), compare(scheme, b, a).reverse());
+                    for o in OPS {
+                        satisfies(scheme, a, o, b);
+                    }
                 }
             }
         }
@@ -726,7 +852,7 @@ mod tests {
 /// python3). Run by hand: `cargo test -p vogeler-proto version::real_tools -- --ignored`.
 #[cfg(test)]
 mod real_tools {
-    use super::tests::{DPKG, Gen, RPM_EVR, RPMVERCMP_AT};
+    use super::tests::{DPKG, Gen, OPS, RPM_EVR, RPM_SATISFIES, RPMVERCMP_AT, op};
     use super::*;
     use std::io::Write;
     use std::process::{Command, Stdio};
@@ -753,19 +879,27 @@ mod real_tools {
         })
     }
 
-    /// One line per pair from rpm's python bindings: `rpm.ver(a)` against `rpm.ver(b)`.
+    /// One line per pair from rpm's python bindings: `rpm.ver(a)` against `rpm.ver(b)`, then
+    /// whether a provide `= a` meets a require `op b`, for each of [`OPS`], as 0 or 1.
     const RPM_SCRIPT: &str = r#"
 import sys, rpm
+L, E, G = rpm.RPMSENSE_LESS, rpm.RPMSENSE_EQUAL, rpm.RPMSENSE_GREATER
 for line in sys.stdin:
     a, b = line.rstrip("\n").split("\t")
     try:
         va, vb = rpm.ver(a), rpm.ver(b)
-        print((va > vb) - (va < vb))
+        have = rpm.ds(("p", E, a), rpm.RPMTAG_PROVIDENAME)
+        meets = "".join(
+            str(int(rpm.ds(("p", f, b), rpm.RPMTAG_REQUIRENAME).Compare(have)))
+            for f in (L, L | E, E, G | E, G)
+        )
+        print((va > vb) - (va < vb), meets)
     except Exception:
         print("err")
 "#;
 
-    fn rpm(pairs: &[(String, String)]) -> Vec<Option<Ordering>> {
+    /// rpm's order and bounds for each pair, or `None` where rpm refuses a version.
+    fn rpm(pairs: &[(String, String)]) -> Vec<Option<(Ordering, [bool; 5])>> {
         let python = std::env::var("VOGELER_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
         let mut child = Command::new(python)
             .args(["-c", RPM_SCRIPT])
@@ -782,9 +916,15 @@ for line in sys.stdin:
         let out = child.wait_with_output().expect("python3 finishes");
         writer.join().expect("writer").expect("write pairs");
         assert!(out.status.success(), "python3 with rpm's bindings failed");
-        let lines: Vec<Option<Ordering>> = String::from_utf8_lossy(&out.stdout)
+        let parse = |line: &str| {
+            let (order, meets) = line.split_once(' ')?;
+            let order = order.parse::<i8>().ok()?.cmp(&0);
+            let meets: Vec<bool> = meets.bytes().map(|c| c == b'1').collect();
+            Some((order, meets.try_into().ok()?))
+        };
+        let lines: Vec<_> = String::from_utf8_lossy(&out.stdout)
             .lines()
-            .map(|l| l.parse::<i8>().ok().map(|c| c.cmp(&0)))
+            .map(parse)
             .collect();
         assert_eq!(lines.len(), pairs.len());
         lines
@@ -800,10 +940,14 @@ for line in sys.stdin:
             } else {
                 g.version(scheme)
             };
-            let b = if g.below(4) == 0 {
-                g.any()
-            } else {
-                g.version(scheme)
+            let b = match g.below(4) {
+                0 => g.any(),
+                // The same version with or without a release: where rpm's bounds differ.
+                1 => match a.rsplit_once('-') {
+                    Some((head, _)) => head.to_string(),
+                    None => format!("{a}-{}", g.below(3)),
+                },
+                _ => g.version(scheme),
             };
             if ![&a, &b].iter().any(|s| s.contains(['\0', '\t', '\n'])) {
                 pairs.push((a, b));
@@ -842,18 +986,33 @@ for line in sys.stdin:
     #[ignore = "shells out to python3 with rpm's bindings"]
     fn rpm_agrees() {
         let tables = [RPMVERCMP_AT, RPM_EVR].concat();
+        let bounds = RPM_SATISFIES
+            .iter()
+            .map(|(a, _, b, _)| (a.to_string(), b.to_string()));
         let pairs: Vec<_> = table(&tables)
             .into_iter()
+            .chain(bounds)
             .chain(generated(Scheme::Rpm, 3000))
             .collect();
+        let fixed = tables.len() + RPM_SATISFIES.len();
         let mut checked = 0;
         for (i, ((a, b), want)) in pairs.iter().zip(rpm(&pairs)).enumerate() {
-            let Some(want) = want else {
-                assert!(i >= tables.len(), "rpm refuses table entry {a:?} {b:?}");
+            let Some((order, meets)) = want else {
+                assert!(i >= fixed, "rpm refuses table entry {a:?} {b:?}");
                 continue;
             };
-            assert_eq!(compare(Scheme::Rpm, a, b), want, "{a:?} vs {b:?}");
+            assert_eq!(compare(Scheme::Rpm, a, b), order, "{a:?} vs {b:?}");
+            for (o, meets) in OPS.into_iter().zip(meets) {
+                let ours = satisfies(Scheme::Rpm, a, o, b);
+                assert_eq!(ours, meets, "{a:?} {o:?} {b:?}");
+            }
             checked += 1;
+        }
+        // The bounds table's expectations are rpm's too.
+        for &(a, o, b, want) in RPM_SATISFIES {
+            let i = OPS.iter().position(|&x| x == op(o)).expect("an operator");
+            let (_, meets) = rpm(&[(a.to_string(), b.to_string())])[0].expect("rpm answers");
+            assert_eq!(meets[i], want, "{a:?} {o} {b:?}");
         }
         println!("{checked} of {} pairs checked against rpm", pairs.len());
         assert!(checked > 2000);
