@@ -8,6 +8,7 @@
 //!   dependency check decides it. For rpm this is not [`compare`]: a bound without a release
 //!   takes every release of its version as equal, so `3.0.13-1` meets `= 3.0.13` although it
 //!   sorts after it (rpm's `rpmverOverlap`, what `Requires: openssl = 3.0.13` means).
+//! - [`check`]: the syntax complaint dpkg or rpmbuild would make, for a bound a person typed.
 //!
 //! Every function answers for any input (empty, garbage, non-ASCII, digit runs of any length)
 //! without panicking: a malformed version from a node must not stop the runner. Digit runs are
@@ -95,6 +96,109 @@ pub fn satisfies(scheme: Scheme, version: &str, op: Op, bound: &str) -> bool {
             }
         }
     }
+}
+
+/// The complaint the scheme's tools would make about `s`, for a bound a person typed (versions
+/// from nodes need no check: [`compare`] orders any string). dpkg's are `parseversion`'s errors
+/// and warnings, in its words; rpm's are rpmbuild's rules for `Epoch`, `Version` and `Release`.
+pub fn check(scheme: Scheme, s: &str) -> Result<(), String> {
+    let problem = if s.contains('\0') {
+        Some("version string has a nul character")
+    } else {
+        match scheme {
+            Scheme::Dpkg => check_dpkg(s),
+            Scheme::Rpm => check_rpm(s),
+        }
+    };
+    match problem {
+        Some(problem) => Err(format!("version {s:?} has bad syntax: {problem}")),
+        None => Ok(()),
+    }
+}
+
+fn check_dpkg(s: &str) -> Option<&'static str> {
+    let s = s.trim_start_matches(is_blank);
+    let end = s.find(is_blank).unwrap_or(s.len());
+    if s.is_empty() {
+        return Some("version string is empty");
+    }
+    if !s[end..].trim_start_matches(is_blank).is_empty() {
+        return Some("version string has embedded spaces");
+    }
+    let s = &s[..end];
+    let rest = match s.split_once(':') {
+        None => s,
+        Some((head, rest)) => {
+            match deb_epoch(head) {
+                DebEpoch::Empty => return Some("epoch in version is empty"),
+                DebEpoch::NotNumber => return Some("epoch in version is not number"),
+                DebEpoch::Negative => return Some("epoch in version is negative"),
+                DebEpoch::Digits(digits) => {
+                    if compare_digits(digits.as_bytes(), b"2147483647").is_gt() {
+                        return Some("epoch in version is too big");
+                    }
+                }
+            }
+            if rest.is_empty() {
+                return Some("nothing after colon in version number");
+            }
+            rest
+        }
+    };
+    let (upstream, revision) = rest.rsplit_once('-').unwrap_or((rest, ""));
+    if rest.contains('-') && revision.is_empty() {
+        return Some("revision number is empty");
+    }
+    if upstream.is_empty() {
+        return Some("version number is empty");
+    }
+    if !upstream.starts_with(|c: char| c.is_ascii_digit()) {
+        return Some("version number does not start with digit");
+    }
+    if !upstream
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || ".-+~:".contains(c))
+    {
+        return Some("invalid character in version number");
+    }
+    if !revision
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || ".+~".contains(c))
+    {
+        return Some("invalid character in revision number");
+    }
+    None
+}
+
+fn check_rpm(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        return Some("version string is empty");
+    }
+    let evr = RpmEvr::parse(s);
+    if s.starts_with(':') {
+        return Some("epoch is empty");
+    }
+    if evr.version.is_empty() {
+        return Some("version is empty");
+    }
+    if evr.release == Some("") {
+        return Some("release is empty");
+    }
+    // rpmbuild's rpmCharCheck also allows "%{}", which only macros use before expansion.
+    let allowed = |part: &str| {
+        part.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._+~^".contains(c))
+    };
+    if !allowed(evr.version) {
+        return Some("invalid character in version");
+    }
+    if !evr.release.is_none_or(allowed) {
+        return Some("invalid character in release");
+    }
+    if s.contains("..") {
+        return Some("\"..\" in version");
+    }
+    None
 }
 
 /// The text a C tool sees: everything before the first NUL.
@@ -607,6 +711,79 @@ mod tests {
         }
     }
 
+    /// Versions dpkg takes without a word, and its complaints, checked with dpkg 1.21.22;
+    /// `real_tools` re-checks them.
+    pub(super) const DPKG_FINE: &[&str] = &[
+        "1.0",
+        "1:2.0-1",
+        " 1.0 ",
+        "1.0~rc1+dfsg-1~bpo12+1",
+        "0:1:2-3",
+        "+1:1.0",
+        "2147483647:1",
+    ];
+
+    pub(super) const DPKG_COMPLAINTS: &[(&str, &str)] = &[
+        ("\t", "version string is empty"),
+        ("1.0 x", "version string has embedded spaces"),
+        (":1.0", "epoch in version is empty"),
+        ("a:1.0", "epoch in version is empty"),
+        ("1a:1.0", "epoch in version is not number"),
+        ("-1:1.0", "epoch in version is negative"),
+        ("2147483648:1", "epoch in version is too big"),
+        ("1:", "nothing after colon in version number"),
+        ("1.0-", "revision number is empty"),
+        ("-1", "version number is empty"),
+        ("a1.0", "version number does not start with digit"),
+        ("1.0_1", "invalid character in version number"),
+        ("1.0é", "invalid character in version number"),
+        ("1.0-1_2", "invalid character in revision number"),
+        ("1.0-a:b", "epoch in version is not number"),
+        // Ours: dpkg --compare-versions takes "" as no version, and argv cannot carry a NUL.
+        ("", "version string is empty"),
+        ("1\0", "version string has a nul character"),
+    ];
+
+    #[test]
+    fn check_gives_the_tools_complaints() {
+        let dpkg = |s| check(Scheme::Dpkg, s).err();
+        for ok in [
+            "1.0",
+            "1:2.0-1",
+            " 1.0 ",
+            "1.0~rc1+dfsg-1~bpo12+1",
+            "0:1:2-3",
+            "+1:1.0",
+        ] {
+            assert_eq!(dpkg(ok), None, "{ok:?}");
+        }
+        for &(bad, why) in DPKG_COMPLAINTS {
+            let got = dpkg(bad).unwrap_or_else(|| panic!("{bad:?} passed"));
+            assert_eq!(got, format!("version {bad:?} has bad syntax: {why}"));
+        }
+
+        let rpm = |s| check(Scheme::Rpm, s).err();
+        for ok in ["1.0", "1:2.0-1.el9", "1.0~rc1^git1-0.1", "2_0-1"] {
+            assert_eq!(rpm(ok), None, "{ok:?}");
+        }
+        for (bad, why) in [
+            ("", "version string is empty"),
+            (":1.0", "epoch is empty"),
+            ("1:", "version is empty"),
+            ("-1", "version is empty"),
+            ("1.0-", "release is empty"),
+            ("a:1.0", "invalid character in version"),
+            ("1.0-1-2", "invalid character in version"),
+            ("%{version}", "invalid character in version"),
+            ("1.0 ", "invalid character in version"),
+            ("1.0-1é", "invalid character in release"),
+            ("1..0", "\"..\" in version"),
+        ] {
+            let got = rpm(bad).unwrap_or_else(|| panic!("{bad:?} passed"));
+            assert_eq!(got, format!("version {bad:?} has bad syntax: {why}"));
+        }
+    }
+
     #[test]
     fn digit_runs_of_any_length_compare_as_numbers() {
         let nines = "9".repeat(400);
@@ -840,6 +1017,7 @@ mod tests {
                     for o in OPS {
                         satisfies(scheme, a, o, b);
                     }
+                    let _ = check(scheme, a);
                 }
             }
         }
@@ -852,7 +1030,9 @@ mod tests {
 /// python3). Run by hand: `cargo test -p vogeler-proto version::real_tools -- --ignored`.
 #[cfg(test)]
 mod real_tools {
-    use super::tests::{DPKG, Gen, OPS, RPM_EVR, RPM_SATISFIES, RPMVERCMP_AT, op};
+    use super::tests::{
+        DPKG, DPKG_COMPLAINTS, DPKG_FINE, Gen, OPS, RPM_EVR, RPM_SATISFIES, RPMVERCMP_AT, op,
+    };
     use super::*;
     use std::io::Write;
     use std::process::{Command, Stdio};
@@ -980,6 +1160,51 @@ for line in sys.stdin:
         }
         println!("{checked} of {} pairs checked against dpkg", pairs.len());
         assert!(checked > 1000);
+    }
+
+    /// dpkg's complaint about `s`, if any, in its words.
+    fn dpkg_complaint(s: &str) -> Option<String> {
+        let out = Command::new("dpkg")
+            .args(["--compare-versions", "--", s, "eq", "0"])
+            .output()
+            .expect("dpkg runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (_, why) = stderr.split_once("has bad syntax: ")?;
+        Some(why.lines().next().unwrap_or_default().to_string())
+    }
+
+    #[test]
+    #[ignore = "shells out to dpkg"]
+    fn dpkg_complains_alike() {
+        let mut all: Vec<String> = generated(Scheme::Dpkg, 1000)
+            .into_iter()
+            .flat_map(|(a, b)| [a, b])
+            .chain(
+                DPKG.iter()
+                    .flat_map(|(a, _, b)| [a.to_string(), b.to_string()]),
+            )
+            .collect();
+        // The line protocol is argv here: a NUL cannot be passed.
+        all.extend(DPKG_COMPLAINTS.iter().map(|(s, _)| s.to_string()));
+        all.extend(DPKG_FINE.iter().map(|s| s.to_string()));
+        all.retain(|s| !s.is_empty() && !s.contains('\0'));
+        all.sort();
+        all.dedup();
+        let mut complaints = 0;
+        for s in &all {
+            let want = dpkg_complaint(s);
+            let ours = check(Scheme::Dpkg, s).err();
+            let ours = ours
+                .as_deref()
+                .and_then(|e| e.split_once("has bad syntax: "));
+            assert_eq!(ours.map(|(_, why)| why), want.as_deref(), "{s:?}");
+            complaints += usize::from(want.is_some());
+        }
+        println!(
+            "{} versions checked against dpkg, {complaints} refused",
+            all.len()
+        );
+        assert!(complaints > 100 && all.len() - complaints > 500);
     }
 
     #[test]
