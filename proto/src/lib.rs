@@ -14,6 +14,7 @@
 //! - [`fresh`]: the small per-node freshness document (last seen, confirmations).
 //! - [`design`]: the design documents (views) the server installs.
 //! - [`enrollment`]: which key may speak for which node name (open or approve).
+//! - [`version`]: package versions ordered by dpkg's or rpm's own rules.
 //! - [`duration`], [`secret`]: value types configuration is written in.
 
 pub mod design;
@@ -29,4 +30,5 @@ pub mod signing;
 pub mod text;
 pub mod topology;
 pub mod trust;
+pub mod version;
 pub mod wire;
