@@ -15,12 +15,14 @@ use vogeler_proto::names::PluginName;
     version,
     args_override_self = true,
     after_help = vogeler_core::cli::ENV_HELP,
-    after_long_help = concat!(
-        "Example:\n  vogeler-agent --node web01 --plugin-dir ./plugins --authorized-keys ./keys/runner.pub --state-dir ./state\n\n",
-        "Every command must be signed by a key in --authorized-keys (see `vogeler-runner keygen`);\n",
-        "refused commands are logged, and every command is recorded in <state-dir>/<node>/audit.log.\n\n",
-        "Plugins are *.toml files: name, command (argv, no shell), format (lines, string, json, kv),\n",
-        "optional description and timeout (default 60s).\n\n",
+    after_long_help = format!(
+        "{}{}",
+        concat!(
+            "Example:\n  vogeler-agent --node web01 --plugin-dir ./plugins --authorized-keys ./keys/runner.pub --state-dir ./state\n\n",
+            "Every command must be signed by a key in --authorized-keys (see `vogeler-runner keygen`);\n",
+            "refused commands are logged, and every command is recorded in <state-dir>/<node>/audit.log.\n\n",
+        ),
+        vogeler_plugin_spec::help(),
     ),
 )]
 pub struct Cli {
@@ -71,6 +73,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Work with plugin files on this machine: no broker and no config file needed
+    #[command(after_long_help = vogeler_plugin_spec::help())]
     Plugins {
         #[command(subcommand)]
         action: PluginsAction,
@@ -125,4 +128,41 @@ pub enum PluginsAction {
         #[arg(long, value_name = "DIR")]
         plugin_dir: Option<PathBuf>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// `--help` (and so the man page) lists every plugin-file key and format, for the agent
+    /// and for `vogeler-agent plugins`.
+    #[test]
+    fn help_lists_every_plugin_key_and_format() {
+        let cmd = Cli::command();
+        let plugins = cmd.find_subcommand("plugins").expect("plugins");
+        for help in [
+            cmd.get_after_long_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default(),
+            plugins
+                .get_after_long_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default(),
+        ] {
+            let entries = vogeler_plugin_spec::KEYS
+                .iter()
+                .chain(vogeler_plugin_spec::format::FORMATS)
+                .chain(vogeler_plugin_spec::legacy::KEYS);
+            for (name, about) in entries {
+                assert!(
+                    help.lines().any(|l| l.starts_with(&format!("  {name} "))),
+                    "{name} missing from:\n{help}"
+                );
+                let first = about.split(' ').next().unwrap_or_default();
+                assert!(help.contains(first), "{name}'s description missing");
+            }
+        }
+    }
 }

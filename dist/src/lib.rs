@@ -90,6 +90,20 @@ mod tests {
         let man = std::fs::read_to_string(out.path().join("man/vogeler-agent.1")).expect("page");
         assert!(man.contains("check\\-config"), "{man}");
         assert!(man.contains("authorized\\-keys"));
+        // The plugin-file reference, from the tables the parser uses.
+        for page in ["vogeler-agent.1", "vogeler-agent-plugins.1"] {
+            let text = std::fs::read_to_string(out.path().join("man").join(page)).expect(page);
+            let entries = vogeler_plugin_spec::KEYS
+                .iter()
+                .chain(vogeler_plugin_spec::format::FORMATS)
+                .chain(vogeler_plugin_spec::legacy::KEYS);
+            for (name, _) in entries {
+                assert!(text.contains(&format!("\n  {name} ")), "{page}: {name}");
+            }
+        }
+        let runner =
+            std::fs::read_to_string(out.path().join("man/vogeler-runner.1")).expect("runner page");
+        assert!(runner.contains("csv a header line"), "{runner}");
         let keygen = out.path().join("man/vogeler-runner-keygen.1");
         assert!(keygen.is_file(), "{files:?}");
         assert!(

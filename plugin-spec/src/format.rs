@@ -30,8 +30,38 @@ pub enum Format {
     },
 }
 
-/// The format names plugin files may use.
-pub const NAMES: &[&str] = &["lines", "string", "json", "yaml", "kv", "raw", "fields"];
+/// Every format a plugin file may name, with what it makes of the output: the one list the
+/// parser accepts ([`Format::from_parts`] refuses a name missing here), the agent's `--help`
+/// and man page print, and the tests hold against the variants.
+pub const FORMATS: &[(&str, &str)] = &[
+    (
+        "lines",
+        "a list of the non-empty lines, trailing whitespace removed",
+    ),
+    ("string", "the whole output as one string, trimmed"),
+    ("json", "the JSON document"),
+    (
+        "yaml",
+        "the YAML document (plain data: tags execute nothing, alias bombs are refused)",
+    ),
+    (
+        "kv",
+        "`key=value` or `key: value` lines as an object (`#` comments skipped, one pair of quotes removed)",
+    ),
+    (
+        "raw",
+        "the bytes exactly: a string when UTF-8, else {\"base64\": \"...\"}",
+    ),
+    (
+        "fields",
+        "one object per non-empty line, split into the named `fields` on `separator` (default: runs of whitespace), the last taking the rest of the line",
+    ),
+];
+
+/// The names in [`FORMATS`].
+pub fn names() -> impl Iterator<Item = &'static str> {
+    FORMATS.iter().map(|(name, _)| *name)
+}
 
 impl Format {
     /// Build a format from a plugin file's `format` (and, for `fields`, its field list).
@@ -40,6 +70,12 @@ impl Format {
         fields: Option<Vec<String>>,
         separator: Option<String>,
     ) -> Result<Self, String> {
+        if !names().any(|n| n == name) {
+            return Err(format!(
+                "unknown format {name:?}; use one of {}",
+                names().collect::<Vec<_>>().join(", ")
+            ));
+        }
         let simple = match name {
             "lines" => Format::Lines,
             "string" => Format::String,
@@ -56,12 +92,8 @@ impl Format {
                 }
                 return Ok(Format::Fields { names, separator });
             }
-            other => {
-                return Err(format!(
-                    "unknown format {other:?}; use one of {}",
-                    NAMES.join(", ")
-                ));
-            }
+            // A name in FORMATS without an arm here: the tests catch it.
+            other => return Err(format!("format {other:?} is listed but not implemented")),
         };
         if fields.is_some() || separator.is_some() {
             return Err(format!(
@@ -225,6 +257,47 @@ mod tests {
 
     fn f(name: &str) -> Format {
         Format::from_parts(name, None, None).expect("format")
+    }
+
+    /// The variant after `f`, from none to the last: the match is exhaustive, so a new
+    /// variant does not compile until it is in this chain (and so in the tests below).
+    fn next(f: Option<&Format>) -> Option<Format> {
+        match f {
+            None => Some(Format::Lines),
+            Some(Format::Lines) => Some(Format::String),
+            Some(Format::String) => Some(Format::Json),
+            Some(Format::Json) => Some(Format::Yaml),
+            Some(Format::Yaml) => Some(Format::Kv),
+            Some(Format::Kv) => Some(Format::Raw),
+            Some(Format::Raw) => Some(Format::Fields {
+                names: vec!["name".into()],
+                separator: None,
+            }),
+            Some(Format::Fields { .. }) => None,
+        }
+    }
+
+    fn every_variant() -> Vec<Format> {
+        std::iter::successors(next(None), |f| next(Some(f))).collect()
+    }
+
+    #[test]
+    fn every_variant_is_in_the_table_and_every_name_in_the_table_parses() {
+        let variants: Vec<&str> = every_variant().iter().map(Format::name).collect();
+        assert_eq!(
+            variants,
+            names().collect::<Vec<_>>(),
+            "variants and FORMATS, in order"
+        );
+        for (name, about) in FORMATS {
+            let fields = (*name == "fields").then(|| vec!["name".to_string()]);
+            let parsed = Format::from_parts(name, fields, None).expect("a listed name parses");
+            assert_eq!(parsed.name(), *name);
+            assert!(
+                !about.is_empty() && !about.contains('\n'),
+                "{name}: one line"
+            );
+        }
     }
 
     #[test]

@@ -19,12 +19,28 @@ use ini::{Ini, ParseOption};
 use crate::Definition;
 use crate::format::Format;
 
-const KEYS: &[&str] = &[
-    "name",
-    "description",
-    "command",
-    "result_format",
-    "command_alias",
+/// Every key a legacy section may set: the list the parser accepts and `--help` prints.
+pub const KEYS: &[(&str, &str)] = &[
+    ("name", "the plugin's name"),
+    ("description", "what it collects"),
+    (
+        "command",
+        "split by shell-word rules, still run without a shell",
+    ),
+    (
+        "result_format",
+        "output (= lines), json, yaml, string or raw",
+    ),
+    ("command_alias", "accepted and ignored"),
+];
+
+/// `result_format` values and the format each means.
+const RESULT_FORMATS: &[(&str, &str)] = &[
+    ("output", "lines"),
+    ("json", "json"),
+    ("yaml", "yaml"),
+    ("string", "string"),
+    ("raw", "raw"),
 ];
 
 /// Every definition in a legacy file, each valid or with its problem.
@@ -62,10 +78,10 @@ fn definition<'a>(
 ) -> Result<Definition, String> {
     let mut keys = BTreeMap::new();
     for (k, v) in props {
-        if !KEYS.contains(&k) {
+        if !KEYS.iter().any(|(name, _)| *name == k) {
             return Err(format!(
                 "unknown key {k:?}; expected one of {}",
-                KEYS.join(", ")
+                KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
             ));
         }
         keys.insert(k, v.trim());
@@ -79,12 +95,20 @@ fn definition<'a>(
     let command = need("command")?;
     let argv = shlex::split(command)
         .ok_or_else(|| format!("command {command:?} has unbalanced quotes"))?;
-    let format = match need("result_format")? {
-        "output" => Format::Lines,
-        other @ ("json" | "yaml" | "string" | "raw") => Format::from_parts(other, None, None)?,
-        other => {
+    let result_format = need("result_format")?;
+    let format = match RESULT_FORMATS
+        .iter()
+        .find(|(name, _)| *name == result_format)
+    {
+        Some((_, format)) => Format::from_parts(format, None, None)?,
+        None => {
             return Err(format!(
-                "result_format {other:?} is not one of output, json, yaml, string, raw"
+                "result_format {result_format:?} is not one of {}",
+                RESULT_FORMATS
+                    .iter()
+                    .map(|(k, _)| *k)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
     };
@@ -101,4 +125,21 @@ fn definition<'a>(
         interval: None,
         splay: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn result_formats_are_listed_and_parse() {
+        let about = KEYS
+            .iter()
+            .find(|(k, _)| *k == "result_format")
+            .map_or("", |(_, a)| a);
+        for (name, format) in RESULT_FORMATS {
+            assert!(about.contains(name), "{name} missing from {about:?}");
+            assert!(Format::from_parts(format, None, None).is_ok(), "{format}");
+        }
+    }
 }

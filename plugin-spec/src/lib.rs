@@ -43,6 +43,90 @@ pub const DEFAULT_MAX_OUTPUT: usize = 4 * 1024 * 1024;
 /// The largest `max_output` a plugin may ask for: the largest value a result may carry.
 pub const MAX_MAX_OUTPUT: usize = vogeler_proto::limits::MAX_VALUE_BYTES;
 
+/// Every key a plugin file may set, with what it means: the one list the parser accepts (a
+/// key missing here is refused before the file is read further), the agent's `--help` and man
+/// page print ([`help`]), and a test holds against [`PluginFile`]'s fields.
+pub const KEYS: &[(&str, &str)] = &[
+    (
+        "name",
+        "required: the plugin's name, the key its value is stored under",
+    ),
+    ("description", "optional: what it collects"),
+    (
+        "command",
+        "required: the program and its arguments, run without a shell (a relative path is beside the file)",
+    ),
+    (
+        "format",
+        "required: how its output becomes JSON (the formats below)",
+    ),
+    (
+        "timeout",
+        "optional, default 60s: killed with its process group after this",
+    ),
+    (
+        "max_output",
+        "optional, default 4 MiB, at most 7 MiB: cap on stdout (\"512KiB\", \"4MiB\" or bytes)",
+    ),
+    (
+        "user",
+        "optional: run as this account (the agent must run as root)",
+    ),
+    ("env", "optional: extra environment, e.g. { TZ = \"UTC\" }"),
+    (
+        "fields",
+        "format \"fields\" only: the field names, e.g. [\"name\", \"version\"]",
+    ),
+    (
+        "separator",
+        "format \"fields\" only: what splits a line (default: runs of whitespace)",
+    ),
+    (
+        "interval",
+        "optional: the agent also runs it on this schedule (1s to 31d)",
+    ),
+    (
+        "splay",
+        "optional, needs interval: each scheduled run starts a random 0..splay later",
+    ),
+];
+
+/// The plugin-file reference as `--help` and the man pages print it: every key and every
+/// format from [`KEYS`] and [`FORMATS`](format::FORMATS), and the legacy `*.cfg` keys.
+pub fn help() -> String {
+    fn table(out: &mut String, rows: &[(&str, &str)]) {
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0) + 2;
+        for (key, about) in rows {
+            let mut line = format!("  {key:<width$}");
+            let indent = line.len();
+            for word in about.split(' ') {
+                if line.len() + 1 + word.len() > HELP_WIDTH && line.len() > indent {
+                    out.push_str(line.trim_end());
+                    out.push('\n');
+                    line = " ".repeat(indent);
+                } else if line.len() > indent {
+                    line.push(' ');
+                }
+                line.push_str(word);
+            }
+            out.push_str(&line);
+            out.push('\n');
+        }
+    }
+    let mut out = String::from(
+        "Plugin files: *.toml in the plugin directory, one plugin each, these keys:\n",
+    );
+    table(&mut out, KEYS);
+    out.push_str("\nFormats (format = \"...\"):\n");
+    table(&mut out, format::FORMATS);
+    out.push_str("\nOriginal Vogeler *.cfg files load too: [sections] with these keys:\n");
+    table(&mut out, legacy::KEYS);
+    out
+}
+
+/// Where [`help`] wraps, so clap's own wrapping (at 100 columns) leaves it alone.
+const HELP_WIDTH: usize = 90;
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PluginFile {
@@ -237,8 +321,21 @@ pub fn parse_text(text: &str, path: &Path, hash: &str) -> Vec<Result<Plugin, Str
 }
 
 fn toml_definition(text: &str) -> Result<Definition, String> {
-    let raw: PluginFile =
-        toml::from_str(text).map_err(|e| e.message().to_string() + &location(text, e.span()))?;
+    let error = |e: toml::de::Error| e.message().to_string() + &location(text, e.span());
+    let table = toml::de::DeTable::parse(text).map_err(error)?;
+    if let Some(key) = table
+        .get_ref()
+        .keys()
+        .find(|k| !KEYS.iter().any(|(name, _)| *name == k.get_ref().as_ref()))
+    {
+        return Err(format!(
+            "unknown key {:?}{}; a plugin file may set {}",
+            key.get_ref().as_ref(),
+            location(text, Some(key.span())),
+            KEYS.iter().map(|(k, _)| *k).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let raw = PluginFile::deserialize(toml::de::Deserializer::from(table)).map_err(error)?;
     Ok(Definition {
         format: Format::from_parts(&raw.format, raw.fields, raw.separator)?,
         max_output: raw.max_output.as_ref().map(ByteSize::bytes).transpose()?,
@@ -259,4 +356,76 @@ fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
         format!(" (line {line})")
     })
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(rows: &[(&'static str, &'static str)]) -> Vec<&'static str> {
+        rows.iter().map(|(k, _)| *k).collect()
+    }
+
+    #[test]
+    fn keys_are_the_plugin_files_fields() {
+        let fields = serde_aux::serde_introspection::serde_introspect::<PluginFile>();
+        assert_eq!(
+            names(KEYS),
+            fields,
+            "KEYS and PluginFile's fields, in order"
+        );
+        for (key, about) in KEYS {
+            assert!(
+                !about.is_empty() && !about.contains('\n'),
+                "{key}: one line"
+            );
+        }
+        let about = |k: &str| KEYS.iter().find(|(n, _)| *n == k).map_or("", |(_, a)| a);
+        assert_eq!(DEFAULT_TIMEOUT, Duration::from_secs(60));
+        assert!(about("timeout").contains("default 60s"));
+        let sizes = format!(
+            "default {} MiB, at most {} MiB",
+            DEFAULT_MAX_OUTPUT >> 20,
+            MAX_MAX_OUTPUT >> 20
+        );
+        assert!(about("max_output").contains(&sizes), "{sizes}");
+        assert_eq!(vogeler_proto::limits::MAX_INTERVAL_S, 31 * 24 * 3600);
+        assert!(about("interval").contains("1s to 31d"));
+    }
+
+    #[test]
+    fn an_unknown_key_is_refused_with_its_line_and_the_keys_there_are() {
+        let text = "name = \"x\"\ncommand = [\"id\"]\nformat = \"raw\"\ncomand = [\"id\"]\n";
+        let err = toml_definition(text).expect_err("typo");
+        assert!(
+            err.starts_with(
+                "unknown key \"comand\" (line 4); a plugin file may set name, description, command,"
+            ),
+            "{err}"
+        );
+        let err =
+            toml_definition("name = 3\ncommand = [\"id\"]\nformat = \"raw\"\n").expect_err("type");
+        assert!(
+            err.contains("(line 1)"),
+            "spans survive the key check: {err}"
+        );
+        let ok = toml_definition(
+            "name = \"x\"\ncommand = [\"id\"]\nformat = \"lines\"\ninterval = \"1h\"\n",
+        );
+        assert!(ok.is_ok_and(|d| d.interval == Some(Duration::from_secs(3600))));
+    }
+
+    #[test]
+    fn help_lists_every_key_and_format() {
+        let help = help();
+        for (key, about) in KEYS.iter().chain(format::FORMATS).chain(legacy::KEYS) {
+            let first_words: String = about.split(' ').take(3).collect::<Vec<_>>().join(" ");
+            assert!(
+                help.lines()
+                    .any(|l| l.starts_with(&format!("  {key} ")) && l.contains(&first_words)),
+                "{key} missing from:\n{help}"
+            );
+        }
+        assert!(help.lines().all(|l| l.len() <= HELP_WIDTH), "{help}");
+    }
 }

@@ -9,8 +9,10 @@ use vogeler_core::{exit, shutdown};
 
 use crate::{
     Batch, Progress, Query, RunnerError,
-    cli::{Cli, Command, Find, NodesAction, Output},
-    inventory as inv, report, target,
+    cli::{Cli, Command, Find, NodesAction},
+    inventory as inv,
+    output::{self, Rows},
+    report, target,
 };
 
 /// Run what the command line asks for.
@@ -25,31 +27,10 @@ fn node_set(cli: &Cli) -> Result<target::NodeSet, RunnerError> {
     target::parse(&cli.nodes, &target::Files).map_err(|e| RunnerError::Usage(format!("-n: {e}")))
 }
 
-fn print_doc(output: Output, v: &serde_json::Value) {
-    match output {
-        Output::Yaml => print!("{}", serde_yaml_ng::to_string(v).unwrap_or_default()),
-        Output::Jsonl => println!("{v}"),
-        _ => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
-    }
-}
-
-/// Rows as one document (json, yaml) or one line each (jsonl).
-fn print_rows(output: Output, rows: &[serde_json::Value]) {
-    match output {
-        Output::Jsonl => rows.iter().for_each(|r| println!("{r}")),
-        _ => print_doc(output, &serde_json::Value::Array(rows.to_vec())),
-    }
-}
-
-fn to_rows(changes: &[crate::diff::Change]) -> Vec<serde_json::Value> {
-    changes
-        .iter()
-        .map(|c| serde_json::to_value(c).unwrap_or_default())
-        .collect()
-}
-
-fn lines(names: Vec<String>) -> String {
-    names.into_iter().map(|n| format!("{n}\n")).collect()
+/// Data on stdout, notes on stderr.
+pub fn print(printed: output::Printed) {
+    print!("{}", printed.stdout);
+    eprint!("{}", printed.stderr);
 }
 
 /// Questions answered from the inventory, without fan-out.
@@ -58,22 +39,19 @@ async fn inventory(
     cli: &Cli,
     command: &Command,
 ) -> Result<u8, RunnerError> {
-    let text = match command {
+    let couch = &settings.couch;
+    let rows = match command {
         Command::Find {
             what: Find::Package {
                 spec: (name, version),
             },
-        } => lines(inv::find_package(&settings.couch, name, version.as_deref()).await?),
+        } => inv::find_rows(&inv::find_package(couch, name, version.as_deref()).await?),
         Command::Find {
             what: Find::Fact { spec: (key, value) },
-        } => lines(inv::find_fact(&settings.couch, key, value).await?),
+        } => inv::find_rows(&inv::find_fact(couch, key, value).await?),
         Command::History { node, plugin } => {
-            let changes = inv::history_changes(&inv::history(&settings.couch, node, plugin).await?);
-            if cli.output != Output::Table {
-                print_rows(cli.output, &to_rows(&changes));
-                return Ok(exit::OK);
-            }
-            inv::render_history(&changes, cli.full)
+            let changes = inv::history_changes(&inv::history(couch, node, plugin).await?);
+            inv::history_rows(&changes, cli.full)
         }
         Command::Changes {
             since,
@@ -86,103 +64,41 @@ async fn inventory(
                 limit: *limit as usize,
             };
             let set = node_set(cli)?;
-            let changes = inv::changes(&settings.couch, &set, settings.freshness, &query).await?;
-            if cli.output != Output::Table {
-                print_rows(cli.output, &to_rows(&changes.changes));
-                // On stderr, so the JSON stays one document of changes only.
-                if changes.more {
-                    eprintln!("vogeler-runner: {}", inv::more_note(changes.changes.len()));
-                }
-                return Ok(exit::OK);
-            }
-            inv::render_changes(&changes, cli.full)
+            let changes = inv::changes(couch, &set, settings.freshness, &query).await?;
+            inv::changes_rows(&changes, cli.full)
         }
         Command::Keygen { .. } => unreachable!("keygen runs before configuration is loaded"),
         Command::Nodes {
             action: Some(NodesAction::Forget { node }),
-        } => match inv::forget(&settings.couch, node).await? {
-            Some(old) => format!(
-                "node {node}: forgot pinned key {old}; the next key it signs with will be pinned\n"
-            ),
-            None => format!("node {node}: no key was pinned\n"),
-        },
+        } => inv::forget_rows(node, inv::forget(couch, node).await?.as_deref()),
         Command::Nodes {
             action: Some(NodesAction::Pending),
-        } => {
-            let pending = inv::pending(&settings.couch).await?;
-            if cli.output != Output::Table {
-                let rows: Vec<serde_json::Value> = pending
-                    .iter()
-                    .map(|(node, p)| {
-                        let mut row = serde_json::to_value(p).unwrap_or_default();
-                        row["node"] = node.as_str().into();
-                        row
-                    })
-                    .collect();
-                print_rows(cli.output, &rows);
-                return Ok(exit::OK);
-            }
-            inv::render_pending(&pending)
-        }
+        } => inv::pending_rows(&inv::pending(couch).await?),
         Command::Nodes {
             action: Some(NodesAction::Accept { node, key }),
-        } => {
-            let a = inv::accept(&settings.couch, node, key.as_deref()).await?;
-            if cli.output != Output::Table {
-                print_doc(cli.output, &serde_json::to_value(&a).unwrap_or_default());
-                return Ok(exit::OK);
-            }
-            format!(
-                "node {}: accepted key {} (first seen {}, last seen {}); its document is in database {}\n",
-                a.node,
-                a.key_id,
-                inv::time(a.first_seen),
-                inv::time(a.last_seen),
-                settings.couch.database
-            )
-        }
+        } => inv::accept_rows(
+            &inv::accept(couch, node, key.as_deref()).await?,
+            &couch.database,
+        ),
         Command::Nodes {
             action: Some(NodesAction::Reject { node, key }),
-        } => {
-            let keys = inv::reject(&settings.couch, node, key.as_deref()).await?;
-            format!(
-                "node {node}: rejected key {}; messages signed with it are not stored\n",
-                keys.join(", ")
-            )
-        }
+        } => inv::reject_rows(node, &inv::reject(couch, node, key.as_deref()).await?),
         Command::Nodes { action: None } => {
             let set = node_set(cli)?;
-            let nodes = inv::nodes(&settings.couch, &set, settings.freshness).await?;
-            if cli.output != Output::Table {
-                print_doc(
-                    cli.output,
-                    &serde_json::to_value(&nodes).unwrap_or_default(),
+            inv::nodes_rows(&inv::nodes(couch, &set, settings.freshness).await?)
+        }
+        Command::Show { node, plugin } => match inv::show(couch, node, plugin.as_ref()).await? {
+            Some(v) => inv::show_rows(&v),
+            None => {
+                eprintln!(
+                    "vogeler-runner: no stored {} for node {node}",
+                    plugin.as_ref().map_or("document", |p| p.as_str())
                 );
-                return Ok(exit::OK);
+                return Ok(exit::FAILURE);
             }
-            inv::render_nodes(&nodes)
-        }
-        Command::Show { node, plugin } => {
-            match inv::show(&settings.couch, node, plugin.as_ref()).await? {
-                Some(v) => {
-                    let output = match cli.output {
-                        Output::Table => Output::Json,
-                        other => other,
-                    };
-                    print_doc(output, &v);
-                    return Ok(exit::OK);
-                }
-                None => {
-                    eprintln!(
-                        "vogeler-runner: no stored {} for node {node}",
-                        plugin.as_ref().map_or("document", |p| p.as_str())
-                    );
-                    return Ok(exit::FAILURE);
-                }
-            }
-        }
+        },
     };
-    print!("{text}");
+    print(rows.render(cli.output));
     Ok(exit::OK)
 }
 
@@ -229,6 +145,10 @@ async fn fan_out(settings: &RunnerSettings, cli: &Cli) -> Result<u8, RunnerError
     };
     let (output, full, no_progress) = (cli.output, cli.full, cli.no_progress);
     let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut lines = output::Stream::new(
+        output,
+        report::COLUMNS.iter().map(|c| c.to_string()).collect(),
+    );
     let mut stream = |event: Progress<'_>| {
         let r = match event {
             Progress::Sent { expected } => {
@@ -240,9 +160,10 @@ async fn fan_out(settings: &RunnerSettings, cli: &Cli) -> Result<u8, RunnerError
         if let Some(b) = &bar {
             b.inc(1);
         }
-        if output == Output::Jsonl {
+        let line = lines.row(&report::reply_json(r, full));
+        if !line.is_empty() {
             let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", report::reply_json(r, full));
+            let _ = out.write_all(line.as_bytes());
             let _ = out.flush();
         }
     };
@@ -257,27 +178,18 @@ async fn fan_out(settings: &RunnerSettings, cli: &Cli) -> Result<u8, RunnerError
         ),
         None => None,
     };
-    match output {
-        Output::Table => {
-            print!("{}", report.render_table_with(full));
-            if let Some(s) = &stored {
-                println!("{}", render_stored(s));
-            }
-        }
-        Output::Jsonl => {
-            report.missing_lines().iter().for_each(|l| println!("{l}"));
-            if let Some(s) = &stored {
-                println!("{}", serde_json::json!({ "stored": s }));
-            }
-        }
-        Output::Json | Output::Yaml => {
-            let mut doc = report.to_json(full);
-            if let Some(s) = &stored {
-                doc["stored"] = serde_json::json!(s);
-            }
-            print_doc(output, &doc)
-        }
+    let mut table = report.render_table_with(full);
+    let mut doc = report.to_json(full);
+    if let Some(s) = &stored {
+        table.push_str(&render_stored(s));
+        table.push('\n');
+        doc["stored"] = serde_json::json!(s);
     }
+    let mut rest = Rows::list(report::COLUMNS, report.rest_rows(full), table).with_document(doc);
+    if let Some(s) = &stored {
+        rest = rest.with_note(render_stored(s));
+    }
+    print(lines.finish(&rest));
     if stored.as_ref().is_some_and(|s| !s.all_stored()) {
         return Ok(exit::FAILURE);
     }

@@ -5,7 +5,58 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vogeler_core::cli::{CommonArgs, ConfigArgs, CouchArgs};
 use vogeler_proto::names::{NodeName, PluginName};
 
-use crate::inventory as inv;
+use crate::{inventory as inv, output};
+
+/// `--help`'s examples.
+const EXAMPLES: &str = concat!(
+    "Examples:\n",
+    "  vogeler-runner -c rpms -n all                every registered node\n",
+    "  vogeler-runner -c facts -n web01 --timeout 3\n",
+    "  vogeler-runner -c dpkg -n 'web01,web02'\n",
+    "  vogeler-runner -c dpkg -n 'web*'             globs: 'db-[0-9]*'\n",
+    "  vogeler-runner -c dpkg -n @nodes.txt         names from a file; '-' reads stdin\n",
+    "  vogeler-runner -c dpkg -n os.family=Debian   facts: = != =~ (regex) > < >= <=\n",
+    "  vogeler-runner -c dpkg -n 'kernel=~^6\\.'  'memory_mb>16000'\n",
+    "  vogeler-runner -c dpkg -n 'web* and not (os.family=RedHat or cpus<4)'\n",
+    "  vogeler-runner -c hello -n all --output jsonl | jq .\n",
+    "  vogeler-runner -c rpms -n all --cached 1h      stored values up to 1h old, ask the rest\n",
+    "  vogeler-runner -c upgrade_check -n 'web*' --batch 25% --batch-pause 30s\n",
+    "  vogeler-runner nodes -n 'db*'                registered nodes, last seen, stale\n",
+    "  vogeler-runner show web01 dpkg               a stored document or value\n",
+    "  vogeler-runner find package openssl=3.0.11-1  nodes with that package (from CouchDB)\n",
+    "  vogeler-runner find fact os.family=Debian\n",
+    "  vogeler-runner history web01 dpkg             how a plugin's value changed\n",
+    "  vogeler-runner changes --since 6h -n 'web*'  what changed across the fleet\n",
+    "  vogeler-runner keygen --out /etc/vogeler/keys  a key pair to sign commands with\n",
+    "  vogeler-runner nodes forget web01             accept a reinstalled node's new key\n",
+    "  vogeler-runner nodes pending                 keys waiting for approval\n",
+    "  vogeler-runner nodes accept web04            pin web04's waiting key\n",
+);
+
+/// `--output`, said once for every command (each subcommand's help adds its columns).
+const OUTPUT_HELP: &str = concat!(
+    "Output (--output, -o; the same for every command): table for people; json one document\n",
+    "(the array of rows, or the one object asked for); jsonl one JSON object per row, a line\n",
+    "each; yaml the json document; csv a header line and one line per row (nested values as\n",
+    "compact JSON, quoted as RFC 4180 says). The data formats print only data on stdout,\n",
+    "exact; notes go to stderr. A fan-out's json is its report (request, results by node,\n",
+    "summary, --wait stored's check); its jsonl and csv rows come as replies arrive, then one\n",
+    "for each node answered from a stored value (cached), silent (no_response), not reached\n",
+    "(not_delivered) or whose reply did not verify (unverified).\n",
+);
+
+const EXIT_HELP: &str = concat!(
+    "Exit codes: 0 every node answered ok; 1 a node failed or did not answer; 2 usage;\n",
+    "69 broker or database unavailable; 78 bad configuration.\n",
+);
+
+/// The top-level `--help` after the flags: examples, output, exit codes.
+fn long_help() -> String {
+    format!(
+        "{EXAMPLES}\n{OUTPUT_HELP}{}\n{EXIT_HELP}",
+        output::columns_help(crate::report::COLUMNS)
+    )
+}
 
 /// Ask a set of nodes to run a plugin and show who answered, or ask the inventory in CouchDB.
 /// Results go to stdout, logs to stderr.
@@ -16,32 +67,7 @@ use crate::inventory as inv;
     args_override_self = true,
     subcommand_negates_reqs = true,
     after_help = vogeler_core::cli::ENV_HELP,
-    after_long_help = concat!(
-        "Examples:\n",
-        "  vogeler-runner -c rpms -n all                every registered node\n",
-        "  vogeler-runner -c facts -n web01 --timeout 3\n",
-        "  vogeler-runner -c dpkg -n 'web01,web02'\n",
-        "  vogeler-runner -c dpkg -n 'web*'             globs: 'db-[0-9]*'\n",
-        "  vogeler-runner -c dpkg -n @nodes.txt         names from a file; '-' reads stdin\n",
-        "  vogeler-runner -c dpkg -n os.family=Debian   facts: = != =~ (regex) > < >= <=\n",
-        "  vogeler-runner -c dpkg -n 'kernel=~^6\\.'  'memory_mb>16000'\n",
-        "  vogeler-runner -c dpkg -n 'web* and not (os.family=RedHat or cpus<4)'\n",
-        "  vogeler-runner -c hello -n all --output jsonl | jq .\n",
-        "  vogeler-runner -c rpms -n all --cached 1h      stored values up to 1h old, ask the rest\n",
-        "  vogeler-runner -c upgrade_check -n 'web*' --batch 25% --batch-pause 30s\n",
-        "  vogeler-runner nodes -n 'db*'                registered nodes, last seen, stale\n",
-        "  vogeler-runner show web01 dpkg               a stored document or value\n",
-        "  vogeler-runner find package openssl=3.0.11-1  nodes with that package (from CouchDB)\n",
-        "  vogeler-runner find fact os.family=Debian\n",
-        "  vogeler-runner history web01 dpkg             how a plugin's value changed\n",
-        "  vogeler-runner changes --since 6h -n 'web*'  what changed across the fleet\n",
-        "  vogeler-runner keygen --out /etc/vogeler/keys  a key pair to sign commands with\n",
-        "  vogeler-runner nodes forget web01             accept a reinstalled node's new key\n",
-        "  vogeler-runner nodes pending                 keys waiting for approval\n",
-        "  vogeler-runner nodes accept web04            pin web04's waiting key\n\n",
-        "Exit codes: 0 every node answered ok; 1 a node failed or did not answer; 2 usage;\n",
-        "69 broker or database unavailable; 78 bad configuration.\n",
-    ),
+    after_long_help = long_help(),
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -98,9 +124,9 @@ pub struct Cli {
     #[arg(long, value_enum, value_name = "WHAT")]
     pub wait: Option<Wait>,
 
-    /// Output: table (default), json (one document), jsonl (one line per node as replies
-    /// arrive), yaml
-    #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
+    /// How to print results, for every command alike (each command's --help names its
+    /// csv columns)
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
 
     /// Print values in full instead of a short summary
@@ -120,23 +146,35 @@ pub struct Cli {
     pub config: ConfigArgs,
 }
 
+/// `--output`: the same rule for every command, applied in one place ([`crate::output`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
+    /// For people: aligned columns, values summarised (--full: whole), text from nodes
+    /// escaped
     Table,
+    /// One JSON document: the array of rows, or the one object asked for (a fan-out's
+    /// report, a stored document)
     Json,
+    /// One JSON object per row, one per line (a fan-out's as replies arrive)
     Jsonl,
+    /// The json document, as YAML
     Yaml,
+    /// A header line, then one line per row: the command's columns, nested values as compact
+    /// JSON, quoted as RFC 4180 says (a fan-out's as replies arrive)
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Registered nodes (of -n, default all): last seen, agent version, stale flag
+    #[command(after_long_help = output::columns_help(inv::NODE_COLUMNS))]
     Nodes {
         #[command(subcommand)]
         action: Option<NodesAction>,
     },
     /// Create a signing key pair: DIR/runner.key (mode 0600, keep it secret) and
     /// DIR/runner.pub (install it in each agent's authorized keys)
+    #[command(after_long_help = output::columns_help(inv::KEYGEN_COLUMNS))]
     Keygen {
         /// Directory to write the two files to (created with mode 0700 if missing)
         #[arg(long, value_name = "DIR")]
@@ -146,6 +184,16 @@ pub enum Command {
         comment: Option<String>,
     },
     /// A node's stored document, or one plugin's value
+    #[command(after_long_help = concat!(
+        "Output: table and json print the document or value as indented JSON (the table with\n",
+        "node-supplied text escaped), yaml as YAML. jsonl and csv print it as rows: a list a\n",
+        "row per entry (an object entry's keys are the columns, in the order first seen; any\n",
+        "other entry is in a `value` column), an object a row per key (columns key, value),\n",
+        "anything else one row (column value).\n\n",
+        "Examples:\n",
+        "  vogeler-runner show web01 dpkg -o csv        name,version: one line per package\n",
+        "  vogeler-runner show web01 facts -o jsonl     {\"key\": ..., \"value\": ...} per fact\n",
+    ))]
     Show {
         /// The node's name
         #[arg(value_parser = NodeName::new_checked)]
@@ -155,6 +203,7 @@ pub enum Command {
         plugin: Option<PluginName>,
     },
     /// Find nodes in the inventory (no fan-out): one node name per line
+    #[command(after_long_help = output::columns_help(inv::FIND_COLUMNS))]
     Find {
         #[command(subcommand)]
         what: Find,
@@ -162,11 +211,16 @@ pub enum Command {
     /// Show each recorded change of a plugin's value on a node, oldest first: packages by
     /// name (openssl 3.0.11-1 → 3.0.13-1, + added, - removed), objects by key path
     /// (os.version: 11 → 12), other lists by entry, anything else as old → new
-    #[command(after_long_help = concat!(
-        "Examples:\n",
-        "  vogeler-runner history web01 dpkg             package upgrades, installs, removals\n",
-        "  vogeler-runner history web01 facts --full     every changed key, values uncut\n",
-        "  vogeler-runner history web01 dpkg --output jsonl | jq .changed\n",
+    #[command(after_long_help = format!(
+        "{}\n{}",
+        concat!(
+            "Examples:\n",
+            "  vogeler-runner history web01 dpkg             package upgrades, installs, removals\n",
+            "  vogeler-runner history web01 facts --full     every changed key, values uncut\n",
+            "  vogeler-runner history web01 dpkg --output jsonl | jq .changed\n",
+            "  vogeler-runner history web01 dpkg -o csv      one line per change\n",
+        ),
+        output::columns_help(inv::CHANGE_COLUMNS),
     ))]
     History {
         /// The node's name
@@ -179,15 +233,22 @@ pub enum Command {
     /// What changed across the fleet, newest first, from the history the server records:
     /// one block per changed plugin value on a node, said as `history` says it. Filter with
     /// -n (any node set, as for a fan-out) and --plugin; no node is asked anything
-    #[command(after_long_help = concat!(
-        "Examples:\n",
-        "  vogeler-runner changes                        the last day, every node\n",
-        "  vogeler-runner changes --since 2h -n 'web*'\n",
-        "  vogeler-runner changes --since 7d --plugin dpkg --plugin rpms   package changes\n",
-        "  vogeler-runner changes -n os.family=Debian --output jsonl | jq -c '{node, changed}'\n",
-        "\n",
-        "Output: table (blocks of at most 20 lines; --full shows all), json, jsonl (one line\n",
-        "per change: at, node, plugin, request_id, kind, and changed/added/removed), yaml.\n",
+    #[command(after_long_help = format!(
+        "{}\n{}",
+        concat!(
+            "Examples:\n",
+            "  vogeler-runner changes                        the last day, every node\n",
+            "  vogeler-runner changes --since 2h -n 'web*'\n",
+            "  vogeler-runner changes --since 7d --plugin dpkg --plugin rpms   package changes\n",
+            "  vogeler-runner changes -n os.family=Debian --output jsonl | jq -c '{node, changed}'\n",
+            "\n",
+            "Output: the table shows blocks of at most 20 lines (--full shows all); the other\n",
+            "formats a row per change, exact, and say on stderr when --limit cut the list. A\n",
+            "row's kind (first, packages, object, list, value) says which fields it has: first\n",
+            "items or value; packages and object changed, added, removed; list added, removed;\n",
+            "value old, new.\n",
+        ),
+        output::columns_help(inv::CHANGE_COLUMNS),
     ))]
     Changes {
         /// How far back to look: 30m, 6h, 7d (a number alone is seconds)
@@ -208,6 +269,7 @@ pub enum NodesAction {
     /// Forget a node's pinned key: the next key it signs with is pinned instead (after
     /// reinstalling a node, whose new agent has a new key), or with server.enrollment =
     /// "approve" waits for `nodes accept` again. Needs write access to the database
+    #[command(after_long_help = output::columns_help(inv::FORGET_COLUMNS))]
     Forget {
         /// The node's name
         #[arg(value_parser = NodeName::new_checked)]
@@ -216,9 +278,11 @@ pub enum NodesAction {
     /// Keys waiting for approval as a node (server.enrollment = "approve"): node, key id,
     /// first and last seen, agent version and announced facts. Compare the key id with
     /// `vogeler-agent key` on the node before accepting it
+    #[command(after_long_help = output::columns_help(inv::PENDING_COLUMNS))]
     Pending,
     /// Accept the key waiting as NODE: it is pinned, and the node's document appears at once.
     /// Asks nothing. Needs write access to the database
+    #[command(after_long_help = output::columns_help(inv::ACCEPT_COLUMNS))]
     Accept {
         /// The node's name
         #[arg(value_parser = NodeName::new_checked)]
@@ -230,6 +294,7 @@ pub enum NodesAction {
     },
     /// Reject the key(s) waiting as NODE: their messages are never stored. Needs write
     /// access to the database
+    #[command(after_long_help = output::columns_help(inv::REJECT_COLUMNS))]
     Reject {
         /// The node's name
         #[arg(value_parser = NodeName::new_checked)]
@@ -243,11 +308,13 @@ pub enum NodesAction {
 #[derive(Debug, Subcommand)]
 pub enum Find {
     /// Nodes with an installed package (from the dpkg and rpms plugins): NAME or NAME=VERSION
+    #[command(after_long_help = output::columns_help(inv::FIND_COLUMNS))]
     Package {
         #[arg(value_name = "NAME[=VERSION]", value_parser = inv::parse_package)]
         spec: (String, Option<String>),
     },
     /// Nodes whose reported fact has a value: KEY=VALUE, e.g. os.family=Debian, kernel=6.1.0-18-amd64
+    #[command(after_long_help = output::columns_help(inv::FIND_COLUMNS))]
     Fact {
         #[arg(value_name = "KEY=VALUE", value_parser = inv::parse_fact)]
         spec: (String, serde_json::Value),
@@ -259,4 +326,47 @@ pub enum Find {
 pub enum Wait {
     /// The server has stored every answer in CouchDB.
     Stored,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every command's `--help` says what its rows hold: the top level for a fan-out, each
+    /// subcommand that prints something for itself.
+    #[test]
+    fn every_command_documents_its_output() {
+        fn walk(cmd: &clap::Command, path: String, out: &mut Vec<(String, String)>) {
+            let help = cmd
+                .get_after_long_help()
+                .map(|h| h.to_string())
+                .unwrap_or_default();
+            out.push((path.clone(), help));
+            for sub in cmd.get_subcommands() {
+                walk(sub, format!("{path} {}", sub.get_name()), out);
+            }
+        }
+        let mut helps = Vec::new();
+        walk(&Cli::command(), "vogeler-runner".into(), &mut helps);
+        let top = &helps[0].1;
+        assert!(
+            top.contains(&output::columns_help(crate::report::COLUMNS)),
+            "{top}"
+        );
+        for name in ["table", "json", "jsonl", "yaml", "csv"] {
+            assert!(top.contains(name), "{name} missing from:\n{top}");
+        }
+        for (path, help) in &helps[1..] {
+            // `find` and `help` only hold subcommands.
+            if path.ends_with(" find") || path.contains(" help") {
+                continue;
+            }
+            assert!(
+                help.contains("Columns (--output csv)") || help.contains("jsonl and csv"),
+                "`{path} --help` does not say what it prints:\n{help}"
+            );
+        }
+    }
 }

@@ -19,7 +19,59 @@ use vogeler_proto::{
 
 use vogeler_proto::text::printable;
 
-use crate::{RunnerError, diff::Change, target::NodeSet};
+use crate::{
+    RunnerError,
+    diff::Change,
+    output::{Rows, rows_of},
+    target::NodeSet,
+};
+
+/// `find package` and `find fact`: the nodes found.
+pub const FIND_COLUMNS: &[&str] = &["node"];
+/// `nodes`: one row per registered node.
+pub const NODE_COLUMNS: &[&str] = &[
+    "node",
+    "last_seen",
+    "agent_version",
+    "stale",
+    "quarantined",
+    "overdue",
+];
+/// `nodes pending`: one row per waiting key.
+pub const PENDING_COLUMNS: &[&str] = &[
+    "node",
+    "key_id",
+    "first_seen",
+    "last_seen",
+    "agent_version",
+    "facts",
+];
+/// `nodes accept`: the key accepted.
+pub const ACCEPT_COLUMNS: &[&str] = &["node", "key_id", "first_seen", "last_seen"];
+/// `nodes forget`: the key forgotten (empty when none was pinned).
+pub const FORGET_COLUMNS: &[&str] = &["node", "forgotten_key"];
+/// `nodes reject`: one row per key rejected.
+pub const REJECT_COLUMNS: &[&str] = &["node", "key_id"];
+/// `keygen`: the files written.
+pub const KEYGEN_COLUMNS: &[&str] = &["key_id", "private_key", "public_key"];
+/// `history` and `changes`: one row per change. Every kind's fields, so a row of any kind
+/// fits; the ones a kind does not have are empty (`first`: items, value; `packages`,
+/// `object`: changed, added, removed; `list`: added, removed; `value`: old, new).
+pub const CHANGE_COLUMNS: &[&str] = &[
+    "at",
+    "node",
+    "plugin",
+    "request_id",
+    "unrecorded",
+    "kind",
+    "items",
+    "value",
+    "old",
+    "new",
+    "changed",
+    "added",
+    "removed",
+];
 
 /// The inventory in CouchDB, through the one query module.
 pub(crate) fn open(settings: &CouchSettings) -> Result<Inventory, RunnerError> {
@@ -83,6 +135,51 @@ pub async fn forget(
             .map_err(write)?;
     }
     Ok(old.map(|old| PublicKey::from_base64(&old).map_or_else(|| old.clone(), |k| k.id())))
+}
+
+/// `nodes forget`'s result: `old` is the key that was pinned.
+pub fn forget_rows(node: &NodeName, old: Option<&str>) -> Rows {
+    let table = match old {
+        Some(old) => format!(
+            "node {node}: forgot pinned key {}; the next key it signs with will be pinned\n",
+            printable(old)
+        ),
+        None => format!("node {node}: no key was pinned\n"),
+    };
+    Rows::object(
+        FORGET_COLUMNS,
+        serde_json::json!({ "node": node, "forgotten_key": old }),
+        table,
+    )
+}
+
+/// `nodes reject`'s result: the keys rejected.
+pub fn reject_rows(node: &NodeName, keys: &[String]) -> Rows {
+    let table = format!(
+        "node {node}: rejected key {}; messages signed with it are not stored\n",
+        printable(&keys.join(", "))
+    );
+    let rows = keys
+        .iter()
+        .map(|k| serde_json::json!({ "node": node, "key_id": k }))
+        .collect();
+    Rows::list(REJECT_COLUMNS, rows, table)
+}
+
+/// `nodes accept`'s result; `database` is where the node's document now is.
+pub fn accept_rows(a: &Accepted, database: &str) -> Rows {
+    let table = format!(
+        "node {}: accepted key {} (first seen {}, last seen {}); its document is in database {database}\n",
+        printable(&a.node),
+        printable(&a.key_id),
+        time(a.first_seen),
+        time(a.last_seen),
+    );
+    Rows::object(
+        ACCEPT_COLUMNS,
+        serde_json::to_value(a).unwrap_or_default(),
+        table,
+    )
 }
 
 /// What `nodes accept` did.
@@ -260,6 +357,25 @@ fn write_error(node: &NodeName, source: CouchError) -> RunnerError {
     }
 }
 
+/// `keygen`'s result: the two files and the key's id.
+pub fn keygen_rows(private: &std::path::Path, public: &std::path::Path, id: &str) -> Rows {
+    let table = format!(
+        "created key {id}:\n  {}  (private: keep it on this machine, mode 0600)\n  {}  (public: install it in each agent's authorized keys)\nsign with it: --signing-key {} (or runner.signing_key in the config file)\n",
+        private.display(),
+        public.display(),
+        private.display()
+    );
+    Rows::object(
+        KEYGEN_COLUMNS,
+        serde_json::json!({
+            "key_id": id,
+            "private_key": private.display().to_string(),
+            "public_key": public.display().to_string(),
+        }),
+        table,
+    )
+}
+
 /// Write a new key pair into `dir` (created 0700 if missing): `runner.key` (0600) and
 /// `runner.pub`. Returns the two paths and the key id.
 pub fn keygen(
@@ -329,6 +445,19 @@ pub fn parse_fact(spec: &str) -> Result<(String, Value), String> {
         _ => Value::String(value.to_string()),
     };
     Ok((key.to_string(), value))
+}
+
+/// `find`'s nodes, one a line in the table.
+pub fn find_rows(nodes: &[String]) -> Rows {
+    let table = nodes
+        .iter()
+        .map(|n| format!("{}\n", printable(n)))
+        .collect();
+    let rows = nodes
+        .iter()
+        .map(|n| serde_json::json!({ "node": n }))
+        .collect();
+    Rows::list(FIND_COLUMNS, rows, table)
 }
 
 /// Nodes whose reported fact `key` equals `value` (a number also matches its text form).
@@ -421,6 +550,11 @@ pub async fn nodes(
     Ok(out)
 }
 
+/// `nodes`, in every format.
+pub fn nodes_rows(nodes: &[NodeInfo]) -> Rows {
+    Rows::list(NODE_COLUMNS, rows_of(nodes), render_nodes(nodes))
+}
+
 pub fn render_nodes(nodes: &[NodeInfo]) -> String {
     let width = nodes.iter().map(|n| n.node.len()).max().unwrap_or(4).max(4);
     let mut out = format!(
@@ -475,6 +609,19 @@ pub fn render_nodes(nodes: &[NodeInfo]) -> String {
 /// A time as the tables show it.
 pub fn time(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// `nodes pending`, in every format: each key's row names its node.
+pub fn pending_rows(pending: &[(String, Pending)]) -> Rows {
+    let rows = pending
+        .iter()
+        .map(|(node, p)| {
+            let mut row = serde_json::to_value(p).unwrap_or_default();
+            row["node"] = node.as_str().into();
+            row
+        })
+        .collect();
+    Rows::list(PENDING_COLUMNS, rows, render_pending(pending))
 }
 
 /// `nodes pending` as a table. Node-supplied text (version, facts) is escaped.
@@ -550,6 +697,28 @@ pub async fn show(
         }
         (Some(d), Some(p)) => d.get(p.as_str()).cloned(),
     })
+}
+
+/// `show`: json and yaml print the stored document or value exactly; the table prints it as
+/// indented JSON with node-supplied text escaped; jsonl and csv print it as rows (see
+/// [`crate::output::value_rows`]).
+pub fn show_rows(v: &Value) -> Rows {
+    let (columns, rows) = crate::output::value_rows(v);
+    let pretty = serde_json::to_string_pretty(v).unwrap_or_default();
+    // JSON escapes C0 controls itself; C1 controls, DEL and bidi overrides it keeps raw.
+    let table = format!("{}\n", vogeler_proto::text::printable_lines(&pretty));
+    Rows::list(&[], rows, table)
+        .with_columns(columns)
+        .with_document(v.clone())
+}
+
+/// `history`'s changes, oldest first, in every format.
+pub fn history_rows(changes: &[Change], full: bool) -> Rows {
+    Rows::list(
+        CHANGE_COLUMNS,
+        rows_of(changes),
+        render_history(changes, full),
+    )
 }
 
 /// Every recorded change of `plugin` on `node` as [`Change`]s, oldest first.
@@ -676,6 +845,15 @@ pub async fn changes(
     })
 }
 
+/// `changes` in every format; when the limit cut the list, the data formats say so on stderr.
+pub fn changes_rows(c: &Changes, full: bool) -> Rows {
+    let rows = Rows::list(CHANGE_COLUMNS, rows_of(&c.changes), render_changes(c, full));
+    match c.more {
+        true => rows.with_note(more_note(c.changes.len())),
+        false => rows,
+    }
+}
+
 /// `changes` as a table: one block per change, newest first, and what was left out.
 pub fn render_changes(c: &Changes, full: bool) -> String {
     let mut out = String::new();
@@ -724,6 +902,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::cli::Output;
     use chrono::Utc;
     use uuid::Uuid;
 
@@ -816,5 +995,239 @@ mod tests {
         assert_eq!(line["kind"], "value");
         assert_eq!((&line["old"], &line["new"]), (&json!(1), &json!(2)));
         assert!(line.get("unrecorded").is_none() && line["at"].is_string());
+    }
+
+    /// Every field a row of `rows` has is one of `columns`: csv leaves nothing out.
+    fn covered(columns: &[&str], rows: &[Value]) {
+        for row in rows {
+            for key in row.as_object().expect("an object row").keys() {
+                assert!(columns.contains(&key.as_str()), "{key} is not a column");
+            }
+        }
+    }
+
+    #[test]
+    fn change_rows_of_every_kind_fit_the_columns() {
+        let pkg = |v: &str| json!({"name": "openssl", "version": v});
+        let mut flapping = entry(json!({"a": 1, "b": 2}), json!({"a": 2, "c": 3}));
+        flapping.unrecorded = 2;
+        let changes = history_changes(&[
+            entry(Value::Null, json!(["a"])),
+            entry(Value::Null, json!("6.1")),
+            entry(json!([pkg("1"), pkg("0")]), json!([pkg("2")])),
+            flapping,
+            entry(json!(["a", "b"]), json!(["a", "c"])),
+            entry(json!("6.1"), json!(6.2)),
+        ]);
+        let rows = rows_of(&changes);
+        covered(CHANGE_COLUMNS, &rows);
+        let kinds: BTreeSet<&str> = rows.iter().filter_map(|r| r["kind"].as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["first", "list", "object", "packages", "value"].into()
+        );
+        let csv = history_rows(&changes, false).render(Output::Csv).stdout;
+        let mut lines = csv.lines();
+        assert_eq!(lines.next(), Some(CHANGE_COLUMNS.join(",").as_str()));
+        let first = lines.next().expect("a first value");
+        assert!(
+            first.ends_with(",p,00000000-0000-0000-0000-000000000000,,first,1,,,,,,"),
+            "{first}"
+        );
+        assert!(
+            csv.contains(
+                ",2,object,,,,,\"[{\"\"new\"\":2,\"\"old\"\":1,\"\"path\"\":\"\"a\"\"}]\","
+            ),
+            "{csv}"
+        );
+        // A cell is text: the string "6.1" and the number 6.2 look alike (json keeps them apart).
+        assert!(csv.ends_with(",value,,,6.1,6.2,,,\n"), "{csv}");
+    }
+
+    #[test]
+    fn changes_cut_by_the_limit_say_so_on_stderr_in_data_formats() {
+        let c = Changes {
+            changes: history_changes(&[entry(json!(1), json!(2))]),
+            since: Utc::now(),
+            more: true,
+        };
+        let rows = changes_rows(&c, false);
+        let table = rows.render(Output::Table);
+        assert!(table.stdout.contains("raise --limit") && table.stderr.is_empty());
+        for data in [Output::Json, Output::Jsonl, Output::Yaml, Output::Csv] {
+            let p = rows.render(data);
+            assert!(
+                !p.stdout.contains("raise --limit"),
+                "{data:?}: {}",
+                p.stdout
+            );
+            assert!(p.stderr.contains("raise --limit"), "{data:?}");
+        }
+        assert_eq!(
+            serde_json::from_str::<Value>(&rows.render(Output::Json).stdout).expect("json")[0]["kind"],
+            "value"
+        );
+    }
+
+    #[test]
+    fn nodes_and_pending_keys_print_one_row_each() {
+        let t = chrono::DateTime::parse_from_rfc3339("2026-01-02T03:04:05Z")
+            .expect("time")
+            .to_utc();
+        let nodes = [
+            NodeInfo {
+                node: "web01".into(),
+                last_seen: Some(t),
+                agent_version: Some("0.1.0, \"beta\"\u{1b}[2J".into()),
+                stale: false,
+                quarantined: None,
+                overdue: vec!["dpkg".into(), "facts".into()],
+            },
+            NodeInfo {
+                node: "db01".into(),
+                last_seen: None,
+                agent_version: None,
+                stale: true,
+                quarantined: Some("unreadable".into()),
+                overdue: vec![],
+            },
+        ];
+        let rows = nodes_rows(&nodes);
+        covered(NODE_COLUMNS, &rows_of(&nodes));
+        assert_eq!(
+            rows.render(Output::Csv).stdout,
+            concat!(
+                "node,last_seen,agent_version,stale,quarantined,overdue\n",
+                "web01,2026-01-02T03:04:05Z,\"0.1.0, \"\"beta\"\"\u{1b}[2J\",false,,\"[\"\"dpkg\"\",\"\"facts\"\"]\"\n",
+                "db01,,,true,unreadable,\n",
+            )
+        );
+        let jsonl = rows.render(Output::Jsonl).stdout;
+        assert_eq!(jsonl.lines().count(), 2, "{jsonl}");
+        assert!(
+            jsonl.contains("\"agent_version\":\"0.1.0, \\\"beta\\\"\\u001b[2J\""),
+            "{jsonl}"
+        );
+        let table = rows.render(Output::Table).stdout;
+        assert!(
+            !table.contains('\u{1b}') && table.contains("\\u{1b}[2J"),
+            "{table}"
+        );
+
+        let mut facts = serde_json::Map::new();
+        facts.insert("os.family".into(), json!("Debian"));
+        let pending = [(
+            "web04".to_string(),
+            Pending {
+                key_id: Some("abc".into()),
+                first_seen: Some(t),
+                last_seen: Some(t),
+                agent_version: None,
+                facts,
+            },
+        )];
+        let rows = pending_rows(&pending);
+        assert_eq!(
+            rows.render(Output::Csv).stdout,
+            concat!(
+                "node,key_id,first_seen,last_seen,agent_version,facts\n",
+                "web04,abc,2026-01-02T03:04:05Z,2026-01-02T03:04:05Z,,\"{\"\"os.family\"\":\"\"Debian\"\"}\"\n",
+            )
+        );
+        let jsonl: Value =
+            serde_json::from_str(&rows.render(Output::Jsonl).stdout).expect("one line");
+        assert_eq!(
+            (&jsonl["node"], &jsonl["key_id"]),
+            (&json!("web04"), &json!("abc"))
+        );
+    }
+
+    #[test]
+    fn find_prints_names_escaped_in_the_table_and_exact_as_data() {
+        let nodes = ["web01".to_string(), "odd\u{1b}]0;x\u{7}".to_string()];
+        let rows = find_rows(&nodes);
+        assert_eq!(
+            rows.render(Output::Table).stdout,
+            "web01\nodd\\u{1b}]0;x\\u{7}\n"
+        );
+        assert_eq!(
+            rows.render(Output::Csv).stdout,
+            "node\nweb01\nodd\u{1b}]0;x\u{7}\n"
+        );
+        assert_eq!(
+            rows.render(Output::Json).stdout,
+            "[\n  {\n    \"node\": \"web01\"\n  },\n  {\n    \"node\": \"odd\\u001b]0;x\\u0007\"\n  }\n]\n"
+        );
+    }
+
+    #[test]
+    fn show_prints_the_value_whole_or_as_rows() {
+        let v =
+            json!([{"name": "bash", "version": "5.2"}, {"name": "x\u{202e}y", "version": "1,2"}]);
+        let rows = show_rows(&v);
+        let table = rows.render(Output::Table).stdout;
+        assert!(
+            table.contains("x\\u{202e}y") && !table.contains('\u{202e}'),
+            "{table}"
+        );
+        let json: Value = serde_json::from_str(&rows.render(Output::Json).stdout).expect("json");
+        assert_eq!(json, v, "json is the value exactly");
+        assert_eq!(
+            rows.render(Output::Csv).stdout,
+            "name,version\nbash,5.2\nx\u{202e}y,\"1,2\"\n"
+        );
+        assert_eq!(rows.render(Output::Jsonl).stdout.lines().count(), 2);
+        let facts = show_rows(&json!({"cpus": 2, "os": {"family": "Debian"}}));
+        assert_eq!(
+            facts.render(Output::Csv).stdout,
+            "key,value\ncpus,2\nos,\"{\"\"family\"\":\"\"Debian\"\"}\"\n"
+        );
+    }
+
+    #[test]
+    fn key_decisions_print_as_objects_or_rows() {
+        let node = NodeName::new("web01").expect("node");
+        let forgot = forget_rows(&node, Some("k1"));
+        assert_eq!(
+            forgot.render(Output::Jsonl).stdout,
+            "{\"forgotten_key\":\"k1\",\"node\":\"web01\"}\n"
+        );
+        assert_eq!(
+            forget_rows(&node, None).render(Output::Csv).stdout,
+            "node,forgotten_key\nweb01,\n"
+        );
+        let rejected = reject_rows(&node, &["k1".into(), "k2".into()]);
+        assert_eq!(
+            rejected.render(Output::Csv).stdout,
+            "node,key_id\nweb01,k1\nweb01,k2\n"
+        );
+        assert!(
+            rejected
+                .render(Output::Table)
+                .stdout
+                .contains("rejected key k1, k2")
+        );
+        let t = Utc::now();
+        let accepted = accept_rows(
+            &Accepted {
+                node: "web01".into(),
+                key_id: "k1".into(),
+                first_seen: t,
+                last_seen: t,
+            },
+            "vogeler",
+        );
+        let json: Value =
+            serde_json::from_str(&accepted.render(Output::Json).stdout).expect("json");
+        assert_eq!(json["key_id"], "k1", "one object, not an array");
+        let keys = keygen_rows(
+            std::path::Path::new("/k/runner.key"),
+            std::path::Path::new("/k/runner.pub"),
+            "id1",
+        );
+        assert_eq!(
+            keys.render(Output::Csv).stdout,
+            "key_id,private_key,public_key\nid1,/k/runner.key,/k/runner.pub\n"
+        );
     }
 }

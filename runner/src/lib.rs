@@ -4,7 +4,9 @@
 //! - [`app`]: what each command line does, printed.
 //! - [`collect`]: one fan-out's bookkeeping, a state machine without I/O.
 //! - [`diff`]: what changed between two values of a plugin (`history`, `changes`).
-//! - [`inventory`]: questions answered from CouchDB (`find`, `history`, `changes`).
+//! - [`inventory`]: questions answered from CouchDB (`find`, `history`, `changes`), and
+//!   each one's rows.
+//! - [`output`]: the one rule for `--output`: what table, json, jsonl, yaml and csv print.
 //! - [`target`]: node sets (`-n`) and how they resolve against the registry.
 //!
 //! [`query`] reads the expected nodes from the node registry in CouchDB (for `all`), binds a
@@ -16,6 +18,7 @@ pub mod cli;
 pub mod collect;
 pub mod diff;
 pub mod inventory;
+pub mod output;
 pub mod report;
 pub mod target;
 

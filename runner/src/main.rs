@@ -6,13 +6,14 @@ use clap::Parser;
 use vogeler_config as config;
 use vogeler_core::{exit, telemetry};
 use vogeler_runner::{
-    cli::{Cli, Command},
+    app,
+    cli::{Cli, Command, Output},
     inventory as inv,
 };
 
 const PROGRAM: &str = "vogeler-runner";
 
-fn keygen(dir: &std::path::Path, comment: Option<&str>) -> ExitCode {
+fn keygen(dir: &std::path::Path, comment: Option<&str>, output: Output) -> ExitCode {
     let default_comment = format!(
         "{}@{}",
         std::env::var("USER").unwrap_or_else(|_| "runner".into()),
@@ -20,15 +21,7 @@ fn keygen(dir: &std::path::Path, comment: Option<&str>) -> ExitCode {
     );
     match inv::keygen(dir, comment.unwrap_or(&default_comment)) {
         Ok((private, public, id)) => {
-            println!(
-                "created key {id}:\n  {}  (private: keep it on this machine, mode 0600)\n  {}  (public: install it in each agent's authorized keys)",
-                private.display(),
-                public.display()
-            );
-            println!(
-                "sign with it: --signing-key {} (or runner.signing_key in the config file)",
-                private.display()
-            );
+            app::print(inv::keygen_rows(&private, &public, &id).render(output));
             exit::code(exit::OK)
         }
         Err(e) => {
@@ -41,7 +34,7 @@ fn keygen(dir: &std::path::Path, comment: Option<&str>) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Keygen { out, comment }) = &cli.command {
-        return keygen(out, comment.as_deref());
+        return keygen(out, comment.as_deref(), cli.output);
     }
     let mut sources = cli.common.sources();
     cli.couch.add_to(&mut sources);

@@ -229,13 +229,7 @@ impl Report {
             .map(|(n, r)| (n.to_string(), reply_json(r, full)))
             .collect();
         for (n, c) in &self.cached {
-            let value = if full {
-                c.value.clone()
-            } else {
-                Value::String(summarize(&c.value))
-            };
-            let entry = serde_json::json!({"node": n, "status": "cached", "collected_at": c.collected_at, "age_s": c.age().as_secs(), "value": value});
-            results.insert(n.to_string(), entry);
+            results.insert(n.to_string(), cached_json(n, c, full));
         }
         let failed: Vec<&str> = counted
             .iter()
@@ -261,16 +255,53 @@ impl Report {
         })
     }
 
-    /// The `jsonl` lines for nodes that did not answer, printed after the streamed replies.
-    pub fn missing_lines(&self) -> Vec<String> {
-        self.missing()
+    /// The rows (jsonl, csv) of every node that did not answer itself, printed after the
+    /// replies streamed as they came ([`reply_json`]): answered from a stored value, no
+    /// response, not delivered, and replies not shown because their signature did not
+    /// verify. Values are summarised unless `full`.
+    pub fn rest_rows(&self, full: bool) -> Vec<Value> {
+        let cached = self.cached.iter().map(|(n, c)| cached_json(n, c, full));
+        let missing = self
+            .missing()
+            .into_iter()
+            .map(|n| serde_json::json!({"node": n, "status": "no_response"}));
+        let undelivered = self.undelivered.iter().map(
+            |(n, why)| serde_json::json!({"node": n, "status": "not_delivered", "reason": why}),
+        );
+        let unverified = self
+            .unverified
             .iter()
-            .map(|n| serde_json::json!({"node": n, "status": "no_response"}).to_string())
-            .chain(self.undelivered.iter().map(|(n, why)| {
-                serde_json::json!({"node": n, "status": "not_delivered", "reason": why}).to_string()
-            }))
+            .map(|(n, why)| serde_json::json!({"node": n, "status": "unverified", "reason": why}));
+        cached
+            .chain(missing)
+            .chain(undelivered)
+            .chain(unverified)
             .collect()
     }
+}
+
+/// A fan-out's csv columns: every field of any row ([`reply_json`], [`Report::rest_rows`]).
+pub const COLUMNS: &[&str] = &[
+    "node",
+    "status",
+    "error",
+    "exit_code",
+    "duration_ms",
+    "truncated",
+    "collected_at",
+    "age_s",
+    "reason",
+    "value",
+];
+
+/// A node answered from its stored value, as JSON.
+fn cached_json(n: &NodeName, c: &Cached, full: bool) -> Value {
+    let value = if full {
+        c.value.clone()
+    } else {
+        Value::String(summarize(&c.value))
+    };
+    serde_json::json!({"node": n, "status": "cached", "collected_at": c.collected_at, "age_s": c.age().as_secs(), "value": value})
 }
 
 /// One node's reply as JSON: status, outcome details, duration, value.
@@ -467,8 +498,56 @@ mod tests {
         assert_eq!(v["results"]["a"]["value"], "2 items: x, y");
         assert_eq!(v["results"]["b"]["error"], "exit code 3: boom");
         assert_eq!(r.to_json(true)["results"]["a"]["value"], json!(["x", "y"]));
-        let line: Value = serde_json::from_str(&r.missing_lines()[0]).expect("jsonl line");
-        assert_eq!(line, json!({"node": "c", "status": "no_response"}));
+        assert_eq!(
+            r.rest_rows(false),
+            [json!({"node": "c", "status": "no_response"})]
+        );
+    }
+
+    #[test]
+    fn every_node_not_streamed_has_a_row_that_fits_the_columns() {
+        let mut r = report(
+            false,
+            &["a", "b", "c", "d"],
+            vec![reply("a", Outcome::Ok, Some(json!("v")))],
+        );
+        r.cached.insert(
+            node("b"),
+            Cached {
+                value: json!(["x"]),
+                collected_at: Utc::now(),
+            },
+        );
+        r.undelivered.insert(node("c"), "no agent queue".into());
+        r.unverified
+            .insert(node("a"), "not signed by the pinned key".into());
+        let rest = r.rest_rows(false);
+        let statuses: Vec<(&str, &str)> = rest
+            .iter()
+            .map(|row| {
+                (
+                    row["node"].as_str().unwrap_or(""),
+                    row["status"].as_str().unwrap_or(""),
+                )
+            })
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                ("b", "cached"),
+                ("d", "no_response"),
+                ("c", "not_delivered"),
+                ("a", "unverified")
+            ]
+        );
+        assert_eq!(rest[0]["value"], "1 item: x");
+        assert_eq!(r.rest_rows(true)[0]["value"], json!(["x"]));
+        let replied = reply_json(&r.replies[&node("a")], false);
+        for row in rest.iter().chain([&replied]) {
+            for key in row.as_object().expect("object").keys() {
+                assert!(COLUMNS.contains(&key.as_str()), "{key} is not a column");
+            }
+        }
     }
 
     #[test]
