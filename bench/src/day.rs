@@ -181,11 +181,7 @@ pub async fn simulate(
                 runs.push((1, &dpkg_plugin, 6 * 3600, dpkg(n, packages, upgraded)));
             }
             // Heartbeats within the hour: the same plugins and facts each time.
-            let beats = if heartbeat_minutes == 0 {
-                0
-            } else {
-                60 / heartbeat_minutes
-            };
+            let beats = 60u32.checked_div(heartbeat_minutes).unwrap_or(0);
             for b in 0..beats {
                 let sent_at = at + TimeDelta::minutes(i64::from(b * heartbeat_minutes));
                 let message = Message::Announce(Announce {
