@@ -66,20 +66,6 @@ impl Inventory {
         Ok(fold_registry(self.rows(design::REGISTRY, &[]).await?))
     }
 
-    /// [`Inventory::registry`] for these nodes only (unknown ones left out).
-    pub async fn registry_of(
-        &self,
-        nodes: &[&str],
-    ) -> Result<Vec<(String, Registered)>, CouchError> {
-        let mut out = Vec::new();
-        // Keys travel in the URL: a few dozen names a request keeps it short.
-        for chunk in nodes.chunks(50) {
-            let params = [("keys", json!(chunk).to_string())];
-            out.extend(fold_registry(self.rows(design::REGISTRY, &params).await?));
-        }
-        Ok(out)
-    }
-
     /// Every key waiting for approval as a node, by node name.
     pub async fn pending(&self) -> Result<Vec<(String, Pending)>, CouchError> {
         Ok(self
@@ -111,18 +97,24 @@ impl Inventory {
             ("startkey", json!([plugin]).to_string()),
             ("endkey", json!([plugin, {}]).to_string()),
         ];
-        // Up to two rows a node (its document's, its freshness document's): the newer run.
+        // Up to two rows a node: its document's, and its freshness document's folded in.
         let mut by_node: BTreeMap<String, Collected> = BTreeMap::new();
+        let mut fresh = Vec::new();
         for r in self.rows(design::COLLECTED, &params).await? {
-            let Some(node) = r.key.get(1).and_then(Value::as_str) else {
+            let (Some(id), Some(node)) = (r.id, r.key.get(1).and_then(Value::as_str)) else {
                 continue;
             };
             let c = Collected::from_value(&r.value);
-            let merged = match by_node.remove(node) {
-                Some(other) => other.newer(c),
-                None => c,
-            };
-            by_node.insert(node.to_string(), merged);
+            if id == node {
+                by_node.insert(id, c);
+            } else {
+                fresh.push((node.to_string(), c));
+            }
+        }
+        for (node, c) in fresh {
+            if let Some(mine) = by_node.get_mut(&node) {
+                mine.merge(c);
+            }
         }
         Ok(by_node.into_iter().collect())
     }
@@ -224,26 +216,38 @@ impl Inventory {
     }
 
     /// Nodes last seen before `cutoff` (RFC 3339): a node's two documents may each say
-    /// when, and it is stale only if neither says later.
+    /// when, and it is stale only if neither says later. Two range reads of the view's small
+    /// rows (older, and not older), never the documents.
     pub async fn last_seen_before(&self, cutoff: &str) -> Result<Vec<String>, CouchError> {
-        let params = [("endkey", json!(cutoff).to_string())];
-        let old: BTreeSet<String> = self
-            .rows(design::NODES_BY_LAST_SEEN, &params)
+        let node = |r: ViewRow| r.value.as_str().map(str::to_string).or(r.id);
+        // Oldest first, each node once.
+        let mut seen = BTreeSet::new();
+        let old: Vec<String> = self
+            .rows(
+                design::NODES_BY_LAST_SEEN,
+                &[
+                    ("endkey", json!(cutoff).to_string()),
+                    ("inclusive_end", "false".to_string()),
+                ],
+            )
             .await?
             .into_iter()
-            .filter_map(|r| r.value.as_str().map(str::to_string).or(r.id))
+            .filter_map(node)
+            .filter(|n| seen.insert(n.clone()))
             .collect();
-        // Only the candidates' registry rows (both documents' last seen), not every node's.
-        let cutoff_at = cutoff.parse::<chrono::DateTime<chrono::Utc>>().ok();
-        let names: Vec<&str> = old.iter().map(String::as_str).collect();
+        if old.is_empty() {
+            return Ok(Vec::new());
+        }
         let recent: BTreeSet<String> = self
-            .registry_of(&names)
+            .rows(
+                design::NODES_BY_LAST_SEEN,
+                &[("startkey", json!(cutoff).to_string())],
+            )
             .await?
             .into_iter()
-            .filter(|(_, r)| r.last_seen.is_some_and(|t| cutoff_at.is_none_or(|c| t > c)))
-            .map(|(n, _)| n)
+            .filter_map(node)
             .collect();
-        Ok(old.difference(&recent).cloned().collect())
+        Ok(old.into_iter().filter(|n| !recent.contains(n)).collect())
     }
 
     /// History entries recorded before `cutoff` (RFC 3339).

@@ -61,7 +61,7 @@ pub const PACKAGES: View = View {
 pub const COLLECTED: View = View {
     ddoc: NODES_DDOC,
     name: "collected",
-    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { var c = f.plugins || {}; for (var n in c) { emit([n, doc._id.substring(6)], { collected_at: c[n].confirmed_at, outcome: 'ok', interval_s: c[n].interval_s || null }); } return; } var p = doc.vogeler && doc.vogeler.plugins; if (!p) { return; } for (var name in p) { emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome, interval_s: p[name].interval_s || null }); } }",
+    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { var c = f.plugins || {}; for (var n in c) { emit([n, doc._id.substring(6)], { collected_at: c[n].confirmed_at, outcome: 'ok', interval_s: c[n].interval_s || null }); } return; } var v = doc.vogeler; var p = v && v.plugins; if (!p) { return; } var ap = v.agent_plugins || {}; for (var name in p) { var i = v.schedules ? v.schedules[name] : (v.announced_at && !(name in ap) ? null : p[name].interval_s); emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome, interval_s: i || null }); } }",
     reduce: None,
 };
 
@@ -71,7 +71,7 @@ pub const COLLECTED: View = View {
 pub const REGISTRY: View = View {
     ddoc: NODES_DDOC,
     name: "registry",
-    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { var c = f.plugins || {}; var t = {}; for (var n in c) { if (c[n].interval_s) { t[n] = [c[n].confirmed_at, c[n].interval_s]; } } emit(doc._id.substring(6), { fresh: true, last_seen: f.last_seen || null, agent_version: f.agent_version || null, schedules: t }); return; } if (doc.vogeler) { var s = {}; var p = doc.vogeler.plugins || {}; for (var name in p) { if (p[name].interval_s) { s[name] = [p[name].collected_at, p[name].interval_s]; } } emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {}, key: doc.vogeler.key || null, schedules: s }); } }",
+    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { var c = f.plugins || {}; var t = {}; for (var n in c) { if (c[n].interval_s) { t[n] = [c[n].confirmed_at, c[n].interval_s]; } } emit(doc._id.substring(6), { fresh: true, last_seen: f.last_seen || null, agent_version: f.agent_version || null, schedules: t }); return; } if (doc.vogeler) { var v = doc.vogeler; var s = {}; var p = v.plugins || {}; var ap = v.agent_plugins || {}; for (var name in p) { var i = v.schedules ? v.schedules[name] : (v.announced_at && !(name in ap) ? null : p[name].interval_s); if (i) { s[name] = [p[name].collected_at, i]; } } emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {}, key: doc.vogeler.key || null, schedules: s }); } }",
     reduce: None,
 };
 
@@ -81,7 +81,7 @@ pub const REGISTRY: View = View {
 pub const QUARANTINE: View = View {
     ddoc: NODES_DDOC,
     name: "quarantine",
-    map: "function (doc) { var q = doc.vogeler_quarantine; if (q && q.node) { emit(q.node, { reason: q.reason || null, since: q.since || null }); } }",
+    map: "function (doc) { var q = doc.vogeler_quarantine; if (q && q.node && doc._id === 'quarantine:' + q.node) { emit(q.node, { reason: q.reason || null, since: q.since || null }); } }",
     reduce: None,
 };
 
@@ -258,15 +258,20 @@ impl Registered {
 
     /// Fold in the row of the node's freshness document: the newer last seen (with its
     /// agent version), and each schedule's newer run.
+    /// Only the schedules the node document expects count: what a plugin runs on is the
+    /// agent's announcement's, and a confirmation left over for a plugin no longer
+    /// scheduled (or removed by hand) must not make it overdue.
     pub fn merge(&mut self, fresh: Registered) {
-        if fresh.last_seen > self.last_seen {
+        // Ties go to the freshness document, as in `Node::agent_version`.
+        if fresh.last_seen.is_some() && fresh.last_seen >= self.last_seen {
             self.last_seen = fresh.last_seen;
             self.agent_version = fresh.agent_version;
         }
-        for (name, (at, interval)) in fresh.schedules {
-            let newer = self.schedules.get(&name).is_none_or(|(mine, _)| at > *mine);
-            if newer {
-                self.schedules.insert(name, (at, interval));
+        for (name, (at, _)) in fresh.schedules {
+            if let Some((mine, _)) = self.schedules.get_mut(&name)
+                && at > *mine
+            {
+                *mine = at;
             }
         }
     }
@@ -344,13 +349,12 @@ impl Collected {
         }
     }
 
-    /// Of two rows for one node and plugin (its document's and its freshness document's),
-    /// the newer run.
-    pub fn newer(self, other: Collected) -> Collected {
-        if other.collected_at > self.collected_at {
-            other
-        } else {
-            self
+    /// Fold in the row of the node's freshness document: a newer confirmation is the
+    /// plugin's last run (an `ok` one); the interval stays the node document's.
+    pub fn merge(&mut self, fresh: Collected) {
+        if fresh.collected_at > self.collected_at {
+            self.collected_at = fresh.collected_at;
+            self.outcome = fresh.outcome;
         }
     }
 

@@ -101,6 +101,11 @@ pub struct NodeMeta {
     /// Facts the agent last announced (`os.family`, `kernel`, `arch`, ...).
     #[serde(default)]
     pub facts: serde_json::Map<String, Value>,
+    /// The plugins the agent last announced it runs on a schedule, with their intervals in
+    /// seconds: what readers expect runs of (see [`NodeDocument::interval_of`]). `None` from
+    /// agents that do not say; their results' intervals count instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedules: Option<BTreeMap<String, u64>>,
     /// The node's public key (base64), pinned on first contact: results signed by any other
     /// key are refused. `vogeler-runner nodes forget` clears it for a reinstalled node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -118,6 +123,7 @@ impl NodeMeta {
             agent_plugins: BTreeMap::new(),
             announced_at: None,
             facts: serde_json::Map::new(),
+            schedules: None,
             key: None,
         }
     }
@@ -249,22 +255,6 @@ pub fn value_hash(v: &Value) -> String {
         s.push_str(&format!("{b:02x}"));
     }
     s
-}
-
-/// Whether an unchanged run adds nothing worth a write: the stored run was `ok`, on the same
-/// interval, and at most half an interval before this one. Readers judge a plugin overdue
-/// only after twice its interval, so a confirmation skipped here never makes one look
-/// overdue, and a fleet whose values do not change is rewritten at most once an interval.
-fn confirmed_recently(stored: &PluginMeta, r: &PluginResult) -> bool {
-    let Some(schedule) = &r.scheduled else {
-        return false;
-    };
-    let half = i64::try_from(schedule.interval_s / 2).unwrap_or(i64::MAX);
-    stored.outcome == Outcome::Ok.status()
-        && stored.interval_s == Some(schedule.interval_s)
-        && stored.collected_at <= r.collected_at
-        && chrono::TimeDelta::try_seconds(half)
-            .is_some_and(|half| r.collected_at - stored.collected_at < half)
 }
 
 /// Whether a stored stamp lies further ahead of the server's clock than any node's clock
@@ -475,22 +465,20 @@ impl Node {
     /// The plugin's newest run, as readers see it: its stored status, or a later
     /// confirmation of its stored value.
     pub fn plugin(&self, plugin: &str) -> Option<PluginMeta> {
-        let meta = self.doc.meta.plugins.get(plugin)?;
-        let Some(c) = self.fresh.fresh.plugins.get(plugin) else {
-            return Some(meta.clone());
-        };
-        if (c.confirmed_at, c.request_id) <= (meta.collected_at, meta.request_id) {
-            return Some(meta.clone());
+        let mut m = self.doc.meta.plugins.get(plugin)?.clone();
+        if let Some(c) = self.fresh.fresh.plugins.get(plugin)
+            && (c.confirmed_at, c.request_id) > (m.collected_at, m.request_id)
+        {
+            m.collected_at = c.confirmed_at;
+            m.request_id = c.request_id;
+            m.outcome = Outcome::Ok.status().to_string();
+            m.error = None;
+            m.exit_code = Some(0);
+            m.confirmed_at = Some(c.confirmed_at);
         }
-        let mut m = meta.clone();
-        m.collected_at = c.confirmed_at;
-        m.request_id = c.request_id;
-        m.outcome = Outcome::Ok.status().to_string();
-        m.error = None;
-        m.exit_code = Some(0);
-        m.interval_s = Some(c.interval_s);
-        m.next_due = c.next_due;
-        m.confirmed_at = Some(c.confirmed_at);
+        // What is expected is what the agent last announced, whatever order runs arrive in.
+        m.interval_s = self.doc.interval_of(plugin);
+        m.next_due = m.interval_s.and_then(|i| next_due(m.collected_at, i));
         Some(m)
     }
 
@@ -503,6 +491,18 @@ impl Node {
                 || from_the_future(seen, now)
         });
         if newer {
+            // A stamp from the future in the node document would outvote every later one:
+            // it goes, and the node document is written to say so.
+            if self
+                .doc
+                .meta
+                .last_seen
+                .is_some_and(|t| from_the_future(t, now))
+            {
+                self.doc.meta.last_seen = None;
+                self.doc.meta.agent_version = None;
+                self.written.document = true;
+            }
             self.fresh.fresh.last_seen = Some(at);
             self.fresh.fresh.agent_version = Some(agent_version.to_string());
             self.written.fresh = true;
@@ -572,10 +572,9 @@ impl Node {
         let stamp = (r.collected_at, r.request_id);
         let newer = stamp > (latest.collected_at, latest.request_id)
             || from_the_future(latest.collected_at, now);
-        // A recent confirmation is skipped whole, "seen" included: that is what coalescing
-        // saves (`last_seen` then lags by under half an interval, against a staleness window
-        // of a day).
-        if !newer || confirmed_recently(&latest, r) {
+        // Every newer confirmation is recorded: it costs a small document's write, and
+        // skipping some would make the result depend on the order runs arrive in.
+        if !newer {
             return Change::Unchanged;
         }
         self.fresh.fresh.plugins.insert(
@@ -603,6 +602,15 @@ impl Node {
         {
             return Change::Unchanged;
         }
+        if self
+            .doc
+            .meta
+            .announced_at
+            .is_some_and(|t| from_the_future(t, now))
+        {
+            self.doc.meta.announced_at = None;
+            self.written.document = true;
+        }
         self.fresh.fresh.announced_at = Some(a.sent_at);
         self.written.fresh = true;
         self.saw(a.sent_at, &a.agent_version, now);
@@ -613,32 +621,13 @@ impl Node {
             .collect();
         let meta = &mut self.doc.meta;
         let mut changed = false;
-        if meta.agent_plugins != plugins || meta.facts != a.facts {
+        // Schedules change with the announcement that says so (the newest wins): a plugin
+        // removed, or with its schedule turned off, is no longer expected.
+        if meta.agent_plugins != plugins || meta.facts != a.facts || meta.schedules != a.schedules {
             meta.agent_plugins = plugins;
             meta.facts = a.facts.clone();
+            meta.schedules = a.schedules.clone();
             meta.announced_at = Some(a.sent_at);
-            changed = true;
-        }
-        // A plugin the agent no longer runs on a schedule (removed, or its schedule turned
-        // off) is no longer expected, so it cannot become overdue.
-        let scheduled = |name: &str| match &a.schedules {
-            Some(s) => s.contains_key(name),
-            None => meta_has(&a.plugins, name),
-        };
-        let unscheduled: Vec<String> = meta
-            .plugins
-            .iter()
-            .filter(|(name, p)| p.interval_s.is_some() && !scheduled(name))
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in &unscheduled {
-            if let Some(p) = meta.plugins.get_mut(name) {
-                p.interval_s = None;
-                p.next_due = None;
-            }
-            if self.fresh.fresh.plugins.remove(name).is_some() {
-                self.confirmed = true;
-            }
             changed = true;
         }
         if changed {
@@ -649,10 +638,6 @@ impl Node {
     }
 }
 
-fn meta_has(plugins: &[crate::wire::PluginInfo], name: &str) -> bool {
-    plugins.iter().any(|p| p.name.as_str() == name)
-}
-
 fn next_due(at: DateTime<Utc>, interval_s: u64) -> Option<DateTime<Utc>> {
     i64::try_from(interval_s)
         .ok()
@@ -661,6 +646,21 @@ fn next_due(at: DateTime<Utc>, interval_s: u64) -> Option<DateTime<Utc>> {
 }
 
 impl NodeDocument {
+    /// The interval `plugin` is expected to run on: from the agent's announcement when it
+    /// says which plugins it schedules (a plugin it no longer announces is expected on none),
+    /// else from its last scheduled run.
+    pub fn interval_of(&self, plugin: &str) -> Option<u64> {
+        match &self.meta.schedules {
+            Some(s) => s.get(plugin).copied(),
+            None if self.meta.announced_at.is_some()
+                && !self.meta.agent_plugins.contains_key(plugin) =>
+            {
+                None
+            }
+            None => self.meta.plugins.get(plugin)?.interval_s,
+        }
+    }
+
     /// Merge a result that carries a value or a failure (not an unchanged run) into the
     /// plugin's status and value; returns whether the document changed.
     fn merge_result(
@@ -1045,15 +1045,23 @@ mod tests {
         assert_eq!(m.outcome, "ok");
         assert_eq!(m.next_due, Some(t("20")));
         assert_eq!(m.interval_s, Some(10));
-        // Within half an interval of the last confirmation: nothing to write.
+        // An older confirmation, arriving late, changes nothing; a newer one is recorded.
         let mut d = Node::from_parts(d.doc.clone(), Some(d.fresh.clone()));
-        let soon = scheduled(result(3, "14", Outcome::Unchanged { hash }, None), 10);
+        let late = scheduled(
+            result(3, "05", Outcome::Unchanged { hash: hash.clone() }, None),
+            10,
+        );
         assert_eq!(
-            d.apply_result_recording(&soon, t("14"), &mut history),
+            d.apply_result_recording(&late, t("14"), &mut history),
             Change::Unchanged
         );
         assert_eq!(d.written(), Written::default());
-        assert_eq!(d.plugin("hello").expect("plugin").collected_at, t("10"));
+        let soon = scheduled(result(4, "14", Outcome::Unchanged { hash }, None), 10);
+        assert_eq!(
+            d.apply_result_recording(&soon, t("14"), &mut history),
+            Change::Updated
+        );
+        assert_eq!(d.plugin("hello").expect("plugin").collected_at, t("14"));
     }
 
     #[test]
@@ -1198,6 +1206,15 @@ mod tests {
         );
         d.apply_announce(&announce("11", json!({}), Some(&[("hello", 10)])), t("11"));
         assert_eq!(d.plugin("hello").expect("plugin").interval_s, Some(10));
+        // Lengthened by the agent's config: expected on the announced interval at once.
+        let mut longer = d.clone();
+        longer.apply_announce(
+            &announce("12", json!({}), Some(&[("hello", 3000)])),
+            t("12"),
+        );
+        let m = longer.plugin("hello").expect("plugin");
+        assert_eq!(m.interval_s, Some(3000));
+        assert!(!m.overdue(t("59")));
         // Still announced, no longer scheduled.
         d.apply_announce(&announce("12", json!({}), Some(&[])), t("12"));
         let m = d.plugin("hello").expect("plugin");

@@ -26,7 +26,9 @@ pub enum NameError {
     },
     #[error("{kind} name {name:?} must start with a letter or digit")]
     BadStart { kind: &'static str, name: String },
-    #[error("plugin name {0:?} is reserved for Vogeler's own metadata")]
+    #[error(
+        "plugin name {0:?} is reserved for Vogeler's own metadata (so is every name starting with \"vogeler_\"); rename the plugin"
+    )]
     Reserved(String),
 }
 
@@ -103,7 +105,9 @@ impl PluginName {
     pub fn new(name: impl Into<String>) -> Result<Self, NameError> {
         let name = name.into();
         check("plugin", &name, 64, &[], "")?;
-        if name == RESERVED_PLUGIN_NAME {
+        // `vogeler_fresh` and `vogeler_quarantine` mark Vogeler's own documents, and
+        // `vogeler` holds its bookkeeping: no plugin may store a value under any of them.
+        if name == RESERVED_PLUGIN_NAME || name.starts_with("vogeler_") {
             return Err(NameError::Reserved(name));
         }
         Ok(Self(name))
@@ -177,6 +181,13 @@ mod tests {
             PluginName::new("vogeler").unwrap_err(),
             NameError::Reserved("vogeler".into())
         );
+        for reserved in ["vogeler_fresh", "vogeler_quarantine", "vogeler_x"] {
+            assert!(
+                matches!(PluginName::new(reserved), Err(NameError::Reserved(_))),
+                "{reserved}"
+            );
+        }
+        assert!(PluginName::new("vogeler-agent").is_ok());
         for bad in ["_rev", "a.b", "../x", ""] {
             assert!(PluginName::new(bad).is_err(), "{bad}");
         }

@@ -6,7 +6,8 @@ use proptest::prelude::*;
 use serde_json::Value;
 use uuid::Uuid;
 use vogeler_proto::{
-    document::Node,
+    document::{Node, NodeDocument, Write},
+    fresh::FreshDocument,
     names::{NodeName, PluginName},
     wire::{self, Announce, Command, Message, Outcome, PluginInfo, PluginResult, Target},
 };
@@ -222,4 +223,225 @@ proptest! {
         }
         prop_assert_eq!(merged(shuffled), once);
     }
+}
+
+/// A node's two documents as the database holds them between batches: every message is
+/// merged into what was read back, and only what [`Node::into_writes`] says is written.
+#[derive(Clone, Default)]
+struct Stored {
+    doc: Option<NodeDocument>,
+    fresh: Option<FreshDocument>,
+}
+
+impl Stored {
+    fn read(&self, now: DateTime<Utc>) -> Node {
+        let name = NodeName::new("web01").expect("node");
+        let doc = self
+            .doc
+            .clone()
+            .unwrap_or_else(|| NodeDocument::new(&name, now));
+        Node::from_parts(doc, self.fresh.clone())
+    }
+
+    fn apply(&mut self, m: &Message, now: DateTime<Utc>) {
+        let mut n = self.read(now);
+        match m {
+            Message::Result(r) => {
+                n.apply_result(r, now);
+            }
+            Message::Announce(a) => {
+                n.apply_announce(a, now);
+            }
+            Message::Command(_) => {}
+        }
+        for w in n.into_writes() {
+            match w {
+                Write::Node(d) => self.doc = Some(d),
+                Write::Fresh(f) => self.fresh = Some(f),
+            }
+        }
+    }
+
+    /// What readers see: values, facts, schedules, each plugin's merged run, last seen.
+    fn view(&self, now: DateTime<Utc>) -> Value {
+        let n = self.read(now);
+        let plugins: Vec<_> = n
+            .doc
+            .meta
+            .plugins
+            .keys()
+            .map(|p| {
+                let m = n.plugin(p).expect("plugin");
+                serde_json::json!([
+                    p,
+                    m.collected_at,
+                    m.outcome,
+                    m.hash,
+                    m.interval_s,
+                    m.next_due
+                ])
+            })
+            .collect();
+        serde_json::json!({
+            "values": n.doc.values,
+            "facts": n.doc.meta.facts,
+            "agent_plugins": n.doc.meta.agent_plugins,
+            "schedules": n.doc.meta.schedules,
+            "plugins": plugins,
+            "last_seen": n.last_seen(),
+            "announced_at": n.announced_at(),
+        })
+    }
+}
+
+/// One node's messages over one plugin whose value stays the same, at distinct times: runs
+/// that send it, fail, or confirm it unchanged; announcements with other facts and
+/// schedules. The first is the earliest full value (an `unchanged` about a value the
+/// database never held is dropped by design, so it must arrive after it).
+fn node_day() -> impl Strategy<Value = Vec<Message>> {
+    let step = prop_oneof![Just(0u8), Just(1), Just(2), Just(3), Just(4)];
+    (prop::collection::vec((step, 0u8..2, 0u8..3), 1..12)).prop_map(|steps| {
+        let name = NodeName::new("web01").expect("node");
+        let plugin = PluginName::new("hello").expect("plugin");
+        let value = serde_json::json!(["a"]);
+        let base = Utc.timestamp_opt(1_900_000_000, 0).single().expect("time");
+        let at = |i: usize| base + chrono::TimeDelta::seconds(i as i64 * 7);
+        let result = |i: usize, outcome: Outcome, value: Option<Value>| {
+            Message::Result(PluginResult {
+                request_id: Uuid::from_u128(i as u128 + 1),
+                node: name.clone(),
+                plugin: plugin.clone(),
+                outcome,
+                value,
+                truncated: false,
+                collected_at: at(i),
+                duration_ms: 1,
+                agent_version: "0.1.0".into(),
+                scheduled: Some(wire::Schedule { interval_s: 10 }),
+            })
+        };
+        let mut out = vec![result(0, Outcome::Ok, Some(value.clone()))];
+        for (k, (kind, facts, schedule)) in steps.into_iter().enumerate() {
+            let i = k + 1;
+            out.push(match kind {
+                0 => result(i, Outcome::Ok, Some(value.clone())),
+                1 => result(
+                    i,
+                    Outcome::Failed {
+                        exit_code: Some(1),
+                        signal: None,
+                        stderr_tail: String::new(),
+                    },
+                    None,
+                ),
+                2 | 3 => result(
+                    i,
+                    Outcome::Unchanged {
+                        hash: vogeler_proto::document::value_hash(&value),
+                    },
+                    None,
+                ),
+                _ => Message::Announce(Announce {
+                    node: name.clone(),
+                    agent_version: "0.1.0".into(),
+                    plugins: vec![PluginInfo {
+                        name: plugin.clone(),
+                        hash: "sha256:1".into(),
+                    }],
+                    started_at: base,
+                    sent_at: at(i),
+                    facts: serde_json::json!({"kernel": (["6.1", "6.2"][facts as usize])})
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                    schedules: match schedule {
+                        0 => None,
+                        1 => Some([("hello".to_string(), 10)].into()),
+                        _ => Some(Default::default()),
+                    },
+                }),
+            });
+        }
+        out
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1000))]
+
+    #[test]
+    fn any_order_of_a_nodes_messages_gives_the_same_merged_view_of_its_two_documents(
+        messages in node_day(),
+        extra in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        seed in any::<u64>(),
+    ) {
+        let now = Utc.timestamp_opt(1_900_001_000, 0).single().expect("time");
+        let mut once = Stored::default();
+        for m in &messages {
+            once.apply(m, now);
+        }
+        // The first full value first; the rest shuffled, with duplicates.
+        let mut rest: Vec<&Message> = messages[1..].iter().collect();
+        rest.extend(extra.iter().map(|i| &messages[i.index(messages.len())]));
+        let mut state = seed;
+        for i in (1..rest.len()).rev() {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let j = (state >> 33) as usize % (i + 1);
+            rest.swap(i, j);
+        }
+        let mut shuffled = Stored::default();
+        shuffled.apply(&messages[0], now);
+        for m in rest {
+            shuffled.apply(m, now);
+        }
+        prop_assert_eq!(shuffled.view(now), once.view(now));
+    }
+}
+
+#[test]
+fn a_stamp_from_the_future_in_a_node_document_heals_with_the_next_message() {
+    let now = Utc.timestamp_opt(1_900_000_100, 0).single().expect("time");
+    let at = |s: i64| {
+        Utc.timestamp_opt(1_900_000_000 + s, 0)
+            .single()
+            .expect("time")
+    };
+    let future: DateTime<Utc> = "2099-01-01T00:00:00Z".parse().expect("time");
+    let name = NodeName::new("web01").expect("node");
+    let announce = |s: i64, kernel: &str| {
+        Message::Announce(Announce {
+            node: name.clone(),
+            agent_version: "0.1.0".into(),
+            plugins: vec![],
+            started_at: at(0),
+            sent_at: at(s),
+            facts: serde_json::json!({ "kernel": kernel })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            schedules: Some(Default::default()),
+        })
+    };
+    // Written by hand, or by a release that believed node clocks.
+    let mut legacy = NodeDocument::new(&name, at(0));
+    legacy.meta.announced_at = Some(future);
+    legacy.meta.last_seen = Some(future);
+    legacy.meta.facts = serde_json::json!({"kernel": "6.2"})
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    legacy.meta.schedules = Some(Default::default());
+    let mut s = Stored {
+        doc: Some(legacy),
+        fresh: Some(FreshDocument::new(&name)),
+    };
+    s.apply(&announce(50, "6.2"), now);
+    let n = s.read(now);
+    assert_eq!(
+        (n.last_seen(), n.announced_at()),
+        (Some(at(50)), Some(at(50)))
+    );
+    // An older announcement, arriving late, no longer replaces newer facts.
+    s.apply(&announce(40, "6.1"), now);
+    assert_eq!(s.read(now).doc.meta.facts["kernel"], "6.2");
 }

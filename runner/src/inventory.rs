@@ -574,7 +574,16 @@ pub fn render_nodes(nodes: &[NodeInfo]) -> String {
             if !state.is_empty() {
                 state.push_str("; ");
             }
-            state.push_str(&format!("overdue: {}", n.overdue.join(",")));
+            // A node may schedule hundreds of plugins: name a few, count the rest.
+            const SHOWN: usize = 5;
+            let mut names = n.overdue[..n.overdue.len().min(SHOWN)].join(",");
+            if n.overdue.len() > SHOWN {
+                names.push_str(&format!(" and {} more", n.overdue.len() - SHOWN));
+            }
+            state.push_str(&format!(
+                "overdue: {}",
+                vogeler_proto::text::printable(&names)
+            ));
         }
         let version = n.agent_version.as_deref().unwrap_or("-");
         let _ = writeln!(
