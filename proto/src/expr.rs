@@ -1,0 +1,1867 @@
+//! One expression language over stored node documents: which nodes run a command (`-n`) and
+//! which nodes a query returns. It is a strict superset of the runner's node sets
+//! (`runner/src/target.rs`), and it reaches every stored plugin value, not only announced facts.
+//!
+//! ```text
+//! all                                      every node document
+//! web01   web01,web02   web*   db-[0-9]*   node names, lists, globs over node names
+//! @nodes.txt   -                           names from a file or stdin (read by the caller)
+//! os.family=Debian   kernel=~^6\.          announced facts, as node sets always did
+//! memory_mb>16000   memory_mb > 16000      spaces around operators are optional
+//! facts.memory_mb < 4096                   a plugin's value, by path
+//! os_release.VERSION_ID = 12
+//! disks[].use_percent > 90                 `[]`: any element of a list
+//! exists os_release.VERSION_ID
+//! dpkg has openssl < 3.0.13                a package, in dpkg's (or rpm's) own version order
+//! dpkg has name=nginx and version=~^1\.22  conditions on one element of a list
+//! disks has (target = / and use_percent > 90)
+//! web* and not (os.family=RedHat or kernel=~^5)
+//! ```
+//!
+//! [`parse`] turns text into an [`Expr`]; [`Expr::matches`] decides one node from its whole
+//! document; [`Expr::mango`] is a CouchDB `_find` selector that keeps at least every node
+//! `matches` would keep (usually far fewer than all), and [`Expr::fields`] the document fields
+//! `matches` needs, so a caller reads only those fields of only those documents and refines
+//! with `matches`. Nothing here does I/O: `@file` and `-` stay [`Source`]s until the caller
+//! reads them with [`Expr::resolve_sources`].
+//!
+//! # Grammar
+//!
+//! ```text
+//! expr       = or ;
+//! or         = and { "or" and } ;
+//! and        = unary { "and" unary } ;
+//! unary      = "not" unary | primary ;
+//! primary    = "(" expr ")" | "all" | "exists" path | "@" FILE | "-"
+//!            | path OP value | path "has" member | names ;
+//! names      = NAME { "," NAME } | GLOB ;
+//! member     = "(" cond ")"                            (any conditions on one element)
+//!            | FIELD OP value { "and" FIELD OP value } (FIELD: name version arch status
+//!                                                       epoch release)
+//!            | PACKAGE [ OP value ] ;                  (package shorthand)
+//! cond       = cand { "or" cand } ;   cand = cunary { "and" cunary } ;
+//! cunary     = "not" cunary | "(" cond ")" | "exists" path | path OP value ;
+//! path       = [ "." ] KEY { "[]" } { "." KEY { "[]" } } ;
+//! OP         = "=" | "!=" | "=~" | "!~" | "<" | "<=" | ">" | ">=" ;
+//! value      = 'text' | "text" | BARE ;
+//! ```
+//!
+//! `not` binds tighter than `and`, `and` tighter than `or`. `and`, `or` and `not` are reserved;
+//! `all`, `exists` and `has` are keywords only where the grammar above puts them (a node named
+//! `exists` is still `-n exists`).
+//!
+//! Lexing follows the node-set tokenizer so every node set keeps its meaning. A word (a name,
+//! glob or path) ends at white space, a parenthesis, a quote or an operator. A bare value ends
+//! at white space or at a `)` that closes nothing inside the value, so `kernel=~^(5|6\.8)` keeps
+//! its regex group and `(os.family=Debian)` its grouping. Quoted values take anything; a quote
+//! inside is doubled (`'it''s'`); backslashes are kept as written, so `'^1\.22'` is a regex.
+//! Without quotes, a value after an operator with a space before it may not be `and` or `or`
+//! (`os.family = and` is a mistake far more often than a value).
+//!
+//! # How far `has` reaches
+//!
+//! `PLUGIN has (…)` takes any conditions on one element, with `and`, `or`, `not`, and paths
+//! relative to the element. Without parentheses, `has` reads either the package shorthand
+//! (`has openssl`, `has openssl < 3.0.13`: an element named so, whose version meets the
+//! bound), or, when the word after `has` is a package record's field (`name`, `version`,
+//! `arch`, `status`, `epoch`, `release`) followed by an operator, conditions on those fields
+//! joined by `and`: `dpkg has name=nginx and version=~^1\.22` is one element with both. The
+//! first `and` followed by anything else ends them, so `dpkg has name=nginx and
+//! os.family=Debian` asks the node's facts for the family. Write parentheses for anything
+//! else: `(dpkg has name=nginx) and arch=amd64` for the node's architecture,
+//! `dpkg has (name=nginx or name=apache2)` for either.
+//!
+//! # Paths, and where they resolve
+//!
+//! The issue's examples put announced facts (`os.family`, `kernel`, `memory_mb`) and plugin
+//! values (`facts.memory_mb`, `os_release.VERSION_ID`, `disks[]…`) in the same syntax, and no
+//! rule decidable from the text alone tells them apart: both are open sets (operators announce
+//! their own facts through `[agent.facts]`, and plugins are drop-in files), and they overlap
+//! (the shipped `kernel` plugin stores `uname -srm`, the `kernel` fact the release only). So a
+//! bare path resolves per document, **announced facts first**:
+//!
+//! - if the node's announced facts (`vogeler.facts`) have the path's first key, the path is
+//!   read there: `kernel=~^6\.` keeps meaning the announced kernel release on a node that also
+//!   runs the `kernel` plugin, as every node set today expects;
+//! - otherwise it is read from the document's top level, where plugin values live:
+//!   `facts.memory_mb`, `os_release.VERSION_ID`, `dpkg has …`.
+//!
+//! Facts first, not plugins first, because the shipped plugins already shadow facts (`kernel`)
+//! and node sets must not change meaning when a node starts running a plugin. Two spellings
+//! decide at parse time when the per-document rule is not wanted: a leading `.` reads the
+//! document only (`.kernel =~ Linux` is the `kernel` plugin's value), and a path starting with
+//! `vogeler` is always the document's bookkeeping (`vogeler.facts.kernel` is the announced fact
+//! only; no plugin may be named `vogeler`). In CouchDB the rule becomes
+//! `{"$or": [{"vogeler.facts.P": C}, {"P": C}]}`, a superset that [`Expr::matches`] refines.
+//!
+//! # Comparisons
+//!
+//! - `=`, `!=`: a stored number equals a value that reads as the same number (`memory_mb =
+//!   16000` matches `16000` and `16000.0`); anything else compares as text, a string as written
+//!   (`VERSION_ID = 12` matches `"12"`, not `"12.0"`), `true`/`null` and lists as their JSON.
+//!   Comparing stored strings as text is what keeps equality exact in CouchDB.
+//! - `<`, `<=`, `>`, `>=` with a value that reads as a number compare numerically with stored
+//!   numbers and with strings that read as numbers (`"16000"`); any other stored value does not
+//!   match (it is neither more nor less than a number), as in node sets. With any other value
+//!   they compare text byte by byte.
+//! - `=~`, `!~`: a regex ([`regex`] syntax, searched anywhere unless anchored) over the text.
+//! - `!=` and `!~` need the value to be there: a node without `os.family` is in neither
+//!   `os.family=Debian` nor `os.family!=Debian`, but it is in `not os.family=Debian`.
+//! - A path through `[]` matches when any element does; `not` around it means "no element".
+//! - "Reads as a number": an optional sign, digits with an optional `.`, an optional exponent
+//!   (`12`, `-0.5`, `1e3`); not `inf`, `nan` or hexadecimal.
+//!
+//! # Packages
+//!
+//! Plugins named in a [`Catalog`] are package inventories (`dpkg` with dpkg's order, `rpms`
+//! with rpm's, by default). Inside their `has`, the version (`has openssl < 3.0.13`, or the
+//! field `version` in conditions) follows [`crate::version`]: dpkg's order for dpkg, and rpm's
+//! own matching rule ([`crate::version::satisfies`]) for rpm, so `3.0.13-1.el9` meets
+//! `= 3.0.13`. A record's version is `epoch:version-release` when it has `epoch` and `release`
+//! fields (rpm's `(none)` epoch counts as none). An element whose `status` is set to anything
+//! but `installed` (dpkg's `config-files`) is not installed and does not count, unless the
+//! conditions ask about `status` themselves. In any other plugin, `has NAME` finds an element
+//! whose `name` is NAME, or a plain string element equal to it (`hello has alpha`), and values
+//! compare as above.
+//!
+//! # Narrowing in CouchDB
+//!
+//! [`Expr::mango`] never leaves out a node [`Expr::matches`] accepts (a property test checks
+//! this against a model of CouchDB's matcher). What CouchDB decides exactly, and what `matches`
+//! refines:
+//!
+//! | construct                       | selector                                          | |
+//! |---------------------------------|---------------------------------------------------|---------|
+//! | `all`                           | `{}`                                              | exact   |
+//! | `web01,web02`                   | `{"_id": {"$in": [..]}}`                          | exact   |
+//! | `web*`                          | `{"_id": {"$regex": "^web"}}` (literal prefix)    | refined |
+//! | `@file`, `-` unread             | matches nothing                                   | exact   |
+//! | bare path `P`                   | `{"$or": [{"vogeler.facts.P": C}, {"P": C}]}`      | refined |
+//! | `.P`, `vogeler.P`               | `{"P": C}`                                        | as `C`  |
+//! | `a[].b`                         | `{"a": {"$elemMatch": {"b": C}}}`                 | as `C`  |
+//! | `= v`                           | `C = {"$in": ["v", v as number, true/false/null]}` | exact for scalars; lists refined |
+//! | `= huge number`, `= [..]`       | `$in` or `{"$type": ..}`                          | refined |
+//! | `> n`, `>= n`                   | `{"$gt": n}` (every string sorts after numbers)   | refined |
+//! | `< n`, `<= n`                   | `$or` of `{"$lt": n}`, strings that look numeric  | refined |
+//! | `< word`, `> word`              | `{"$exists": true}` (CouchDB sorts strings by ICU)| refined |
+//! | `=~ re`                         | `$or` of `{"$regex": prefix literals}`, non-strings | refined |
+//! | `!=`, `!~`                      | `{"$exists": true}` (ICU may call distinct strings equal) | refined |
+//! | `exists P`                      | `{"P": {"$exists": true}}`                        | exact   |
+//! | `P has NAME [OP V]`             | `{"P": {"$elemMatch": {"name": ..}}}` (or the string) | refined |
+//! | `has (..)`, `version` field     | `{"$elemMatch": ..}`, version `{"$exists": true}` | refined |
+//! | `and`, `or`                     | `$and`, `$or`                                     | as parts|
+//! | `not` names / `not all`         | `{"_id": {"$nin": [..]}}` / nothing               | exact   |
+//! | `not` anything else             | `{}`, De Morgan through `and`/`or`                | refined |
+//!
+//! Versions are never narrowed: equal versions have many spellings (`1.0`, `0:1.0`, `1.0-0`)
+//! and orders are the package managers', not CouchDB's; the package name narrows instead.
+//! Numbers are narrowed only below 2^53, where JSON numbers and `f64` agree. `not` is pushed
+//! through `and`/`or` by De Morgan but otherwise gives up: CouchDB's `$not` fails on a missing
+//! field, where `not` matches. The installed-status rule is left to `matches` (CouchDB does not
+//! know the catalog). The caller adds its own "is a node document" condition (the database also
+//! holds `fresh:` documents) and asks for [`Expr::fields`] plus `_id`.
+//!
+//! # Limits
+//!
+//! Expressions come from operators, values from nodes. An expression is at most
+//! [`MAX_EXPR_BYTES`] long and nests at most [`MAX_EXPR_DEPTH`] levels (parentheses, `not`,
+//! `has`), so parsing, evaluation and dropping never recurse deeply; long `and`/`or` chains are
+//! flat lists. A path has at most [`MAX_PATH_STEPS`] parts. Regexes are compiled once, with a
+//! size limit, and [`regex`] matches in linear time over any node value.
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+};
+
+use regex::{Regex, RegexBuilder};
+use serde_json::{Map, Value, json};
+
+use crate::{
+    names::{NameError, NodeName, RESERVED_PLUGIN_NAME},
+    version::{self, Scheme},
+};
+
+/// Longest expression accepted, in bytes: far beyond anything typed, small enough that no
+/// input can make the parser or a selector large.
+pub const MAX_EXPR_BYTES: usize = 64 * 1024;
+/// Deepest nesting of parentheses, `not` and `has`: each level is a stack frame of the parser,
+/// the evaluator, the narrowing and `Drop`.
+pub const MAX_EXPR_DEPTH: usize = 64;
+/// Most parts (keys and `[]`) in one path.
+pub const MAX_PATH_STEPS: usize = 32;
+/// Bound on a compiled regex (and its lazy DFA), so one expression cannot take unbounded memory.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Fields of package records that start conditions after an unparenthesized `has`.
+const RECORD_FIELDS: &[&str] = &["name", "version", "arch", "status", "epoch", "release"];
+/// Largest magnitude below which every integer is an `f64`: numbers are narrowed in CouchDB
+/// only below it, where CouchDB's exact comparison and ours agree.
+const EXACT_F64: f64 = 9_007_199_254_740_992.0;
+/// A PCRE (CouchDB's `$regex`) for every string [`parse_number`] accepts (and a few more).
+const NUMBER_REGEX: &str = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$";
+
+/// A parsed expression.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    /// Every node document.
+    All,
+    /// Names given explicitly; the runner commands these even when no document knows them.
+    Names(BTreeSet<NodeName>),
+    /// A glob over node names.
+    Glob(glob::Pattern),
+    /// Names still to be read; matches nothing until [`Expr::resolve_sources`] replaces it.
+    NamesFrom(Source),
+    /// A value at a path compared with one from the expression.
+    Compare {
+        path: Path,
+        test: Test,
+    },
+    /// A value is stored at the path.
+    Exists(Path),
+    /// A list at the path has an element that meets `member`.
+    Has {
+        path: Path,
+        member: Member,
+    },
+    And(Vec<Expr>),
+    Or(Vec<Expr>),
+    Not(Box<Expr>),
+}
+
+/// Where `@file` and `-` read names from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(String),
+    Stdin,
+}
+
+/// A path into a document, such as `os.family` or `disks[].use_percent`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Path {
+    pub root: Root,
+    /// Never empty: a path starts with a key.
+    pub steps: Vec<Step>,
+}
+
+/// Where a path starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Root {
+    /// Announced facts when they have the first key, else the document (plugin values).
+    Auto,
+    /// The document only: `.kernel`, and every path starting with `vogeler`.
+    Document,
+    /// One element of a list, inside `has`.
+    Element,
+}
+
+/// One part of a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Key(String),
+    /// `[]`: any element of a list.
+    Each,
+}
+
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Eq,
+    Ne,
+    Match,
+    NotMatch,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// An operator and the value on its right, prepared once: read as a number when it is one,
+/// compiled when it is a regex.
+#[derive(Debug, Clone)]
+pub struct Test {
+    op: Op,
+    value: String,
+    number: Option<f64>,
+    regex: Option<Regex>,
+}
+
+/// What an element of a list must be, in `has`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Member {
+    /// `has openssl < 3.0.13`: an element named so (or a string equal to the name), with a
+    /// version meeting the bound.
+    Package { name: String, bound: Option<Test> },
+    /// `has (name=nginx and version=~^1\.22)`: conditions on one element.
+    Where(Cond),
+}
+
+/// A condition on one element of a list, with paths relative to the element.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cond {
+    Compare { path: Path, test: Test },
+    Exists(Path),
+    And(Vec<Cond>),
+    Or(Vec<Cond>),
+    Not(Box<Cond>),
+}
+
+/// Which plugins are package inventories, and whose version order their versions follow.
+/// Declared plugins can be added with [`Catalog::with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Catalog {
+    packages: BTreeMap<String, Scheme>,
+}
+
+/// Why an expression was refused: what was expected, where, and what was there instead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    /// 1-based, in characters: the start of the offending token, or one past the end.
+    pub column: usize,
+    pub message: String,
+    /// The token found there, quoted; `None` at the end of the expression.
+    pub found: Option<String>,
+}
+
+/// Why `@file` or `-` could not be turned into names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    /// The caller's reader failed; its message is kept as it is.
+    #[error("{0}")]
+    Read(String),
+    #[error("{origin}: {error}")]
+    BadName { origin: String, error: NameError },
+}
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} at column {}", self.message, self.column)?;
+        if let Some(found) = &self.found {
+            write!(f, ", found {found}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+impl PartialEq for Test {
+    /// Two tests are equal when they were written the same (the regex follows from the text).
+    fn eq(&self, other: &Self) -> bool {
+        self.op == other.op && self.value == other.value
+    }
+}
+
+impl Default for Catalog {
+    /// The package plugins Vogeler ships: `dpkg` (dpkg's order) and `rpms` (rpm's).
+    fn default() -> Self {
+        Self::none()
+            .with("dpkg", Scheme::Dpkg)
+            .with("rpms", Scheme::Rpm)
+    }
+}
+
+impl Catalog {
+    /// No package plugins: every `has` compares versions as plain values.
+    pub fn none() -> Self {
+        Self {
+            packages: BTreeMap::new(),
+        }
+    }
+    /// Declare `plugin` a package inventory whose versions follow `scheme`.
+    pub fn with(mut self, plugin: impl Into<String>, scheme: Scheme) -> Self {
+        self.packages.insert(plugin.into(), scheme);
+        self
+    }
+    pub fn scheme(&self, plugin: &str) -> Option<Scheme> {
+        self.packages.get(plugin).copied()
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Parsing
+// ----------------------------------------------------------------------------------------------
+
+/// Parse an expression (see the module documentation for the grammar).
+pub fn parse(s: &str) -> Result<Expr, ParseError> {
+    if s.len() > MAX_EXPR_BYTES {
+        return Err(ParseError {
+            column: 1,
+            message: format!(
+                "the expression is {} bytes long, more than the {MAX_EXPR_BYTES} allowed",
+                s.len()
+            ),
+            found: None,
+        });
+    }
+    let mut p = Parser {
+        s: s.chars().collect(),
+        at: 0,
+        depth: 0,
+    };
+    let expr = p.or()?;
+    p.skip_ws();
+    if p.at < p.s.len() {
+        return Err(p.error(p.at, "expected \"and\", \"or\" or the end"));
+    }
+    Ok(expr)
+}
+
+const TERM: &str = "expected a node name, a glob, \"all\" or a condition";
+
+const OPS: &[(&str, Op)] = &[
+    ("=~", Op::Match),
+    ("!~", Op::NotMatch),
+    ("!=", Op::Ne),
+    (">=", Op::Ge),
+    ("<=", Op::Le),
+    ("=", Op::Eq),
+    (">", Op::Gt),
+    ("<", Op::Lt),
+];
+
+struct Parser {
+    s: Vec<char>,
+    at: usize,
+    depth: usize,
+}
+
+fn op_at(s: &[char], i: usize) -> Option<(Op, usize)> {
+    OPS.iter().find_map(|(text, op)| {
+        let n = text.chars().count();
+        (s.len() >= i + n && s[i..i + n].iter().copied().eq(text.chars())).then_some((*op, n))
+    })
+}
+
+/// Where a word (name, glob, path, package) stops.
+fn ends_word(s: &[char], i: usize) -> bool {
+    match s.get(i) {
+        None => true,
+        Some(c) if c.is_whitespace() => true,
+        Some('(' | ')' | '\'' | '"') => true,
+        Some(_) => op_at(s, i).is_some(),
+    }
+}
+
+fn is_reserved(w: &str) -> bool {
+    matches!(w, "and" | "or" | "not" | "has")
+}
+
+impl Parser {
+    fn skip_ws(&mut self) {
+        while self.s.get(self.at).is_some_and(|c| c.is_whitespace()) {
+            self.at += 1;
+        }
+    }
+    fn peek(&self) -> Option<char> {
+        self.s.get(self.at).copied()
+    }
+    fn text(&self, a: usize, b: usize) -> String {
+        self.s[a..b].iter().collect()
+    }
+    fn word_end(&self, from: usize) -> usize {
+        let mut i = from;
+        while !ends_word(&self.s, i) {
+            i += 1;
+        }
+        i
+    }
+    fn next_non_ws(&self) -> usize {
+        let mut i = self.at;
+        while self.s.get(i).is_some_and(|c| c.is_whitespace()) {
+            i += 1;
+        }
+        i
+    }
+    /// The next word after white space, as (start, end); empty when none starts there.
+    fn peek_word(&self) -> (usize, usize) {
+        let a = self.next_non_ws();
+        (a, self.word_end(a))
+    }
+    fn eat_keyword(&mut self, kw: &str) -> bool {
+        let (a, b) = self.peek_word();
+        if b > a && self.s[a..b].iter().copied().eq(kw.chars()) {
+            self.at = b;
+            true
+        } else {
+            false
+        }
+    }
+    /// The operator after white space: (operator, where it starts, its length).
+    fn peek_op(&self) -> Option<(Op, usize, usize)> {
+        let a = self.next_non_ws();
+        op_at(&self.s, a).map(|(op, n)| (op, a, n))
+    }
+
+    fn describe(&self, at: usize) -> Option<String> {
+        let c = *self.s.get(at)?;
+        Some(match c {
+            '(' | ')' => format!("\"{c}\""),
+            '\'' | '"' => "a quoted value".to_string(),
+            _ => {
+                let end = match op_at(&self.s, at) {
+                    Some((_, n)) => at + n,
+                    None => self.word_end(at),
+                };
+                let word: String = self.s[at..end].iter().take(40).collect();
+                let more = if end - at > 40 { "..." } else { "" };
+                format!("\"{word}{more}\"")
+            }
+        })
+    }
+    fn error(&self, at: usize, message: impl Into<String>) -> ParseError {
+        ParseError {
+            column: at + 1,
+            message: message.into(),
+            found: self.describe(at),
+        }
+    }
+    fn enter(&mut self, at: usize) -> Result<(), ParseError> {
+        self.depth += 1;
+        if self.depth > MAX_EXPR_DEPTH {
+            return Err(ParseError {
+                column: at + 1,
+                message: format!("the expression nests deeper than {MAX_EXPR_DEPTH} levels"),
+                found: None,
+            });
+        }
+        Ok(())
+    }
+    fn leave(&mut self) {
+        self.depth -= 1;
+    }
+    fn close(&mut self, open: usize) -> Result<(), ParseError> {
+        self.skip_ws();
+        if self.peek() == Some(')') {
+            self.at += 1;
+            return Ok(());
+        }
+        Err(self.error(
+            self.at,
+            format!(
+                "the \"(\" at column {} is not closed: expected \")\"",
+                open + 1
+            ),
+        ))
+    }
+
+    fn or(&mut self) -> Result<Expr, ParseError> {
+        let mut items = vec![self.and()?];
+        while self.eat_keyword("or") {
+            items.push(self.and()?);
+        }
+        Ok(one_or(items, Expr::Or))
+    }
+    fn and(&mut self) -> Result<Expr, ParseError> {
+        let mut items = vec![self.unary()?];
+        while self.eat_keyword("and") {
+            items.push(self.unary()?);
+        }
+        Ok(one_or(items, Expr::And))
+    }
+    fn unary(&mut self) -> Result<Expr, ParseError> {
+        let at = self.next_non_ws();
+        if self.eat_keyword("not") {
+            self.enter(at)?;
+            let inner = self.unary()?;
+            self.leave();
+            return Ok(Expr::Not(Box::new(inner)));
+        }
+        self.primary()
+    }
+
+    fn primary(&mut self) -> Result<Expr, ParseError> {
+        self.skip_ws();
+        let start = self.at;
+        match self.peek() {
+            None => return Err(self.error(start, TERM)),
+            Some('(') => {
+                self.at += 1;
+                self.enter(start)?;
+                let inner = self.or()?;
+                self.close(start)?;
+                self.leave();
+                return Ok(inner);
+            }
+            Some('@') => return self.file(start),
+            Some(_) => {}
+        }
+        let end = self.word_end(start);
+        if end == start {
+            if let Some((op, _)) = op_at(&self.s, start) {
+                return Err(self.error(
+                    start,
+                    format!(
+                        "expected a fact or plugin path before \"{op}\" (write e.g. os.family=Debian)"
+                    ),
+                ));
+            }
+            return Err(self.error(start, TERM));
+        }
+        let word = self.text(start, end);
+        if matches!(word.as_str(), "and" | "or") {
+            return Err(self.error(start, TERM));
+        }
+        self.at = end;
+        if let Some((op, at, n)) = self.peek_op() {
+            let path = self.path(start, end, Root::Auto)?;
+            self.at = at + n;
+            let test = self.value(op)?;
+            return Ok(Expr::Compare { path, test });
+        }
+        let (a, b) = self.peek_word();
+        if self.s[a..b].iter().copied().eq("has".chars()) {
+            let path = self.path(start, end, Root::Auto)?;
+            self.at = b;
+            let member = self.member()?;
+            return Ok(Expr::Has { path, member });
+        }
+        if word == "exists" && b > a && !is_reserved(&self.text(a, b)) {
+            self.at = b;
+            return Ok(Expr::Exists(self.path(a, b, Root::Auto)?));
+        }
+        match word.as_str() {
+            "all" => Ok(Expr::All),
+            "-" => Ok(Expr::NamesFrom(Source::Stdin)),
+            _ => self.names(&word, start),
+        }
+    }
+
+    /// `@file`: the name runs to white space, or to a `)` that closes nothing inside it, as in
+    /// node sets.
+    fn file(&mut self, start: usize) -> Result<Expr, ParseError> {
+        let mut i = start + 1;
+        let mut depth = 0usize;
+        while let Some(&c) = self.s.get(i) {
+            if c.is_whitespace() {
+                break;
+            }
+            if c == '(' {
+                depth += 1;
+            } else if c == ')' {
+                if depth == 0 {
+                    break;
+                }
+                depth -= 1;
+            }
+            i += 1;
+        }
+        if i == start + 1 {
+            return Err(self.error(i, "expected a file name after \"@\""));
+        }
+        self.at = i;
+        Ok(Expr::NamesFrom(Source::File(self.text(start + 1, i))))
+    }
+
+    fn names(&self, word: &str, start: usize) -> Result<Expr, ParseError> {
+        let bad_name = |at: usize, e: NameError| ParseError {
+            column: at + 1,
+            message: format!(
+                "{e}; a term is a node name, a glob, \"all\" or a condition such as os.family=Debian"
+            ),
+            found: None,
+        };
+        if word.contains(',') {
+            let mut names = BTreeSet::new();
+            let mut at = start;
+            for part in word.split(',') {
+                if !part.is_empty() {
+                    names.insert(NodeName::new(part).map_err(|e| bad_name(at, e))?);
+                }
+                at += part.chars().count() + 1;
+            }
+            if names.is_empty() {
+                return Err(self.error(start, "expected a node name in the list"));
+            }
+            return Ok(Expr::Names(names));
+        }
+        if word.contains(['*', '?', '[']) {
+            return glob::Pattern::new(word)
+                .map(Expr::Glob)
+                .map_err(|e| ParseError {
+                    column: start + 1,
+                    message: format!("{word:?} is not a glob: {}", e.msg),
+                    found: None,
+                });
+        }
+        NodeName::new(word)
+            .map(|n| Expr::Names([n].into()))
+            .map_err(|e| bad_name(start, e))
+    }
+
+    /// A path from the word `start..end`.
+    fn path(&self, start: usize, end: usize, root: Root) -> Result<Path, ParseError> {
+        let w = &self.s[start..end];
+        let at = |i: usize, message: String| ParseError {
+            column: start + i + 1,
+            message,
+            found: None,
+        };
+        let mut root = root;
+        let mut i = 0;
+        if w.first() == Some(&'.') {
+            if root == Root::Element {
+                return Err(at(
+                    0,
+                    "a path inside \"has\" starts with a field name, not \".\"".into(),
+                ));
+            }
+            root = Root::Document;
+            i = 1;
+        }
+        let mut steps = vec![];
+        loop {
+            let key_start = i;
+            while i < w.len() && !matches!(w[i], '.' | '[' | ']') {
+                let c = w[i];
+                if matches!(c, ',' | '*' | '?' | '\\')
+                    || c.is_control()
+                    || (c == '$' && i == key_start)
+                {
+                    return Err(at(
+                        i,
+                        format!(
+                            "a path cannot hold {c:?} here (keys look like os.family or VERSION_ID)"
+                        ),
+                    ));
+                }
+                i += 1;
+            }
+            if i == key_start {
+                let word: String = w.iter().collect();
+                return Err(at(i, format!("expected a key in the path {word:?}")));
+            }
+            steps.push(Step::Key(w[key_start..i].iter().collect()));
+            while i < w.len() && w[i] == '[' {
+                if w.get(i + 1) != Some(&']') {
+                    return Err(at(
+                        i,
+                        "expected \"[]\" (any element); indexes are not supported".into(),
+                    ));
+                }
+                steps.push(Step::Each);
+                i += 2;
+            }
+            if steps.len() > MAX_PATH_STEPS {
+                return Err(at(0, format!("a path has at most {MAX_PATH_STEPS} parts")));
+            }
+            if i == w.len() {
+                break;
+            }
+            if w[i] != '.' {
+                return Err(at(i, "expected \".\" or \"[]\" after a key".into()));
+            }
+            i += 1;
+        }
+        if root == Root::Auto
+            && matches!(steps.first(), Some(Step::Key(k)) if k == RESERVED_PLUGIN_NAME)
+        {
+            root = Root::Document;
+        }
+        Ok(Path { root, steps })
+    }
+
+    fn value(&mut self, op: Op) -> Result<Test, ParseError> {
+        let before = self.at;
+        self.skip_ws();
+        let spaced = self.at > before;
+        let start = self.at;
+        let expected = format!("expected a value after \"{op}\"");
+        let text = match self.peek() {
+            None | Some(')') => return Err(self.error(start, expected)),
+            Some(q @ ('\'' | '"')) => self.quoted(q)?,
+            Some(_) => {
+                let mut depth = 0usize;
+                let mut i = start;
+                while let Some(&c) = self.s.get(i) {
+                    if c.is_whitespace() {
+                        break;
+                    }
+                    if c == '(' {
+                        depth += 1;
+                    } else if c == ')' {
+                        if depth == 0 {
+                            break;
+                        }
+                        depth -= 1;
+                    }
+                    i += 1;
+                }
+                let text = self.text(start, i);
+                if spaced && matches!(text.as_str(), "and" | "or") {
+                    return Err(self.error(
+                        start,
+                        format!("{expected} (quote a value that is the word {text:?})"),
+                    ));
+                }
+                self.at = i;
+                text
+            }
+        };
+        Test::new(op, text).map_err(|message| ParseError {
+            column: start + 1,
+            message,
+            found: None,
+        })
+    }
+
+    fn quoted(&mut self, q: char) -> Result<String, ParseError> {
+        let open = self.at;
+        self.at += 1;
+        let mut out = String::new();
+        loop {
+            match self.peek() {
+                None => {
+                    return Err(self.error(
+                        self.at,
+                        format!("the {q} at column {} is not closed: expected {q}", open + 1),
+                    ));
+                }
+                Some(c) if c == q => {
+                    if self.s.get(self.at + 1) == Some(&q) {
+                        out.push(q);
+                        self.at += 2;
+                    } else {
+                        self.at += 1;
+                        return Ok(out);
+                    }
+                }
+                Some(c) => {
+                    out.push(c);
+                    self.at += 1;
+                }
+            }
+        }
+    }
+
+    fn member(&mut self) -> Result<Member, ParseError> {
+        self.skip_ws();
+        let start = self.at;
+        if self.peek() == Some('(') {
+            self.at += 1;
+            self.enter(start)?;
+            let cond = self.cond_or()?;
+            self.close(start)?;
+            self.leave();
+            return Ok(Member::Where(cond));
+        }
+        let end = self.word_end(start);
+        let word = self.text(start, end);
+        if end == start || is_reserved(&word) {
+            return Err(self.error(start, "expected a package name or \"(\" after \"has\""));
+        }
+        self.at = end;
+        if RECORD_FIELDS.contains(&word.as_str()) && self.peek_op().is_some() {
+            let mut conds = vec![self.field_test(start, end)?];
+            loop {
+                let save = self.at;
+                if self.eat_keyword("and") {
+                    let (a, b) = self.peek_word();
+                    if RECORD_FIELDS.contains(&self.text(a, b).as_str()) {
+                        self.at = b;
+                        if self.peek_op().is_some() {
+                            conds.push(self.field_test(a, b)?);
+                            continue;
+                        }
+                    }
+                }
+                self.at = save;
+                break;
+            }
+            return Ok(Member::Where(one_or(conds, Cond::And)));
+        }
+        let bound = match self.peek_op() {
+            Some((op, at, n)) => {
+                self.at = at + n;
+                Some(self.value(op)?)
+            }
+            None => None,
+        };
+        Ok(Member::Package { name: word, bound })
+    }
+
+    /// `path OP value` for the element path `start..end`; `self.at` is at `end`.
+    fn field_test(&mut self, start: usize, end: usize) -> Result<Cond, ParseError> {
+        let path = self.path(start, end, Root::Element)?;
+        let Some((op, at, n)) = self.peek_op() else {
+            let word = self.text(start, end);
+            let at = self.next_non_ws();
+            return Err(self.error(
+                at,
+                format!("expected an operator (= != =~ !~ < <= > >=) after {word:?}"),
+            ));
+        };
+        self.at = at + n;
+        let test = self.value(op)?;
+        Ok(Cond::Compare { path, test })
+    }
+
+    fn cond_or(&mut self) -> Result<Cond, ParseError> {
+        let mut items = vec![self.cond_and()?];
+        while self.eat_keyword("or") {
+            items.push(self.cond_and()?);
+        }
+        Ok(one_or(items, Cond::Or))
+    }
+    fn cond_and(&mut self) -> Result<Cond, ParseError> {
+        let mut items = vec![self.cond_unary()?];
+        while self.eat_keyword("and") {
+            items.push(self.cond_unary()?);
+        }
+        Ok(one_or(items, Cond::And))
+    }
+    fn cond_unary(&mut self) -> Result<Cond, ParseError> {
+        let at = self.next_non_ws();
+        if self.eat_keyword("not") {
+            self.enter(at)?;
+            let inner = self.cond_unary()?;
+            self.leave();
+            return Ok(Cond::Not(Box::new(inner)));
+        }
+        self.skip_ws();
+        let start = self.at;
+        if self.peek() == Some('(') {
+            self.at += 1;
+            self.enter(start)?;
+            let inner = self.cond_or()?;
+            self.close(start)?;
+            self.leave();
+            return Ok(inner);
+        }
+        let end = self.word_end(start);
+        let word = self.text(start, end);
+        if end == start || matches!(word.as_str(), "and" | "or") {
+            return Err(self.error(
+                start,
+                "expected a condition on the element's fields (such as name=nginx)",
+            ));
+        }
+        self.at = end;
+        if word == "exists" && self.peek_op().is_none() {
+            let (a, b) = self.peek_word();
+            if b > a && !is_reserved(&self.text(a, b)) {
+                self.at = b;
+                return Ok(Cond::Exists(self.path(a, b, Root::Element)?));
+            }
+        }
+        self.field_test(start, end)
+    }
+}
+
+fn one_or<T>(mut items: Vec<T>, many: fn(Vec<T>) -> T) -> T {
+    match items.pop() {
+        Some(only) if items.is_empty() => only,
+        Some(last) => {
+            items.push(last);
+            many(items)
+        }
+        None => many(items),
+    }
+}
+
+/// Read a regex error as one line: the `regex` crate's own message is several, with the
+/// pattern drawn above a caret.
+fn regex_error(e: &regex::Error) -> String {
+    match e {
+        regex::Error::Syntax(s) => s
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("error: "))
+            .unwrap_or("bad syntax")
+            .to_string(),
+        regex::Error::CompiledTooBig(n) => format!("it compiles to more than {n} bytes"),
+        other => other.to_string(),
+    }
+}
+
+impl Test {
+    fn new(op: Op, value: String) -> Result<Self, String> {
+        let regex = match op {
+            Op::Match | Op::NotMatch => Some(
+                RegexBuilder::new(&value)
+                    .size_limit(REGEX_SIZE_LIMIT)
+                    .dfa_size_limit(REGEX_SIZE_LIMIT)
+                    .nest_limit(MAX_EXPR_DEPTH as u32)
+                    .build()
+                    .map_err(|e| format!("{value:?} is not a regex: {}", regex_error(&e)))?,
+            ),
+            _ => None,
+        };
+        Ok(Self {
+            op,
+            number: parse_number(&value),
+            value,
+            regex,
+        })
+    }
+    pub fn op(&self) -> Op {
+        self.op
+    }
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Evaluation
+// ----------------------------------------------------------------------------------------------
+
+/// Whether `s` reads as a number: sign, digits with an optional point, optional exponent.
+/// Stricter than `f64::from_str` (no `inf`, `nan`), so it can be written as a CouchDB regex.
+fn parse_number(s: &str) -> Option<f64> {
+    let b = s.as_bytes();
+    let digits = |i: usize| {
+        b[i.min(b.len())..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count()
+    };
+    let mut i = usize::from(matches!(b.first(), Some(b'+' | b'-')));
+    let int = digits(i);
+    i += int;
+    let mut frac = 0;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        frac = digits(i);
+        i += frac;
+    }
+    if int + frac == 0 {
+        return None;
+    }
+    if matches!(b.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(b.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        let exp = digits(i);
+        if exp == 0 {
+            return None;
+        }
+        i += exp;
+    }
+    if i != b.len() {
+        return None;
+    }
+    s.parse::<f64>().ok().filter(|x| x.is_finite())
+}
+
+/// A stored value as text: strings as they are, anything else as its JSON.
+fn text(v: &Value) -> Cow<'_, str> {
+    match v {
+        Value::String(s) => Cow::Borrowed(s),
+        other => Cow::Owned(other.to_string()),
+    }
+}
+
+fn equals(v: &Value, want: &str, number: Option<f64>) -> bool {
+    if let (Value::Number(n), Some(x)) = (v, number) {
+        return n.as_f64() == Some(x);
+    }
+    text(v) == want
+}
+
+/// Whether `f` holds for any value at `steps` below `v`; `[]` tries every element.
+fn any_at<'a>(v: &'a Value, steps: &[Step], f: &mut dyn FnMut(&'a Value) -> bool) -> bool {
+    let mut v = v;
+    for (i, step) in steps.iter().enumerate() {
+        match step {
+            Step::Key(k) => match v.get(k.as_str()) {
+                Some(next) => v = next,
+                None => return false,
+            },
+            Step::Each => {
+                let Value::Array(items) = v else {
+                    return false;
+                };
+                let rest = &steps[i + 1..];
+                return items.iter().any(|e| any_at(e, rest, &mut *f));
+            }
+        }
+    }
+    f(v)
+}
+
+impl Path {
+    fn first_key(&self) -> Option<&str> {
+        match self.steps.first() {
+            Some(Step::Key(k)) => Some(k),
+            _ => None,
+        }
+    }
+    fn is_key(&self, key: &str) -> bool {
+        matches!(self.steps.as_slice(), [Step::Key(k)] if k == key)
+    }
+    /// The value this path starts from in `doc`, and the plugin whose value it reads (`None`
+    /// for announced facts, bookkeeping and elements).
+    fn start<'a>(&self, doc: &'a Value) -> (&'a Value, Option<&str>) {
+        let first = self.first_key();
+        match self.root {
+            Root::Element => (doc, None),
+            Root::Document => (doc, first.filter(|k| *k != RESERVED_PLUGIN_NAME)),
+            Root::Auto => {
+                let facts = doc
+                    .get(RESERVED_PLUGIN_NAME)
+                    .and_then(|m| m.get("facts"))
+                    .filter(|f| f.is_object());
+                match (facts, first) {
+                    (Some(facts), Some(k)) if facts.get(k).is_some() => (facts, None),
+                    _ => (doc, first),
+                }
+            }
+        }
+    }
+    fn any(&self, doc: &Value, f: &mut dyn FnMut(&Value) -> bool) -> bool {
+        let (base, _) = self.start(doc);
+        any_at(base, &self.steps, f)
+    }
+}
+
+impl Test {
+    /// The comparison on a stored value (no version order).
+    fn holds(&self, v: &Value) -> bool {
+        match self.op {
+            Op::Eq => equals(v, &self.value, self.number),
+            Op::Ne => !equals(v, &self.value, self.number),
+            Op::Match => self.regex.as_ref().is_some_and(|r| r.is_match(&text(v))),
+            Op::NotMatch => self.regex.as_ref().is_some_and(|r| !r.is_match(&text(v))),
+            Op::Lt | Op::Le | Op::Gt | Op::Ge => {
+                let ordering = match self.number {
+                    Some(want) => {
+                        let have = match v {
+                            Value::Number(n) => n.as_f64(),
+                            Value::String(s) => parse_number(s),
+                            _ => None,
+                        };
+                        have.and_then(|h| h.partial_cmp(&want))
+                    }
+                    None => Some(text(v).as_ref().cmp(self.value.as_str())),
+                };
+                ordering.is_some_and(|o| match self.op {
+                    Op::Lt => o.is_lt(),
+                    Op::Le => o.is_le(),
+                    Op::Gt => o.is_gt(),
+                    _ => o.is_ge(),
+                })
+            }
+        }
+    }
+
+    /// The comparison on a package version, in the scheme's order.
+    fn holds_version(&self, scheme: Scheme, v: &str) -> bool {
+        use version::Op as V;
+        let meets = |op| version::satisfies(scheme, v, op, &self.value);
+        match self.op {
+            Op::Lt => meets(V::Lt),
+            Op::Le => meets(V::Le),
+            Op::Eq => meets(V::Eq),
+            Op::Ge => meets(V::Ge),
+            Op::Gt => meets(V::Gt),
+            Op::Ne => !meets(V::Eq),
+            Op::Match => self.regex.as_ref().is_some_and(|r| r.is_match(v)),
+            Op::NotMatch => self.regex.as_ref().is_some_and(|r| !r.is_match(v)),
+        }
+    }
+}
+
+/// dpkg's `status` other than `installed` (`config-files`: removed, configuration kept) is
+/// not installed; records without a status (rpm) are.
+fn installed(o: &Map<String, Value>) -> bool {
+    match o.get("status") {
+        None | Some(Value::Null) => true,
+        Some(v) => text(v) == "installed",
+    }
+}
+
+/// A package record's version, as `epoch:version-release` when those fields are there.
+fn package_version(o: &Map<String, Value>) -> Option<String> {
+    let part = |key: &str| {
+        o.get(key)
+            .filter(|v| !v.is_null())
+            .map(text)
+            .filter(|s| !s.is_empty() && s != "(none)")
+    };
+    let version = o.get("version").filter(|v| !v.is_null()).map(text)?;
+    let mut out = String::new();
+    if let Some(epoch) = part("epoch") {
+        out.push_str(&epoch);
+        out.push(':');
+    }
+    out.push_str(&version);
+    if let Some(release) = part("release") {
+        out.push('-');
+        out.push_str(&release);
+    }
+    Some(out)
+}
+
+impl Member {
+    fn holds(&self, e: &Value, scheme: Option<Scheme>) -> bool {
+        match self {
+            Member::Package { name, bound } => {
+                let number = parse_number(name);
+                match e {
+                    Value::Object(o) => {
+                        (scheme.is_none() || installed(o))
+                            && o.get("name").is_some_and(|n| equals(n, name, number))
+                            && bound.as_ref().is_none_or(|b| match scheme {
+                                Some(s) => {
+                                    package_version(o).is_some_and(|v| b.holds_version(s, &v))
+                                }
+                                None => o.get("version").is_some_and(|v| b.holds(v)),
+                            })
+                    }
+                    Value::Array(_) => false,
+                    scalar => bound.is_none() && equals(scalar, name, number),
+                }
+            }
+            Member::Where(cond) => {
+                if scheme.is_some()
+                    && !cond.mentions("status")
+                    && e.as_object().is_some_and(|o| !installed(o))
+                {
+                    return false;
+                }
+                cond.holds(e, scheme)
+            }
+        }
+    }
+}
+
+impl Cond {
+    fn holds(&self, e: &Value, scheme: Option<Scheme>) -> bool {
+        match self {
+            Cond::Compare { path, test } => match scheme {
+                Some(s) if path.is_key("version") => e
+                    .as_object()
+                    .and_then(package_version)
+                    .is_some_and(|v| test.holds_version(s, &v)),
+                _ => any_at(e, &path.steps, &mut |v| test.holds(v)),
+            },
+            Cond::Exists(path) => any_at(e, &path.steps, &mut |_| true),
+            Cond::And(items) => items.iter().all(|c| c.holds(e, scheme)),
+            Cond::Or(items) => items.iter().any(|c| c.holds(e, scheme)),
+            Cond::Not(c) => !c.holds(e, scheme),
+        }
+    }
+    fn mentions(&self, key: &str) -> bool {
+        match self {
+            Cond::Compare { path, .. } | Cond::Exists(path) => path.first_key() == Some(key),
+            Cond::And(items) | Cond::Or(items) => items.iter().any(|c| c.mentions(key)),
+            Cond::Not(c) => c.mentions(key),
+        }
+    }
+}
+
+impl Expr {
+    /// Whether the node `node`, whose whole document is `doc`, is selected; `dpkg` and `rpms`
+    /// are the package plugins.
+    pub fn matches(&self, node: &str, doc: &Value) -> bool {
+        self.matches_with(node, doc, &Catalog::default())
+    }
+
+    /// [`Expr::matches`] with the package plugins of `catalog`.
+    pub fn matches_with(&self, node: &str, doc: &Value, catalog: &Catalog) -> bool {
+        match self {
+            Expr::All => true,
+            Expr::Names(names) => names.iter().any(|n| n.as_str() == node),
+            Expr::Glob(p) => p.matches(node),
+            Expr::NamesFrom(_) => false,
+            Expr::Compare { path, test } => path.any(doc, &mut |v| test.holds(v)),
+            Expr::Exists(path) => path.any(doc, &mut |_| true),
+            Expr::Has { path, member } => {
+                let (base, plugin) = path.start(doc);
+                let scheme = plugin.and_then(|p| catalog.scheme(p));
+                any_at(base, &path.steps, &mut |v| {
+                    v.as_array()
+                        .is_some_and(|items| items.iter().any(|e| member.holds(e, scheme)))
+                })
+            }
+            Expr::And(items) => items.iter().all(|e| e.matches_with(node, doc, catalog)),
+            Expr::Or(items) => items.iter().any(|e| e.matches_with(node, doc, catalog)),
+            Expr::Not(e) => !e.matches_with(node, doc, catalog),
+        }
+    }
+
+    /// `all` alone: the runner broadcasts instead of commanding each node.
+    pub fn is_all(&self) -> bool {
+        matches!(self, Expr::All)
+    }
+
+    /// Names given explicitly in a positive position: the runner commands them even when no
+    /// document knows them (as node sets do).
+    pub fn explicit_names(&self) -> BTreeSet<NodeName> {
+        match self {
+            Expr::Names(n) => n.clone(),
+            Expr::Or(items) => items.iter().flat_map(Expr::explicit_names).collect(),
+            Expr::And(items) => {
+                let mut sets = items.iter().map(Expr::explicit_names);
+                let first = sets.next().unwrap_or_default();
+                sets.fold(first, |acc, s| acc.intersection(&s).cloned().collect())
+            }
+            _ => BTreeSet::new(),
+        }
+    }
+
+    /// Replace every `@file` and `-` by the names `read` returns for it: one per line, blank
+    /// lines and `#` comments skipped, as in node sets.
+    pub fn resolve_sources(
+        self,
+        read: &mut dyn FnMut(&Source) -> Result<String, String>,
+    ) -> Result<Expr, SourceError> {
+        Ok(match self {
+            Expr::NamesFrom(source) => {
+                let text = read(&source).map_err(SourceError::Read)?;
+                let origin = match &source {
+                    Source::File(f) => f.clone(),
+                    Source::Stdin => "stdin".to_string(),
+                };
+                let mut names = BTreeSet::new();
+                for line in text
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                {
+                    names.insert(NodeName::new(line).map_err(|error| SourceError::BadName {
+                        origin: origin.clone(),
+                        error,
+                    })?);
+                }
+                Expr::Names(names)
+            }
+            Expr::And(items) => Expr::And(resolve_all(items, read)?),
+            Expr::Or(items) => Expr::Or(resolve_all(items, read)?),
+            Expr::Not(e) => Expr::Not(Box::new(e.resolve_sources(read)?)),
+            other => other,
+        })
+    }
+}
+
+fn resolve_all(
+    items: Vec<Expr>,
+    read: &mut dyn FnMut(&Source) -> Result<String, String>,
+) -> Result<Vec<Expr>, SourceError> {
+    items.into_iter().map(|e| e.resolve_sources(read)).collect()
+}
+
+// ----------------------------------------------------------------------------------------------
+// Narrowing for CouchDB
+// ----------------------------------------------------------------------------------------------
+
+/// A selector while it is built: `True` and `False` simplify away inside `$and` and `$or`.
+#[derive(Debug, Clone, PartialEq)]
+enum Sel {
+    True,
+    False,
+    Is(Value),
+}
+
+impl Sel {
+    fn into_value(self) -> Value {
+        match self {
+            Sel::True => json!({}),
+            // Every document has an `_id`.
+            Sel::False => json!({"_id": {"$exists": false}}),
+            Sel::Is(v) => v,
+        }
+    }
+}
+
+/// The items of `{op: [...]}`, to flatten nested `$and`s and `$or`s.
+fn items_of(v: Value, op: &str, out: &mut Vec<Value>) {
+    match v {
+        Value::Object(m) if m.len() == 1 && m.get(op).is_some_and(Value::is_array) => {
+            if let Some(Value::Array(items)) = m.into_iter().next().map(|(_, v)| v) {
+                out.extend(items);
+            }
+        }
+        other => out.push(other),
+    }
+}
+
+fn all_of(items: impl IntoIterator<Item = Sel>) -> Sel {
+    let mut out = vec![];
+    for s in items {
+        match s {
+            Sel::True => {}
+            Sel::False => return Sel::False,
+            Sel::Is(v) => items_of(v, "$and", &mut out),
+        }
+    }
+    match out.len() {
+        0 => Sel::True,
+        1 => Sel::Is(out.remove(0)),
+        _ => Sel::Is(json!({ "$and": out })),
+    }
+}
+
+fn any_of(items: impl IntoIterator<Item = Sel>) -> Sel {
+    let mut out = vec![];
+    for s in items {
+        match s {
+            Sel::True => return Sel::True,
+            Sel::False => {}
+            Sel::Is(v) => items_of(v, "$or", &mut out),
+        }
+    }
+    match out.len() {
+        0 => Sel::False,
+        1 => Sel::Is(out.remove(0)),
+        _ => Sel::Is(json!({ "$or": out })),
+    }
+}
+
+fn object(key: String, v: Value) -> Value {
+    let mut m = Map::new();
+    m.insert(key, v);
+    Value::Object(m)
+}
+
+/// `cond` (a condition on one value, such as `{"$gt": 5}`) at `steps`: dotted fields, and an
+/// `$elemMatch` for each `[]`.
+fn at(steps: &[Step], cond: Value) -> Value {
+    let field = |steps: &[Step]| {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Key(k) => Some(k.as_str()),
+                Step::Each => None,
+            })
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    match steps.iter().position(|s| *s == Step::Each) {
+        None if steps.is_empty() => cond,
+        None => object(field(steps), cond),
+        Some(i) => {
+            let inner = json!({ "$elemMatch": at(&steps[i + 1..], cond) });
+            if i == 0 {
+                inner
+            } else {
+                object(field(&steps[..i]), inner)
+            }
+        }
+    }
+}
+
+fn place(path: &Path, cond: Value) -> Sel {
+    match path.root {
+        Root::Auto => {
+            let mut facts = vec![
+                Step::Key(RESERVED_PLUGIN_NAME.into()),
+                Step::Key("facts".into()),
+            ];
+            facts.extend(path.steps.iter().cloned());
+            any_of([
+                Sel::Is(at(&facts, cond.clone())),
+                Sel::Is(at(&path.steps, cond)),
+            ])
+        }
+        Root::Document | Root::Element => Sel::Is(at(&path.steps, cond)),
+    }
+}
+
+/// A number CouchDB compares exactly as we do, as JSON; `None` beyond 2^53.
+fn exact_number(x: f64) -> Option<Value> {
+    if x.abs() >= EXACT_F64 {
+        return None;
+    }
+    Some(if x.fract() == 0.0 {
+        json!(x as i64)
+    } else {
+        json!(x)
+    })
+}
+
+/// A PCRE literal: CouchDB's `$regex` is Erlang's `re` over bytes.
+fn pcre_escape(s: &str) -> String {
+    let mut out = String::new();
+    for c in s.chars() {
+        if regex_syntax::is_meta_character(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A CouchDB regex every string matching `source` also matches: the regex's required prefix
+/// literals (what `regex` itself uses to skip ahead, so every match starts with one of them),
+/// anchored when the regex is. `None` when there is no useful, ASCII-only set of them.
+fn regex_hint(source: &str) -> Option<String> {
+    use regex_syntax::hir::{
+        Look,
+        literal::{ExtractKind, Extractor},
+    };
+    let hir = regex_syntax::ParserBuilder::new()
+        .nest_limit(MAX_EXPR_DEPTH as u32)
+        .build()
+        .parse(source)
+        .ok()?;
+    let anchored = hir.properties().look_set_prefix().contains(Look::Start);
+    let seq = Extractor::new().kind(ExtractKind::Prefix).extract(&hir);
+    let literals = seq.literals()?;
+    if literals.is_empty() || literals.len() > 16 {
+        return None;
+    }
+    let mut alternatives = vec![];
+    for lit in literals {
+        let s = std::str::from_utf8(lit.as_bytes()).ok()?;
+        if s.is_empty() || !s.chars().all(|c| c.is_ascii() && !c.is_ascii_control()) {
+            return None;
+        }
+        alternatives.push(pcre_escape(s));
+    }
+    let anchor = if anchored { "^" } else { "" };
+    Some(format!("{anchor}(?:{})", alternatives.join("|")))
+}
+
+fn exists() -> Value {
+    json!({"$exists": true})
+}
+
+/// A condition on one stored value that holds whenever `test` does.
+fn narrow(test: &Test) -> Value {
+    match test.op {
+        Op::Eq => narrow_eq(&test.value, test.number),
+        Op::Ne | Op::NotMatch => exists(),
+        Op::Match => match regex_hint(&test.value) {
+            // A number or `true` matches by its JSON text.
+            Some(r) => json!({"$or": [{"$regex": r}, {"$not": {"$type": "string"}}]}),
+            None => exists(),
+        },
+        Op::Gt | Op::Ge => match test.number.and_then(exact_number) {
+            // Strings (numeric ones included), lists and objects all sort after numbers.
+            Some(n) if test.op == Op::Gt => json!({ "$gt": n }),
+            Some(n) => json!({ "$gte": n }),
+            None => exists(),
+        },
+        Op::Lt | Op::Le => match test.number.and_then(exact_number) {
+            Some(n) => {
+                let op = if test.op == Op::Lt { "$lt" } else { "$lte" };
+                json!({"$or": [object(op.into(), n), {"$regex": NUMBER_REGEX}]})
+            }
+            None => exists(),
+        },
+    }
+}
+
+fn narrow_eq(value: &str, number: Option<f64>) -> Value {
+    let mut candidates = vec![Value::String(value.to_string())];
+    let mut also = vec![];
+    if let Some(x) = number {
+        match exact_number(x) {
+            Some(n) => candidates.push(n),
+            None => also.push(json!({"$type": "number"})),
+        }
+    }
+    match value {
+        "true" => candidates.push(json!(true)),
+        "false" => candidates.push(json!(false)),
+        "null" => candidates.push(Value::Null),
+        _ => {}
+    }
+    // A list or object equals a value written as its JSON.
+    if value.starts_with('[') {
+        also.push(json!({"$type": "array"}));
+    }
+    if value.starts_with('{') {
+        also.push(json!({"$type": "object"}));
+    }
+    let base = if candidates.len() == 1 {
+        json!({ "$eq": candidates.remove(0) })
+    } else {
+        json!({ "$in": candidates })
+    };
+    if also.is_empty() {
+        base
+    } else {
+        also.insert(0, base);
+        json!({ "$or": also })
+    }
+}
+
+impl Member {
+    fn pos(&self) -> Sel {
+        match self {
+            Member::Package { name, bound } => {
+                let cond = narrow_eq(name, parse_number(name));
+                let named = Sel::Is(object("name".into(), cond.clone()));
+                if bound.is_some() {
+                    named
+                } else {
+                    any_of([named, Sel::Is(cond)])
+                }
+            }
+            Member::Where(cond) => cond.pos(),
+        }
+    }
+}
+
+impl Cond {
+    fn pos(&self) -> Sel {
+        match self {
+            // The version compares in the package manager's order (and may be composed from
+            // epoch and release): only its presence narrows.
+            Cond::Compare { path, .. } if path.is_key("version") => {
+                Sel::Is(at(&path.steps, exists()))
+            }
+            Cond::Compare { path, test } => Sel::Is(at(&path.steps, narrow(test))),
+            Cond::Exists(path) => Sel::Is(at(&path.steps, exists())),
+            Cond::And(items) => all_of(items.iter().map(Cond::pos)),
+            Cond::Or(items) => any_of(items.iter().map(Cond::pos)),
+            Cond::Not(c) => c.neg(),
+        }
+    }
+    fn neg(&self) -> Sel {
+        match self {
+            Cond::And(items) => any_of(items.iter().map(Cond::neg)),
+            Cond::Or(items) => all_of(items.iter().map(Cond::neg)),
+            Cond::Not(c) => c.pos(),
+            Cond::Compare { .. } | Cond::Exists(_) => Sel::True,
+        }
+    }
+}
+
+/// The literal start of a glob (`web` of `web*`): `glob` has no escapes, only `*`, `?`, `[`.
+fn glob_prefix(p: &str) -> &str {
+    let end = p.find(['*', '?', '[']).unwrap_or(p.len());
+    let prefix = &p[..end];
+    let ascii = prefix
+        .char_indices()
+        .find(|(_, c)| !c.is_ascii() || c.is_ascii_control())
+        .map_or(prefix.len(), |(i, _)| i);
+    &prefix[..ascii]
+}
+
+impl Expr {
+    /// A Mango selector (CouchDB 3 `_find`) that every document this expression matches also
+    /// matches; the module documentation lists what it decides exactly.
+    pub fn mango(&self) -> Value {
+        self.pos().into_value()
+    }
+
+    fn pos(&self) -> Sel {
+        match self {
+            Expr::All => Sel::True,
+            Expr::Names(n) => {
+                Sel::Is(json!({"_id": {"$in": n.iter().map(NodeName::as_str).collect::<Vec<_>>()}}))
+            }
+            Expr::Glob(p) => match glob_prefix(p.as_str()) {
+                "" => Sel::True,
+                prefix => Sel::Is(json!({"_id": {"$regex": format!("^{}", pcre_escape(prefix))}})),
+            },
+            Expr::NamesFrom(_) => Sel::False,
+            Expr::Compare { path, test } => place(path, narrow(test)),
+            Expr::Exists(path) => place(path, exists()),
+            Expr::Has { path, member } => {
+                place(path, json!({ "$elemMatch": member.pos().into_value() }))
+            }
+            Expr::And(items) => all_of(items.iter().map(Expr::pos)),
+            Expr::Or(items) => any_of(items.iter().map(Expr::pos)),
+            Expr::Not(e) => e.neg(),
+        }
+    }
+
+    /// A selector for the documents this expression does not match (a superset of them).
+    fn neg(&self) -> Sel {
+        match self {
+            Expr::All => Sel::False,
+            Expr::Names(n) => Sel::Is(
+                json!({"_id": {"$nin": n.iter().map(NodeName::as_str).collect::<Vec<_>>()}}),
+            ),
+            Expr::And(items) => any_of(items.iter().map(Expr::neg)),
+            Expr::Or(items) => all_of(items.iter().map(Expr::neg)),
+            Expr::Not(e) => e.pos(),
+            Expr::Glob(_)
+            | Expr::NamesFrom(_)
+            | Expr::Compare { .. }
+            | Expr::Exists(_)
+            | Expr::Has { .. } => Sel::True,
+        }
+    }
+
+    /// The document fields [`Expr::matches`] reads, as Mango `fields` paths: plugin values by
+    /// their top-level key, announced facts as `vogeler.facts` (not the whole bookkeeping).
+    /// The caller adds `_id`. Names and globs need none.
+    pub fn fields(&self) -> Vec<String> {
+        let mut out = BTreeSet::new();
+        self.collect_fields(&mut out);
+        if out.contains(RESERVED_PLUGIN_NAME) {
+            let prefix = format!("{RESERVED_PLUGIN_NAME}.");
+            out.retain(|f| !f.starts_with(&prefix));
+        }
+        out.into_iter().collect()
+    }
+
+    fn collect_fields(&self, out: &mut BTreeSet<String>) {
+        let mut add = |path: &Path| {
+            let keys: Vec<&str> = path
+                .steps
+                .iter()
+                .map_while(|s| match s {
+                    Step::Key(k) => Some(k.as_str()),
+                    Step::Each => None,
+                })
+                .collect();
+            match (path.root, keys.as_slice()) {
+                (Root::Element, _) | (_, []) => {}
+                (Root::Auto, [first, ..]) => {
+                    out.insert(format!("{RESERVED_PLUGIN_NAME}.facts"));
+                    out.insert((*first).to_string());
+                }
+                (Root::Document, [RESERVED_PLUGIN_NAME, second, ..]) => {
+                    out.insert(format!("{RESERVED_PLUGIN_NAME}.{second}"));
+                }
+                (Root::Document, [first, ..]) => {
+                    out.insert((*first).to_string());
+                }
+            }
+        };
+        match self {
+            Expr::Compare { path, .. } | Expr::Exists(path) | Expr::Has { path, .. } => add(path),
+            Expr::And(items) | Expr::Or(items) => {
+                for e in items {
+                    e.collect_fields(out);
+                }
+            }
+            Expr::Not(e) => e.collect_fields(out),
+            Expr::All | Expr::Names(_) | Expr::Glob(_) | Expr::NamesFrom(_) => {}
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Display: the canonical spelling, which parses back to the same expression
+// ----------------------------------------------------------------------------------------------
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = OPS.iter().find(|(_, o)| o == self).map_or("?", |(s, _)| s);
+        f.write_str(s)
+    }
+}
+
+impl fmt::Display for Path {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let starts_vogeler = self.first_key() == Some(RESERVED_PLUGIN_NAME);
+        if self.root == Root::Document && !starts_vogeler {
+            f.write_str(".")?;
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            match step {
+                Step::Key(k) if i == 0 => f.write_str(k)?,
+                Step::Key(k) => write!(f, ".{k}")?,
+                Step::Each => f.write_str("[]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A value as the lexer reads it back: bare when it can be, else quoted with `'` doubled.
+fn write_value(f: &mut fmt::Formatter<'_>, v: &str) -> fmt::Result {
+    let mut depth = 0i64;
+    let mut bare = !v.is_empty() && !v.starts_with(['\'', '"']) && !matches!(v, "and" | "or");
+    for c in v.chars() {
+        if c.is_whitespace() {
+            bare = false;
+        } else if c == '(' {
+            depth += 1;
+        } else if c == ')' {
+            depth -= 1;
+            if depth < 0 {
+                bare = false;
+            }
+        }
+    }
+    if bare && depth == 0 {
+        f.write_str(v)
+    } else {
+        write!(f, "'{}'", v.replace('\'', "''"))
+    }
+}
+
+impl fmt::Display for Test {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ", self.op)?;
+        write_value(f, &self.value)
+    }
+}
+
+fn write_joined<T: fmt::Display>(
+    f: &mut fmt::Formatter<'_>,
+    items: &[T],
+    sep: &str,
+    wrap: impl Fn(&T) -> bool,
+) -> fmt::Result {
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            f.write_str(sep)?;
+        }
+        if wrap(item) {
+            write!(f, "({item})")?;
+        } else {
+            write!(f, "{item}")?;
+        }
+    }
+    Ok(())
+}
+
+impl fmt::Display for Cond {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cond::Compare { path, test } => write!(f, "{path} {test}"),
+            Cond::Exists(path) => write!(f, "exists {path}"),
+            Cond::And(items) => write_joined(f, items, " and ", |c| {
+                matches!(c, Cond::And(_) | Cond::Or(_))
+            }),
+            Cond::Or(items) => write_joined(f, items, " or ", |c| matches!(c, Cond::Or(_))),
+            Cond::Not(c) if matches!(**c, Cond::And(_) | Cond::Or(_)) => write!(f, "not ({c})"),
+            Cond::Not(c) => write!(f, "not {c}"),
+        }
+    }
+}
+
+impl fmt::Display for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Member::Package { name, bound: None } => f.write_str(name),
+            Member::Package {
+                name,
+                bound: Some(b),
+            } => write!(f, "{name} {b}"),
+            Member::Where(c) => write!(f, "({c})"),
+        }
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::All => f.write_str("all"),
+            Expr::Names(names) => {
+                let list: Vec<&str> = names.iter().map(NodeName::as_str).collect();
+                f.write_str(&list.join(","))?;
+                // A lone name that reads as a keyword stays a name as a one-item list.
+                match list.as_slice() {
+                    [one] if matches!(*one, "all" | "and" | "or" | "not" | "exists") => {
+                        f.write_str(",")
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Expr::Glob(p) => f.write_str(p.as_str()),
+            Expr::NamesFrom(Source::File(file)) => write!(f, "@{file}"),
+            Expr::NamesFrom(Source::Stdin) => f.write_str("-"),
+            Expr::Compare { path, test } => write!(f, "{path} {test}"),
+            Expr::Exists(path) => write!(f, "exists {path}"),
+            Expr::Has { path, member } => write!(f, "{path} has {member}"),
+            Expr::And(items) => write_joined(f, items, " and ", |e| {
+                matches!(e, Expr::And(_) | Expr::Or(_))
+            }),
+            Expr::Or(items) => write_joined(f, items, " or ", |e| matches!(e, Expr::Or(_))),
+            Expr::Not(e) if matches!(**e, Expr::And(_) | Expr::Or(_)) => write!(f, "not ({e})"),
+            Expr::Not(e) => write!(f, "not {e}"),
+        }
+    }
+}
