@@ -1865,3 +1865,506 @@ impl fmt::Display for Expr {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Expr {
+        parse(s).unwrap_or_else(|e| panic!("{}: {e}", &s[..s.len().min(80)]))
+    }
+    fn key(k: &str) -> Step {
+        Step::Key(k.into())
+    }
+    fn path(root: Root, steps: &[Step]) -> Path {
+        Path {
+            root,
+            steps: steps.to_vec(),
+        }
+    }
+    fn test(op: Op, v: &str) -> Test {
+        Test::new(op, v.into()).expect("test")
+    }
+    fn names(n: &[&str]) -> Expr {
+        Expr::Names(n.iter().map(|n| NodeName::new(*n).expect("name")).collect())
+    }
+    fn cmp(root: Root, steps: &[Step], op: Op, v: &str) -> Expr {
+        Expr::Compare {
+            path: path(root, steps),
+            test: test(op, v),
+        }
+    }
+
+    /// Every example of the module documentation and the issue, and every node-set form.
+    const EXAMPLES: &[&str] = &[
+        "all",
+        "web01",
+        "web01,web02",
+        "web*",
+        "'web*'",
+        "db-[0-9]*",
+        "@nodes.txt",
+        "-",
+        "os.family=Debian",
+        "kernel=~^6\\.",
+        "memory_mb>16000",
+        "memory_mb > 16000",
+        "facts.memory_mb < 4096",
+        "os_release.VERSION_ID = 12",
+        "disks[].use_percent > 90",
+        "exists os_release.VERSION_ID",
+        "dpkg has openssl < 3.0.13",
+        "dpkg has name=nginx and version=~^1\\.22",
+        "disks has (target = / and use_percent > 90)",
+        "web* and not (os.family=RedHat or kernel=~^5)",
+        "os.family=Debian and not kernel=~^5",
+        "(a or b) and c",
+        "(kernel=~^(5|6\\.8))",
+        "web02 or os.family=Debian and memory_mb>32000",
+        "all and not db*",
+        ".kernel =~ Linux",
+        "vogeler.facts.kernel = 6.1",
+        "hello has alpha",
+        "dpkg has (name = nginx or name = apache2) and os.family = Debian",
+        "rpms has openssl >= 1:3.0.7-16.el9",
+        "os.name = 'Debian GNU/Linux'",
+        "users has (name = 'o''brien')",
+        "not not web01",
+    ];
+
+    #[test]
+    fn parses_the_documented_examples() {
+        for s in EXAMPLES.iter().filter(|s| !s.starts_with('\'')) {
+            p(s);
+        }
+        assert_eq!(p("all"), Expr::All);
+        assert_eq!(p("web01"), names(&["web01"]));
+        assert_eq!(p("web01,web02"), names(&["web01", "web02"]));
+        assert_eq!(
+            p("web01,"),
+            names(&["web01"]),
+            "a trailing comma, as node sets allowed"
+        );
+        assert_eq!(
+            p("web*"),
+            Expr::Glob(glob::Pattern::new("web*").expect("glob"))
+        );
+        assert_eq!(
+            p("@nodes.txt"),
+            Expr::NamesFrom(Source::File("nodes.txt".into()))
+        );
+        assert_eq!(p("-"), Expr::NamesFrom(Source::Stdin));
+        assert_eq!(
+            p("os.family=Debian"),
+            cmp(Root::Auto, &[key("os"), key("family")], Op::Eq, "Debian")
+        );
+        assert_eq!(p("memory_mb>16000"), p("memory_mb > 16000"));
+        assert_eq!(
+            p("facts.memory_mb < 4096"),
+            cmp(
+                Root::Auto,
+                &[key("facts"), key("memory_mb")],
+                Op::Lt,
+                "4096"
+            )
+        );
+        assert_eq!(
+            p("disks[].use_percent > 90"),
+            cmp(
+                Root::Auto,
+                &[key("disks"), Step::Each, key("use_percent")],
+                Op::Gt,
+                "90"
+            )
+        );
+        assert_eq!(
+            p(".kernel =~ Linux"),
+            cmp(Root::Document, &[key("kernel")], Op::Match, "Linux")
+        );
+        assert_eq!(
+            p("vogeler.facts.kernel = 6.1"),
+            cmp(
+                Root::Document,
+                &[key("vogeler"), key("facts"), key("kernel")],
+                Op::Eq,
+                "6.1"
+            ),
+            "vogeler is never a plugin"
+        );
+        assert_eq!(
+            p("kernel=~^(5|6\\.8)"),
+            cmp(Root::Auto, &[key("kernel")], Op::Match, "^(5|6\\.8)"),
+            "a regex group stays in the value"
+        );
+        assert_eq!(
+            p("(kernel=~^(5|6\\.8))"),
+            p("kernel=~^(5|6\\.8)"),
+            "and the closing parenthesis after it groups"
+        );
+        assert_eq!(
+            p("exists os_release.VERSION_ID"),
+            Expr::Exists(path(Root::Auto, &[key("os_release"), key("VERSION_ID")]))
+        );
+        assert_eq!(
+            p("os.name = 'Debian GNU/Linux'"),
+            cmp(
+                Root::Auto,
+                &[key("os"), key("name")],
+                Op::Eq,
+                "Debian GNU/Linux"
+            )
+        );
+        assert_eq!(
+            p("x = 'it''s'"),
+            cmp(Root::Auto, &[key("x")], Op::Eq, "it's"),
+            "a doubled quote is a quote"
+        );
+        assert_eq!(
+            p("x =~ '^1\\.22'"),
+            cmp(Root::Auto, &[key("x")], Op::Match, "^1\\.22"),
+            "backslashes are kept"
+        );
+        assert_eq!(p("x=a=b"), cmp(Root::Auto, &[key("x")], Op::Eq, "a=b"));
+        assert_eq!(
+            p("x=and"),
+            cmp(Root::Auto, &[key("x")], Op::Eq, "and"),
+            "glued, a value"
+        );
+        assert_eq!(p("x = 'and'"), cmp(Root::Auto, &[key("x")], Op::Eq, "and"));
+    }
+
+    #[test]
+    fn has_reads_shorthand_conditions_and_parentheses() {
+        let dpkg = path(Root::Auto, &[key("dpkg")]);
+        let elem = |k: &str| path(Root::Element, &[key(k)]);
+        assert_eq!(
+            p("dpkg has openssl < 3.0.13"),
+            Expr::Has {
+                path: dpkg.clone(),
+                member: Member::Package {
+                    name: "openssl".into(),
+                    bound: Some(test(Op::Lt, "3.0.13")),
+                },
+            }
+        );
+        assert_eq!(p("dpkg has openssl<3.0.13"), p("dpkg has openssl < 3.0.13"));
+        assert_eq!(
+            p("dpkg has openssl"),
+            Expr::Has {
+                path: dpkg.clone(),
+                member: Member::Package {
+                    name: "openssl".into(),
+                    bound: None
+                },
+            }
+        );
+        let both = Expr::Has {
+            path: dpkg.clone(),
+            member: Member::Where(Cond::And(vec![
+                Cond::Compare {
+                    path: elem("name"),
+                    test: test(Op::Eq, "nginx"),
+                },
+                Cond::Compare {
+                    path: elem("version"),
+                    test: test(Op::Match, "^1\\.22"),
+                },
+            ])),
+        };
+        assert_eq!(p("dpkg has name=nginx and version=~^1\\.22"), both);
+        assert_eq!(p("dpkg has (name = nginx and version =~ ^1\\.22)"), both);
+        // The conditions end at the first `and` that is not about a record field.
+        assert_eq!(
+            p("dpkg has name=nginx and os.family=Debian"),
+            Expr::And(vec![
+                Expr::Has {
+                    path: dpkg.clone(),
+                    member: Member::Where(Cond::Compare {
+                        path: elem("name"),
+                        test: test(Op::Eq, "nginx"),
+                    }),
+                },
+                cmp(Root::Auto, &[key("os"), key("family")], Op::Eq, "Debian"),
+            ])
+        );
+        // The shorthand is one term.
+        assert_eq!(
+            p("dpkg has openssl and version = 3"),
+            Expr::And(vec![
+                Expr::Has {
+                    path: dpkg.clone(),
+                    member: Member::Package {
+                        name: "openssl".into(),
+                        bound: None
+                    },
+                },
+                cmp(Root::Auto, &[key("version")], Op::Eq, "3"),
+            ])
+        );
+        // `or` always ends them.
+        assert!(matches!(p("dpkg has name=a or name=b"), Expr::Or(_)));
+        assert_eq!(
+            p("disks has (target = / and not use% < 90)"),
+            Expr::Has {
+                path: path(Root::Auto, &[key("disks")]),
+                member: Member::Where(Cond::And(vec![
+                    Cond::Compare {
+                        path: elem("target"),
+                        test: test(Op::Eq, "/"),
+                    },
+                    Cond::Not(Box::new(Cond::Compare {
+                        path: elem("use%"),
+                        test: test(Op::Lt, "90"),
+                    })),
+                ])),
+            }
+        );
+        assert_eq!(
+            p("disks has (exists target)"),
+            Expr::Has {
+                path: path(Root::Auto, &[key("disks")]),
+                member: Member::Where(Cond::Exists(elem("target"))),
+            }
+        );
+    }
+
+    #[test]
+    fn precedence_is_not_and_or() {
+        let (a, b, c) = (names(&["a"]), names(&["b"]), names(&["c"]));
+        assert_eq!(
+            p("(a or b) and c"),
+            Expr::And(vec![Expr::Or(vec![a.clone(), b.clone()]), c.clone()])
+        );
+        assert_eq!(
+            p("a or b and c"),
+            Expr::Or(vec![a.clone(), Expr::And(vec![b.clone(), c.clone()])])
+        );
+        assert_eq!(
+            p("not a and b"),
+            Expr::And(vec![Expr::Not(Box::new(a.clone())), b.clone()])
+        );
+        assert_eq!(p("not(a)"), Expr::Not(Box::new(a.clone())));
+        assert_eq!(
+            p("a or b or c"),
+            Expr::Or(vec![a, b, c]),
+            "chains are flat lists, never deep trees"
+        );
+    }
+
+    #[test]
+    fn keywords_stay_names_where_the_grammar_has_no_place_for_them() {
+        assert_eq!(p("exists"), names(&["exists"]));
+        assert_eq!(p("has"), names(&["has"]));
+        assert_eq!(
+            p("exists or web01"),
+            Expr::Or(vec![names(&["exists"]), names(&["web01"])])
+        );
+        assert_eq!(p("all=1"), cmp(Root::Auto, &[key("all")], Op::Eq, "1"));
+        assert_eq!(
+            p("exists=1"),
+            cmp(Root::Auto, &[key("exists")], Op::Eq, "1")
+        );
+        assert_eq!(p("and,"), names(&["and"]), "a list of one reserved word");
+    }
+
+    #[test]
+    fn display_parses_back_to_the_same_expression() {
+        let more = [
+            "x = ''",
+            "x = 'a b'",
+            "x = ')'",
+            "x = '(a'",
+            "x = \"it's\"",
+            "not (a and b)",
+            "(a or b) or c",
+            "(a and b) and c",
+            "a and (b or c) and not (d or e)",
+            "dpkg has (name = x or not (version < 1 and arch = amd64))",
+            "hello[] = beta",
+            "and,",
+            "x = 'and'",
+        ];
+        for s in EXAMPLES
+            .iter()
+            .filter(|s| !s.starts_with('\''))
+            .chain(more.iter())
+        {
+            let e = p(s);
+            let shown = e.to_string();
+            assert_eq!(parse(&shown), Ok(e), "{s} shown as {shown}");
+        }
+        assert_eq!(
+            p("dpkg has name=nginx and version=~^1\\.22").to_string(),
+            "dpkg has (name = nginx and version =~ ^1\\.22)"
+        );
+        assert_eq!(p("web02,web01").to_string(), "web01,web02");
+    }
+
+    #[test]
+    fn errors_say_what_was_expected_and_where() {
+        for (s, want) in [
+            (
+                "facts.memory_mb < ",
+                "expected a value after \"<\" at column 19",
+            ),
+            (
+                "facts.memory_mb < )",
+                "expected a value after \"<\" at column 19, found \")\"",
+            ),
+            (
+                "(web01",
+                "the \"(\" at column 1 is not closed: expected \")\" at column 7",
+            ),
+            (
+                "web01 web02",
+                "expected \"and\", \"or\" or the end at column 7, found \"web02\"",
+            ),
+            (
+                "web01)",
+                "expected \"and\", \"or\" or the end at column 6, found \")\"",
+            ),
+            (
+                "and web01",
+                "expected a node name, a glob, \"all\" or a condition at column 1, found \"and\"",
+            ),
+            (
+                "",
+                "expected a node name, a glob, \"all\" or a condition at column 1",
+            ),
+            (
+                "web01 and",
+                "expected a node name, a glob, \"all\" or a condition at column 10",
+            ),
+            (
+                "kernel=~[",
+                "\"[\" is not a regex: unclosed character class at column 9",
+            ),
+            (
+                "=Debian",
+                "expected a fact or plugin path before \"=\" (write e.g. os.family=Debian) at column 1, found \"=\"",
+            ),
+            (
+                "_bad",
+                "node name \"_bad\" must start with a letter or digit; a term is a node name, a glob, \"all\" or a condition such as os.family=Debian at column 1",
+            ),
+            (
+                "web01,_bad",
+                "node name \"_bad\" must start with a letter or digit; a term is a node name, a glob, \"all\" or a condition such as os.family=Debian at column 7",
+            ),
+            (
+                "dpkg has",
+                "expected a package name or \"(\" after \"has\" at column 9",
+            ),
+            (
+                "dpkg has and",
+                "expected a package name or \"(\" after \"has\" at column 10, found \"and\"",
+            ),
+            (
+                "dpkg has (name)",
+                "expected an operator (= != =~ !~ < <= > >=) after \"name\" at column 15, found \")\"",
+            ),
+            (
+                "dpkg has (name = x",
+                "the \"(\" at column 10 is not closed: expected \")\" at column 19",
+            ),
+            (
+                "disks[0].use > 1",
+                "expected \"[]\" (any element); indexes are not supported at column 6",
+            ),
+            (
+                "a..b = 1",
+                "expected a key in the path \"a..b\" at column 3",
+            ),
+            ("a. = 1", "expected a key in the path \"a.\" at column 3"),
+            (
+                "a[]b = 1",
+                "expected \".\" or \"[]\" after a key at column 4",
+            ),
+            (
+                "web* = 1",
+                "a path cannot hold '*' here (keys look like os.family or VERSION_ID) at column 4",
+            ),
+            (
+                "os.name = 'Debian",
+                "the ' at column 11 is not closed: expected ' at column 18",
+            ),
+            (
+                "os.family = and web01",
+                "expected a value after \"=\" (quote a value that is the word \"and\") at column 13, found \"and\"",
+            ),
+            ("@", "expected a file name after \"@\" at column 2"),
+            (
+                "db-[",
+                "\"db-[\" is not a glob: invalid range pattern at column 1",
+            ),
+            (
+                "dpkg has (.name = x)",
+                "a path inside \"has\" starts with a field name, not \".\" at column 11",
+            ),
+        ] {
+            let got = parse(s).expect_err(s).to_string();
+            assert_eq!(got, want, "{s}");
+        }
+    }
+
+    #[test]
+    fn deep_or_huge_input_is_an_error_not_a_stack_overflow() {
+        let deep = format!("{}web01{}", "(".repeat(10_000), ")".repeat(10_000));
+        let e = parse(&deep).expect_err("deep");
+        assert_eq!(
+            e.to_string(),
+            "the expression nests deeper than 64 levels at column 65"
+        );
+        let nots = format!("{}web01", "not ".repeat(10_000));
+        assert!(
+            parse(&nots)
+                .expect_err("nots")
+                .message
+                .contains("nests deeper")
+        );
+        let has = format!(
+            "dpkg has {}name = x{}",
+            "(".repeat(10_000),
+            ")".repeat(10_000)
+        );
+        assert!(
+            parse(&has)
+                .expect_err("has")
+                .message
+                .contains("nests deeper")
+        );
+        let huge = "a".repeat(1 << 20);
+        assert_eq!(
+            parse(&huge).expect_err("huge").to_string(),
+            "the expression is 1048576 bytes long, more than the 65536 allowed at column 1"
+        );
+        let quoted = format!("x = '{}'", "a".repeat(1 << 20));
+        assert!(parse(&quoted).is_err());
+        let long_path = format!("{} = 1", vec!["a"; 40].join("."));
+        assert!(
+            parse(&long_path)
+                .expect_err("path")
+                .message
+                .contains("at most 32 parts")
+        );
+
+        // 64 levels are fine, and long flat chains are lists: evaluated, narrowed, dropped.
+        let ok = format!("{}web01{}", "(".repeat(64), ")".repeat(64));
+        p(&ok);
+        let chain = vec!["memory_mb > 1"; 3_000].join(" or ");
+        let e = p(&chain);
+        assert!(!e.matches("web01", &json!({})));
+        assert!(e.mango().is_object());
+        let chain = vec!["not web01"; 3_000].join(" and ");
+        let e = p(&chain);
+        assert!(e.matches("web02", &json!({})));
+        drop(e);
+        // Regexes are bounded too.
+        assert!(
+            parse("x =~ '(a{1000}){1000}'")
+                .expect_err("big regex")
+                .message
+                .contains("compiles to more than")
+        );
+    }
+}
