@@ -2367,4 +2367,457 @@ mod tests {
                 .contains("compiles to more than")
         );
     }
+
+    /// 48 ordinary packages of a Debian 12 host, plus openssl and nginx below.
+    const PACKAGES: &[(&str, &str)] = &[
+        ("adduser", "3.134"),
+        ("apt", "2.6.1"),
+        ("base-files", "12.4+deb12u5"),
+        ("base-passwd", "3.6.1"),
+        ("bash", "5.2.15-2+b2"),
+        ("bsdutils", "1:2.38.1-5+deb12u1"),
+        ("ca-certificates", "20230311"),
+        ("coreutils", "9.1-1"),
+        ("curl", "7.88.1-10+deb12u5"),
+        ("dash", "0.5.12-2"),
+        ("debconf", "1.5.82"),
+        ("debian-archive-keyring", "2023.3+deb12u1"),
+        ("debianutils", "5.7-0.5~deb12u1"),
+        ("diffutils", "1:3.8-4"),
+        ("dpkg", "1.21.22"),
+        ("e2fsprogs", "1.47.0-2"),
+        ("findutils", "4.9.0-4"),
+        ("gcc-12-base", "12.2.0-14"),
+        ("gpgv", "2.2.40-1.1"),
+        ("grep", "3.8-5"),
+        ("gzip", "1.12-1"),
+        ("hostname", "3.23+nmu1"),
+        ("init-system-helpers", "1.65.2"),
+        ("libacl1", "2.3.1-3"),
+        ("libc-bin", "2.36-9+deb12u4"),
+        ("libc6", "2.36-9+deb12u4"),
+        ("libcurl4", "7.88.1-10+deb12u5"),
+        ("libgcc-s1", "12.2.0-14"),
+        ("libpcre2-8-0", "10.42-1"),
+        ("libselinux1", "3.4-1+b6"),
+        ("libssl3", "3.0.11-1~deb12u2"),
+        ("libsystemd0", "252.22-1~deb12u1"),
+        ("libzstd1", "1.5.4+dfsg2-5"),
+        ("login", "1:4.13+dfsg1-1+b1"),
+        ("mawk", "1.3.4.20200120-3.1"),
+        ("mount", "2.38.1-5+deb12u1"),
+        ("ncurses-base", "6.4-4"),
+        ("nginx-common", "1.22.1-9"),
+        ("openssh-server", "1:9.2p1-2+deb12u2"),
+        ("passwd", "1:4.13+dfsg1-1+b1"),
+        ("perl-base", "5.36.0-7+deb12u1"),
+        ("procps", "2:4.0.2-3"),
+        ("sed", "4.9-1"),
+        ("systemd", "252.22-1~deb12u1"),
+        ("sysvinit-utils", "3.06-4"),
+        ("tar", "1.34+dfsg-1.2+deb12u1"),
+        ("tzdata", "2024a-0+deb12u1"),
+        ("util-linux", "2.38.1-5+deb12u1"),
+    ];
+
+    /// web01 as CouchDB stores it: announced facts, plugin values, bookkeeping.
+    fn web01() -> Value {
+        let mut dpkg: Vec<Value> = PACKAGES
+            .iter()
+            .map(|(n, v)| json!({"name": n, "version": v, "arch": "amd64", "status": "installed"}))
+            .collect();
+        dpkg.push(json!({"name": "openssl", "version": "3.0.11-1~deb12u2", "arch": "amd64", "status": "installed"}));
+        dpkg.push(
+            json!({"name": "nginx", "version": "1.22.1-9", "arch": "amd64", "status": "installed"}),
+        );
+        dpkg.push(json!({"name": "apache2", "version": "2.4.57-2", "arch": "amd64", "status": "config-files"}));
+        assert_eq!(dpkg.len(), 51);
+        json!({
+            "_id": "web01",
+            "_rev": "7-abc",
+            "dpkg": dpkg,
+            "kernel": "Linux 6.1.0-18-amd64 x86_64",
+            "facts": {"hostname": "web01", "fqdn": "web01.example.com", "memory_mb": 3936,
+                      "cpus": 2, "ipv4": ["10.0.0.5", "172.17.0.1"]},
+            "os_release": {"ID": "debian", "VERSION_ID": "12", "PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)"},
+            "disks": [
+                {"target": "/", "fstype": "ext4", "size": 20_000_000_000u64, "use_percent": 93, "use%": "93%"},
+                {"target": "/boot", "fstype": "ext4", "size": 500_000_000, "use_percent": "41", "use%": "41%"},
+            ],
+            "hello": ["alpha", "beta"],
+            "vogeler": {
+                "created_at": "2026-01-01T00:00:00Z",
+                "updated_at": "2026-01-02T00:00:00Z",
+                "agent_version": "0.1.0",
+                "facts": {"hostname": "web01", "kernel": "6.1.0-18-amd64", "arch": "x86_64",
+                          "os": {"id": "debian", "family": "Debian", "name": "Debian GNU/Linux", "version": "12"},
+                          "cpus": 2, "memory_mb": 3936, "role": "web"},
+                "plugins": {"dpkg": {"collected_at": "2026-01-02T00:00:00Z", "outcome": "ok", "exit_code": 0}},
+            },
+        })
+    }
+
+    #[test]
+    fn evaluates_over_a_whole_node_document() {
+        let doc = web01();
+        for (s, want) in [
+            ("all", true),
+            ("web01", true),
+            ("web02", false),
+            ("web*", true),
+            ("db*", false),
+            ("web01,db01", true),
+            ("os.family=Debian", true),
+            ("os.family!=Debian", false),
+            ("os.family=RedHat", false),
+            ("kernel=~^6\\.", true),
+            ("kernel=~^Linux", false),
+            ("memory_mb>16000", false),
+            ("memory_mb<16000", true),
+            ("memory_mb = 3936.0", true),
+            ("role = web", true),
+            ("facts.memory_mb < 4096", true),
+            ("facts.memory_mb < 2048", false),
+            ("facts.ipv4[] = 10.0.0.5", true),
+            ("facts.ipv4 = 10.0.0.5", false),
+            ("facts.fqdn =~ \\.example\\.com$", true),
+            ("os_release.VERSION_ID = 12", true),
+            ("os_release.VERSION_ID = 12.0", false),
+            ("os_release.VERSION_ID >= 12", true),
+            ("os_release.VERSION_ID > 11.5", true),
+            (
+                "os_release.PRETTY_NAME = 'Debian GNU/Linux 12 (bookworm)'",
+                true,
+            ),
+            ("disks[].use_percent > 90", true),
+            ("disks[].use_percent > 95", false),
+            ("disks[].use_percent = 41", true),
+            ("disks[].use% = 93%", true),
+            ("disks has (target = / and use_percent > 90)", true),
+            ("disks has (target = /boot and use_percent > 90)", false),
+            ("not disks[].use_percent > 95", true),
+            ("exists disks[].fstype", true),
+            ("exists disks[].mountpoint", false),
+            ("exists os_release.VERSION_ID", true),
+            ("exists os.family", true),
+            ("exists os.codename", false),
+            ("dpkg has openssl", true),
+            ("dpkg has openssl < 3.0.13", true),
+            ("dpkg has openssl < 3.0.11", false),
+            ("dpkg has openssl = 3.0.11-1~deb12u2", true),
+            ("dpkg has openssl != 3.0.11-1~deb12u2", false),
+            ("dpkg has openssl >= 3.0.11", true),
+            ("dpkg has libssl3 < 3.0.13", true),
+            ("dpkg has nginx", true),
+            ("dpkg has name=nginx and version=~^1\\.22", true),
+            ("dpkg has name=nginx and version=~^1\\.24", false),
+            ("dpkg has (name = nginx and version >= 1.22.1)", true),
+            ("dpkg has (name = nginx and version > 1.22.1-9)", false),
+            ("dpkg has (name = nginx or name = lighttpd)", true),
+            ("dpkg has postgresql", false),
+            ("dpkg has apache2", false),
+            ("dpkg has (name = apache2 and status = config-files)", true),
+            ("dpkg has (name = apache2)", false),
+            ("dpkg[].name = apache2", true),
+            ("dpkg has procps > 4", true),
+            ("dpkg has name=nginx and os.family=Debian", true),
+            ("hello has alpha", true),
+            ("hello has gamma", false),
+            ("hello[] = beta", true),
+            ("hello has alpha > 1", false),
+            (".kernel =~ ^Linux", true),
+            (".kernel =~ ^6", false),
+            ("vogeler.facts.kernel =~ ^6", true),
+            ("vogeler.agent_version = 0.1.0", true),
+            ("vogeler.plugins.dpkg.outcome = ok", true),
+            ("_id = web01", true),
+            ("web* and not (os.family=RedHat or kernel=~^5)", true),
+            ("os.family=Debian and not kernel=~^6", false),
+            (
+                "dpkg has openssl < 3.0.13 and disks[].use_percent > 90",
+                true,
+            ),
+            ("not dpkg has openssl", false),
+            ("nothing = x", false),
+            ("nothing != x", false),
+            ("not nothing = x", true),
+            ("nothing !~ x", false),
+            ("hostname > a", true),
+            ("hostname > x", false),
+            ("memory_mb > lots", false),
+            ("@nodes.txt", false),
+        ] {
+            assert_eq!(p(s).matches("web01", &doc), want, "{s}");
+        }
+    }
+
+    #[test]
+    fn versions_follow_the_package_managers_order() {
+        let dpkg = |v: &str| json!({"_id": "n", "dpkg": [{"name": "foo", "version": v, "status": "installed"}]});
+        let rpms = |r: Value| json!({"_id": "n", "rpms": [r]});
+        for (s, doc, want) in [
+            // 1.10 is newer than 1.9: string order says otherwise.
+            ("dpkg has foo > 1.9", dpkg("1.10"), true),
+            ("dpkg has foo < 1.9", dpkg("1.10"), false),
+            // An epoch outweighs everything after it.
+            ("dpkg has foo > 2.0", dpkg("1:0.1"), true),
+            ("dpkg has foo < 2.0", dpkg("1:0.1"), false),
+            // `~` sorts before the end: a release candidate precedes the release.
+            ("dpkg has foo < 1.0", dpkg("1.0~rc1"), true),
+            ("dpkg has foo >= 1.0", dpkg("1.0~rc1"), false),
+            (
+                "dpkg has (name = foo and version < 1.0)",
+                dpkg("1.0~rc1"),
+                true,
+            ),
+            ("dpkg has foo = 1.0", dpkg("1.0-0"), true),
+            ("dpkg has foo = 1.0", dpkg("0:1.0"), true),
+            ("dpkg has foo != 1.0", dpkg("1.0.1"), true),
+            ("dpkg has foo =~ ~rc", dpkg("1.0~rc1"), true),
+            ("dpkg[].version < 1.9", dpkg("1.10"), true),
+            // rpm: a bound without a release takes every release of its version as equal.
+            (
+                "rpms has openssl = 3.0.13",
+                rpms(json!({"name": "openssl", "version": "3.0.13", "release": "1.el9"})),
+                true,
+            ),
+            (
+                "rpms has openssl > 3.0.13",
+                rpms(json!({"name": "openssl", "version": "3.0.13", "release": "1.el9"})),
+                false,
+            ),
+            (
+                "rpms has openssl < 3.0.13-2.el9",
+                rpms(json!({"name": "openssl", "version": "3.0.13", "release": "1.el9"})),
+                true,
+            ),
+            // The shipped rpms plugin stores version-release in one field.
+            (
+                "rpms has openssl >= 3.0.7-16.el9",
+                rpms(json!({"name": "openssl", "version": "3.0.13-1.el9"})),
+                true,
+            ),
+            // epoch:version-release is composed from the fields; (none) is no epoch.
+            (
+                "rpms has openssl > 2:0",
+                rpms(
+                    json!({"name": "openssl", "epoch": "1", "version": "3.0.13", "release": "1.el9"}),
+                ),
+                false,
+            ),
+            (
+                "rpms has openssl > 0:9",
+                rpms(
+                    json!({"name": "openssl", "epoch": 1, "version": "3.0.13", "release": "1.el9"}),
+                ),
+                true,
+            ),
+            (
+                "rpms has openssl < 3.1",
+                rpms(
+                    json!({"name": "openssl", "epoch": "(none)", "version": "3.0.13", "release": "1.el9"}),
+                ),
+                true,
+            ),
+            (
+                "rpms has openssl =~ ^1:3\\.0\\.13-1\\.el9$",
+                rpms(
+                    json!({"name": "openssl", "epoch": "1", "version": "3.0.13", "release": "1.el9"}),
+                ),
+                true,
+            ),
+        ] {
+            assert_eq!(p(s).matches("n", &doc), want, "{s} over {doc}");
+        }
+    }
+
+    #[test]
+    fn a_catalog_declares_other_package_plugins() {
+        let doc = json!({"_id": "n", "pkgs": [{"name": "foo", "version": "1.10"}, {"name": "bar", "version": "2", "status": "removed"}]});
+        let e = p("pkgs has foo > 1.9");
+        assert!(
+            !e.matches("n", &doc),
+            "not a package plugin: 1.10 is the number 1.1"
+        );
+        let catalog = Catalog::default().with("pkgs", Scheme::Dpkg);
+        assert!(e.matches_with("n", &doc, &catalog));
+        assert!(
+            p("pkgs has bar").matches("n", &doc),
+            "status means nothing to other plugins"
+        );
+        assert!(!p("pkgs has bar").matches_with("n", &doc, &catalog));
+        assert!(!p("dpkg has foo").matches_with(
+            "n",
+            &json!({"dpkg": [{"name": "foo", "status": "deinstall"}]}),
+            &catalog
+        ));
+        assert!(p("dpkg has foo > 1.9").matches_with(
+            "n",
+            &json!({"dpkg": [{"name": "foo", "version": "1.10"}]}),
+            &Catalog::default()
+        ));
+        assert!(!p("dpkg has foo > 1.9").matches_with(
+            "n",
+            &json!({"dpkg": [{"name": "foo", "version": "1.10"}]}),
+            &Catalog::none()
+        ));
+    }
+
+    #[test]
+    fn bare_paths_read_announced_facts_first_then_plugin_values() {
+        let doc = json!({
+            "_id": "n",
+            "kernel": "Linux 6.1.0 x86_64",
+            "os_release": {"VERSION_ID": "12"},
+            "vogeler": {"facts": {"kernel": "5.14.0"}},
+        });
+        assert!(
+            p("kernel =~ ^5").matches("n", &doc),
+            "the announced fact shadows the plugin"
+        );
+        assert!(!p("kernel =~ Linux").matches("n", &doc));
+        assert!(
+            p(".kernel =~ Linux").matches("n", &doc),
+            "a leading dot reads the document"
+        );
+        assert!(p("vogeler.facts.kernel = 5.14.0").matches("n", &doc));
+        assert!(
+            p("os_release.VERSION_ID = 12").matches("n", &doc),
+            "no such fact: the plugin"
+        );
+        let no_facts = json!({"_id": "n", "kernel": "Linux 6.1.0 x86_64"});
+        assert!(
+            p("kernel =~ Linux").matches("n", &no_facts),
+            "no announced kernel: the plugin"
+        );
+        assert!(!p("vogeler.facts.kernel =~ Linux").matches("n", &no_facts));
+        let odd = json!({"_id": "n", "vogeler": {"facts": "not an object"}, "kernel": "6"});
+        assert!(p("kernel = 6").matches("n", &odd));
+    }
+
+    /// The node-set table of runner/src/target.rs, over the same registry as documents.
+    #[test]
+    fn node_sets_keep_their_meaning() {
+        let registry = [
+            (
+                "web01",
+                json!({"os": {"family": "Debian"}, "kernel": "6.1.0-18-amd64", "memory_mb": 32000}),
+            ),
+            (
+                "web02",
+                json!({"os": {"family": "RedHat"}, "kernel": "5.14.0", "memory_mb": 8000}),
+            ),
+            (
+                "db-1",
+                json!({"os": {"family": "Debian"}, "kernel": "6.8.0", "memory_mb": 64000}),
+            ),
+            (
+                "db01",
+                json!({"os": {"family": "Debian"}, "kernel": "6.1.0", "memory_mb": 16000}),
+            ),
+        ];
+        let select = |s: &str| -> Vec<&str> {
+            let e = p(s);
+            let mut out: Vec<&str> = registry
+                .iter()
+                .filter(|(n, facts)| e.matches(n, &json!({"_id": n, "vogeler": {"facts": facts}})))
+                .map(|(n, _)| *n)
+                .collect();
+            out.sort();
+            out
+        };
+        for (s, want) in [
+            ("all", vec!["db-1", "db01", "web01", "web02"]),
+            ("web01", vec!["web01"]),
+            ("web01,web02,ghost", vec!["web01", "web02"]),
+            ("web*", vec!["web01", "web02"]),
+            ("db-[0-9]*", vec!["db-1"]),
+            ("os.family=Debian", vec!["db-1", "db01", "web01"]),
+            ("os.family!=Debian", vec!["web02"]),
+            ("kernel=~^6\\.", vec!["db-1", "db01", "web01"]),
+            ("(kernel=~^(5|6\\.8))", vec!["db-1", "web02"]),
+            ("memory_mb>16000", vec!["db-1", "web01"]),
+            ("memory_mb>=16000", vec!["db-1", "db01", "web01"]),
+            ("memory_mb<16000", vec!["web02"]),
+            ("web* and os.family=Debian", vec!["web01"]),
+            (
+                "web02 or os.family=Debian and memory_mb>32000",
+                vec!["db-1", "web02"],
+            ),
+            (
+                "(web02 or os.family=Debian) and memory_mb>32000",
+                vec!["db-1"],
+            ),
+            ("not os.family=Debian", vec!["web02"]),
+            ("all and not db*", vec!["web01", "web02"]),
+        ] {
+            assert_eq!(select(s), want, "{s}");
+        }
+        assert_eq!(
+            p("web01,ghost or os.family=RedHat").explicit_names(),
+            [
+                NodeName::new("ghost").expect("n"),
+                NodeName::new("web01").expect("n")
+            ]
+            .into(),
+            "named nodes are commanded even when unknown"
+        );
+        assert!(p("web01 and ghost").explicit_names().is_empty());
+        assert!(p("not web01").explicit_names().is_empty());
+        assert!(p("all").is_all() && !p("all and web01").is_all());
+    }
+
+    #[test]
+    fn files_and_stdin_are_read_by_the_caller() {
+        let mut read = |s: &Source| match s {
+            Source::Stdin => Ok("db01\n\n# comment\nweb02\n".to_string()),
+            Source::File(f) if f == "nodes.txt" => Ok("web01\nghost\n".to_string()),
+            Source::File(f) => Err(format!("cannot read node names from {f}: no such file")),
+        };
+        let e = p("@nodes.txt or - and not web02")
+            .resolve_sources(&mut read)
+            .expect("resolve");
+        assert_eq!(e, p("ghost,web01 or db01,web02 and not web02"));
+        assert_eq!(
+            p("@missing.txt")
+                .resolve_sources(&mut read)
+                .expect_err("missing")
+                .to_string(),
+            "cannot read node names from missing.txt: no such file"
+        );
+        let mut bad = |_: &Source| Ok("_x\n".to_string());
+        assert_eq!(
+            p("-")
+                .resolve_sources(&mut bad)
+                .expect_err("bad")
+                .to_string(),
+            "stdin: node name \"_x\" must start with a letter or digit"
+        );
+    }
+
+    #[test]
+    fn fields_name_only_what_matching_reads() {
+        assert_eq!(p("web* or all").fields(), Vec::<String>::new());
+        assert_eq!(p("os.family=Debian").fields(), ["os", "vogeler.facts"]);
+        assert_eq!(
+            p("dpkg has openssl < 3 and disks[].use_percent > 90 or .kernel =~ x").fields(),
+            ["disks", "dpkg", "kernel", "vogeler.facts"]
+        );
+        assert_eq!(
+            p("vogeler.plugins.dpkg.outcome = ok").fields(),
+            ["vogeler.plugins"]
+        );
+        assert_eq!(
+            p("vogeler.x = 1 or kernel = 1").fields(),
+            ["kernel", "vogeler.facts", "vogeler.x"]
+        );
+        assert_eq!(
+            p("vogeler = 1 or kernel = 1").fields(),
+            ["kernel", "vogeler"]
+        );
+        assert_eq!(
+            p("not exists disks[].target").fields(),
+            ["disks", "vogeler.facts"]
+        );
+    }
 }
