@@ -2820,4 +2820,607 @@ mod tests {
             ["disks", "vogeler.facts"]
         );
     }
+
+    #[test]
+    fn mango_selectors_for_each_construct() {
+        let facts_or = |path: &str, cond: Value| json!({"$or": [object(format!("vogeler.facts.{path}"), cond.clone()), object(path.into(), cond)]});
+        for (s, want) in [
+            ("all", json!({})),
+            ("web01,web02", json!({"_id": {"$in": ["web01", "web02"]}})),
+            ("web*", json!({"_id": {"$regex": "^web"}})),
+            ("db-[0-9]*", json!({"_id": {"$regex": "^db\\-"}})),
+            ("*01", json!({})),
+            ("@nodes.txt", json!({"_id": {"$exists": false}})),
+            (
+                "os.family=Debian",
+                facts_or("os.family", json!({"$eq": "Debian"})),
+            ),
+            (
+                "memory_mb = 16000",
+                facts_or("memory_mb", json!({"$in": ["16000", 16000]})),
+            ),
+            ("x = true", facts_or("x", json!({"$in": ["true", true]}))),
+            (
+                "x = 1e300",
+                facts_or("x", json!({"$or": [{"$eq": "1e300"}, {"$type": "number"}]})),
+            ),
+            (
+                "x = '[1]'",
+                facts_or("x", json!({"$or": [{"$eq": "[1]"}, {"$type": "array"}]})),
+            ),
+            (
+                "memory_mb>16000",
+                facts_or("memory_mb", json!({"$gt": 16000})),
+            ),
+            (
+                "memory_mb >= 0.5",
+                facts_or("memory_mb", json!({"$gte": 0.5})),
+            ),
+            (
+                "memory_mb<16000",
+                facts_or(
+                    "memory_mb",
+                    json!({"$or": [{"$lt": 16000}, {"$regex": NUMBER_REGEX}]}),
+                ),
+            ),
+            (
+                "hostname < m",
+                facts_or("hostname", json!({"$exists": true})),
+            ),
+            (
+                "os.family != Debian",
+                facts_or("os.family", json!({"$exists": true})),
+            ),
+            (
+                "kernel=~^6\\.",
+                facts_or(
+                    "kernel",
+                    json!({"$or": [{"$regex": "^(?:6\\.)"}, {"$not": {"$type": "string"}}]}),
+                ),
+            ),
+            ("kernel=~.*", facts_or("kernel", json!({"$exists": true}))),
+            (
+                ".kernel =~ Linux",
+                json!({"kernel": {"$or": [{"$regex": "(?:Linux)"}, {"$not": {"$type": "string"}}]}}),
+            ),
+            (
+                "vogeler.facts.kernel = 6",
+                json!({"vogeler.facts.kernel": {"$in": ["6", 6]}}),
+            ),
+            (
+                "os_release.VERSION_ID = 12",
+                facts_or("os_release.VERSION_ID", json!({"$in": ["12", 12]})),
+            ),
+            (
+                "disks[].use_percent > 90",
+                json!({"$or": [
+                    {"vogeler.facts.disks": {"$elemMatch": {"use_percent": {"$gt": 90}}}},
+                    {"disks": {"$elemMatch": {"use_percent": {"$gt": 90}}}},
+                ]}),
+            ),
+            (
+                ".hello[] = beta",
+                json!({"hello": {"$elemMatch": {"$eq": "beta"}}}),
+            ),
+            (
+                "exists .os_release.VERSION_ID",
+                json!({"os_release.VERSION_ID": {"$exists": true}}),
+            ),
+            (
+                ".dpkg has openssl < 3.0.13",
+                json!({"dpkg": {"$elemMatch": {"name": {"$eq": "openssl"}}}}),
+            ),
+            (
+                ".hello has alpha",
+                json!({"hello": {"$elemMatch": {"$or": [{"name": {"$eq": "alpha"}}, {"$eq": "alpha"}]}}}),
+            ),
+            (
+                ".dpkg has name=nginx and version=~^1\\.22",
+                json!({"dpkg": {"$elemMatch": {"$and": [
+                {"name": {"$eq": "nginx"}}, {"version": {"$exists": true}}]}}}),
+            ),
+            (
+                ".dpkg has (name = a or not arch = b)",
+                json!({"dpkg": {"$elemMatch": {}}}),
+            ),
+            (
+                "web* and .x = 1",
+                json!({"$and": [{"_id": {"$regex": "^web"}}, {"x": {"$in": ["1", 1]}}]}),
+            ),
+            (
+                "web01 or web02 or .x = 1",
+                json!({"$or": [{"_id": {"$in": ["web01"]}}, {"_id": {"$in": ["web02"]}}, {"x": {"$in": ["1", 1]}}]}),
+            ),
+            ("not web01", json!({"_id": {"$nin": ["web01"]}})),
+            ("not all", json!({"_id": {"$exists": false}})),
+            ("not .x = 1", json!({})),
+            ("not (web01 or .x = 1)", json!({"_id": {"$nin": ["web01"]}})),
+            ("not (web01 and .x = 1)", json!({})),
+            (
+                "web* and not web01",
+                json!({"$and": [{"_id": {"$regex": "^web"}}, {"_id": {"$nin": ["web01"]}}]}),
+            ),
+            ("all or .x = 1", json!({})),
+        ] {
+            assert_eq!(p(s).mango(), want, "{s}");
+        }
+    }
+
+    #[test]
+    fn regex_hints_are_required_literals() {
+        for (re, want) in [
+            ("^6\\.", Some("^(?:6\\.)")),
+            ("nginx", Some("(?:nginx)")),
+            ("^(5|6\\.8)", Some("^(?:5|6\\.8)")),
+            ("^ab?c", Some("^(?:abc|ac)")),
+            ("a|^b", Some("(?:a|b)")),
+            (".*", None),
+            ("^\\d", None),
+            ("^é", None),
+            ("", None),
+        ] {
+            assert_eq!(regex_hint(re).as_deref(), want, "{re}");
+        }
+        let folded = regex_hint("(?i)^deb").expect("case-folded literals");
+        assert!(
+            folded.starts_with("^(?:") && folded.contains("DEB") && folded.contains("deb"),
+            "{folded}"
+        );
+    }
+
+    /// A model of CouchDB's Mango matcher (`mango_selector:match/3` after normalization), for
+    /// the operators `mango()` emits: a missing field fails every condition but
+    /// `{"$exists": false}`, `$in` looks inside lists, values compare in view collation order.
+    fn couch_match(sel: &Value, v: &Value) -> bool {
+        let Value::Object(m) = sel else {
+            return cmp_json(v, sel).is_eq();
+        };
+        m.iter().all(|(k, arg)| match k.as_str() {
+            "$and" => arg
+                .as_array()
+                .expect("$and")
+                .iter()
+                .all(|s| couch_match(s, v)),
+            "$or" => arg
+                .as_array()
+                .expect("$or")
+                .iter()
+                .any(|s| couch_match(s, v)),
+            "$not" => {
+                // Only on a value: over a field CouchDB pushes it down (and fails on a missing
+                // field), which `mango()` must not rely on.
+                let inner = arg.as_object().expect("$not");
+                assert!(
+                    inner.keys().all(|k| k.starts_with('$')),
+                    "$not over a field: {sel}"
+                );
+                !couch_match(arg, v)
+            }
+            "$eq" => cmp_json(v, arg).is_eq(),
+            "$gt" => cmp_json(v, arg).is_gt(),
+            "$gte" => cmp_json(v, arg).is_ge(),
+            "$lt" => cmp_json(v, arg).is_lt(),
+            "$lte" => cmp_json(v, arg).is_le(),
+            "$in" | "$nin" => {
+                let args = arg.as_array().expect("$in");
+                let found = match v {
+                    Value::Array(items) => items
+                        .iter()
+                        .any(|i| args.iter().any(|a| cmp_json(i, a).is_eq())),
+                    _ => args.iter().any(|a| cmp_json(v, a).is_eq()),
+                };
+                found == (k == "$in")
+            }
+            "$exists" => arg.as_bool().expect("$exists"),
+            "$type" => {
+                let t = match v {
+                    Value::Null => "null",
+                    Value::Bool(_) => "boolean",
+                    Value::Number(_) => "number",
+                    Value::String(_) => "string",
+                    Value::Array(_) => "array",
+                    Value::Object(_) => "object",
+                };
+                arg == t
+            }
+            "$regex" => v.as_str().is_some_and(|s| {
+                Regex::new(arg.as_str().expect("$regex"))
+                    .expect("regex")
+                    .is_match(s)
+            }),
+            "$elemMatch" => v
+                .as_array()
+                .is_some_and(|items| items.iter().any(|e| couch_match(arg, e))),
+            op if op.starts_with('$') => panic!("the model does not know {op}"),
+            field => {
+                let mut cur = Some(v);
+                for part in field.split('.') {
+                    cur = cur.and_then(|c| c.as_object()).and_then(|o| o.get(part));
+                }
+                match cur {
+                    Some(sub) => couch_match(arg, sub),
+                    None => *arg == json!({"$exists": false}),
+                }
+            }
+        })
+    }
+
+    /// View collation: null < false < true < numbers < strings < arrays < objects.
+    fn cmp_json(a: &Value, b: &Value) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        let rank = |v: &Value| match v {
+            Value::Null => 0,
+            Value::Bool(false) => 1,
+            Value::Bool(true) => 2,
+            Value::Number(_) => 3,
+            Value::String(_) => 4,
+            Value::Array(_) => 5,
+            Value::Object(_) => 6,
+        };
+        match (a, b) {
+            (Value::Number(x), Value::Number(y)) => x
+                .as_f64()
+                .partial_cmp(&y.as_f64())
+                .unwrap_or(Ordering::Equal),
+            (Value::String(x), Value::String(y)) => x.cmp(y),
+            (Value::Array(x), Value::Array(y)) => x
+                .iter()
+                .zip(y)
+                .map(|(i, j)| cmp_json(i, j))
+                .find(|o| o.is_ne())
+                .unwrap_or_else(|| x.len().cmp(&y.len())),
+            (Value::Object(x), Value::Object(y)) => x
+                .iter()
+                .zip(y)
+                .map(|((k1, v1), (k2, v2))| k1.cmp(k2).then_with(|| cmp_json(v1, v2)))
+                .find(|o| o.is_ne())
+                .unwrap_or_else(|| x.len().cmp(&y.len())),
+            _ => rank(a).cmp(&rank(b)),
+        }
+    }
+
+    /// The document as `_find` returns it with `fields`: only those paths, and `_id`.
+    fn project(doc: &Value, fields: &[String]) -> Value {
+        let mut out = json!({"_id": doc["_id"].clone()});
+        for f in fields {
+            let parts: Vec<&str> = f.split('.').collect();
+            let mut src = Some(doc);
+            for part in &parts {
+                src = src.and_then(|s| s.get(part));
+            }
+            let Some(v) = src else { continue };
+            let mut dst = &mut out;
+            for part in &parts[..parts.len() - 1] {
+                dst = dst
+                    .as_object_mut()
+                    .expect("object")
+                    .entry(part.to_string())
+                    .or_insert_with(|| json!({}));
+            }
+            dst.as_object_mut()
+                .expect("object")
+                .insert(parts[parts.len() - 1].to_string(), v.clone());
+        }
+        out
+    }
+
+    /// A small deterministic generator (xorshift64*), so a failure names its case.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        fn pick<T: Clone>(&mut self, xs: &[T]) -> T {
+            xs[self.below(xs.len())].clone()
+        }
+        fn chance(&mut self, percent: usize) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    /// Stored values of every shape: numbers, numeric and other strings, bools, null, lists.
+    fn any_value(r: &mut Rng) -> Value {
+        r.pick(&[
+            json!(32000),
+            json!(16000),
+            json!(16000.0),
+            json!("16000"),
+            json!("8000"),
+            json!(8000.5),
+            json!(-3),
+            json!("lots"),
+            json!("12"),
+            json!("12.0"),
+            json!(12),
+            json!("93%"),
+            json!(93),
+            json!(true),
+            json!("true"),
+            json!(null),
+            json!([16000]),
+            json!(["16000", "x"]),
+            json!({"total": 16000}),
+            json!("6.1.0-18-amd64"),
+            json!("5.14.0"),
+            json!("Linux 6.1.0 x86_64"),
+            json!("Debian"),
+            json!("RedHat"),
+            json!("web01"),
+            json!(""),
+            json!("1e3"),
+            json!(1000),
+            json!(6),
+            json!("6"),
+        ])
+    }
+
+    fn maybe(r: &mut Rng, m: &mut Map<String, Value>, k: &str, percent: usize) {
+        if r.chance(percent) {
+            m.insert(k.into(), any_value(r));
+        }
+    }
+
+    fn any_package(r: &mut Rng) -> Value {
+        let name = r.pick(&["openssl", "nginx", "libssl3", "apache2", "foo"]);
+        let version = r.pick(&[
+            "3.0.11-1~deb12u2",
+            "3.0.13-1",
+            "1:0.1",
+            "1.22.1-9",
+            "1.18.0-6",
+            "1.10",
+            "1.0~rc1",
+            "2.0",
+        ]);
+        let mut m = Map::new();
+        m.insert("name".into(), json!(name));
+        if r.chance(95) {
+            m.insert("version".into(), json!(version));
+        }
+        match r.below(4) {
+            0 => {}
+            1 => {
+                m.insert("status".into(), json!("config-files"));
+            }
+            _ => {
+                m.insert("status".into(), json!("installed"));
+            }
+        }
+        if r.chance(20) {
+            m.insert("arch".into(), json!(r.pick(&["amd64", "arm64"])));
+        }
+        Value::Object(m)
+    }
+
+    fn any_document(r: &mut Rng, node: &str) -> Value {
+        let mut facts = Map::new();
+        maybe(r, &mut facts, "kernel", 80);
+        maybe(r, &mut facts, "memory_mb", 80);
+        maybe(r, &mut facts, "hostname", 50);
+        if r.chance(80) {
+            let mut os = Map::new();
+            maybe(r, &mut os, "family", 80);
+            maybe(r, &mut os, "version", 60);
+            facts.insert("os".into(), Value::Object(os));
+        }
+        // Facts that collide with plugin names, to exercise resolution.
+        maybe(r, &mut facts, "facts", 10);
+        maybe(r, &mut facts, "disks", 5);
+        let mut doc = Map::new();
+        doc.insert("_id".into(), json!(node));
+        if r.chance(90) {
+            doc.insert(
+                "vogeler".into(),
+                json!({"facts": facts, "agent_version": "0.1.0"}),
+            );
+        }
+        maybe(r, &mut doc, "kernel", 40);
+        if r.chance(70) {
+            let mut f = Map::new();
+            maybe(r, &mut f, "memory_mb", 80);
+            maybe(r, &mut f, "hostname", 50);
+            doc.insert("facts".into(), Value::Object(f));
+        }
+        if r.chance(70) {
+            let mut o = Map::new();
+            maybe(r, &mut o, "VERSION_ID", 80);
+            doc.insert("os_release".into(), Value::Object(o));
+        }
+        if r.chance(70) {
+            let disks: Vec<Value> = (0..r.below(4))
+                .map(|_| {
+                    let mut d = Map::new();
+                    d.insert("target".into(), json!(r.pick(&["/", "/var", "/boot"])));
+                    maybe(r, &mut d, "use_percent", 85);
+                    Value::Object(d)
+                })
+                .collect();
+            doc.insert("disks".into(), Value::Array(disks));
+        }
+        if r.chance(80) {
+            let pkgs: Vec<Value> = (0..r.below(6)).map(|_| any_package(r)).collect();
+            doc.insert("dpkg".into(), Value::Array(pkgs));
+        }
+        if r.chance(30) {
+            let rpm = r.pick(&[
+                json!({"name": "openssl", "version": "3.0.13", "release": "1.el9"}),
+                json!({"name": "openssl", "epoch": "1", "version": "3.0.13", "release": "1.el9"}),
+                json!({"name": "openssl", "epoch": "(none)", "version": "3.0.7-16.el9"}),
+            ]);
+            doc.insert("rpms".into(), json!([rpm]));
+        }
+        if r.chance(40) {
+            let hello = r.pick(&[
+                json!(["alpha", "beta"]),
+                json!(["beta"]),
+                json!("alpha"),
+                json!([{"name": "alpha"}]),
+            ]);
+            doc.insert("hello".into(), hello);
+        }
+        Value::Object(doc)
+    }
+
+    const ATOMS: &[&str] = &[
+        "all",
+        "web01",
+        "web*",
+        "db*",
+        "*1",
+        "web01,db-1",
+        "kernel=~^6\\.",
+        "kernel =~ (?i)^LINUX",
+        "kernel =~ '6\\.1|5\\.'",
+        "kernel =~ ^(5|6)\\.",
+        "kernel = 6",
+        "kernel !~ ^5",
+        ".kernel =~ Linux",
+        "vogeler.facts.kernel =~ ^5",
+        "os.family=Debian",
+        "os.family != RedHat",
+        "os.version = 12",
+        "os.version < 13",
+        "memory_mb > 16000",
+        "memory_mb >= 16000.0",
+        "memory_mb < 16001",
+        "memory_mb <= 8000.5",
+        "memory_mb = 16000",
+        "memory_mb = true",
+        "memory_mb = null",
+        "memory_mb = '[16000]'",
+        "memory_mb = '{\"total\":16000}'",
+        "memory_mb != lots",
+        "memory_mb !~ ^1",
+        "memory_mb =~ ^1",
+        "memory_mb > lots",
+        "memory_mb < lots",
+        "memory_mb > -5",
+        "memory_mb = 1e3",
+        "memory_mb > 1e300",
+        "facts.memory_mb < 20000",
+        "facts.memory_mb = lots",
+        "facts.hostname =~ ^web",
+        "hostname = web01",
+        "os_release.VERSION_ID = 12",
+        "os_release.VERSION_ID > 11",
+        "os_release.VERSION_ID = ''",
+        "disks[].use_percent > 90",
+        "disks[].use_percent < 60",
+        "disks[].use_percent =~ %$",
+        "disks[].target = /",
+        "disks has (target = / and use_percent >= 91)",
+        "disks has (not target = / or exists use_percent)",
+        "exists disks[].use_percent",
+        "exists os.family",
+        "exists .kernel",
+        "dpkg has openssl",
+        "dpkg has openssl < 3.0.13",
+        "dpkg has nginx >= 1.20",
+        "dpkg has nginx != 1.22.1-9",
+        "dpkg has foo > 1.9",
+        "dpkg has foo < 1.0",
+        "dpkg has name=nginx and version=~^1\\.22",
+        "dpkg has (name = apache2 and status = config-files)",
+        "dpkg has (name =~ ^ng and not version < 1.20)",
+        "dpkg has (arch = amd64 or name = foo)",
+        "dpkg[].name = nginx",
+        "rpms has openssl = 3.0.13",
+        "rpms has openssl > 1:0",
+        "hello has alpha",
+        "hello[] = beta",
+        "hello = alpha",
+        "hello has (name = alpha)",
+        "_id = web01",
+    ];
+
+    fn any_expr(r: &mut Rng, depth: usize) -> String {
+        if depth == 0 || r.chance(35) {
+            return r.pick(ATOMS).to_string();
+        }
+        match r.below(4) {
+            0 => format!(
+                "({}) and ({})",
+                any_expr(r, depth - 1),
+                any_expr(r, depth - 1)
+            ),
+            1 => format!(
+                "({}) or ({})",
+                any_expr(r, depth - 1),
+                any_expr(r, depth - 1)
+            ),
+            2 => format!("not ({})", any_expr(r, depth - 1)),
+            _ => format!("{} and {}", r.pick(ATOMS), any_expr(r, depth - 1)),
+        }
+    }
+
+    /// The narrowing never loses a node: whenever `matches` accepts a document, CouchDB (as
+    /// modelled above) accepts it under `mango()`; and `matches` decides the same on the
+    /// document cut down to `fields()`.
+    #[test]
+    fn mango_is_a_superset_of_matches() {
+        let mut r = Rng(0x9E37_79B9_7F4A_7C15);
+        let (mut cases, mut matched, mut narrowed) = (0, 0, 0);
+        for _ in 0..600 {
+            let s = any_expr(&mut r, 3);
+            let e = p(&s);
+            let selector = e.mango();
+            let fields = e.fields();
+            assert_eq!(parse(&e.to_string()), Ok(e.clone()), "{s} shown as {e}");
+            for _ in 0..5 {
+                let node = r.pick(&["web01", "web02", "db-1", "db01"]);
+                let doc = any_document(&mut r, node);
+                let m = e.matches(node, &doc);
+                let couch = couch_match(&selector, &doc);
+                assert!(!m || couch, "{s}\nselector {selector}\nloses {doc}");
+                assert_eq!(
+                    e.matches(node, &project(&doc, &fields)),
+                    m,
+                    "{s}: fields {fields:?} are not enough for {doc}"
+                );
+                cases += 1;
+                matched += usize::from(m);
+                narrowed += usize::from(!couch);
+            }
+        }
+        // Not vacuous: many pairs match, and CouchDB leaves many out.
+        assert!(matched > cases / 10, "{matched} of {cases} matched");
+        assert!(narrowed > cases / 10, "{narrowed} of {cases} narrowed away");
+    }
+
+    /// Each atom, and its negation, over many documents: every comparison's narrowing.
+    #[test]
+    fn each_atom_narrows_safely() {
+        let mut r = Rng(42);
+        let mut never = vec![];
+        for atom in ATOMS {
+            let e = p(atom);
+            let not = Expr::Not(Box::new(e.clone()));
+            let (selector, not_selector) = (e.mango(), not.mango());
+            let mut matched = 0;
+            for _ in 0..300 {
+                let node = r.pick(&["web01", "web02", "db-1", "db01"]);
+                let doc = any_document(&mut r, node);
+                if e.matches(node, &doc) {
+                    matched += 1;
+                    assert!(
+                        couch_match(&selector, &doc),
+                        "{atom}\nselector {selector}\nloses {doc}"
+                    );
+                }
+                if not.matches(node, &doc) {
+                    assert!(couch_match(&not_selector, &doc), "not {atom} loses {doc}");
+                }
+            }
+            if matched == 0 {
+                never.push(*atom);
+            }
+        }
+        assert_eq!(never, ["memory_mb > 1e300"], "atoms that never matched");
+    }
 }
