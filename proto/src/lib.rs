@@ -15,12 +15,15 @@
 //! - [`design`]: the design documents (views) the server installs.
 //! - [`enrollment`]: which key may speak for which node name (open or approve).
 //! - [`version`]: package versions ordered by dpkg's or rpm's own rules.
+//! - [`expr`]: the expression language over stored values (node sets, plugin paths, `has`),
+//!   its evaluation over a node document and its narrowing into a CouchDB selector.
 //! - [`duration`], [`secret`]: value types configuration is written in.
 
 pub mod design;
 pub mod document;
 pub mod duration;
 pub mod enrollment;
+pub mod expr;
 pub mod fresh;
 pub mod guard;
 pub mod limits;
