@@ -139,6 +139,20 @@ pub async fn simulate(
     let settings = fleet.runner_settings()?;
     let topology = settings.broker.topology.clone();
     let conn = amqp::connect(&settings.broker.url, "vogeler-bench-day").await?;
+    // The server creates the database before it declares its queues and exchanges.
+    let declared = Instant::now();
+    while amqp::consume::QueueLength::open(&conn, &topology.results_queue())
+        .await?
+        .get()
+        .await
+        .is_err()
+    {
+        ensure!(
+            declared.elapsed() < Duration::from_secs(60),
+            "the server did not declare its queues"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let ch = amqp::publisher_channel(&conn).await?;
 
     let keys: Vec<PrivateKey> = (0..nodes)

@@ -88,9 +88,9 @@ enum What {
         /// Packages in each dpkg list
         #[arg(long, default_value_t = 500)]
         packages: usize,
-        /// Minutes between each node's heartbeat announcements (0: none); agents default to
-        /// one a minute
-        #[arg(long, default_value_t = 10)]
+        /// Minutes between each node's heartbeat announcements (0: none). Agents default to
+        /// one a minute; an hour keeps the run to minutes (each costs the same)
+        #[arg(long, default_value_t = 60)]
         heartbeat_minutes: u32,
     },
     /// Agent idle and burst footprint, server memory while ingesting
