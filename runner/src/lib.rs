@@ -519,6 +519,8 @@ async fn collect(
             Step::Done => break,
         };
     }
+    replies.close().await;
+    publisher.close().await;
     Ok(c.finish(started.elapsed()))
 }
 

@@ -318,6 +318,14 @@ impl<V: Verify> Consumer<V> {
             .basic_cancel(self.tag.as_str().into(), BasicCancelOptions::default());
         let _ = tokio::time::timeout(super::CLOSE_WAIT, cancel).await;
     }
+
+    /// Cancel and close the channel, before the connection closes: closing a connection
+    /// under an open consumer makes the client log a channel error for a clean exit.
+    pub async fn close(self) {
+        self.cancel().await;
+        let close = self.channel.close(200, "done".into());
+        let _ = tokio::time::timeout(super::CLOSE_WAIT, close).await;
+    }
 }
 
 /// A queue's length, read on a channel of its own (for metrics): a passive declaration

@@ -260,6 +260,12 @@ pub struct Publisher {
 }
 
 impl Publisher {
+    /// Close the channel (bounded), before the connection closes.
+    pub async fn close(self) {
+        let close = self.channel.close(200, "done".into());
+        let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
+    }
+
     pub async fn open(conn: &Connection, topology: &Topology) -> Result<Self, AmqpError> {
         Ok(Self {
             channel: publisher_channel(conn).await?,
