@@ -16,7 +16,7 @@ pub const ENROLLMENT_DDOC: &str = "vogeler_enrollment";
 
 /// Bumped whenever a view below changes: servers upgrade older design documents on start and
 /// leave newer ones (from a newer server) alone.
-pub const VERSION: u64 = 8;
+pub const VERSION: u64 = 9;
 
 /// A view: the design document it lives in, its name and its map function, in one place so
 /// that the server installs and every reader queries the same thing.
@@ -61,7 +61,7 @@ pub const PACKAGES: View = View {
 pub const COLLECTED: View = View {
     ddoc: NODES_DDOC,
     name: "collected",
-    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { var c = f.plugins || {}; for (var n in c) { emit([n, doc._id.substring(6)], { collected_at: c[n].confirmed_at, outcome: 'ok', interval_s: c[n].interval_s || null }); } return; } var v = doc.vogeler; var p = v && v.plugins; if (!p) { return; } var ap = v.agent_plugins || {}; for (var name in p) { var i = v.schedules ? v.schedules[name] : (v.announced_at && !(name in ap) ? null : p[name].interval_s); emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome, interval_s: i || null }); } }",
+    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { var c = f.plugins || {}; for (var n in c) { emit([n, doc._id.substring(6)], { collected_at: c[n].confirmed_at, outcome: 'ok', interval_s: c[n].interval_s || null }); } return; } var v = doc.vogeler; var p = v && v.plugins; if (!p) { return; } var ap = v.agent_plugins || {}; for (var name in p) { var own = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); }; var i = v.schedules ? (own(v.schedules, name) ? v.schedules[name] : null) : (v.announced_at && !own(ap, name) ? null : p[name].interval_s); emit([name, doc._id], { collected_at: p[name].collected_at, outcome: p[name].outcome, interval_s: i || null }); } }",
     reduce: None,
 };
 
@@ -71,7 +71,7 @@ pub const COLLECTED: View = View {
 pub const REGISTRY: View = View {
     ddoc: NODES_DDOC,
     name: "registry",
-    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { var c = f.plugins || {}; var t = {}; for (var n in c) { if (c[n].interval_s) { t[n] = [c[n].confirmed_at, c[n].interval_s]; } } emit(doc._id.substring(6), { fresh: true, last_seen: f.last_seen || null, agent_version: f.agent_version || null, schedules: t }); return; } if (doc.vogeler) { var v = doc.vogeler; var s = {}; var p = v.plugins || {}; var ap = v.agent_plugins || {}; for (var name in p) { var i = v.schedules ? v.schedules[name] : (v.announced_at && !(name in ap) ? null : p[name].interval_s); if (i) { s[name] = [p[name].collected_at, i]; } } emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {}, key: doc.vogeler.key || null, schedules: s }); } }",
+    map: "function (doc) { var f = doc.vogeler_fresh; if (f && doc._id.indexOf('fresh:') === 0) { var c = f.plugins || {}; var t = {}; for (var n in c) { if (c[n].interval_s) { t[n] = [c[n].confirmed_at, c[n].interval_s]; } } emit(doc._id.substring(6), { fresh: true, last_seen: f.last_seen || null, agent_version: f.agent_version || null, schedules: t }); return; } if (doc.vogeler) { var v = doc.vogeler; var s = {}; var p = v.plugins || {}; var ap = v.agent_plugins || {}; for (var name in p) { var own = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); }; var i = v.schedules ? (own(v.schedules, name) ? v.schedules[name] : null) : (v.announced_at && !own(ap, name) ? null : p[name].interval_s); if (i) { s[name] = [p[name].collected_at, i]; } } emit(doc._id, { last_seen: doc.vogeler.last_seen || null, agent_version: doc.vogeler.agent_version || null, facts: doc.vogeler.facts || {}, key: doc.vogeler.key || null, schedules: s }); } }",
     reduce: None,
 };
 

@@ -368,6 +368,8 @@ pub struct Node {
     written: Written,
     /// A confirmation was recorded: the freshness document must be written.
     confirmed: bool,
+    /// `from_parts` moved the node document's last seen into a new freshness document.
+    moved_last_seen: bool,
 }
 
 impl Node {
@@ -379,6 +381,7 @@ impl Node {
     /// A stored node. Without a freshness document (a database written before there were
     /// any), one starts from what the node document recorded.
     pub fn from_parts(mut doc: NodeDocument, fresh: Option<FreshDocument>) -> Self {
+        let moved_last_seen = fresh.is_none() && doc.meta.last_seen.is_some();
         let fresh = fresh.unwrap_or_else(|| {
             let mut f = match NodeName::new(doc.id.clone()) {
                 Ok(name) => FreshDocument::new(&name),
@@ -400,6 +403,7 @@ impl Node {
             fresh,
             written: Written::default(),
             confirmed: false,
+            moved_last_seen,
         }
     }
 
@@ -484,25 +488,38 @@ impl Node {
 
     /// Note the node was seen at `at`; returns whether that changed anything.
     fn saw(&mut self, at: DateTime<Utc>, agent_version: &str, now: DateTime<Utc>) -> bool {
-        // Ties go to the greater version string, so the order of arrival does not matter.
-        let newer = self.last_seen().is_none_or(|seen| {
-            seen < at
-                || (seen == at && self.agent_version() < Some(agent_version))
-                || from_the_future(seen, now)
-        });
-        if newer {
-            // A stamp from the future in the node document would outvote every later one:
-            // it goes, and the node document is written to say so.
-            if self
-                .doc
-                .meta
-                .last_seen
-                .is_some_and(|t| from_the_future(t, now))
-            {
-                self.doc.meta.last_seen = None;
-                self.doc.meta.agent_version = None;
+        // A stamp from the future would outvote every later one: it goes first (and the
+        // document that stores it is written), then `at` is judged against what is left, so
+        // a late message cannot move last seen back past a valid stamp.
+        if self
+            .doc
+            .meta
+            .last_seen
+            .is_some_and(|t| from_the_future(t, now))
+        {
+            self.doc.meta.last_seen = None;
+            self.doc.meta.agent_version = None;
+            self.written.document = true;
+        }
+        if self
+            .fresh
+            .fresh
+            .last_seen
+            .is_some_and(|t| from_the_future(t, now))
+        {
+            self.fresh.fresh.last_seen = None;
+            self.fresh.fresh.agent_version = None;
+            self.written.fresh = true;
+            // Moved there from the node document by `from_parts`, which still stores it.
+            if self.moved_last_seen {
                 self.written.document = true;
             }
+        }
+        // Ties go to the greater version string, so the order of arrival does not matter.
+        let newer = self.last_seen().is_none_or(|seen| {
+            seen < at || (seen == at && self.agent_version() < Some(agent_version))
+        });
+        if newer {
             self.fresh.fresh.last_seen = Some(at);
             self.fresh.fresh.agent_version = Some(agent_version.to_string());
             self.written.fresh = true;

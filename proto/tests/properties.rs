@@ -445,3 +445,50 @@ fn a_stamp_from_the_future_in_a_node_document_heals_with_the_next_message() {
     s.apply(&announce(40, "6.1"), now);
     assert_eq!(s.read(now).doc.meta.facts["kernel"], "6.2");
 }
+
+#[test]
+fn a_future_last_seen_goes_without_moving_last_seen_back() {
+    let now = Utc.timestamp_opt(1_900_000_100, 0).single().expect("time");
+    let at = |s: i64| {
+        Utc.timestamp_opt(1_900_000_000 + s, 0)
+            .single()
+            .expect("time")
+    };
+    let future: DateTime<Utc> = "2099-01-01T00:00:00Z".parse().expect("time");
+    let name = NodeName::new("web01").expect("node");
+    let heartbeat = |s: i64| {
+        Message::Announce(Announce {
+            node: name.clone(),
+            agent_version: "0.1.0".into(),
+            plugins: vec![],
+            started_at: at(0),
+            sent_at: at(s),
+            facts: Default::default(),
+            schedules: Some(Default::default()),
+        })
+    };
+    let mut legacy = NodeDocument::new(&name, at(0));
+    legacy.meta.last_seen = Some(future);
+    legacy.meta.announced_at = Some(at(1));
+    legacy.meta.schedules = Some(Default::default());
+    // No freshness document yet: the future stamp is moved, and the node document that
+    // still stores it is rewritten by the first message.
+    let mut s = Stored {
+        doc: Some(legacy.clone()),
+        fresh: None,
+    };
+    s.apply(&heartbeat(10), now);
+    assert_eq!(s.doc.as_ref().expect("doc").meta.last_seen, Some(at(10)));
+    assert_eq!(s.read(now).last_seen(), Some(at(10)));
+    // A valid stamp in the freshness document, a future one in the node document: a late,
+    // older message clears the future one but does not move last seen back.
+    let mut fresh = FreshDocument::new(&name);
+    fresh.fresh.last_seen = Some(at(10));
+    let mut s = Stored {
+        doc: Some(legacy),
+        fresh: Some(fresh),
+    };
+    s.apply(&heartbeat(5), now);
+    assert_eq!(s.read(now).last_seen(), Some(at(10)));
+    assert_eq!(s.doc.as_ref().expect("doc").meta.last_seen, Some(at(10)));
+}
