@@ -18,7 +18,7 @@ use vogeler_core::amqp;
 use vogeler_proto::{
     document::value_hash,
     names::{NodeName, PluginName},
-    signing::{PrivateKey, Purpose},
+    signing::PrivateKey,
     wire::{self, Announce, Message, Outcome, PluginInfo, PluginResult, Schedule},
 };
 
@@ -213,18 +213,8 @@ pub async fn simulate(
                 let body = wire::encode(&message);
                 wire_bytes += body.len() as u64;
                 heartbeats += 1;
-                let props = lapin::BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_headers(amqp::signature_headers(&keys[n], Purpose::Agent, &body));
                 confirms.push(
-                    ch.basic_publish(
-                        topology.results_exchange().as_str().into(),
-                        "announce.day".into(),
-                        Default::default(),
-                        &body,
-                        props,
-                    )
-                    .await?,
+                    ingest::publish_signed(&ch, &topology, &keys[n], "announce.day", &body).await?,
                 );
             }
             for (slot, plugin, interval_s, value) in runs {
@@ -252,18 +242,8 @@ pub async fn simulate(
                 let body = wire::encode(&message);
                 wire_bytes += body.len() as u64;
                 results += 1;
-                let props = lapin::BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_headers(amqp::signature_headers(&keys[n], Purpose::Agent, &body));
                 confirms.push(
-                    ch.basic_publish(
-                        topology.results_exchange().as_str().into(),
-                        "result.day".into(),
-                        Default::default(),
-                        &body,
-                        props,
-                    )
-                    .await?,
+                    ingest::publish_signed(&ch, &topology, &keys[n], "result.day", &body).await?,
                 );
             }
         }

@@ -95,6 +95,29 @@ fn result_bodies(ing: Ingest) -> Result<Vec<(PrivateKey, Vec<u8>)>> {
 }
 
 /// Publish signed bodies back to back, then wait for every confirm.
+/// Publish one message body to the results exchange, persistent and signed by `key` as an
+/// agent signs it; the caller awaits the broker's confirm.
+pub async fn publish_signed(
+    ch: &lapin::Channel,
+    topology: &Topology,
+    key: &PrivateKey,
+    routing_key: &str,
+    body: &[u8],
+) -> Result<lapin::PublisherConfirm> {
+    let props = lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_headers(amqp::signature_headers(key, Purpose::Agent, body));
+    Ok(ch
+        .basic_publish(
+            topology.results_exchange().as_str().into(),
+            routing_key.into(),
+            Default::default(),
+            body,
+            props,
+        )
+        .await?)
+}
+
 async fn publish_bodies(
     ch: &lapin::Channel,
     topology: &Topology,
@@ -102,19 +125,7 @@ async fn publish_bodies(
 ) -> Result<()> {
     let mut confirms = Vec::with_capacity(bodies.len());
     for (key, body) in bodies {
-        let props = lapin::BasicProperties::default()
-            .with_delivery_mode(2)
-            .with_headers(amqp::signature_headers(key, Purpose::Agent, body));
-        confirms.push(
-            ch.basic_publish(
-                topology.results_exchange().as_str().into(),
-                "result.bench".into(),
-                Default::default(),
-                body,
-                props,
-            )
-            .await?,
-        );
+        confirms.push(publish_signed(ch, topology, key, "result.bench", body).await?);
     }
     for c in confirms {
         anyhow::ensure!(c.await?.is_ack(), "the broker refused a result");
