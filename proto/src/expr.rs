@@ -98,8 +98,11 @@
 //!
 //! - `=`, `!=`: a stored number equals a value that reads as the same number (`memory_mb =
 //!   16000` matches `16000` and `16000.0`); anything else compares as text, a string as written
-//!   (`VERSION_ID = 12` matches `"12"`, not `"12.0"`), `true`/`null` and lists as their JSON.
+//!   (`VERSION_ID = 12` matches `"12"`, not `"12.0"`), `true`/`null` as their JSON.
 //!   Comparing stored strings as text is what keeps equality exact in CouchDB.
+//! - A comparison reads one value: a list or an object at the path matches no comparison
+//!   (`disks[].use_percent` compares a list's elements, `has` its records), which is also
+//!   what the values view holds ([`crate::design::VALUES`]).
 //! - `<`, `<=`, `>`, `>=` with a value that reads as a number compare numerically with stored
 //!   numbers and with strings that read as numbers (`"16000"`); any other stored value does not
 //!   match (it is neither more nor less than a number), as in node sets. With any other value
@@ -1000,6 +1003,15 @@ impl Test {
     pub fn value(&self) -> &str {
         &self.value
     }
+    /// The value as a number, when it reads as one.
+    pub fn number(&self) -> Option<f64> {
+        self.number
+    }
+    /// Whether a stored value meets the test, as [`Expr::matches`] decides it: callers that
+    /// read values from a view refine its rows with this.
+    pub fn accepts(&self, v: &Value) -> bool {
+        self.holds(v)
+    }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -1119,6 +1131,12 @@ impl Path {
 impl Test {
     /// The comparison on a stored value (no version order).
     fn holds(&self, v: &Value) -> bool {
+        // A comparison reads one value: a list or an object at the path is neither equal nor
+        // unequal to text (`[]` compares a list's elements, `has` its records). This is also
+        // what the values view can answer: it holds the scalars at each path.
+        if v.is_array() || v.is_object() {
+            return false;
+        }
         match self.op {
             Op::Eq => equals(v, &self.value, self.number),
             Op::Ne => !equals(v, &self.value, self.number),
@@ -1733,6 +1751,96 @@ impl Expr {
 // ----------------------------------------------------------------------------------------------
 // Display: the canonical spelling, which parses back to the same expression
 // ----------------------------------------------------------------------------------------------
+
+// ----------------------------------------------------------------------------------------------
+// Reading from views
+// ----------------------------------------------------------------------------------------------
+
+impl Path {
+    /// The path as the values view ([`crate::design::VALUES`]) keys it, when that view can
+    /// answer it: a bare path of keys (announced facts first, then plugin values, the rule
+    /// the view applies too), none of them containing a `.`, not into the bookkeeping.
+    /// `None` for `.P`, `vogeler…`, paths through `[]` and paths inside `has`.
+    pub fn view_key(&self) -> Option<String> {
+        if self.root != Root::Auto {
+            return None;
+        }
+        let mut keys = Vec::with_capacity(self.steps.len());
+        for step in &self.steps {
+            match step {
+                Step::Key(k) if !k.contains('.') && !k.is_empty() => keys.push(k.as_str()),
+                _ => return None,
+            }
+        }
+        (keys.first() != Some(&RESERVED_PLUGIN_NAME)).then(|| keys.join("."))
+    }
+
+    /// Every value at this path in `doc` (announced facts first for a bare path; each element
+    /// for `[]`), as [`Expr::matches`] reads them: `query --fields` shows these.
+    pub fn read<'a>(&self, doc: &'a Value) -> Vec<&'a Value> {
+        let mut out = Vec::new();
+        let (base, _) = self.start(doc);
+        any_at(base, &self.steps, &mut |v| {
+            out.push(v);
+            false
+        });
+        out
+    }
+
+    /// The plugin a one-key path names (`dpkg` in `dpkg has …`), from any root but an element.
+    pub fn plugin(&self) -> Option<&str> {
+        match (self.root, self.steps.as_slice()) {
+            (Root::Element, _) => None,
+            (_, [Step::Key(k)]) if k != RESERVED_PLUGIN_NAME => Some(k),
+            _ => None,
+        }
+    }
+}
+
+impl Member {
+    /// The package name every element meeting this must have, when it says so: `has openssl`,
+    /// `has name=nginx and …`. The packages view is read by name, so only these can use it.
+    pub fn pinned_name(&self) -> Option<&str> {
+        fn pinned(c: &Cond) -> Option<&str> {
+            match c {
+                Cond::Compare { path, test } if path.is_key("name") && test.op == Op::Eq => {
+                    Some(test.value.as_str())
+                }
+                Cond::And(items) => items.iter().find_map(pinned),
+                _ => None,
+            }
+        }
+        match self {
+            Member::Package { name, .. } => Some(name),
+            Member::Where(c) => pinned(c),
+        }
+    }
+
+    /// Whether the conditions read only the fields the packages view keeps of a record
+    /// (`name`, `version`, `arch`, `epoch`, `release`; not `status`: the view holds installed
+    /// packages only).
+    pub fn reads_record_fields_only(&self) -> bool {
+        fn only(c: &Cond) -> bool {
+            match c {
+                Cond::Compare { path, .. } | Cond::Exists(path) => path
+                    .first_key()
+                    .is_some_and(|k| RECORD_FIELDS.contains(&k) && k != "status"),
+                Cond::And(items) | Cond::Or(items) => items.iter().all(only),
+                Cond::Not(c) => only(c),
+            }
+        }
+        match self {
+            Member::Package { .. } => true,
+            Member::Where(c) => only(c),
+        }
+    }
+
+    /// Whether one list element meets this, in `scheme`'s version order for a package
+    /// inventory: callers that read records from a view refine its rows with this.
+    pub fn accepts(&self, element: &Value, scheme: Option<Scheme>) -> bool {
+        self.holds(element, scheme)
+    }
+}
 
 impl fmt::Display for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -3421,6 +3529,15 @@ mod tests {
                 never.push(*atom);
             }
         }
-        assert_eq!(never, ["memory_mb > 1e300"], "atoms that never matched");
+        // A comparison reads one value: lists and objects at the path match nothing.
+        assert_eq!(
+            never,
+            [
+                "memory_mb = '[16000]'",
+                "memory_mb = '{\"total\":16000}'",
+                "memory_mb > 1e300"
+            ],
+            "atoms that never matched"
+        );
     }
 }
