@@ -250,6 +250,15 @@ pub struct ViewRow {
     pub doc: Option<serde_json::Value>,
 }
 
+/// A page of `_find` results.
+#[derive(Debug, serde::Deserialize)]
+pub struct FindPage {
+    pub docs: Vec<serde_json::Value>,
+    /// Where the next page starts.
+    #[serde(default)]
+    pub bookmark: Option<String>,
+}
+
 #[derive(serde::Deserialize)]
 struct ViewRows {
     rows: Vec<ViewRow>,
@@ -629,6 +638,20 @@ impl CouchClient {
         }
         let rows: ViewRows = self.json(&path, resp).await?;
         Ok(rows.rows)
+    }
+
+    /// One page of a Mango query (`POST /{db}/_find`): `body` holds the selector, fields,
+    /// limit and bookmark.
+    pub async fn find(&self, db: &str, body: &serde_json::Value) -> Result<FindPage, CouchError> {
+        let path = [db, "_find"];
+        let bytes = serde_json::to_vec(body).expect("a JSON value serializes");
+        let resp = self
+            .send_query(Method::POST, &path, &[], Some(&bytes))
+            .await?;
+        if !resp.status().is_success() {
+            return Err(self.error(Method::POST, &path, resp).await);
+        }
+        self.json(&path, resp).await
     }
 
     /// The number of documents in `db` (`GET /{db}`), design documents included.

@@ -119,30 +119,152 @@ impl Inventory {
         Ok(by_node.into_iter().collect())
     }
 
-    /// Nodes with an installed package (any version when `version` is `None`).
+    /// Nodes with an installed package (any version when `version` is `None`, else that
+    /// version as stored), in any package inventory.
     pub async fn with_package(
         &self,
         name: &str,
         version: Option<&str>,
     ) -> Result<BTreeSet<String>, CouchError> {
-        let params = match version {
-            Some(v) => vec![("key", json!([name, v]).to_string())],
-            None => vec![
-                ("startkey", json!([name]).to_string()),
-                ("endkey", json!([name, {}]).to_string()),
-            ],
-        };
-        Ok(ids(self.rows(design::PACKAGES, &params).await?))
+        Ok(self
+            .packages(name, None)
+            .await?
+            .into_iter()
+            .filter(|p| version.is_none_or(|v| p.version.as_deref() == Some(v)))
+            .map(|p| p.node)
+            .collect())
     }
 
-    /// Nodes whose fact `key` is exactly `value`.
+    /// Every installed record of package `name` (in `plugin`'s inventory only, when given),
+    /// one row per node and record.
+    pub async fn packages(
+        &self,
+        name: &str,
+        plugin: Option<&str>,
+    ) -> Result<Vec<PackageRow>, CouchError> {
+        let (start, end) = match plugin {
+            Some(p) => (json!([name, p]), json!([name, p, {}])),
+            None => (json!([name]), json!([name, {}])),
+        };
+        let params = [
+            ("reduce", "false".to_string()),
+            ("startkey", start.to_string()),
+            ("endkey", end.to_string()),
+        ];
+        Ok(self
+            .rows(design::PACKAGES, &params)
+            .await?
+            .into_iter()
+            .filter_map(PackageRow::from_row)
+            .collect())
+    }
+
+    /// How many nodes have each version of package `name` in `plugin`'s inventory (the
+    /// view's reduce, so one row per version whatever the fleet's size).
+    pub async fn package_counts(
+        &self,
+        plugin: &str,
+        name: &str,
+    ) -> Result<Vec<(Value, u64)>, CouchError> {
+        let params = [
+            ("group_level", "3".to_string()),
+            ("startkey", json!([name, plugin]).to_string()),
+            ("endkey", json!([name, plugin, {}]).to_string()),
+        ];
+        Ok(counts(self.rows(design::PACKAGES, &params).await?, 2))
+    }
+
+    /// Nodes whose fact (or plugin value) at `path` is exactly `value`.
     pub async fn with_fact(
         &self,
-        key: &str,
+        path: &str,
         value: &Value,
     ) -> Result<BTreeSet<String>, CouchError> {
-        let params = [("key", json!([key, value]).to_string())];
-        Ok(ids(self.rows(design::FACTS, &params).await?))
+        let params = [
+            ("reduce", "false".to_string()),
+            ("key", json!([path, value]).to_string()),
+        ];
+        Ok(ids(self.rows(design::VALUES, &params).await?))
+    }
+
+    /// `(node, value)` for the plain values at `path` (a [`Path::view_key`]) within `span`,
+    /// as the values view holds them.
+    ///
+    /// [`Path::view_key`]: vogeler_proto::expr::Path::view_key
+    pub async fn values(
+        &self,
+        path: &str,
+        span: &Span,
+    ) -> Result<Vec<(String, Value)>, CouchError> {
+        let mut out = Vec::new();
+        let reads: Vec<Vec<(&str, String)>> = match span {
+            Span::Keys(keys) => keys
+                .iter()
+                .map(|k| vec![("key", json!([path, k]).to_string())])
+                .collect(),
+            Span::Ranges(ranges) => ranges
+                .iter()
+                .map(|(lo, hi)| {
+                    let bound = |b: &Option<Value>, open: Value| match b {
+                        Some(v) => json!([path, v]),
+                        None => open,
+                    };
+                    vec![
+                        ("startkey", bound(lo, json!([path])).to_string()),
+                        ("endkey", bound(hi, json!([path, {}])).to_string()),
+                    ]
+                })
+                .collect(),
+        };
+        for mut params in reads {
+            params.push(("reduce", "false".to_string()));
+            for r in self.rows(design::VALUES, &params).await? {
+                if let (Some(id), Some(v)) = (r.id, r.key.get(1)) {
+                    out.push((id, v.clone()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many nodes hold each plain value at `path` (the view's reduce).
+    pub async fn value_counts(&self, path: &str) -> Result<Vec<(Value, u64)>, CouchError> {
+        let params = [
+            ("group_level", "2".to_string()),
+            ("startkey", json!([path]).to_string()),
+            ("endkey", json!([path, {}]).to_string()),
+        ];
+        Ok(counts(self.rows(design::VALUES, &params).await?, 1))
+    }
+
+    /// Node documents matching a Mango `selector`, with only `fields` of each (`_id` always),
+    /// a page at a time: for what no view answers (lists, `has` with conditions, paths into a
+    /// document). Never `fresh:`/`quarantine:` documents: only node documents have `vogeler`
+    /// and an id without `:`.
+    pub async fn find(&self, selector: Value, fields: &[String]) -> Result<Vec<Value>, CouchError> {
+        const PAGE: usize = 500;
+        let mut fields: Vec<&str> = fields.iter().map(String::as_str).collect();
+        fields.push("_id");
+        let selector = json!({"$and": [
+            selector,
+            {"vogeler": {"$type": "object"}},
+            {"_id": {"$regex": "^[^:]+$"}},
+        ]});
+        let mut docs = Vec::new();
+        let mut bookmark: Option<String> = None;
+        loop {
+            let mut body = json!({"selector": selector, "fields": fields, "limit": PAGE});
+            if let Some(b) = &bookmark {
+                body["bookmark"] = b.clone().into();
+            }
+            let page = self.couch.find(&self.db, &body).await?;
+            let n = page.docs.len();
+            docs.extend(page.docs);
+            if n < PAGE || page.bookmark.is_none() {
+                return Ok(docs);
+            }
+            bookmark = page.bookmark;
+        }
     }
 
     /// Every recorded change of `plugin` on `node`, oldest first.
@@ -283,6 +405,60 @@ fn fold_registry(rows: Vec<ViewRow>) -> Vec<(String, Registered)> {
         }
     }
     nodes.into_iter().collect()
+}
+
+/// Which keys of a view to read: exact keys, or `(low, high)` ranges of the second key part
+/// (`None`: open at that end).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Span {
+    Keys(Vec<Value>),
+    Ranges(Vec<(Option<Value>, Option<Value>)>),
+}
+
+/// One installed record of a package, as the packages view holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackageRow {
+    pub node: String,
+    pub plugin: String,
+    /// `epoch:version-release` as composed from the record.
+    pub version: Option<String>,
+    /// `dpkg` or `rpm`.
+    pub scheme: String,
+    /// The record as the node stored it (`name`, `version`, `arch`, `epoch`, `release`).
+    pub record: Value,
+}
+
+impl PackageRow {
+    fn from_row(r: ViewRow) -> Option<Self> {
+        let name = r.key.get(0)?.as_str()?;
+        let plugin = r.key.get(1)?.as_str()?.to_string();
+        let version = r.key.get(2).and_then(Value::as_str).map(str::to_string);
+        let scheme = r.value.get("scheme")?.as_str()?.to_string();
+        let mut record = serde_json::Map::new();
+        record.insert("name".into(), name.into());
+        for f in ["version", "arch", "epoch", "release"] {
+            if let Some(v) = r.value.get(f) {
+                record.insert(f.into(), v.clone());
+            }
+        }
+        Some(Self {
+            node: r.id?,
+            plugin,
+            version,
+            scheme,
+            record: Value::Object(record),
+        })
+    }
+}
+
+/// `(key part at, count)` of grouped `_count` rows, most common first.
+fn counts(rows: Vec<ViewRow>, at: usize) -> Vec<(Value, u64)> {
+    let mut out: Vec<(Value, u64)> = rows
+        .into_iter()
+        .filter_map(|r| Some((r.key.get(at)?.clone(), r.value.as_u64()?)))
+        .collect();
+    out.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    out
 }
 
 fn ids(rows: Vec<ViewRow>) -> BTreeSet<String> {

@@ -16,7 +16,7 @@ pub const ENROLLMENT_DDOC: &str = "vogeler_enrollment";
 
 /// Bumped whenever a view below changes: servers upgrade older design documents on start and
 /// leave newer ones (from a newer server) alone.
-pub const VERSION: u64 = 9;
+pub const VERSION: u64 = 10;
 
 /// A view: the design document it lives in, its name and its map function, in one place so
 /// that the server installs and every reader queries the same thing.
@@ -47,12 +47,18 @@ pub const NODES_BY_PLUGIN: View = View {
     reduce: None,
 };
 
-/// `[name, version]` → source plugin, for installed `dpkg` and `rpms` entries.
+/// `[name, plugin, version]` → `{scheme, version, arch, epoch, release}` for every installed
+/// record of a package inventory: `dpkg` (dpkg's order) and `rpms` (rpm's) by name, and any
+/// plugin the node announced as one (`vogeler.packages`). The key's version is
+/// `epoch:version-release` when the record has those fields (rpm's `(none)` epoch is none),
+/// as [`crate::expr`] composes it; the value keeps the record's own fields, so `has` can be
+/// decided on the row. Reduced with `_count`: `group_level=3` over `[name, plugin]` is the
+/// version spread of one package (`count dpkg:openssl`).
 pub const PACKAGES: View = View {
     ddoc: NODES_DDOC,
     name: "packages",
-    map: "function (doc) { ['dpkg', 'rpms'].forEach(function (source) { var list = doc[source]; if (!Array.isArray(list)) { return; } list.forEach(function (pkg) { if (!pkg || typeof pkg.name !== 'string') { return; } if (pkg.status && pkg.status !== 'installed') { return; } emit([pkg.name, pkg.version || null], source); }); }); }",
-    reduce: None,
+    map: "function (doc) { var v = doc.vogeler; if (!v || typeof v !== 'object' || doc._id.indexOf(':') !== -1) { return; } var own = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); }; var str = function (x) { return typeof x === 'string' ? x : JSON.stringify(x); }; var sources = { dpkg: 'dpkg', rpms: 'rpm' }; var d = v.packages; if (d && typeof d === 'object') { for (var k in d) { if (own(d, k) && !own(sources, k) && k !== 'vogeler' && (d[k] === 'dpkg' || d[k] === 'rpm')) { sources[k] = d[k]; } } } for (var s in sources) { if (!own(sources, s) || !own(doc, s) || !Array.isArray(doc[s])) { continue; } var list = doc[s]; for (var i = 0; i < list.length; i++) { var p = list[i]; if (!p || typeof p !== 'object' || typeof p.name !== 'string') { continue; } if (p.status !== undefined && p.status !== null && p.status !== 'installed') { continue; } var val = { scheme: sources[s] }; var ver = null; if (p.version !== undefined && p.version !== null) { val.version = p.version; ver = str(p.version); var e = p.epoch === undefined || p.epoch === null ? '' : str(p.epoch); var r = p.release === undefined || p.release === null ? '' : str(p.release); if (e !== '' && e !== '(none)') { ver = e + ':' + ver; } if (r !== '' && r !== '(none)') { ver = ver + '-' + r; } } ['arch', 'epoch', 'release'].forEach(function (f) { if (p[f] !== undefined && p[f] !== null) { val[f] = p[f]; } }); emit([p.name, s, ver], val); } } }",
+    reduce: Some("_count"),
 };
 
 /// `[plugin, node]` → [`Collected`], for answering from stored values (`--cached`): one row
@@ -90,13 +96,19 @@ pub fn quarantine_id(node: &crate::names::NodeName) -> String {
     format!("quarantine:{node}")
 }
 
-/// `[fact path, value]` → null, from the facts agents report (`os.family`, `kernel`,
-/// `arch`, ...).
-pub const FACTS: View = View {
+/// `[path, value]` → null for every plain value a node document holds, by the path the
+/// expression language reads it with ([`crate::expr`]): announced facts first (`os.family`,
+/// `kernel`), then the objects and values of plugins whose name is not an announced fact
+/// (`os_release.VERSION_ID`, `facts.memory_mb`). Lists are left to `_find` (`disks[]…`,
+/// `has`); keys with a `.` cannot be named by a path and are left out. Bounded per document
+/// (2,000 values, 8 levels, strings up to 512 characters), since a node decides what its
+/// values hold. Reduced with `_count`: `group_level=2` over `[path]` is how many nodes have
+/// each value (`count os.version`), also in Fauxton.
+pub const VALUES: View = View {
     ddoc: NODES_DDOC,
-    name: "facts",
-    map: "function (doc) { var f = doc.vogeler && doc.vogeler.facts; if (!f) { return; } function walk(prefix, o) { for (var k in o) { var v = o[k]; var key = prefix ? prefix + '.' + k : k; if (v !== null && typeof v === 'object' && !Array.isArray(v)) { walk(key, v); } else if (v === null || typeof v !== 'object') { emit([key, v], null); } } } walk('', f); }",
-    reduce: None,
+    name: "values",
+    map: "function (doc) { var v = doc.vogeler; if (!v || typeof v !== 'object' || doc._id.indexOf(':') !== -1) { return; } var own = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); }; var plain = function (x) { return x !== null && typeof x === 'object'; }; var facts = plain(v.facts) && !Array.isArray(v.facts) ? v.facts : {}; var n = 0; var put = function (key, x, depth) { if (n >= 2000) { return; } if (plain(x)) { if (!Array.isArray(x) && depth < 8) { for (var k in x) { if (own(x, k) && k.indexOf('.') === -1 && k !== '') { put(key + '.' + k, x[k], depth + 1); } } } return; } if (typeof x === 'string' && x.length > 512) { return; } n++; emit([key, x], null); }; for (var f in facts) { if (own(facts, f) && f.indexOf('.') === -1 && f !== '') { put(f, facts[f], 1); } } for (var p in doc) { if (own(doc, p) && p.charAt(0) !== '_' && p !== 'vogeler' && p.indexOf('.') === -1 && p !== '' && !own(facts, p)) { put(p, doc[p], 1); } } }",
+    reduce: Some("_count"),
 };
 
 /// History entry time → [`HistoryRow`] (`{node, plugin}`): retention, and `changes`
@@ -124,7 +136,7 @@ pub const NODE_VIEWS: [View; 7] = [
     PACKAGES,
     COLLECTED,
     REGISTRY,
-    FACTS,
+    VALUES,
     QUARANTINE,
 ];
 
