@@ -328,15 +328,16 @@ pub async fn round_trip(fleet: &Fleet, n: usize) -> Result<RoundTrip> {
     })
 }
 
-/// Resolve a fact filter against the registry the way the runner does (read the registry
-/// view, evaluate the expression); returns seconds and how many nodes matched.
+/// Resolve a node set the way the runner does (read the registry view, select in the
+/// inventory); returns seconds and how many nodes matched.
 pub async fn targeting(fleet: &Fleet, expr: &str) -> Result<(f64, usize)> {
     let settings = fleet.runner_settings()?;
     let set = vogeler_runner::target::parse(expr, &vogeler_runner::target::Files)
         .map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     let registry = vogeler_runner::registry(&settings.couch, settings.freshness).await?;
-    let matched = set.resolve(&registry).len();
+    let selected = vogeler_runner::select_nodes(&settings.couch, &set, &registry).await?;
+    let matched = set.resolve(&selected, &registry).len();
     Ok((started.elapsed().as_secs_f64(), matched))
 }
 

@@ -67,6 +67,19 @@ async fn inventory(
             let changes = inv::changes(couch, &set, settings.freshness, &query).await?;
             inv::changes_rows(&changes, cli.full)
         }
+        Command::Query { expr, fields } => {
+            let set = target::parse(expr, &target::Files)
+                .map_err(|e| RunnerError::Usage(format!("query: {e}")))?;
+            crate::ask::query_rows(
+                &crate::ask::query(couch, &set, fields, settings.freshness).await?,
+            )
+        }
+        Command::Count { field } => {
+            let set = node_set(cli)?;
+            crate::ask::count_rows(
+                &crate::ask::count(couch, field, &set, settings.freshness).await?,
+            )
+        }
         Command::Keygen { .. } => unreachable!("keygen runs before configuration is loaded"),
         Command::Nodes {
             action: Some(NodesAction::Forget { node }),

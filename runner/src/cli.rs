@@ -18,6 +18,7 @@ const EXAMPLES: &str = concat!(
     "  vogeler-runner -c dpkg -n os.family=Debian   facts: = != =~ (regex) > < >= <=\n",
     "  vogeler-runner -c dpkg -n 'kernel=~^6\\.'  'memory_mb>16000'\n",
     "  vogeler-runner -c dpkg -n 'web* and not (os.family=RedHat or cpus<4)'\n",
+    "  vogeler-runner -c restart_check -n 'dpkg has openssl < 3.0.13'   by stored values\n",
     "  vogeler-runner -c hello -n all --output jsonl | jq .\n",
     "  vogeler-runner -c rpms -n all --cached 1h      stored values up to 1h old, ask the rest\n",
     "  vogeler-runner -c upgrade_check -n 'web*' --batch 25% --batch-pause 30s\n",
@@ -25,12 +26,30 @@ const EXAMPLES: &str = concat!(
     "  vogeler-runner show web01 dpkg               a stored document or value\n",
     "  vogeler-runner find package openssl=3.0.11-1  nodes with that package (from CouchDB)\n",
     "  vogeler-runner find fact os.family=Debian\n",
+    "  vogeler-runner query 'dpkg has openssl < 3.0.13' --fields os.version,dpkg:openssl\n",
+    "  vogeler-runner count os.version               how many nodes run each version\n",
     "  vogeler-runner history web01 dpkg             how a plugin's value changed\n",
     "  vogeler-runner changes --since 6h -n 'web*'  what changed across the fleet\n",
     "  vogeler-runner keygen --out /etc/vogeler/keys  a key pair to sign commands with\n",
     "  vogeler-runner nodes forget web01             accept a reinstalled node's new key\n",
     "  vogeler-runner nodes pending                 keys waiting for approval\n",
     "  vogeler-runner nodes accept web04            pin web04's waiting key\n",
+);
+
+/// The expression language, for `query`'s and the top-level `--help`.
+pub const EXPRESSION_HELP: &str = concat!(
+    "Expressions (-n, query): names (web01, web01,web02), globs ('web*'), @file, - (stdin),\n",
+    "comparisons on announced facts and stored plugin values by path, and packages:\n",
+    "  os.family=Debian  kernel=~^6\\.  memory_mb>16000      announced facts (= != =~ !~ < <= > >=)\n",
+    "  os_release.VERSION_ID = 12  facts.memory_mb < 4096   a plugin's value: PLUGIN.path\n",
+    "  disks[].use_percent > 90                            [] reads each element of a list\n",
+    "  exists os_release.VERSION_ID                         the value is there\n",
+    "  dpkg has openssl < 3.0.13                           a package, in dpkg's (rpms: rpm's) order\n",
+    "  dpkg has name=nginx and version=~^1\\.22             conditions on one record\n",
+    "  web* and not (os.family=RedHat or dpkg has nginx)   and, or, not, parentheses\n",
+    "A bare path reads the node's announced facts when they have its first key, else the\n",
+    "stored plugin values; '.kernel' reads only the kernel plugin's value. Quote values with\n",
+    "spaces: os.name = 'Debian GNU/Linux'.\n",
 );
 
 /// `--output`, said once for every command (each subcommand's help adds its columns).
@@ -53,7 +72,7 @@ const EXIT_HELP: &str = concat!(
 /// The top-level `--help` after the flags: examples, output, exit codes.
 fn long_help() -> String {
     format!(
-        "{EXAMPLES}\n{OUTPUT_HELP}{}\n{EXIT_HELP}",
+        "{EXAMPLES}\n{EXPRESSION_HELP}\n{OUTPUT_HELP}{}\n{EXIT_HELP}",
         output::columns_help(crate::report::COLUMNS)
     )
 }
@@ -82,8 +101,9 @@ pub struct Cli {
     #[arg(short = 'c', long = "plugin", alias = "command", value_name = "PLUGIN", value_parser = PluginName::new_checked, required_unless_present_any = ["check_config", "print_config"])]
     pub plugin: Option<PluginName>,
 
-    /// Nodes: all, a name, a list, a glob, @file, -, fact filters, combined with and/or/not
-    /// and parentheses (see the examples below)
+    /// Nodes: all, a name, a list, a glob, @file, -, facts and stored values by path,
+    /// packages (dpkg has openssl < 3.0.13), combined with and/or/not and parentheses (see
+    /// the examples and expressions below)
     #[arg(
         short = 'n',
         long = "nodes",
@@ -207,6 +227,54 @@ pub enum Command {
     Find {
         #[command(subcommand)]
         what: Find,
+    },
+    /// Nodes whose stored values meet an expression, with the values asked for: from the
+    /// server's views in CouchDB (and `_find` for lists), no node is asked anything
+    #[command(after_long_help = format!(
+        "{}\n{}\n{}",
+        concat!(
+            "Examples:\n",
+            "  vogeler-runner query 'dpkg has openssl < 3.0.13' --fields os.version,dpkg:openssl\n",
+            "  vogeler-runner query 'os.family=Debian and memory_mb < 4096' --fields memory_mb\n",
+            "  vogeler-runner query 'os_release.VERSION_ID = 12'\n",
+            "  vogeler-runner query 'disks[].use_percent > 90' --fields disks[].target\n",
+            "  vogeler-runner query 'rpms has (name = kernel and version < 5.14.0-400)'\n",
+            "  vogeler-runner query 'web* and not dpkg has nginx' -o csv\n",
+        ),
+        EXPRESSION_HELP,
+        output::columns_help(crate::ask::QUERY_COLUMNS),
+    ))]
+    Query {
+        /// Which nodes: the expression language of -n (see below); `all` for every node
+        #[arg(value_name = "EXPR")]
+        expr: String,
+        /// Values to show for each node, comma-separated: paths (os.version,
+        /// disks[].use_percent) or a package's version (dpkg:openssl)
+        #[arg(long, value_name = "FIELD,...", value_delimiter = ',', value_parser = crate::ask::parse_field)]
+        fields: Vec<crate::ask::Field>,
+    },
+    /// How many nodes hold each value of a path (count os.version) or each version of a
+    /// package (count dpkg:openssl), most common first: from the server's reduce views (the
+    /// same counts Fauxton shows under _design/vogeler), or over the nodes of -n
+    #[command(after_long_help = format!(
+        "{}\n{}",
+        concat!(
+            "Examples:\n",
+            "  vogeler-runner count os.version               every node, from the reduce view\n",
+            "  vogeler-runner count dpkg:openssl             the version spread of a package\n",
+            "  vogeler-runner count kernel -n 'web*'         only over these nodes\n",
+            "  vogeler-runner count facts.cpus -n 'dpkg has nginx' -o json\n",
+            "\n",
+            "A path counts one plain value per node (text, number, true/false); `(none)` counts\n",
+            "the nodes without one. A package counts installed records: a package installed for\n",
+            "two architectures counts twice.\n",
+        ),
+        output::columns_help(crate::ask::COUNT_COLUMNS),
+    ))]
+    Count {
+        /// A path (os.version, facts.memory_mb) or PLUGIN:PACKAGE (dpkg:openssl)
+        #[arg(value_name = "PATH", value_parser = crate::ask::parse_field)]
+        field: crate::ask::Field,
     },
     /// Show each recorded change of a plugin's value on a node, oldest first: packages by
     /// name (openssl 3.0.11-1 → 3.0.13-1, + added, - removed), objects by key path

@@ -520,9 +520,10 @@ pub async fn nodes(
         .into_iter()
         .map(|(n, q)| (n, q.reason.unwrap_or_else(|| "unreadable".into())))
         .collect();
+    let selected = crate::select_nodes(settings, set, &registry).await?;
     let mut out: Vec<NodeInfo> = registry
         .iter()
-        .filter(|(n, k)| set.matches(n, Some(k)))
+        .filter(|(n, _)| selected.contains(*n))
         .map(|(n, k)| NodeInfo {
             node: n.to_string(),
             last_seen: k.last_seen,
@@ -535,7 +536,7 @@ pub async fn nodes(
     // A document the registry view cannot list is still a node the operator must hear of.
     for (node, reason) in quarantined {
         if let Ok(name) = NodeName::new(&node)
-            && set.matches(&name, Some(&crate::target::RegisteredNode::default()))
+            && (set.is_all() || selected.contains(&name))
         {
             out.push(NodeInfo {
                 node,
@@ -810,14 +811,15 @@ pub async fn changes(
 ) -> Result<Changes, RunnerError> {
     let inventory = open(settings)?;
     // `all` is every node with history, registered still or not; other sets need facts.
-    let registry = if set.is_all() {
+    let selected = if set.is_all() {
         None
     } else {
-        Some(crate::registry(settings, freshness).await?)
+        let registry = crate::registry(settings, freshness).await?;
+        Some(crate::select_nodes(settings, set, &registry).await?)
     };
-    let node_wanted = |node: &str| match &registry {
+    let node_wanted = |node: &str| match &selected {
         None => true,
-        Some(registry) => NodeName::new(node).is_ok_and(|n| set.matches(&n, registry.get(&n))),
+        Some(selected) => NodeName::new(node).is_ok_and(|n| selected.contains(&n)),
     };
     let plugin_wanted = |plugin: &str| {
         query.plugins.is_empty() || query.plugins.iter().any(|p| p.as_str() == plugin)

@@ -14,12 +14,14 @@
 //! every expected node answered, or at the timeout.
 
 pub mod app;
+pub mod ask;
 pub mod cli;
 pub mod collect;
 pub mod diff;
 pub mod inventory;
 pub mod output;
 pub mod report;
+pub mod select;
 pub mod target;
 
 use std::{
@@ -283,6 +285,24 @@ pub async fn registry(
         .collect())
 }
 
+/// The nodes `set` selects among the registered ones in `known` (and names given
+/// explicitly), decided in the inventory by [`select::Selector`].
+pub async fn select_nodes(
+    couch: &CouchSettings,
+    set: &NodeSet,
+    known: &BTreeMap<NodeName, RegisteredNode>,
+) -> Result<BTreeSet<NodeName>, RunnerError> {
+    let universe: BTreeSet<NodeName> = known.keys().cloned().collect();
+    let inventory = inventory::open(couch)?;
+    let selector = select::Selector::new(&inventory, &universe);
+    let selected = selector
+        .select(set.expr())
+        .await
+        .map_err(inventory::registry_error)?;
+    debug!(reads = ?selector.reads(), selected = selected.len(), "node set selected");
+    Ok(selected)
+}
+
 /// What a running query reports as it goes, for progress display and streaming output.
 #[derive(Debug)]
 pub enum Progress<'a> {
@@ -310,42 +330,39 @@ pub async fn query(
     // names and a plain broadcast it is read alongside the first replies.
     let mut registry_pending = None;
     let mut keys = None;
-    let expected = match &q.nodes {
-        NodeSet::Names(names) => {
-            let couch = settings.couch.clone();
-            let freshness = settings.freshness;
-            registry_pending = Some(tokio::spawn(async move {
-                Ok(match registry(&couch, freshness).await {
-                    Ok(known) => RegistryAnswer {
-                        expected: None,
-                        keys: pinned_keys(&known),
-                    },
-                    Err(e) => {
-                        warn!(error = %e, "cannot read the registry, so no reply can be verified against its node's pinned key: every reply is reported unverified");
-                        RegistryAnswer::default()
-                    }
-                })
-            }));
-            names.clone()
-        }
-        NodeSet::All if q.batch.is_none() && q.cached.is_none() => {
-            let (couch, freshness, set) =
-                (settings.couch.clone(), settings.freshness, q.nodes.clone());
-            registry_pending = Some(tokio::spawn(async move {
-                registry(&couch, freshness)
-                    .await
-                    .map(|known| RegistryAnswer {
-                        expected: Some(set.resolve(&known)),
-                        keys: pinned_keys(&known),
-                    })
-            }));
-            BTreeSet::new()
-        }
-        set => {
-            let known = registry(&settings.couch, settings.freshness).await?;
-            keys = Some(pinned_keys(&known));
-            set.resolve(&known)
-        }
+    let expected = if let Some(names) = q.nodes.names() {
+        let couch = settings.couch.clone();
+        let freshness = settings.freshness;
+        registry_pending = Some(tokio::spawn(async move {
+            Ok(match registry(&couch, freshness).await {
+                Ok(known) => RegistryAnswer {
+                    expected: None,
+                    keys: pinned_keys(&known),
+                },
+                Err(e) => {
+                    warn!(error = %e, "cannot read the registry, so no reply can be verified against its node's pinned key: every reply is reported unverified");
+                    RegistryAnswer::default()
+                }
+            })
+        }));
+        names.clone()
+    } else if q.nodes.is_all() && q.batch.is_none() && q.cached.is_none() {
+        let (couch, freshness, set) = (settings.couch.clone(), settings.freshness, q.nodes.clone());
+        registry_pending = Some(tokio::spawn(async move {
+            registry(&couch, freshness).await.map(|known| {
+                let everyone = known.keys().cloned().collect();
+                RegistryAnswer {
+                    expected: Some(set.resolve(&everyone, &known)),
+                    keys: pinned_keys(&known),
+                }
+            })
+        }));
+        BTreeSet::new()
+    } else {
+        let known = registry(&settings.couch, settings.freshness).await?;
+        keys = Some(pinned_keys(&known));
+        let selected = select_nodes(&settings.couch, &q.nodes, &known).await?;
+        q.nodes.resolve(&selected, &known)
     };
     let b = &settings.broker;
     let conn =

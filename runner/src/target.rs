@@ -1,4 +1,7 @@
-//! Node sets (`-n`): names, lists, globs, files, fact filters, and their combinations.
+//! Node sets (`-n`): the expression language of [`vogeler_proto::expr`] (names, lists, globs,
+//! files, announced facts, any stored plugin value, packages in their manager's version
+//! order, combined with and/or/not and parentheses), resolved against the inventory by
+//! [`crate::select`].
 //!
 //! ```text
 //! all                      every registered node
@@ -6,12 +9,12 @@
 //! web01,web02              a list
 //! 'web*'  'db-[0-9]*'      globs over registered names
 //! @nodes.txt   -           names from a file / from stdin, one per line
-//! os.family=Debian         fact filters: = != =~ (regex) > < >= <=
+//! os.family=Debian         announced facts: = != =~ !~ > < >= <=
 //! kernel=~^6\.   memory_mb>16000
+//! os_release.VERSION_ID = 12        a plugin's value, by path
+//! dpkg has openssl < 3.0.13         a package, in dpkg's own version order
 //! web* and not os.family=RedHat     and, or, not, parentheses
 //! ```
-//! A set resolves against the node registry (registered nodes with their facts) into the
-//! nodes to command and expect.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,36 +22,10 @@ use std::{
 };
 
 use serde_json::{Map, Value};
-use vogeler_proto::names::NodeName;
-
-/// A parsed node-set expression.
-#[derive(Debug, Clone)]
-pub enum NodeSet {
-    All,
-    /// Names given explicitly (a name, a list, a file): commanded even if unregistered.
-    Names(BTreeSet<NodeName>),
-    Glob(glob::Pattern),
-    Fact {
-        path: String,
-        op: Op,
-        value: String,
-        regex: Option<regex::Regex>,
-    },
-    And(Box<NodeSet>, Box<NodeSet>),
-    Or(Box<NodeSet>, Box<NodeSet>),
-    Not(Box<NodeSet>),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Op {
-    Eq,
-    Ne,
-    Match,
-    Gt,
-    Lt,
-    Ge,
-    Le,
-}
+use vogeler_proto::{
+    expr::{self, Expr, Source},
+    names::NodeName,
+};
 
 /// What the registry knows of a node.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -85,276 +62,62 @@ impl NameSource for Files {
     }
 }
 
-/// Split on whitespace and grouping parentheses. A parenthesis inside a term (a regex group
-/// such as `kernel=~^(5|6)\.`) stays part of it.
-fn tokenize(s: &str) -> Vec<String> {
-    let mut out = vec![];
-    let mut cur = String::new();
-    let mut depth = 0usize; // parentheses opened inside the current term
-    let flush = |cur: &mut String, out: &mut Vec<String>| {
-        if !cur.is_empty() {
-            out.push(std::mem::take(cur));
-        }
-    };
-    for c in s.chars() {
-        match c {
-            '(' if cur.is_empty() => out.push("(".into()),
-            '(' => {
-                depth += 1;
-                cur.push(c);
-            }
-            ')' if depth > 0 => {
-                depth -= 1;
-                cur.push(c);
-            }
-            ')' => {
-                flush(&mut cur, &mut out);
-                out.push(")".into());
-            }
-            c if c.is_whitespace() => {
-                flush(&mut cur, &mut out);
-                depth = 0;
-            }
-            c => cur.push(c),
-        }
-    }
-    flush(&mut cur, &mut out);
-    out
+/// A parsed `-n` expression, with `@file` and `-` already read.
+#[derive(Debug, Clone)]
+pub struct NodeSet {
+    expr: Expr,
 }
 
-struct Parser<'a> {
-    tokens: Vec<String>,
-    at: usize,
-    files: &'a dyn NameSource,
-}
-
-impl Parser<'_> {
-    fn peek(&self) -> Option<&str> {
-        self.tokens.get(self.at).map(String::as_str)
-    }
-    fn next(&mut self) -> Option<String> {
-        let t = self.tokens.get(self.at).cloned();
-        self.at += 1;
-        t
-    }
-    fn or(&mut self) -> Result<NodeSet, String> {
-        let mut left = self.and()?;
-        while self.peek() == Some("or") {
-            self.next();
-            left = NodeSet::Or(Box::new(left), Box::new(self.and()?));
-        }
-        Ok(left)
-    }
-    fn and(&mut self) -> Result<NodeSet, String> {
-        let mut left = self.not()?;
-        while self.peek() == Some("and") {
-            self.next();
-            left = NodeSet::And(Box::new(left), Box::new(self.not()?));
-        }
-        Ok(left)
-    }
-    fn not(&mut self) -> Result<NodeSet, String> {
-        if self.peek() == Some("not") {
-            self.next();
-            return Ok(NodeSet::Not(Box::new(self.not()?)));
-        }
-        self.atom()
-    }
-    fn atom(&mut self) -> Result<NodeSet, String> {
-        match self.next().as_deref() {
-            None => Err("the node set ends too early".into()),
-            Some("(") => {
-                let inner = self.or()?;
-                match self.next().as_deref() {
-                    Some(")") => Ok(inner),
-                    _ => Err("a '(' is not closed".into()),
-                }
-            }
-            Some(t @ (")" | "and" | "or")) => Err(format!("unexpected {t:?}")),
-            Some(t) => term(t, self.files),
-        }
-    }
-}
-
-const OPS: &[(&str, Op)] = &[
-    ("=~", Op::Match),
-    ("!=", Op::Ne),
-    (">=", Op::Ge),
-    ("<=", Op::Le),
-    ("=", Op::Eq),
-    (">", Op::Gt),
-    ("<", Op::Lt),
-];
-
-fn names_from(text: &str, origin: &str) -> Result<NodeSet, String> {
-    let mut names = BTreeSet::new();
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        names.insert(NodeName::new(line).map_err(|e| format!("{origin}: {e}"))?);
-    }
-    Ok(NodeSet::Names(names))
-}
-
-fn term(t: &str, files: &dyn NameSource) -> Result<NodeSet, String> {
-    if t == "all" {
-        return Ok(NodeSet::All);
-    }
-    if t == "-" {
-        return names_from(&files.read("-")?, "stdin");
-    }
-    if let Some(file) = t.strip_prefix('@') {
-        return names_from(&files.read(file)?, file);
-    }
-    // The earliest operator wins, longest first at the same place (`>=` before `>`).
-    if let Some((at, op_str, op)) = OPS
-        .iter()
-        .filter_map(|(s, op)| t.find(s).map(|at| (at, *s, *op)))
-        .min_by_key(|(at, s, _)| (*at, usize::MAX - s.len()))
-    {
-        let path = &t[..at];
-        let value = &t[at + op_str.len()..];
-        if path.is_empty() {
-            return Err(format!(
-                "{t:?}: the fact name is missing (write e.g. os.family=Debian)"
-            ));
-        }
-        let regex = match op {
-            Op::Match => Some(regex::Regex::new(value).map_err(|e| format!("{t:?}: {e}"))?),
-            Op::Gt | Op::Lt | Op::Ge | Op::Le if value.parse::<f64>().is_err() => {
-                return Err(format!("{t:?}: {value:?} is not a number"));
-            }
-            _ => None,
-        };
-        return Ok(NodeSet::Fact {
-            path: path.to_string(),
-            op,
-            value: value.to_string(),
-            regex,
-        });
-    }
-    if t.contains(',') {
-        return names_from(&t.replace(',', "\n"), t);
-    }
-    if t.contains(['*', '?', '[']) {
-        return glob::Pattern::new(t)
-            .map(NodeSet::Glob)
-            .map_err(|e| format!("{t:?} is not a glob: {e}"));
-    }
-    NodeName::new(t)
-        .map(|n| NodeSet::Names([n].into()))
-        .map_err(|e| format!("{e}; see --help for node sets"))
-}
-
-/// Parse a `-n` expression.
+/// Parse a `-n` expression and read the names it takes from files or stdin.
 pub fn parse(s: &str, files: &dyn NameSource) -> Result<NodeSet, String> {
-    let mut p = Parser {
-        tokens: tokenize(s),
-        at: 0,
-        files,
-    };
-    let set = p.or()?;
-    match p.next() {
-        None => Ok(set),
-        Some(t) => Err(format!("unexpected {t:?}; join terms with and/or")),
-    }
-}
-
-fn lookup<'a>(facts: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
-    let mut parts = path.split('.');
-    let mut v = facts.get(parts.next()?)?;
-    for p in parts {
-        v = v.get(p)?;
-    }
-    Some(v)
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+    let expr = expr::parse(s).map_err(|e| format!("{e}; see --help for node sets"))?;
+    let expr = expr
+        .resolve_sources(&mut |source| match source {
+            Source::File(f) => files.read(f),
+            Source::Stdin => files.read("-"),
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(NodeSet { expr })
 }
 
 impl NodeSet {
-    /// Does this node belong to the set?
-    pub fn matches(&self, name: &NodeName, known: Option<&RegisteredNode>) -> bool {
-        match self {
-            NodeSet::All => known.is_some(),
-            NodeSet::Names(n) => n.contains(name),
-            NodeSet::Glob(p) => p.matches(name.as_str()),
-            NodeSet::Fact {
-                path,
-                op,
-                value,
-                regex,
-            } => {
-                let Some(v) = known.and_then(|k| lookup(&k.facts, path)) else {
-                    return false;
-                };
-                match op {
-                    Op::Eq => text(v) == *value,
-                    Op::Ne => text(v) != *value,
-                    Op::Match => regex.as_ref().is_some_and(|r| r.is_match(&text(v))),
-                    Op::Gt | Op::Lt | Op::Ge | Op::Le => {
-                        let (Some(have), Ok(want)) =
-                            (text(v).parse::<f64>().ok(), value.parse::<f64>())
-                        else {
-                            return false;
-                        };
-                        match op {
-                            Op::Gt => have > want,
-                            Op::Lt => have < want,
-                            Op::Ge => have >= want,
-                            _ => have <= want,
-                        }
-                    }
-                }
-            }
-            NodeSet::And(a, b) => a.matches(name, known) && b.matches(name, known),
-            NodeSet::Or(a, b) => a.matches(name, known) || b.matches(name, known),
-            NodeSet::Not(a) => !a.matches(name, known),
-        }
-    }
-
-    /// Names mentioned explicitly in a positive position: commanded even when unregistered.
-    fn explicit(&self) -> BTreeSet<NodeName> {
-        match self {
-            NodeSet::Names(n) => n.clone(),
-            NodeSet::Or(a, b) => a.explicit().union(&b.explicit()).cloned().collect(),
-            NodeSet::And(a, b) => a.explicit().intersection(&b.explicit()).cloned().collect(),
-            _ => BTreeSet::new(),
-        }
-    }
-
-    /// The nodes to command and expect: registered nodes in the set that are fresh, plus
-    /// explicitly named ones whatever the registry says.
-    pub fn resolve(&self, registry: &BTreeMap<NodeName, RegisteredNode>) -> BTreeSet<NodeName> {
-        let mut out: BTreeSet<NodeName> = registry
-            .iter()
-            .filter(|(n, k)| k.fresh && self.matches(n, Some(k)))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in self.explicit() {
-            if self.matches(&n, registry.get(&n)) || !registry.contains_key(&n) {
-                out.insert(n);
-            }
-        }
-        out
+    /// The set as an expression over stored documents.
+    pub fn expr(&self) -> &Expr {
+        &self.expr
     }
 
     /// `all` alone: broadcast instead of one command per node.
     pub fn is_all(&self) -> bool {
-        matches!(self, NodeSet::All)
+        self.expr.is_all()
+    }
+
+    /// Names alone (a name, a list, a file): commanded whatever the registry says.
+    pub fn names(&self) -> Option<&BTreeSet<NodeName>> {
+        match &self.expr {
+            Expr::Names(n) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The nodes to command and expect, from the nodes the expression selects: those
+    /// registered and fresh, and those named explicitly whatever the registry says.
+    pub fn resolve(
+        &self,
+        selected: &BTreeSet<NodeName>,
+        registry: &BTreeMap<NodeName, RegisteredNode>,
+    ) -> BTreeSet<NodeName> {
+        let explicit = self.expr.explicit_names();
+        selected
+            .iter()
+            .filter(|n| registry.get(*n).is_some_and(|k| k.fresh) || explicit.contains(*n))
+            .cloned()
+            .collect()
     }
 }
 
-impl fmt::Display for Op {
+impl fmt::Display for NodeSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = OPS.iter().find(|(_, o)| o == self).map_or("?", |(s, _)| s);
-        f.write_str(s)
+        self.expr.fmt(f)
     }
 }
 
@@ -411,10 +174,26 @@ mod tests {
         r
     }
 
+    /// The nodes `expr` selects among `registry`'s, as the inventory would from documents
+    /// holding only the announced facts (the whole evaluation against CouchDB is tested in
+    /// e2e/tests/query.rs), then resolved for a fan-out.
     fn resolve(expr: &str) -> Vec<String> {
-        parse(expr, &Fake)
-            .unwrap_or_else(|e| panic!("{expr}: {e}"))
-            .resolve(&registry())
+        let set = parse(expr, &Fake).unwrap_or_else(|e| panic!("{expr}: {e}"));
+        let registry = registry();
+        let candidates: BTreeSet<NodeName> = registry
+            .keys()
+            .cloned()
+            .chain(set.expr().explicit_names())
+            .collect();
+        let selected: BTreeSet<NodeName> = candidates
+            .into_iter()
+            .filter(|n| {
+                let facts = registry.get(n).map(|k| k.facts.clone()).unwrap_or_default();
+                set.expr()
+                    .matches(n.as_str(), &json!({"vogeler": {"facts": facts}}))
+            })
+            .collect();
+        set.resolve(&selected, &registry)
             .iter()
             .map(|n| n.to_string())
             .collect()
@@ -472,17 +251,26 @@ mod tests {
     fn bad_expressions_say_why() {
         for (expr, needle) in [
             ("(web01", "not closed"),
-            ("web01 web02", "join terms"),
-            ("and web01", "unexpected"),
-            ("memory_mb>lots", "not a number"),
+            ("web01 web02", "and"),
+            ("and web01", "column 1"),
             ("kernel=~[", "regex"),
-            ("=Debian", "fact name is missing"),
+            ("=Debian", "column 1"),
             ("_bad", "node name"),
             ("@missing.txt", "cannot read"),
-            ("", "ends too early"),
+            ("", "column 1"),
         ] {
             let err = parse(expr, &Fake).expect_err(expr);
             assert!(err.contains(needle), "{expr}: {err}");
         }
+    }
+
+    #[test]
+    fn explicit_names_outside_the_registry_survive_only_where_named() {
+        assert_eq!(resolve("ghost or os.family=RedHat"), ["ghost", "web02"]);
+        assert!(
+            resolve("ghost and os.family=Debian").is_empty(),
+            "an unknown node has no facts to meet"
+        );
+        assert_eq!(resolve("not web*"), ["db-1", "db01"]);
     }
 }

@@ -1,0 +1,329 @@
+//! Which nodes an expression selects, decided in CouchDB and refined here on the narrowed
+//! rows only: never by downloading every document.
+//!
+//! Each leaf of the expression is read where the database can answer it best, then the
+//! leaves are combined as sets of node names (`and` intersects, `or` joins, `not` takes the
+//! rest of the registered nodes):
+//!
+//! | leaf                                   | read from                                      |
+//! |----------------------------------------|------------------------------------------------|
+//! | `all`, names, globs                    | the registry the caller already holds          |
+//! | `path OP value` on a bare path         | the values view: the rows of that path (the exact keys for `=`, a key range for numbers), refined with the comparison |
+//! | `dpkg has NAME …`, `rpms has name=…`   | the packages view: the rows of that package, refined in the package manager's version order |
+//! | anything else (`disks[].use_percent > 90`, `has (…)` on other plugins, `.kernel`, `exists`) | `_find` with the leaf's selector and only the fields it reads, refined with [`Expr::matches_with`] |
+//!
+//! The views are the server's (the runner only reads, with the reader account); `_find`
+//! needs no index to be exact, and scans only in the database.
+
+use std::{collections::BTreeSet, future::Future, pin::Pin};
+
+use serde_json::{Value, json};
+use vogeler_core::{
+    couch::CouchError,
+    query::{Inventory, Span},
+};
+use vogeler_proto::{
+    expr::{Catalog, Expr, Member, Op, Path, Test},
+    names::NodeName,
+    version::Scheme,
+};
+
+/// The package inventories every node has by name; others are declared per node
+/// (`vogeler.packages`) and read through `_find`.
+const BUILT_IN_PACKAGES: &[&str] = &["dpkg", "rpms"];
+
+/// What one selection read, for `--verbose` and the benchmark.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reads {
+    pub view_reads: usize,
+    pub view_rows: usize,
+    pub finds: usize,
+    pub documents: usize,
+}
+
+/// Selects nodes for expressions against one inventory, among the registered `universe`.
+#[derive(Debug)]
+pub struct Selector<'a> {
+    inventory: &'a Inventory,
+    universe: &'a BTreeSet<NodeName>,
+    reads: std::sync::Mutex<Reads>,
+}
+
+type Selected<'b> =
+    Pin<Box<dyn Future<Output = Result<BTreeSet<NodeName>, CouchError>> + Send + 'b>>;
+
+impl<'a> Selector<'a> {
+    pub fn new(inventory: &'a Inventory, universe: &'a BTreeSet<NodeName>) -> Self {
+        Self {
+            inventory,
+            universe,
+            reads: std::sync::Mutex::new(Reads::default()),
+        }
+    }
+
+    /// What the selections so far read.
+    pub fn reads(&self) -> Reads {
+        *self.reads.lock().expect("reads lock")
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Reads)) {
+        f(&mut self.reads.lock().expect("reads lock"));
+    }
+
+    /// The nodes `expr` selects: registered ones, and names given explicitly even when
+    /// unregistered (the caller decides what those mean).
+    pub fn select<'b>(&'b self, expr: &'b Expr) -> Selected<'b> {
+        Box::pin(async move {
+            Ok(match expr {
+                Expr::All => self.universe.clone(),
+                Expr::Names(names) => names.clone(),
+                Expr::Glob(p) => self
+                    .universe
+                    .iter()
+                    .filter(|n| p.matches(n.as_str()))
+                    .cloned()
+                    .collect(),
+                // Read by the caller before; an unread source names nobody.
+                Expr::NamesFrom(_) => BTreeSet::new(),
+                Expr::And(items) => {
+                    let mut acc: Option<BTreeSet<NodeName>> = None;
+                    // Cheap parts first: a name or glob narrows before any read.
+                    let mut ordered: Vec<&Expr> = items.iter().collect();
+                    ordered.sort_by_key(|e| !matches!(e, Expr::Names(_) | Expr::Glob(_)));
+                    for e in ordered {
+                        let s = self.select(e).await?;
+                        let next = match acc {
+                            None => s,
+                            Some(a) => a.intersection(&s).cloned().collect(),
+                        };
+                        if next.is_empty() {
+                            return Ok(next);
+                        }
+                        acc = Some(next);
+                    }
+                    acc.unwrap_or_default()
+                }
+                Expr::Or(items) => {
+                    let mut acc = BTreeSet::new();
+                    for e in items {
+                        acc.extend(self.select(e).await?);
+                    }
+                    acc
+                }
+                Expr::Not(e) => {
+                    let s = self.select(e).await?;
+                    self.universe.difference(&s).cloned().collect()
+                }
+                Expr::Compare { path, test } => match path.view_key() {
+                    Some(key) => self.compare(&key, test).await?,
+                    None => self.find(expr).await?,
+                },
+                Expr::Has { path, member } => match package_leaf(path, member) {
+                    Some((plugin, name)) => self.has_package(plugin, name, member).await?,
+                    None => self.find(expr).await?,
+                },
+                Expr::Exists(_) => self.find(expr).await?,
+            })
+        })
+    }
+
+    /// A comparison on a bare path, from the values view.
+    async fn compare(&self, key: &str, test: &Test) -> Result<BTreeSet<NodeName>, CouchError> {
+        let rows = self.inventory.values(key, &span(test)).await?;
+        self.count(|r| {
+            r.view_reads += 1;
+            r.view_rows += rows.len();
+        });
+        Ok(rows
+            .into_iter()
+            .filter(|(_, v)| test.accepts(v))
+            .filter_map(|(id, _)| NodeName::new(id).ok())
+            .collect())
+    }
+
+    /// `PLUGIN has NAME …` on a built-in package inventory, from the packages view.
+    async fn has_package(
+        &self,
+        plugin: &str,
+        name: &str,
+        member: &Member,
+    ) -> Result<BTreeSet<NodeName>, CouchError> {
+        let rows = self.inventory.packages(name, Some(plugin)).await?;
+        self.count(|r| {
+            r.view_reads += 1;
+            r.view_rows += rows.len();
+        });
+        Ok(rows
+            .into_iter()
+            .filter(|p| member.accepts(&p.record, scheme(&p.scheme)))
+            .filter_map(|p| NodeName::new(p.node).ok())
+            .collect())
+    }
+
+    /// Any other leaf: `_find` narrows, [`Expr::matches_with`] decides on the fields read.
+    async fn find(&self, leaf: &Expr) -> Result<BTreeSet<NodeName>, CouchError> {
+        let mut fields = leaf.fields();
+        fields.push("vogeler.packages".to_string());
+        let docs = self.inventory.find(leaf.mango(), &fields).await?;
+        self.count(|r| {
+            r.finds += 1;
+            r.documents += docs.len();
+        });
+        Ok(docs
+            .into_iter()
+            .filter_map(|doc| {
+                let id = doc.get("_id")?.as_str()?;
+                leaf.matches_with(id, &doc, &catalog_of(&doc))
+                    .then(|| NodeName::new(id).ok())
+                    .flatten()
+            })
+            .collect())
+    }
+}
+
+/// The plugin and package name of a `has` the packages view answers exactly: a built-in
+/// package inventory, a pinned name, and conditions on the fields the view keeps.
+fn package_leaf<'e>(path: &'e Path, member: &'e Member) -> Option<(&'e str, &'e str)> {
+    let plugin = path.plugin().filter(|p| BUILT_IN_PACKAGES.contains(p))?;
+    let name = member.pinned_name()?;
+    member.reads_record_fields_only().then_some((plugin, name))
+}
+
+/// The view keys that can hold a value meeting `test`: the exact keys for `=`, a key range
+/// for numeric bounds (strings sort after numbers in CouchDB and may read as numbers), the
+/// whole path otherwise.
+fn span(test: &Test) -> Span {
+    let number = test.number().filter(|n| n.abs() < 9_007_199_254_740_992.0);
+    match (test.op(), number) {
+        (Op::Eq, n) => {
+            let mut keys = vec![Value::String(test.value().to_string())];
+            if let Some(n) = n {
+                keys.push(json_number(n));
+            }
+            match test.value() {
+                "true" => keys.push(Value::Bool(true)),
+                "false" => keys.push(Value::Bool(false)),
+                "null" => keys.push(Value::Null),
+                _ => {}
+            }
+            Span::Keys(keys)
+        }
+        (Op::Gt | Op::Ge, Some(n)) => Span::Ranges(vec![(Some(json_number(n)), None)]),
+        (Op::Lt | Op::Le, Some(n)) => Span::Ranges(vec![
+            (None, Some(json_number(n))),
+            (Some(Value::String(String::new())), None),
+        ]),
+        _ => Span::Ranges(vec![(None, None)]),
+    }
+}
+
+fn json_number(n: f64) -> Value {
+    if n.fract() == 0.0 {
+        json!(n as i64)
+    } else {
+        json!(n)
+    }
+}
+
+/// `dpkg` or `rpm`, as views and documents spell a version order.
+pub fn scheme(s: &str) -> Option<Scheme> {
+    match s {
+        "dpkg" => Some(Scheme::Dpkg),
+        "rpm" => Some(Scheme::Rpm),
+        _ => None,
+    }
+}
+
+/// The package inventories of one document: the built-in ones and those its node declared.
+fn catalog_of(doc: &Value) -> Catalog {
+    let mut catalog = Catalog::default();
+    if let Some(declared) = doc
+        .get("vogeler")
+        .and_then(|v| v.get("packages"))
+        .and_then(Value::as_object)
+    {
+        for (plugin, s) in declared {
+            if !BUILT_IN_PACKAGES.contains(&plugin.as_str())
+                && let Some(s) = s.as_str().and_then(scheme)
+            {
+                catalog = catalog.with(plugin.clone(), s);
+            }
+        }
+    }
+    catalog
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_of(s: &str) -> Test {
+        match vogeler_proto::expr::parse(s).expect(s) {
+            Expr::Compare { test, .. } => test,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn equality_reads_the_exact_keys_a_match_can_have() {
+        assert_eq!(
+            span(&test_of("memory_mb = 16000")),
+            Span::Keys(vec![json!("16000"), json!(16000)])
+        );
+        assert_eq!(
+            span(&test_of("os.family = Debian")),
+            Span::Keys(vec![json!("Debian")])
+        );
+        assert_eq!(
+            span(&test_of("virtual = true")),
+            Span::Keys(vec![json!("true"), json!(true)])
+        );
+    }
+
+    #[test]
+    fn numeric_bounds_read_a_range_and_the_strings() {
+        assert_eq!(
+            span(&test_of("memory_mb > 4096")),
+            Span::Ranges(vec![(Some(json!(4096)), None)])
+        );
+        assert_eq!(
+            span(&test_of("load < 0.5")),
+            Span::Ranges(vec![(None, Some(json!(0.5))), (Some(json!("")), None)])
+        );
+        assert_eq!(
+            span(&test_of("os.family =~ ^Deb")),
+            Span::Ranges(vec![(None, None)])
+        );
+    }
+
+    #[test]
+    fn only_built_in_inventories_with_a_pinned_name_use_the_packages_view() {
+        let leaf = |s: &str| match vogeler_proto::expr::parse(s).expect(s) {
+            Expr::Has { path, member } => {
+                package_leaf(&path, &member).map(|(p, n)| (p.to_string(), n.to_string()))
+            }
+            other => panic!("{s}: {other:?}"),
+        };
+        assert_eq!(
+            leaf("dpkg has openssl < 3.0.13"),
+            Some(("dpkg".into(), "openssl".into()))
+        );
+        assert_eq!(
+            leaf(r"dpkg has name=nginx and version=~^1\.22"),
+            Some(("dpkg".into(), "nginx".into()))
+        );
+        assert_eq!(leaf("dpkg has (version < 1)"), None, "no name: _find");
+        assert_eq!(leaf("dpkg has (name = x and status = config-files)"), None);
+        assert_eq!(leaf("pip has requests"), None, "declared per node: _find");
+    }
+
+    #[test]
+    fn declared_inventories_join_the_catalog_but_cannot_reorder_the_built_ins() {
+        let c = catalog_of(
+            &json!({"vogeler": {"packages": {"pip": "rpm", "dpkg": "rpm", "apk": "bogus"}}}),
+        );
+        assert_eq!(c.scheme("pip"), Some(Scheme::Rpm));
+        assert_eq!(c.scheme("dpkg"), Some(Scheme::Dpkg));
+        assert_eq!(c.scheme("apk"), None);
+    }
+}
