@@ -477,6 +477,27 @@ async fn setup_script_gives_each_account_exactly_its_rights() {
         text(&out)
     );
 
+    // Questions over stored values need nothing but reads: views, their reduce, `_find`.
+    for (args, needle) in [
+        (&["query", "hello has alpha", "-o", "jsonl"][..], node),
+        (&["count", "os.family"][..], "1 value(s) over 1 node(s)"),
+    ] {
+        let mut cmd = accounts.as_role(bare("vogeler-runner"), "runner");
+        cmd.args(args);
+        let out = run(cmd).await;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?} as reader: {}",
+            text(&out)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(needle),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
+
     // What the reader may and may not do, by hand.
     println!("--- status lines from Apache CouchDB ---");
     let (status, _) = http
