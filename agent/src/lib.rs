@@ -440,6 +440,7 @@ async fn announce(
             f.extend(s.facts.clone());
             f
         },
+        packages: None,
         schedules: Some(
             catalog
                 .plugins()
