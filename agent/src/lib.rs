@@ -440,7 +440,6 @@ async fn announce(
             f.extend(s.facts.clone());
             f
         },
-        packages: None,
         schedules: Some(
             catalog
                 .plugins()
@@ -450,6 +449,7 @@ async fn announce(
                 })
                 .collect(),
         ),
+        packages: Some(catalog.packages()),
     });
     publisher.publish(&message, &shared.key).await
 }
