@@ -25,8 +25,8 @@
 //! `arch`, `status`, `epoch`, `release`) whose versions compare in dpkg's or rpm's order, so
 //! the package index and `has` cover it as they cover `dpkg` and `rpms` (package inventories
 //! by name, see [`vogeler_proto::version::BY_NAME`]). rpm's order suits any dotted version
-//! (`apk`, `pacman`, `pip`). It needs a format that makes records: `fields` naming `name` and
-//! `version`, or `json` and `yaml`, whose shape is the program's.
+//! (it is pacman's own; pip's and apk's come close). It needs a format that makes records:
+//! `fields` naming `name` and `version`, or `json` and `yaml`, whose shape is the program's.
 //!
 //! Original Vogeler `*.cfg` files load too (see [`legacy`]).
 
@@ -505,8 +505,8 @@ mod tests {
             (p.packages, p.package_order()),
             (Some(Scheme::Rpm), Some(Scheme::Rpm))
         );
-        let apk = "name = \"apk\"\ncommand = [\"apk\", \"list\", \"--installed\"]\nformat = \"fields\"\nfields = [\"name\", \"version\", \"arch\"]\npackages = \"rpm\"\n";
-        assert_eq!(plugin(apk).expect("apk").packages, Some(Scheme::Rpm));
+        let pacman = "name = \"pacman\"\ncommand = [\"pacman\", \"--query\"]\nformat = \"fields\"\nfields = [\"name\", \"version\"]\npackages = \"rpm\"\n";
+        assert_eq!(plugin(pacman).expect("pacman").packages, Some(Scheme::Rpm));
         let yaml = "name = \"y\"\ncommand = [\"x\"]\nformat = \"yaml\"\npackages = \"dpkg\"\n";
         assert_eq!(plugin(yaml).expect("yaml").packages, Some(Scheme::Dpkg));
         // dpkg and rpms are package inventories by name, with or without saying so.

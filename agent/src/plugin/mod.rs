@@ -515,12 +515,24 @@ mod tests {
             "listening_ports",
             "disks",
             "users",
+            "pip",
         ] {
             assert!(
                 c.get(&PluginName::new(name).expect("name")).is_some(),
                 "{name}"
             );
         }
+        let pip = c.get(&PluginName::new("pip").expect("name"));
+        assert_eq!(pip.and_then(|p| p.packages), Some(Scheme::Rpm));
+        // rpm's order needs the epoch, which readers take from its own field.
+        let rpms = c.get(&PluginName::new("rpms").expect("name"));
+        assert!(
+            rpms.is_some_and(
+                |p| matches!(&p.format, crate::format::Format::Fields { names, .. }
+                if names == &["name", "epoch", "version", "release", "arch"])
+            ),
+            "{rpms:?}"
+        );
     }
 
     #[test]
