@@ -105,7 +105,7 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum PluginsAction {
-    /// List the plugins of a directory: name, format, status, file
+    /// List the plugins of a directory: name, format, status, interval, package order, file
     List {
         /// Plugin directory [env: VOGELER_AGENT__PLUGIN_DIR] [default: /etc/vogeler/plugins.d]
         #[arg(long, value_name = "DIR")]

@@ -297,6 +297,7 @@ mod tests {
             hash: String::new(),
             interval: None,
             splay: None,
+            packages: None,
         }
     }
 

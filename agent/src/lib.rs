@@ -449,6 +449,7 @@ async fn announce(
                 })
                 .collect(),
         ),
+        packages: Some(catalog.packages()),
     });
     publisher.publish(&message, &shared.key).await
 }

@@ -18,6 +18,12 @@ fn every(p: &crate::plugin::Plugin) -> String {
     }
 }
 
+/// A plugin's version order as `plugins list` shows it: declared with `packages`, or the one
+/// `dpkg` and `rpms` have by name (readers treat both alike).
+fn packages(p: &crate::plugin::Plugin) -> &'static str {
+    p.package_order().map_or("-", |s| s.name())
+}
+
 /// `plugins list`: one line per plugin and per skipped file.
 pub fn list(dir: &Path) -> Result<String, String> {
     let c = Catalog::load_dir(dir).map_err(|p| p.to_string())?;
@@ -30,8 +36,8 @@ pub fn list(dir: &Path) -> Result<String, String> {
         .max(4);
     let _ = writeln!(
         out,
-        "{:<width$}  {:<7}  {:<8}  {:<10}  FILE",
-        "NAME", "FORMAT", "STATUS", "INTERVAL"
+        "{:<width$}  {:<7}  {:<8}  {:<10}  {:<8}  FILE",
+        "NAME", "FORMAT", "STATUS", "INTERVAL", "PACKAGES"
     );
     for p in c.plugins() {
         let status = if crate::plugin::warnings(p).is_empty() {
@@ -41,19 +47,20 @@ pub fn list(dir: &Path) -> Result<String, String> {
         };
         let _ = writeln!(
             out,
-            "{:<width$}  {:<7}  {:<8}  {:<10}  {}",
+            "{:<width$}  {:<7}  {:<8}  {:<10}  {:<8}  {}",
             p.name,
             p.format.name(),
             status,
             every(p),
+            packages(p),
             p.file.display()
         );
     }
     for p in &c.problems {
         let _ = writeln!(
             out,
-            "{:<width$}  {:<7}  {:<8}  {:<10}  {}",
-            "-", "-", "error", "-", p
+            "{:<width$}  {:<7}  {:<8}  {:<10}  {:<8}  {}",
+            "-", "-", "error", "-", "-", p
         );
     }
     for w in &c.warnings {
@@ -146,4 +153,46 @@ pub fn describe(e: &exec::Execution) -> String {
         e.outcome.status(),
         e.duration.as_millis()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_shows_each_plugins_schedule_and_version_order() {
+        let d = tempfile::tempdir().expect("tempdir");
+        for (file, text) in [
+            (
+                "pip.toml",
+                "name = \"pip\"\ncommand = [\"id\"]\nformat = \"json\"\npackages = \"rpm\"\n",
+            ),
+            (
+                "dpkg.toml",
+                "name = \"dpkg\"\ncommand = [\"id\"]\nformat = \"fields\"\nfields = [\"name\", \"version\"]\ninterval = \"6h\"\n",
+            ),
+            (
+                "hello.toml",
+                "name = \"hello\"\ncommand = [\"id\"]\nformat = \"lines\"\n",
+            ),
+        ] {
+            std::fs::write(d.path().join(file), text).expect("write");
+        }
+        let out = list(d.path()).expect("list");
+        let rows: Vec<Vec<&str>> = out
+            .lines()
+            .map(|l| l.split_whitespace().take(5).collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ["NAME", "FORMAT", "STATUS", "INTERVAL", "PACKAGES"],
+                ["dpkg", "fields", "ok", "6h", "dpkg"],
+                ["hello", "lines", "ok", "-", "-"],
+                ["pip", "json", "ok", "-", "rpm"],
+            ]
+            .map(|r| r.to_vec()),
+            "{out}"
+        );
+    }
 }

@@ -209,6 +209,7 @@ pub async fn simulate(
                         .cloned()
                         .unwrap_or_default(),
                     schedules: Some(schedules.clone()),
+                    packages: Some(Default::default()),
                 });
                 let body = wire::encode(&message);
                 wire_bytes += body.len() as u64;

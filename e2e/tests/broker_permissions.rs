@@ -357,6 +357,7 @@ fn announce(as_node: &str) -> Message {
         sent_at: Utc::now(),
         facts: Default::default(),
         schedules: None,
+        packages: None,
     })
 }
 

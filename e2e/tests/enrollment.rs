@@ -39,6 +39,7 @@ fn announce(name: &str) -> Message {
         sent_at: now,
         facts,
         schedules: None,
+        packages: None,
     })
 }
 

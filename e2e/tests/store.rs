@@ -42,6 +42,7 @@ fn announce(n: &str, facts: Value, at: DateTime<Utc>) -> Message {
         sent_at: at,
         facts: facts.as_object().cloned().unwrap_or_default(),
         schedules: None,
+        packages: None,
     })
 }
 

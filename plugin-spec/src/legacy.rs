@@ -124,6 +124,9 @@ fn definition<'a>(
         // Legacy plugins run only on command; `[agent.schedule]` can give them an interval.
         interval: None,
         splay: None,
+        // The original syntax has no such key, and its formats (`output` is a list of lines)
+        // seldom make records: a package inventory is written as a TOML file.
+        packages: None,
     })
 }
 

@@ -19,7 +19,15 @@
 //! separator = "\t"                       # format "fields" only: default runs of whitespace
 //! interval = "1h"                        # optional: the agent also runs it on this schedule
 //! splay = "5m"                           # optional: each run a random 0..splay later
+//! packages = "rpm"                       # optional: a package inventory in dpkg's or rpm's order
 //! ```
+//! `packages` says the value is a list of records with `name` and `version` (and optionally
+//! `arch`, `status`, `epoch`, `release`) whose versions compare in dpkg's or rpm's order, so
+//! the package index and `has` cover it as they cover `dpkg` and `rpms` (package inventories
+//! by name, see [`vogeler_proto::version::BY_NAME`]). rpm's order suits any dotted version
+//! (it is pacman's own; pip's and apk's come close). It needs a format that makes records:
+//! `fields` naming `name` and `version`, or `json` and `yaml`, whose shape is the program's.
+//!
 //! Original Vogeler `*.cfg` files load too (see [`legacy`]).
 
 pub mod format;
@@ -32,7 +40,7 @@ use std::{
 };
 
 use serde::Deserialize;
-use vogeler_proto::{duration, names::PluginName};
+use vogeler_proto::{duration, names::PluginName, version::Scheme};
 
 use crate::format::Format;
 
@@ -88,6 +96,10 @@ pub const KEYS: &[(&str, &str)] = &[
     (
         "splay",
         "optional, needs interval: each scheduled run starts a random 0..splay later",
+    ),
+    (
+        "packages",
+        "optional, \"dpkg\" or \"rpm\": the value is a package inventory, a list of records with `name` and `version` (and optionally `arch`, `status`, `epoch`, `release`), compared in dpkg's or rpm's version order (rpm's suits any dotted version); needs format \"fields\" naming name and version, \"json\" or \"yaml\"",
     ),
 ];
 
@@ -151,6 +163,8 @@ struct PluginFile {
     interval: Option<Duration>,
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
     splay: Option<Duration>,
+    #[serde(default)]
+    packages: Option<String>,
 }
 
 /// A size in bytes: a number, or a string such as `"512KiB"` or `"4MiB"`.
@@ -213,6 +227,19 @@ pub struct Plugin {
     /// Each scheduled run starts a random time up to this much after it is due, so a fleet
     /// started together does not collect in lockstep.
     pub splay: Option<Duration>,
+    /// Declared a package inventory whose versions follow this order; announced, so the
+    /// package index and `has` cover it. `None` for `dpkg` and `rpms` unless their files say
+    /// it: they are package inventories by name (see [`Plugin::package_order`]).
+    pub packages: Option<Scheme>,
+}
+
+impl Plugin {
+    /// The order readers compare this plugin's versions in: the declared one, or the one
+    /// `dpkg` and `rpms` have by name; `None` for a plugin that is no package inventory.
+    pub fn package_order(&self) -> Option<Scheme> {
+        self.packages
+            .or_else(|| Scheme::by_name(self.name.as_str()))
+    }
 }
 
 /// Everything a plugin definition may say, whichever file syntax it came from.
@@ -228,6 +255,7 @@ pub struct Definition {
     pub env: BTreeMap<String, String>,
     pub interval: Option<Duration>,
     pub splay: Option<Duration>,
+    pub packages: Option<Scheme>,
 }
 
 impl Definition {
@@ -290,6 +318,9 @@ impl Definition {
         if self.user.as_deref() == Some("") {
             return Err("user must not be empty; leave it out to run as the agent's user".into());
         }
+        if let Some(scheme) = self.packages {
+            check_packages(&name, &self.format, scheme)?;
+        }
         Ok(Plugin {
             name,
             description: self.description,
@@ -304,8 +335,47 @@ impl Definition {
             hash: hash.to_string(),
             interval: self.interval,
             splay: self.splay,
+            packages: self.packages,
         })
     }
+}
+
+/// Whether a plugin may declare itself a package inventory in `scheme`'s order.
+fn check_packages(name: &PluginName, format: &Format, scheme: Scheme) -> Result<(), String> {
+    // Readers that go by the name would compare its versions in the other order than `has`.
+    if let Some(by_name) = Scheme::by_name(name.as_str())
+        && by_name != scheme
+    {
+        return Err(format!(
+            "packages = \"{scheme}\" contradicts the name: plugin {name} is a package inventory in {by_name}'s order by its name alone; remove packages, or rename the plugin"
+        ));
+    }
+    match format {
+        Format::Fields { names, .. } => {
+            let missing: Vec<String> = ["name", "version"]
+                .into_iter()
+                .filter(|k| !names.iter().any(|n| n == k))
+                .map(|k| format!("\"{k}\""))
+                .collect();
+            if !missing.is_empty() {
+                let them = if missing.len() == 1 { "it" } else { "them" };
+                return Err(format!(
+                    "packages needs records with a name and a version, and fields lacks {}; add {them} to fields, or remove packages",
+                    missing.join(" and ")
+                ));
+            }
+        }
+        // Records are possible; whether the program prints a list of them is its own affair,
+        // as with any structured plugin.
+        Format::Json | Format::Yaml => {}
+        Format::Lines | Format::String | Format::Kv | Format::Raw => {
+            return Err(format!(
+                "packages needs a list of records with name and version, which format {:?} does not make; use format \"fields\" with \"name\" and \"version\" among its fields, \"json\" or \"yaml\", or remove packages",
+                format.name()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Parse a plugin file's text (the agent's `load_file` reads it); `path` (its extension: `.cfg` is the
@@ -347,6 +417,12 @@ fn toml_definition(text: &str) -> Result<Definition, String> {
         env: raw.env,
         interval: raw.interval,
         splay: raw.splay,
+        packages: raw
+            .packages
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(|e| format!("packages: {e}"))?,
     })
 }
 
@@ -413,6 +489,76 @@ mod tests {
             "name = \"x\"\ncommand = [\"id\"]\nformat = \"lines\"\ninterval = \"1h\"\n",
         );
         assert!(ok.is_ok_and(|d| d.interval == Some(Duration::from_secs(3600))));
+    }
+
+    fn plugin(text: &str) -> Result<Plugin, String> {
+        let mut all = parse_text(text, Path::new("/etc/vogeler/plugins.d/p.toml"), "sha256:1");
+        assert_eq!(all.len(), 1);
+        all.remove(0)
+    }
+
+    #[test]
+    fn a_plugin_may_declare_itself_a_package_inventory() {
+        let pip = "name = \"pip\"\ncommand = [\"python3\", \"-m\", \"pip\", \"list\", \"--format\", \"json\"]\nformat = \"json\"\npackages = \"rpm\"\n";
+        let p = plugin(pip).expect("pip");
+        assert_eq!(
+            (p.packages, p.package_order()),
+            (Some(Scheme::Rpm), Some(Scheme::Rpm))
+        );
+        let pacman = "name = \"pacman\"\ncommand = [\"pacman\", \"--query\"]\nformat = \"fields\"\nfields = [\"name\", \"version\"]\npackages = \"rpm\"\n";
+        assert_eq!(plugin(pacman).expect("pacman").packages, Some(Scheme::Rpm));
+        let yaml = "name = \"y\"\ncommand = [\"x\"]\nformat = \"yaml\"\npackages = \"dpkg\"\n";
+        assert_eq!(plugin(yaml).expect("yaml").packages, Some(Scheme::Dpkg));
+        // dpkg and rpms are package inventories by name, with or without saying so.
+        let dpkg = "name = \"dpkg\"\ncommand = [\"dpkg-query\", \"-W\"]\nformat = \"fields\"\nfields = [\"name\", \"version\"]\n";
+        let p = plugin(dpkg).expect("dpkg");
+        assert_eq!((p.packages, p.package_order()), (None, Some(Scheme::Dpkg)));
+        let p = plugin(&format!("{dpkg}packages = \"dpkg\"\n")).expect("dpkg declared");
+        assert_eq!(p.packages, Some(Scheme::Dpkg));
+        let hello = "name = \"hello\"\ncommand = [\"id\"]\nformat = \"lines\"\n";
+        assert_eq!(plugin(hello).expect("hello").package_order(), None);
+    }
+
+    #[test]
+    fn a_package_declaration_that_cannot_hold_is_refused() {
+        let base = "command = [\"x\"]\n";
+        for (text, want) in [
+            (
+                "name = \"p\"\nformat = \"json\"\npackages = \"apk\"\n",
+                "packages: unknown version order \"apk\"; use \"dpkg\" or \"rpm\"",
+            ),
+            (
+                "name = \"p\"\nformat = \"json\"\npackages = 1\n",
+                "invalid type",
+            ),
+            (
+                "name = \"p\"\nformat = \"lines\"\npackages = \"rpm\"\n",
+                "format \"lines\" does not make",
+            ),
+            (
+                "name = \"p\"\nformat = \"kv\"\npackages = \"rpm\"\n",
+                "format \"kv\" does not make",
+            ),
+            (
+                "name = \"p\"\nformat = \"fields\"\nfields = [\"name\", \"ver\"]\npackages = \"rpm\"\n",
+                "fields lacks \"version\"; add it to fields",
+            ),
+            (
+                "name = \"p\"\nformat = \"fields\"\nfields = [\"pkg\", \"ver\"]\npackages = \"rpm\"\n",
+                "fields lacks \"name\" and \"version\"; add them",
+            ),
+            (
+                "name = \"dpkg\"\nformat = \"json\"\npackages = \"rpm\"\n",
+                "packages = \"rpm\" contradicts the name: plugin dpkg is a package inventory in dpkg's order",
+            ),
+            (
+                "name = \"rpms\"\nformat = \"json\"\npackages = \"dpkg\"\n",
+                "plugin rpms is a package inventory in rpm's order by its name alone",
+            ),
+        ] {
+            let err = plugin(&format!("{base}{text}")).expect_err(text);
+            assert!(err.contains(want), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //!                "agent_version": "0.1.0",
 //!                "plugins": { "hello": { "collected_at": "...", "request_id": "...",
 //!                                        "outcome": "ok", "exit_code": 0,
-//!                                        "duration_ms": 12, "hash": "sha256:..." } } } }
+//!                                        "duration_ms": 12, "hash": "sha256:..." } },
+//!                "packages": { "pip": "rpm" } } }
 //! ```
 //! Plugin values sit at the top level so people browsing the database see them directly.
 //! The merge rules here make writes idempotent and order-independent: a result already
@@ -106,6 +107,12 @@ pub struct NodeMeta {
     /// agents that do not say; their results' intervals count instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedules: Option<BTreeMap<String, u64>>,
+    /// The announced plugins that declared themselves package inventories, with their version
+    /// order (`"dpkg"` or `"rpm"`): what the package index and `has` cover besides `dpkg` and
+    /// `rpms`, which are package inventories by name. Text, not [`Scheme`](crate::version::Scheme),
+    /// so a document that a newer release wrote with another order still reads.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub packages: BTreeMap<String, String>,
     /// The node's public key (base64), pinned on first contact: results signed by any other
     /// key are refused. `vogeler-runner nodes forget` clears it for a reinstalled node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,6 +131,7 @@ impl NodeMeta {
             announced_at: None,
             facts: serde_json::Map::new(),
             schedules: None,
+            packages: BTreeMap::new(),
             key: None,
         }
     }
@@ -636,14 +644,29 @@ impl Node {
             .iter()
             .map(|p| (p.name.to_string(), p.hash.clone()))
             .collect();
+        // An agent that does not say has declared none: one from before declarations refuses
+        // a plugin file that declares one. Reading `None` as "keep the stored ones" instead
+        // would make the result depend on the order announcements arrive in.
+        let packages: BTreeMap<String, String> = a
+            .packages
+            .iter()
+            .flatten()
+            .map(|(name, scheme)| (name.clone(), scheme.to_string()))
+            .collect();
         let meta = &mut self.doc.meta;
         let mut changed = false;
-        // Schedules change with the announcement that says so (the newest wins): a plugin
-        // removed, or with its schedule turned off, is no longer expected.
-        if meta.agent_plugins != plugins || meta.facts != a.facts || meta.schedules != a.schedules {
+        // Schedules and package declarations change with the announcement that says so (the
+        // newest wins): a plugin removed, or with its schedule turned off, is no longer
+        // expected.
+        if meta.agent_plugins != plugins
+            || meta.facts != a.facts
+            || meta.schedules != a.schedules
+            || meta.packages != packages
+        {
             meta.agent_plugins = plugins;
             meta.facts = a.facts.clone();
             meta.schedules = a.schedules.clone();
+            meta.packages = packages;
             meta.announced_at = Some(a.sent_at);
             changed = true;
         }
@@ -924,6 +947,7 @@ mod tests {
             sent_at: t("03"),
             facts: Default::default(),
             schedules: None,
+            packages: None,
         };
         assert_eq!(d.apply_announce(&a, t("04")), Change::Updated);
         assert_eq!(d.apply_announce(&a, t("05")), Change::Unchanged);
@@ -997,6 +1021,7 @@ mod tests {
                 .cloned()
                 .unwrap_or_default(),
             schedules: None,
+            packages: None,
         };
         assert_eq!(d.apply_announce(&a, t("07")), Change::Updated);
         assert_eq!(
@@ -1150,6 +1175,7 @@ mod tests {
             sent_at: t(at),
             facts: facts.as_object().cloned().unwrap_or_default(),
             schedules: schedules.map(|s| s.iter().map(|(k, v)| (k.to_string(), *v)).collect()),
+            packages: None,
         }
     }
 
@@ -1197,6 +1223,72 @@ mod tests {
         d.apply_announce(&announce("02", json!({"kernel": "6.1"}), None), t("04"));
         assert_eq!(d.written(), Written::default());
         assert_eq!(d.doc.meta.facts["kernel"], "6.2");
+    }
+
+    /// An announcement at `at` of `hello` and `pip`, declaring `packages`.
+    fn declaring(at: &str, packages: Option<&[(&str, crate::version::Scheme)]>) -> Announce {
+        let mut a = announce(at, json!({}), None);
+        a.plugins.push(crate::wire::PluginInfo {
+            name: PluginName::new("pip").expect("plugin"),
+            hash: "sha256:2".into(),
+        });
+        a.packages = packages.map(|p| p.iter().map(|(k, v)| (k.to_string(), *v)).collect());
+        a
+    }
+
+    #[test]
+    fn declared_package_plugins_are_stored_from_the_newest_announcement() {
+        use crate::version::Scheme::{Dpkg, Rpm};
+        let mut d = doc();
+        d.apply_announce(&declaring("01", Some(&[("pip", Rpm)])), t("01"));
+        assert!(d.written().document);
+        let stored = serde_json::to_value(&d.doc).expect("json");
+        assert_eq!(stored["vogeler"]["packages"], json!({"pip": "rpm"}));
+        // The same declaration again is a heartbeat: the node document is not rewritten.
+        let mut d = Node::from_parts(d.doc.clone(), Some(d.fresh.clone()));
+        d.apply_announce(&declaring("02", Some(&[("pip", Rpm)])), t("02"));
+        assert_eq!(
+            d.written(),
+            Written {
+                document: false,
+                fresh: true
+            }
+        );
+        // Another order is a change.
+        let mut d = Node::from_parts(d.doc.clone(), Some(d.fresh.clone()));
+        d.apply_announce(&declaring("03", Some(&[("pip", Dpkg)])), t("03"));
+        assert!(d.written().document);
+        assert_eq!(d.doc.meta.packages["pip"], "dpkg");
+        // An older announcement, arriving late, changes nothing.
+        let mut d = Node::from_parts(d.doc.clone(), Some(d.fresh.clone()));
+        d.apply_announce(&declaring("02", Some(&[("pip", Rpm)])), t("04"));
+        assert_eq!(d.written(), Written::default());
+        assert_eq!(d.doc.meta.packages["pip"], "dpkg");
+        // The declaration removed from the file: none left, and none written.
+        d.apply_announce(&declaring("05", Some(&[])), t("05"));
+        assert!(d.doc.meta.packages.is_empty());
+        let stored = serde_json::to_value(&d.doc).expect("json");
+        assert_eq!(stored["vogeler"].get("packages"), None);
+    }
+
+    #[test]
+    fn an_agent_that_does_not_say_has_declared_no_package_plugins() {
+        use crate::version::Scheme::Rpm;
+        // An agent from before declarations cannot load a file with `packages`, so the
+        // plugin it still announces is no package inventory any more.
+        let mut d = doc();
+        d.apply_announce(&declaring("01", Some(&[("pip", Rpm)])), t("01"));
+        d.apply_announce(&declaring("02", None), t("02"));
+        assert!(d.doc.meta.packages.is_empty());
+        // And the other order ends the same: the older announcement is ignored.
+        let mut other = doc();
+        other.apply_announce(&declaring("02", None), t("02"));
+        other.apply_announce(&declaring("01", Some(&[("pip", Rpm)])), t("03"));
+        assert_eq!(other.doc.meta.packages, d.doc.meta.packages);
+        // A document written before declarations reads with none.
+        let old = json!({"_id": "web01", "vogeler": {"created_at": "2026-11-22T05:00:00Z", "updated_at": "2026-11-22T05:00:00Z"}});
+        let old: NodeDocument = serde_json::from_value(old).expect("document");
+        assert!(old.meta.packages.is_empty());
     }
 
     #[test]

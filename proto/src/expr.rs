@@ -2699,7 +2699,7 @@ mod tests {
                 rpms(json!({"name": "openssl", "version": "3.0.13", "release": "1.el9"})),
                 true,
             ),
-            // The shipped rpms plugin stores version-release in one field.
+            // rpms plugins from before the epoch field store version-release in one field.
             (
                 "rpms has openssl >= 3.0.7-16.el9",
                 rpms(json!({"name": "openssl", "version": "3.0.13-1.el9"})),

@@ -224,6 +224,24 @@ pub fn check_announce(a: &Announce, now: DateTime<Utc>) -> Result<(), Refusal> {
             ));
         }
     }
+    // Each name must be announced, so there are at most as many as announced plugins.
+    for (name, scheme) in a.packages.iter().flatten() {
+        if !a.plugins.iter().any(|p| p.name.as_str() == name) {
+            return Err(format!(
+                "it declares plugin {:?} a package inventory, which it does not announce",
+                crate::text::printable(name)
+            ));
+        }
+        // Readers know these by name; a stored contradiction would compare one way in the
+        // views and another in `has`. The agent refuses such a plugin file.
+        if let Some(by_name) = crate::version::Scheme::by_name(name)
+            && by_name != *scheme
+        {
+            return Err(format!(
+                "it declares plugin {name} a package inventory in {scheme}'s version order, but {name} is always {by_name}'s"
+            ));
+        }
+    }
     let facts = Value::Object(a.facts.clone());
     check_value(&facts).map_err(|e| format!("facts: {e}"))?;
     let size = serde_json::to_vec(&facts).map_or(usize::MAX, |b| b.len());
@@ -280,6 +298,37 @@ mod tests {
         let text = serde_json::to_string(&wrapped).expect("json");
         // Each wrapper above adds two levels, so this is twice as strict as needed.
         assert!(serde_json::from_str::<Value>(&text).is_ok());
+    }
+
+    #[test]
+    fn declared_package_plugins_must_be_announced_and_agree_with_their_names() {
+        use crate::{names::PluginName, version::Scheme, wire::PluginInfo};
+        let now: DateTime<Utc> = "2026-11-22T05:00:00Z".parse().expect("time");
+        let announce = |packages: &[(&str, Scheme)]| Announce {
+            node: crate::names::NodeName::new("web01").expect("node"),
+            agent_version: "0.1.0".into(),
+            plugins: ["pip", "dpkg"]
+                .map(|p| PluginInfo {
+                    name: PluginName::new(p).expect("plugin"),
+                    hash: "sha256:1".into(),
+                })
+                .into(),
+            started_at: now,
+            sent_at: now,
+            facts: Default::default(),
+            schedules: None,
+            packages: Some(packages.iter().map(|(k, v)| (k.to_string(), *v)).collect()),
+        };
+        assert!(check_announce(&announce(&[]), now).is_ok());
+        assert!(check_announce(&announce(&[("pip", Scheme::Rpm)]), now).is_ok());
+        assert!(check_announce(&announce(&[("dpkg", Scheme::Dpkg)]), now).is_ok());
+        let err = check_announce(&announce(&[("apk", Scheme::Rpm)]), now).expect_err("apk");
+        assert!(
+            err.contains("\"apk\"") && err.contains("does not announce"),
+            "{err}"
+        );
+        let err = check_announce(&announce(&[("dpkg", Scheme::Rpm)]), now).expect_err("dpkg");
+        assert!(err.contains("dpkg is always dpkg's"), "{err}");
     }
 
     #[test]

@@ -360,6 +360,7 @@ mod tests {
             sent_at: at,
             facts: Default::default(),
             schedules: None,
+            packages: None,
         });
         assert_eq!(t.route(&announce).exchange, "fleet-a.results");
         assert_eq!(t.route(&announce).routing_key, "announce.web01");

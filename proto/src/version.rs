@@ -9,6 +9,8 @@
 //!   takes every release of its version as equal, so `3.0.13-1` meets `= 3.0.13` although it
 //!   sorts after it (rpm's `rpmverOverlap`, what `Requires: openssl = 3.0.13` means).
 //! - [`check`]: the syntax complaint dpkg or rpmbuild would make, for a bound a person typed.
+//! - [`Scheme`]: which order, as plugin files (`packages = "rpm"`), announcements and node
+//!   documents write it; [`BY_NAME`]: the plugins that are package inventories by name.
 //!
 //! Every function answers for any input (empty, garbage, non-ASCII, digit runs of any length)
 //! without panicking: a malformed version from a node must not stop the runner. Digit runs are
@@ -34,13 +36,65 @@
 
 use std::cmp::Ordering;
 
-/// Whose rules a version follows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+use serde::{Deserialize, Serialize};
+
+/// Whose rules a version follows. Written `"dpkg"` or `"rpm"` in plugin files, announcements
+/// and node documents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Scheme {
     /// Debian packages: `[epoch:]upstream[-revision]`.
     Dpkg,
-    /// RPM packages: `[epoch:]version[-release]`.
+    /// RPM packages: `[epoch:]version[-release]`. Also the generic order for other package
+    /// managers: it compares any dotted version segment by segment.
     Rpm,
+}
+
+/// The plugins that are package inventories by their name alone, without declaring it: the
+/// ones Vogeler has always shipped. A plugin with one of these names may not declare another
+/// order, or readers that go by the name would compare its versions wrongly.
+pub const BY_NAME: &[(&str, Scheme)] = &[("dpkg", Scheme::Dpkg), ("rpms", Scheme::Rpm)];
+
+impl Scheme {
+    /// Every scheme, in the order messages list them.
+    pub const ALL: [Scheme; 2] = [Scheme::Dpkg, Scheme::Rpm];
+
+    /// The name plugin files, announcements and node documents use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheme::Dpkg => "dpkg",
+            Scheme::Rpm => "rpm",
+        }
+    }
+
+    /// The order a plugin named `plugin` has by its name alone (see [`BY_NAME`]).
+    pub fn by_name(plugin: &str) -> Option<Scheme> {
+        BY_NAME.iter().find(|(n, _)| *n == plugin).map(|(_, s)| *s)
+    }
+}
+
+impl std::fmt::Display for Scheme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A version order that is neither `dpkg` nor `rpm`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown version order {0:?}; use \"dpkg\" or \"rpm\" (rpm's order suits any dotted version)"
+)]
+pub struct UnknownScheme(pub String);
+
+impl std::str::FromStr for Scheme {
+    type Err = UnknownScheme;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Scheme::ALL
+            .into_iter()
+            .find(|scheme| scheme.name() == s)
+            .ok_or_else(|| UnknownScheme(s.to_string()))
+    }
 }
 
 /// Order two versions the way the scheme's package manager does: `Less` when `a` is older.
@@ -411,6 +465,37 @@ fn rpmvercmp(a: &str, b: &str) -> Ordering {
 mod tests {
     use super::*;
     use std::cmp::Ordering::{Equal, Greater, Less};
+
+    #[test]
+    fn schemes_are_written_by_name() {
+        for scheme in Scheme::ALL {
+            assert_eq!(scheme.name().parse::<Scheme>(), Ok(scheme));
+            assert_eq!(
+                serde_json::to_string(&scheme).expect("json"),
+                format!("\"{scheme}\"")
+            );
+            let back: Scheme =
+                serde_json::from_str(&format!("\"{}\"", scheme.name())).expect("json");
+            assert_eq!(back, scheme);
+        }
+        let err = "apk".parse::<Scheme>().expect_err("unknown").to_string();
+        assert!(
+            err.contains("\"apk\"") && err.contains("\"dpkg\" or \"rpm\""),
+            "{err}"
+        );
+        assert!("Dpkg".parse::<Scheme>().is_err(), "names are lowercase");
+        assert!(serde_json::from_str::<Scheme>("\"RPM\"").is_err());
+    }
+
+    #[test]
+    fn the_package_plugins_by_name_are_the_query_catalogs_default() {
+        let catalog = crate::expr::Catalog::default();
+        for (plugin, scheme) in BY_NAME {
+            assert_eq!(Scheme::by_name(plugin), Some(*scheme));
+            assert_eq!(catalog.scheme(plugin), Some(*scheme), "{plugin}");
+        }
+        assert_eq!(Scheme::by_name("pip"), None);
+    }
 
     fn ord(c: char) -> Ordering {
         match c {

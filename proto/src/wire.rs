@@ -243,6 +243,13 @@ pub struct Announce {
     /// agents that did not say (before 0.1.0's scheduling).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedules: Option<std::collections::BTreeMap<String, u64>>,
+    /// The announced plugins that declared themselves package inventories (`packages = ...`
+    /// in their files), with their version order, so the package index and `has` cover them
+    /// as they cover `dpkg` and `rpms` (package inventories by name, never listed here unless
+    /// declared). `None` from agents that did not say (before 0.1.0's declarations), which
+    /// cannot load a file that declares one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages: Option<std::collections::BTreeMap<String, crate::version::Scheme>>,
 }
 
 /// Why a message was refused. The text goes into logs (and later the dead-letter reason).
@@ -574,6 +581,7 @@ mod tests {
                 .cloned()
                 .unwrap_or_default(),
             schedules: None,
+            packages: None,
         })
     }
 
@@ -674,6 +682,21 @@ mod tests {
             decode_command(result.as_bytes()),
             Err(WireError::NotACommand("result"))
         ));
+    }
+
+    #[test]
+    fn declared_package_plugins_are_announced_by_order_name() {
+        let Message::Announce(mut a) = announce() else {
+            unreachable!()
+        };
+        a.packages = Some(BTreeMap::from([(
+            "pip".into(),
+            crate::version::Scheme::Rpm,
+        )]));
+        let msg = Message::Announce(a);
+        let json: Value = serde_json::from_slice(&encode(&msg)).expect("json");
+        assert_eq!(json["packages"], serde_json::json!({"pip": "rpm"}));
+        assert_eq!(decode(&encode(&msg)).expect("decode"), msg);
     }
 
     #[test]

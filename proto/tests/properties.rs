@@ -9,6 +9,7 @@ use vogeler_proto::{
     document::{Node, NodeDocument, Write},
     fresh::FreshDocument,
     names::{NodeName, PluginName},
+    version::Scheme,
     wire::{self, Announce, Command, Message, Outcome, PluginInfo, PluginResult, Target},
 };
 
@@ -131,6 +132,17 @@ fn message() -> impl Strategy<Value = Message> {
                     .map(|(name, hash)| (name.to_string(), hash.len() as u64 + 1))
                     .collect()
             });
+            // Every third one declares its first plugin a package inventory.
+            let packages = (plugins.len() % 3 == 0).then(|| {
+                plugins
+                    .iter()
+                    .take(1)
+                    .map(|(name, hash)| {
+                        let scheme = [Scheme::Dpkg, Scheme::Rpm][hash.len() % 2];
+                        (name.to_string(), scheme)
+                    })
+                    .collect()
+            });
             Message::Announce(Announce {
                 node,
                 agent_version: v,
@@ -142,6 +154,7 @@ fn message() -> impl Strategy<Value = Message> {
                 sent_at,
                 facts: facts.into_iter().collect(),
                 schedules,
+                packages,
             })
         });
     prop_oneof![command, result().prop_map(Message::Result), announce]
@@ -287,6 +300,7 @@ impl Stored {
             "facts": n.doc.meta.facts,
             "agent_plugins": n.doc.meta.agent_plugins,
             "schedules": n.doc.meta.schedules,
+            "packages": n.doc.meta.packages,
             "plugins": plugins,
             "last_seen": n.last_seen(),
             "announced_at": n.announced_at(),
@@ -295,12 +309,12 @@ impl Stored {
 }
 
 /// One node's messages over one plugin whose value stays the same, at distinct times: runs
-/// that send it, fail, or confirm it unchanged; announcements with other facts and
-/// schedules. The first is the earliest full value (an `unchanged` about a value the
+/// that send it, fail, or confirm it unchanged; announcements with other facts, schedules
+/// and package declarations. The first is the earliest full value (an `unchanged` about a value the
 /// database never held is dropped by design, so it must arrive after it).
 fn node_day() -> impl Strategy<Value = Vec<Message>> {
     let step = prop_oneof![Just(0u8), Just(1), Just(2), Just(3), Just(4)];
-    (prop::collection::vec((step, 0u8..2, 0u8..3), 1..12)).prop_map(|steps| {
+    (prop::collection::vec((step, 0u8..2, 0u8..3, 0u8..3), 1..12)).prop_map(|steps| {
         let name = NodeName::new("web01").expect("node");
         let plugin = PluginName::new("hello").expect("plugin");
         let value = serde_json::json!(["a"]);
@@ -321,7 +335,7 @@ fn node_day() -> impl Strategy<Value = Vec<Message>> {
             })
         };
         let mut out = vec![result(0, Outcome::Ok, Some(value.clone()))];
-        for (k, (kind, facts, schedule)) in steps.into_iter().enumerate() {
+        for (k, (kind, facts, schedule, packages)) in steps.into_iter().enumerate() {
             let i = k + 1;
             out.push(match kind {
                 0 => result(i, Outcome::Ok, Some(value.clone())),
@@ -357,6 +371,11 @@ fn node_day() -> impl Strategy<Value = Vec<Message>> {
                     schedules: match schedule {
                         0 => None,
                         1 => Some([("hello".to_string(), 10)].into()),
+                        _ => Some(Default::default()),
+                    },
+                    packages: match packages {
+                        0 => None,
+                        1 => Some([("hello".to_string(), Scheme::Rpm)].into()),
                         _ => Some(Default::default()),
                     },
                 }),
@@ -420,6 +439,7 @@ fn a_stamp_from_the_future_in_a_node_document_heals_with_the_next_message() {
                 .cloned()
                 .unwrap_or_default(),
             schedules: Some(Default::default()),
+            packages: Some(Default::default()),
         })
     };
     // Written by hand, or by a release that believed node clocks.
@@ -465,6 +485,7 @@ fn a_future_last_seen_goes_without_moving_last_seen_back() {
             sent_at: at(s),
             facts: Default::default(),
             schedules: Some(Default::default()),
+            packages: Some(Default::default()),
         })
     };
     let mut legacy = NodeDocument::new(&name, at(0));

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 pub use vogeler_plugin_spec::{
     DEFAULT_MAX_OUTPUT, DEFAULT_TIMEOUT, MAX_MAX_OUTPUT, Plugin, legacy, parse_text,
 };
-use vogeler_proto::{names::PluginName, wire::PluginInfo};
+use vogeler_proto::{names::PluginName, version::Scheme, wire::PluginInfo};
 
 /// A plugin file that could not be used (or a warning about one), and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +74,14 @@ impl Catalog {
                 name: p.name.clone(),
                 hash: p.hash.clone(),
             })
+            .collect()
+    }
+
+    /// The plugins that declare themselves package inventories, with their order: what the
+    /// agent announces (`dpkg` and `rpms` without a declaration are ones by name, not listed).
+    pub fn packages(&self) -> BTreeMap<String, Scheme> {
+        self.plugins()
+            .filter_map(|p| Some((p.name.to_string(), p.packages?)))
             .collect()
     }
 
@@ -459,6 +467,37 @@ mod tests {
     }
 
     #[test]
+    fn only_declared_package_plugins_are_announced_as_such() {
+        let d = dir_with(&[
+            (
+                "pip.toml",
+                "name = \"pip\"\ncommand = [\"id\"]\nformat = \"json\"\npackages = \"rpm\"\n",
+            ),
+            (
+                "dpkg.toml",
+                "name = \"dpkg\"\ncommand = [\"id\"]\nformat = \"fields\"\nfields = [\"name\", \"version\"]\n",
+            ),
+            ("hello.toml", HELLO),
+            (
+                "bad.toml",
+                "name = \"bad\"\ncommand = [\"id\"]\nformat = \"lines\"\npackages = \"rpm\"\n",
+            ),
+        ]);
+        let c = Catalog::load_dir(d.path()).expect("dir");
+        assert_eq!(
+            c.packages(),
+            BTreeMap::from([("pip".to_string(), Scheme::Rpm)]),
+            "dpkg is one by name, hello none, bad skipped"
+        );
+        assert!(
+            c.problems.iter().any(|p| p.to_string().contains("bad.toml")
+                && p.message.contains("format \"lines\" does not make")),
+            "{:#?}",
+            c.problems
+        );
+    }
+
+    #[test]
     fn shipped_plugins_all_load() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
         let c = Catalog::load_dir(&dir).expect("plugins/");
@@ -476,12 +515,24 @@ mod tests {
             "listening_ports",
             "disks",
             "users",
+            "pip",
         ] {
             assert!(
                 c.get(&PluginName::new(name).expect("name")).is_some(),
                 "{name}"
             );
         }
+        let pip = c.get(&PluginName::new("pip").expect("name"));
+        assert_eq!(pip.and_then(|p| p.packages), Some(Scheme::Rpm));
+        // rpm's order needs the epoch, which readers take from its own field.
+        let rpms = c.get(&PluginName::new("rpms").expect("name"));
+        assert!(
+            rpms.is_some_and(
+                |p| matches!(&p.format, crate::format::Format::Fields { names, .. }
+                if names == &["name", "epoch", "version", "release", "arch"])
+            ),
+            "{rpms:?}"
+        );
     }
 
     #[test]
