@@ -30,7 +30,13 @@ fn plugins(dir: &Path) -> tempfile::TempDir {
         cat("rpms")
     );
     let sysinfo = format!("name = \"sysinfo\"\n{}format = \"json\"\n", cat("sysinfo"));
+    // Any plugin may declare itself a package inventory, here in rpm's order.
+    let apk = format!(
+        "name = \"apk\"\n{}format = \"fields\"\nfields = [\"name\", \"version\"]\nseparator = \"\\t\"\npackages = \"rpm\"\n",
+        cat("apk")
+    );
     plugin_dir(&[
+        ("apk.toml", &apk),
         ("dpkg.toml", &dpkg),
         ("rpms.toml", &rpms),
         ("sysinfo.toml", &sysinfo),
@@ -39,6 +45,12 @@ fn plugins(dir: &Path) -> tempfile::TempDir {
 
 fn node_files(dpkg: &str, rpms: &str, sysinfo: Value) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("data");
+    let apk = match dpkg.contains("tool\t2.0") {
+        true => "musl\t1.2.10-r0\n",
+        false if dpkg.contains("libfoo\t1.10") => "musl\t1.2.4-r2\n",
+        false => "",
+    };
+    std::fs::write(dir.path().join("apk"), apk).expect("apk");
     std::fs::write(dir.path().join("dpkg"), dpkg).expect("dpkg");
     std::fs::write(dir.path().join("rpms"), rpms).expect("rpms");
     std::fs::write(dir.path().join("sysinfo"), sysinfo.to_string()).expect("sysinfo");
@@ -102,7 +114,7 @@ async fn expressions_select_by_stored_values_in_each_package_managers_order() {
             stdout
         }
     };
-    for plugin in ["dpkg", "rpms", "sysinfo"] {
+    for plugin in ["apk", "dpkg", "rpms", "sysinfo"] {
         ok(&[
             "-c",
             plugin,
@@ -142,6 +154,9 @@ async fn expressions_select_by_stored_values_in_each_package_managers_order() {
     assert_eq!(query("rpms has bash >= 1:5.0").await, [C]);
     assert_eq!(query("rpms has kernel = 5.14.0").await, [C]);
     assert_eq!(query("rpms has kernel < 5.14.0-400.el9").await, [C]);
+    // A declared inventory: rpm's order (1.2.10 > 1.2.9, which text order denies).
+    assert_eq!(query("apk has musl > 1.2.9").await, [C]);
+    assert_eq!(query("apk has musl").await, [A, C]);
     // Plugin values by path, list elements, and the combinations.
     assert_eq!(query("sysinfo.memory_mb < 10000").await, [A, C]);
     assert_eq!(query("sysinfo.os_version = 12").await, [A, B]);
@@ -215,6 +230,11 @@ async fn expressions_select_by_stored_values_in_each_package_managers_order() {
     let table = ok(&["count", "sysinfo.memory_mb", "-n", "q-a,q-b"]).await;
     println!("$ vogeler-runner count sysinfo.memory_mb -n q-a,q-b\n{table}");
     assert!(table.contains("2 value(s) over 2 node(s)"), "{table}");
+    assert_eq!(
+        counts(&["apk:musl"]).await.as_array().map(Vec::len),
+        Some(2),
+        "declared inventories are counted too"
+    );
     let rpm_count = ok(&["count", "rpms:bash"]).await;
     assert!(rpm_count.contains("1:5.1-8.el9"), "{rpm_count}");
     assert!(

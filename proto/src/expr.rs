@@ -358,9 +358,9 @@ impl PartialEq for Test {
 impl Default for Catalog {
     /// The package plugins Vogeler ships: `dpkg` (dpkg's order) and `rpms` (rpm's).
     fn default() -> Self {
-        Self::none()
-            .with("dpkg", Scheme::Dpkg)
-            .with("rpms", Scheme::Rpm)
+        version::BY_NAME
+            .iter()
+            .fold(Self::none(), |c, (plugin, scheme)| c.with(*plugin, *scheme))
     }
 }
 

@@ -375,7 +375,8 @@ pub enum NodesAction {
 
 #[derive(Debug, Subcommand)]
 pub enum Find {
-    /// Nodes with an installed package (from the dpkg and rpms plugins): NAME or NAME=VERSION
+    /// Nodes with an installed package (in dpkg, rpms or any plugin declared `packages`):
+    /// NAME or NAME=VERSION
     #[command(after_long_help = output::columns_help(inv::FIND_COLUMNS))]
     Package {
         #[arg(value_name = "NAME[=VERSION]", value_parser = inv::parse_package)]

@@ -418,7 +418,7 @@ pub fn parse_package(spec: &str) -> Result<(String, Option<String>), String> {
     Ok((name.to_string(), version))
 }
 
-/// Nodes with an installed package (from the `dpkg` and `rpms` plugins), sorted.
+/// Nodes with an installed package (in any package inventory), sorted.
 pub async fn find_package(
     settings: &CouchSettings,
     name: &str,

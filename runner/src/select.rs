@@ -28,10 +28,6 @@ use vogeler_proto::{
     version::Scheme,
 };
 
-/// The package inventories every node has by name; others are declared per node
-/// (`vogeler.packages`) and read through `_find`.
-const BUILT_IN_PACKAGES: &[&str] = &["dpkg", "rpms"];
-
 /// What one selection read, for `--verbose` and the benchmark.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Reads {
@@ -184,7 +180,8 @@ impl<'a> Selector<'a> {
 /// The plugin and package name of a `has` the packages view answers exactly: a built-in
 /// package inventory, a pinned name, and conditions on the fields the view keeps.
 fn package_leaf<'e>(path: &'e Path, member: &'e Member) -> Option<(&'e str, &'e str)> {
-    let plugin = path.plugin().filter(|p| BUILT_IN_PACKAGES.contains(p))?;
+    // Declared inventories are per node (`vogeler.packages`): those go through `_find`.
+    let plugin = path.plugin().filter(|p| Scheme::by_name(p).is_some())?;
     let name = member.pinned_name()?;
     member.reads_record_fields_only().then_some((plugin, name))
 }
@@ -226,12 +223,8 @@ fn json_number(n: f64) -> Value {
 }
 
 /// `dpkg` or `rpm`, as views and documents spell a version order.
-pub fn scheme(s: &str) -> Option<Scheme> {
-    match s {
-        "dpkg" => Some(Scheme::Dpkg),
-        "rpm" => Some(Scheme::Rpm),
-        _ => None,
-    }
+fn scheme(s: &str) -> Option<Scheme> {
+    s.parse().ok()
 }
 
 /// The package inventories of one document: the built-in ones and those its node declared.
@@ -243,7 +236,7 @@ fn catalog_of(doc: &Value) -> Catalog {
         .and_then(Value::as_object)
     {
         for (plugin, s) in declared {
-            if !BUILT_IN_PACKAGES.contains(&plugin.as_str())
+            if Scheme::by_name(plugin).is_none()
                 && let Some(s) = s.as_str().and_then(scheme)
             {
                 catalog = catalog.with(plugin.clone(), s);
