@@ -111,6 +111,58 @@ fn file_size(info: &Value) -> u64 {
     info["sizes"]["file"].as_u64().unwrap_or(0)
 }
 
+/// Wait until a just-started server created `db` and declared its queues (it creates the
+/// database first), so nothing published before is lost.
+pub async fn wait_declared(
+    conn: &lapin::Connection,
+    topology: &vogeler_proto::topology::Topology,
+    couch: &vogeler_core::couch::CouchClient,
+    db: &str,
+) -> Result<()> {
+    let declared = Instant::now();
+    while couch.doc_count(db).await.is_err()
+        || amqp::consume::QueueLength::open(conn, &topology.results_queue())
+            .await?
+            .get()
+            .await
+            .is_err()
+    {
+        ensure!(
+            declared.elapsed() < Duration::from_secs(60),
+            "the server did not create its database and queues"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Wait until the results queue is empty and `db` stopped moving for 2 s; returns when it
+/// last moved (the time everything was stored).
+pub async fn wait_settled(
+    conn: &lapin::Connection,
+    topology: &vogeler_proto::topology::Topology,
+    couch: &vogeler_core::couch::CouchClient,
+    db: &str,
+    started: Instant,
+) -> Result<Instant> {
+    let queue = amqp::consume::QueueLength::open(conn, &topology.results_queue()).await?;
+    let mut last = (u64::MAX, Instant::now());
+    loop {
+        let s = seq(&couch.database_info(db).await?);
+        if s != last.0 {
+            last = (s, Instant::now());
+        }
+        if queue.get().await? == 0 && last.1.elapsed() > Duration::from_secs(2) {
+            return Ok(last.1);
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "the messages were not stored within 30 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub async fn simulate(
     stack: &Stack,
     nodes: usize,
@@ -139,20 +191,7 @@ pub async fn simulate(
     let settings = fleet.runner_settings()?;
     let topology = settings.broker.topology.clone();
     let conn = amqp::connect(&settings.broker.url, "vogeler-bench-day").await?;
-    // The server creates the database before it declares its queues and exchanges.
-    let declared = Instant::now();
-    while amqp::consume::QueueLength::open(&conn, &topology.results_queue())
-        .await?
-        .get()
-        .await
-        .is_err()
-    {
-        ensure!(
-            declared.elapsed() < Duration::from_secs(60),
-            "the server did not declare its queues"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_declared(&conn, &topology, &couch, &db).await?;
     let ch = amqp::publisher_channel(&conn).await?;
 
     let keys: Vec<PrivateKey> = (0..nodes)
@@ -252,24 +291,8 @@ pub async fn simulate(
             ensure!(c.await?.is_ack(), "the broker refused a result");
         }
     }
-    // Stored once the queue is empty and the database stops moving.
-    let queue = amqp::consume::QueueLength::open(&conn, &topology.results_queue()).await?;
-    let mut last = (u64::MAX, Instant::now());
-    loop {
-        let s = seq(&couch.database_info(&db).await?);
-        if s != last.0 {
-            last = (s, Instant::now());
-        }
-        if queue.get().await? == 0 && last.1.elapsed() > Duration::from_secs(2) {
-            break;
-        }
-        ensure!(
-            started.elapsed() < Duration::from_secs(1800),
-            "the day was not stored within 30 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let seconds = last.1.duration_since(started).as_secs_f64();
+    let settled = wait_settled(&conn, &topology, &couch, &db, started).await?;
+    let seconds = settled.duration_since(started).as_secs_f64();
     let cpu = proc_stat(pid)?.cpu_s - cpu0;
     let (db1, h1) = (
         couch.database_info(&db).await?,

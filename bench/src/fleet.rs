@@ -171,8 +171,17 @@ impl Fleet {
     }
 
     pub fn runner_settings(&self) -> Result<RunnerSettings> {
+        self.runner_settings_with(&[])
+    }
+
+    /// Runner settings with some of the fleet's variables replaced.
+    pub fn runner_settings_with(&self, overrides: &[(&str, &str)]) -> Result<RunnerSettings> {
+        let mut env: std::collections::BTreeMap<String, String> = self.env().into_iter().collect();
+        for (k, v) in overrides {
+            env.insert(k.to_string(), v.to_string());
+        }
         let sources = Sources {
-            env: Some(self.env().into_iter().collect()),
+            env: Some(env.into_iter().collect()),
             ..Default::default()
         };
         Ok(config::load(&sources)?.runner()?)

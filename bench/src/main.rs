@@ -4,6 +4,8 @@
 //! - `fanout`: `-c hello -n all` round trips against `vogeler-agent simulate` fleets of 10 to
 //!   5,000 nodes: time to every reply, and to every node's document updated in CouchDB.
 //! - `targeting`: resolving a fact filter against 5,000 registered nodes.
+//! - `questions`: `query`, `count` and `-n` over 5,000 stored nodes with 500-package lists,
+//!   time and bytes, against downloading every document.
 //! - `ingest`: results per second stored by the server versus the database's raw `_bulk_docs`.
 //! - `footprint`: one real agent idle for 60 s and during a burst of 100 commands; the
 //!   server's memory while ingesting.
@@ -12,6 +14,7 @@
 mod day;
 mod fleet;
 mod ingest;
+mod questions;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -92,6 +95,15 @@ enum What {
         /// one a minute; an hour keeps the run to minutes (each costs the same)
         #[arg(long, default_value_t = 60)]
         heartbeat_minutes: u32,
+    },
+    /// Questions over the stored inventory (query, count, -n) against a fleet the server
+    /// stored: time and response bytes of each, against downloading every document
+    Questions {
+        #[arg(long, default_value_t = 5000)]
+        nodes: usize,
+        /// Packages in each node's dpkg list
+        #[arg(long, default_value_t = 500)]
+        packages: usize,
     },
     /// Agent idle and burst footprint, server memory while ingesting
     Footprint {
@@ -577,6 +589,34 @@ async fn main() -> Result<()> {
                 json.push(json!({"benchmark": "schedule-day", "nodes": nodes, "packages": packages, "cost": c}));
             }
             "schedule-day"
+        }
+        What::Questions { nodes, packages } => {
+            anyhow::ensure!(*nodes > 0, "--nodes must be at least 1");
+            let q = questions::run(&stack, *nodes, *packages, cli.runs).await?;
+            let what = format!("questions, {nodes} nodes x {packages} packages");
+            let mut row = |m: String, p: f64, x: f64, unit: &'static str| {
+                rows.push((what.clone(), m, p, x, unit, String::new()));
+            };
+            row("load through the server".into(), q.load_s, q.load_s, "s");
+            row("views built (first read)".into(), q.index_s, q.index_s, "s");
+            row(
+                "database size".into(),
+                q.database_bytes as f64 / 1048576.0,
+                q.database_bytes as f64 / 1048576.0,
+                "MiB",
+            );
+            for a in &q.asked {
+                row(a.question.clone(), p50(&a.seconds), max(&a.seconds), "s");
+                let mib = a.bytes as f64 / 1048576.0;
+                row(
+                    format!("  received ({} in the answer)", a.answer),
+                    mib,
+                    mib,
+                    "MiB",
+                );
+            }
+            json.push(json!({"benchmark": "questions", "result": q}));
+            "questions"
         }
         What::Footprint { idle, burst } => {
             footprint_rows(&stack, *idle, *burst, &mut rows, &mut json).await?;

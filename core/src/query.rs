@@ -237,6 +237,14 @@ impl Inventory {
         Ok(counts(self.rows(design::VALUES, &params).await?, 1))
     }
 
+    /// Bring the inventory's indexes (values, packages) up to date: CouchDB updates every
+    /// view of a design document on a read of any, so one empty read does it. The server
+    /// calls this after writes, so a question waits for no index build.
+    pub async fn refresh_inventory_views(&self) -> Result<(), CouchError> {
+        let params = [("reduce", "false".to_string()), ("limit", "0".to_string())];
+        self.rows(design::VALUES, &params).await.map(|_| ())
+    }
+
     /// Node documents matching a Mango `selector`, with only `fields` of each (`_id` always),
     /// a page at a time: for what no view answers (lists, `has` with conditions, paths into a
     /// document). Never `fresh:`/`quarantine:` documents: only node documents have `vogeler`

@@ -294,6 +294,21 @@ async fn expressions_select_by_stored_values_in_each_package_managers_order() {
         "only the matching nodes ran the command"
     );
 
+    // A selection that matches nobody says so, and sends nothing.
+    let out = runner(
+        ["-c", "sysinfo", "-n", "dpkg has no-such-package"]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "nobody answered");
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("no registered node matches -n 'dpkg has no-such-package'"),
+        "{out}"
+    );
+    assert_eq!((commanded(A), commanded(B), commanded(C)), (2, 1, 2));
+
     // A bad expression is a usage error that says where.
     let out = runner(vec!["query".into(), "dpkg has (openssl".into()]).await;
     assert_eq!(out.status.code(), Some(2));

@@ -396,7 +396,7 @@ async fn an_older_design_document_is_upgraded_on_start() {
         .expect("read")
         .expect("design");
     assert!(
-        d["views"].get("obsolete").is_none() && d["views"].get("packages").is_some(),
+        d["views"].get("obsolete").is_none() && d["views"].get("registry").is_some(),
         "{d:#}"
     );
     assert!(d["_rev"].as_str().is_some_and(|r| r.starts_with("2-")));

@@ -9,6 +9,11 @@ use serde_json::{Value, json};
 
 /// The design document id in the node database (`_design/vogeler`).
 pub const NODES_DDOC: &str = "vogeler";
+/// The design document of the inventory's indexes (`_design/vogeler_inventory`), in the node
+/// database beside [`NODES_DDOC`]: CouchDB updates every view of a design document together,
+/// so the package and value indexes (hundreds of rows a node) live apart from the registry
+/// every fan-out reads, which then waits only for its own small rows after an ingest.
+pub const INVENTORY_DDOC: &str = "vogeler_inventory";
 /// The design document id in the history database.
 pub const HISTORY_DDOC: &str = "vogeler_history";
 /// The design document id in the enrollment database.
@@ -55,7 +60,7 @@ pub const NODES_BY_PLUGIN: View = View {
 /// decided on the row. Reduced with `_count`: `group_level=3` over `[name, plugin]` is the
 /// version spread of one package (`count dpkg:openssl`).
 pub const PACKAGES: View = View {
-    ddoc: NODES_DDOC,
+    ddoc: INVENTORY_DDOC,
     name: "packages",
     map: "function (doc) { var v = doc.vogeler; if (!v || typeof v !== 'object' || doc._id.indexOf(':') !== -1) { return; } var own = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); }; var str = function (x) { return typeof x === 'string' ? x : JSON.stringify(x); }; var sources = { dpkg: 'dpkg', rpms: 'rpm' }; var d = v.packages; if (d && typeof d === 'object') { for (var k in d) { if (own(d, k) && !own(sources, k) && k !== 'vogeler' && (d[k] === 'dpkg' || d[k] === 'rpm')) { sources[k] = d[k]; } } } for (var s in sources) { if (!own(sources, s) || !own(doc, s) || !Array.isArray(doc[s])) { continue; } var list = doc[s]; for (var i = 0; i < list.length; i++) { var p = list[i]; if (!p || typeof p !== 'object' || typeof p.name !== 'string') { continue; } if (p.status !== undefined && p.status !== null && p.status !== 'installed') { continue; } var val = { scheme: sources[s] }; var ver = null; if (p.version !== undefined && p.version !== null) { val.version = p.version; ver = str(p.version); var e = p.epoch === undefined || p.epoch === null ? '' : str(p.epoch); var r = p.release === undefined || p.release === null ? '' : str(p.release); if (e !== '' && e !== '(none)') { ver = e + ':' + ver; } if (r !== '' && r !== '(none)') { ver = ver + '-' + r; } } ['arch', 'epoch', 'release'].forEach(function (f) { if (p[f] !== undefined && p[f] !== null) { val[f] = p[f]; } }); emit([p.name, s, ver], val); } } }",
     reduce: Some("_count"),
@@ -105,7 +110,7 @@ pub fn quarantine_id(node: &crate::names::NodeName) -> String {
 /// values hold. Reduced with `_count`: `group_level=2` over `[path]` is how many nodes have
 /// each value (`count os.version`), also in Fauxton.
 pub const VALUES: View = View {
-    ddoc: NODES_DDOC,
+    ddoc: INVENTORY_DDOC,
     name: "values",
     map: "function (doc) { var v = doc.vogeler; if (!v || typeof v !== 'object' || doc._id.indexOf(':') !== -1) { return; } var own = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); }; var plain = function (x) { return x !== null && typeof x === 'object'; }; var facts = plain(v.facts) && !Array.isArray(v.facts) ? v.facts : {}; var n = 0; var put = function (key, x, depth) { if (n >= 2000) { return; } if (plain(x)) { if (!Array.isArray(x) && depth < 8) { for (var k in x) { if (own(x, k) && k.indexOf('.') === -1 && k !== '') { put(key + '.' + k, x[k], depth + 1); } } } return; } if (typeof x === 'string' && x.length > 512) { return; } n++; emit([key, x], null); }; for (var f in facts) { if (own(facts, f) && f.indexOf('.') === -1 && f !== '') { put(f, facts[f], 1); } } for (var p in doc) { if (own(doc, p) && p.charAt(0) !== '_' && p !== 'vogeler' && p.indexOf('.') === -1 && p !== '' && !own(facts, p)) { put(p, doc[p], 1); } } }",
     reduce: Some("_count"),
@@ -130,15 +135,17 @@ pub const HISTORY_BY_NODE_PLUGIN: View = View {
 };
 
 /// The views of the node database.
-pub const NODE_VIEWS: [View; 7] = [
+pub const NODE_VIEWS: [View; 5] = [
     NODES_BY_LAST_SEEN,
     NODES_BY_PLUGIN,
-    PACKAGES,
     COLLECTED,
     REGISTRY,
-    VALUES,
     QUARANTINE,
 ];
+
+/// The views of the inventory's own design document, in the node database: what `query`,
+/// `count`, `find` and `-n` expressions read.
+pub const INVENTORY_VIEWS: [View; 2] = [VALUES, PACKAGES];
 
 /// Node name → the [`Pending`] claim of each key waiting for approval (reduced: how many
 /// keys wait), from the enrollment records (see [`crate::enrollment`]).
@@ -182,6 +189,11 @@ fn design_document(id: &str, views: &[View]) -> Value {
 /// The node database's design document.
 pub fn nodes() -> Value {
     design_document(NODES_DDOC, &NODE_VIEWS)
+}
+
+/// `_design/vogeler_inventory`, in the node database.
+pub fn inventory() -> Value {
+    design_document(INVENTORY_DDOC, &INVENTORY_VIEWS)
 }
 
 /// The history database's design document.
@@ -404,7 +416,7 @@ mod tests {
 
     #[test]
     fn design_documents_are_versioned() {
-        for d in [nodes(), history(), enrollment()] {
+        for d in [nodes(), inventory(), history(), enrollment()] {
             assert_eq!(version_of(&d), VERSION);
             assert!(
                 d["_id"]
@@ -422,6 +434,12 @@ mod tests {
         for v in NODE_VIEWS {
             assert_eq!(nodes["views"][v.name]["map"], v.map, "{}", v.name);
             assert_eq!(v.ddoc, NODES_DDOC);
+        }
+        let inventory = inventory();
+        for v in INVENTORY_VIEWS {
+            assert_eq!(inventory["views"][v.name]["map"], v.map, "{}", v.name);
+            assert_eq!(inventory["views"][v.name]["reduce"], "_count");
+            assert_eq!(v.ddoc, INVENTORY_DDOC);
         }
         let history = history();
         for v in HISTORY_VIEWS {

@@ -27,10 +27,16 @@ fn node_set(cli: &Cli) -> Result<target::NodeSet, RunnerError> {
     target::parse(&cli.nodes, &target::Files).map_err(|e| RunnerError::Usage(format!("-n: {e}")))
 }
 
-/// Data on stdout, notes on stderr.
+/// Data on stdout, notes on stderr. A reader that went away (`| head`) is not an error:
+/// `print!` would panic on the closed pipe.
 pub fn print(printed: output::Printed) {
-    print!("{}", printed.stdout);
-    eprint!("{}", printed.stderr);
+    let mut out = std::io::stdout().lock();
+    let _ = out
+        .write_all(printed.stdout.as_bytes())
+        .and_then(|()| out.flush());
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(printed.stderr.as_bytes());
 }
 
 /// Questions answered from the inventory, without fan-out.

@@ -42,7 +42,7 @@ pub const EXPRESSION_HELP: &str = concat!(
     "comparisons on announced facts and stored plugin values by path, and packages:\n",
     "  os.family=Debian  kernel=~^6\\.  memory_mb>16000      announced facts (= != =~ !~ < <= > >=)\n",
     "  os_release.VERSION_ID = 12  facts.memory_mb < 4096   a plugin's value: PLUGIN.path\n",
-    "  disks[].use_percent > 90                            [] reads each element of a list\n",
+    "  disks.filesystems[].avail < 1e9                     [] reads each element of a list\n",
     "  exists os_release.VERSION_ID                         the value is there\n",
     "  dpkg has openssl < 3.0.13                           a package, in dpkg's (rpms: rpm's) order\n",
     "  dpkg has name=nginx and version=~^1\\.22             conditions on one record\n",
@@ -237,7 +237,7 @@ pub enum Command {
             "  vogeler-runner query 'dpkg has openssl < 3.0.13' --fields os.version,dpkg:openssl\n",
             "  vogeler-runner query 'os.family=Debian and memory_mb < 4096' --fields memory_mb\n",
             "  vogeler-runner query 'os_release.VERSION_ID = 12'\n",
-            "  vogeler-runner query 'disks[].use_percent > 90' --fields disks[].target\n",
+            "  vogeler-runner query 'disks.filesystems[].avail < 1e9' --fields disks.filesystems[].target\n",
             "  vogeler-runner query 'rpms has (name = kernel and version < 5.14.0-400)'\n",
             "  vogeler-runner query 'web* and not dpkg has nginx' -o csv\n",
         ),
@@ -249,13 +249,13 @@ pub enum Command {
         #[arg(value_name = "EXPR")]
         expr: String,
         /// Values to show for each node, comma-separated: paths (os.version,
-        /// disks[].use_percent) or a package's version (dpkg:openssl)
+        /// disks.filesystems[].target) or a package's version (dpkg:openssl)
         #[arg(long, value_name = "FIELD,...", value_delimiter = ',', value_parser = crate::ask::parse_field)]
         fields: Vec<crate::ask::Field>,
     },
     /// How many nodes hold each value of a path (count os.version) or each version of a
     /// package (count dpkg:openssl), most common first: from the server's reduce views (the
-    /// same counts Fauxton shows under _design/vogeler), or over the nodes of -n
+    /// same counts Fauxton shows under _design/vogeler_inventory), or over the nodes of -n
     #[command(after_long_help = format!(
         "{}\n{}",
         concat!(

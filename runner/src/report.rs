@@ -208,10 +208,17 @@ impl Report {
         for (n, why) in &self.unverified {
             let _ = writeln!(out, "unverified reply as {n} (not shown): {why}");
         }
-        if counted.is_empty() {
+        if counted.is_empty() && self.broadcast {
             let _ = writeln!(
                 out,
                 "no nodes are registered and none answered: is an agent running in this collective?"
+            );
+        } else if counted.is_empty() {
+            // A selection that matched nobody is not a missing agent.
+            let _ = writeln!(
+                out,
+                "no registered node matches -n {q}: nothing was sent (see `vogeler-runner query {q}`)",
+                q = printable(&shell_quote(&self.nodes)),
             );
         }
         out
@@ -359,6 +366,17 @@ fn one_line(s: &str, max: usize) -> String {
         Some((i, _)) => format!("{}...", &flat[..i]),
         None => flat,
     }
+}
+
+/// `s` as one shell word, so a printed command can be pasted back.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.,*@/".contains(c))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 #[cfg(test)]

@@ -70,6 +70,7 @@ pub async fn prepare_database(couch: &CouchClient, db: &str) -> Result<Store, Se
     let mut new_enrollment = false;
     for (name, ddoc) in [
         (db, design::nodes()),
+        (db, design::inventory()),
         (store.history_database(), design::history()),
         (store.enrollment_database(), design::enrollment()),
     ] {

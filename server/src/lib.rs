@@ -166,6 +166,10 @@ pub async fn run_with(
         },
         cancel.clone(),
     ));
+    let refresh = tokio::spawn(maintenance::refresh_views(
+        vogeler_core::query::Inventory::new(couch.clone(), store.database()),
+        cancel.clone(),
+    ));
     let maintenance = tokio::spawn(maintenance::periodic(
         vogeler_core::query::Inventory::new(couch.clone(), store.database()),
         settings.stale_after,
@@ -218,6 +222,7 @@ pub async fn run_with(
     }
     let _ = maintenance.await;
     let _ = overdue.await;
+    let _ = refresh.await;
     served?;
     info!(
         stored = stats.total_stored,
