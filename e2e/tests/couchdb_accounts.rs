@@ -452,33 +452,11 @@ async fn setup_script_gives_each_account_exactly_its_rights() {
         "the server pinned the node's key"
     );
 
-    // The reader's inventory commands.
-    let mut nodes = accounts.as_role(bare("vogeler-runner"), "runner");
-    nodes.arg("nodes");
-    let out = run(nodes).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "nodes as reader: {}",
-        text(&out)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(node),
-        "{}",
-        text(&out)
-    );
-    let mut show = accounts.as_role(bare("vogeler-runner"), "runner");
-    show.args(["show", node, "hello"]);
-    let out = run(show).await;
-    assert_eq!(out.status.code(), Some(0), "show as reader: {}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("alpha"),
-        "{}",
-        text(&out)
-    );
-
-    // Questions over stored values need nothing but reads: views, their reduce, `_find`.
+    // The reader's inventory commands: listing, reading a value, and questions over stored
+    // values, which need nothing but reads (views, their reduce, `_find`).
     for (args, needle) in [
+        (&["nodes"][..], node),
+        (&["show", node, "hello"][..], "alpha"),
         (&["query", "hello has alpha", "-o", "jsonl"][..], node),
         (&["count", "os.family"][..], "1 value(s) over 1 node(s)"),
     ] {
