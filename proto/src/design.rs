@@ -21,7 +21,7 @@ pub const ENROLLMENT_DDOC: &str = "vogeler_enrollment";
 
 /// Bumped whenever a view below changes: servers upgrade older design documents on start and
 /// leave newer ones (from a newer server) alone.
-pub const VERSION: u64 = 10;
+pub const VERSION: u64 = 11;
 
 /// A view: the design document it lives in, its name and its map function, in one place so
 /// that the server installs and every reader queries the same thing.
@@ -59,12 +59,27 @@ pub const NODES_BY_PLUGIN: View = View {
 /// as [`crate::expr`] composes it; the value keeps the record's own fields, so `has` can be
 /// decided on the row. Reduced with `_count`: `group_level=3` over `[name, plugin]` is the
 /// version spread of one package (`count dpkg:openssl`).
+///
+/// A node decides what its lists hold, so an inventory is indexed whole or not at all: one
+/// with more than [`PACKAGES_MAX_RECORDS`] records, more than [`PACKAGES_MAX_SAME_NAME`] of
+/// one name, a record field over [`PACKAGES_MAX_TEXT`] characters, or a record that is not
+/// an object of text fields (a number reads differently in JavaScript) gives only the marker
+/// row `[null, plugin]` → why. Readers decide marked nodes from the document
+/// ([`UNINDEXED`]), so the view's bounds never change an answer.
 pub const PACKAGES: View = View {
     ddoc: INVENTORY_DDOC,
     name: "packages",
-    map: "function (doc) { var v = doc.vogeler; if (!v || typeof v !== 'object' || doc._id.indexOf(':') !== -1) { return; } var own = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); }; var str = function (x) { return typeof x === 'string' ? x : JSON.stringify(x); }; var sources = { dpkg: 'dpkg', rpms: 'rpm' }; var d = v.packages; if (d && typeof d === 'object') { for (var k in d) { if (own(d, k) && !own(sources, k) && k !== 'vogeler' && (d[k] === 'dpkg' || d[k] === 'rpm')) { sources[k] = d[k]; } } } for (var s in sources) { if (!own(sources, s) || !own(doc, s) || !Array.isArray(doc[s])) { continue; } var list = doc[s]; for (var i = 0; i < list.length; i++) { var p = list[i]; if (!p || typeof p !== 'object' || typeof p.name !== 'string') { continue; } if (p.status !== undefined && p.status !== null && p.status !== 'installed') { continue; } var val = { scheme: sources[s] }; var ver = null; if (p.version !== undefined && p.version !== null) { val.version = p.version; ver = str(p.version); var e = p.epoch === undefined || p.epoch === null ? '' : str(p.epoch); var r = p.release === undefined || p.release === null ? '' : str(p.release); if (e !== '' && e !== '(none)') { ver = e + ':' + ver; } if (r !== '' && r !== '(none)') { ver = ver + '-' + r; } } ['arch', 'epoch', 'release'].forEach(function (f) { if (p[f] !== undefined && p[f] !== null) { val[f] = p[f]; } }); emit([p.name, s, ver], val); } } }",
+    map: "function (doc) { var v = doc.vogeler; if (!v || typeof v !== 'object' || doc._id.indexOf(':') !== -1) { return; } var own = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); }; var text = function (x) { return x === undefined || x === null || (typeof x === 'string' && x.length <= 256); }; var sources = { dpkg: 'dpkg', rpms: 'rpm' }; var d = v.packages; if (d && typeof d === 'object') { for (var k in d) { if (own(d, k) && !own(sources, k) && k !== 'vogeler' && (d[k] === 'dpkg' || d[k] === 'rpm')) { sources[k] = d[k]; } } } for (var s in sources) { if (!own(sources, s) || !own(doc, s) || !Array.isArray(doc[s])) { continue; } var list = doc[s]; var why = list.length > 20000 ? 'records' : null; var per = {}; for (var i = 0; !why && i < list.length; i++) { var p = list[i]; if (!p || typeof p !== 'object' || Array.isArray(p)) { why = 'record'; } else if (p.name === undefined) { continue; } else if (typeof p.name !== 'string' || p.name.length > 256 || !text(p.version) || !text(p.epoch) || !text(p.release) || !text(p.arch)) { why = 'record'; } else { var c = (per['~' + p.name] || 0) + 1; per['~' + p.name] = c; if (c > 64) { why = 'same name'; } } } if (why) { emit([null, s], why); continue; } for (var j = 0; j < list.length; j++) { var r = list[j]; if (r.name === undefined) { continue; } if (r.status !== undefined && r.status !== null && r.status !== 'installed') { continue; } var val = { scheme: sources[s] }; var ver = null; if (r.version !== undefined && r.version !== null) { val.version = r.version; ver = r.version; var e = r.epoch === undefined || r.epoch === null ? '' : r.epoch; var rel = r.release === undefined || r.release === null ? '' : r.release; if (e !== '' && e !== '(none)') { ver = e + ':' + ver; } if (rel !== '' && rel !== '(none)') { ver = ver + '-' + rel; } } ['arch', 'epoch', 'release'].forEach(function (f) { if (r[f] !== undefined && r[f] !== null) { val[f] = r[f]; } }); emit([r.name, s, ver], val); } } }",
     reduce: Some("_count"),
 };
+
+/// The records one package inventory may have and still be indexed ([`PACKAGES`]).
+pub const PACKAGES_MAX_RECORDS: usize = 20_000;
+/// Records of one name one inventory may have and still be indexed (kernels, multi-arch
+/// libraries and `gpg-pubkey` repeat a name a few times).
+pub const PACKAGES_MAX_SAME_NAME: usize = 64;
+/// The longest record field (name, version, epoch, release, arch) the packages view indexes.
+pub const PACKAGES_MAX_TEXT: usize = 256;
 
 /// `[plugin, node]` → [`Collected`], for answering from stored values (`--cached`): one row
 /// from the node document's stored run, and one from its freshness document when a
@@ -105,16 +120,34 @@ pub fn quarantine_id(node: &crate::names::NodeName) -> String {
 /// expression language reads it with ([`crate::expr`]): announced facts first (`os.family`,
 /// `kernel`), then the objects and values of plugins whose name is not an announced fact
 /// (`os_release.VERSION_ID`, `facts.memory_mb`). Lists are left to `_find` (`disks[]…`,
-/// `has`); keys with a `.` cannot be named by a path and are left out. Bounded per document
-/// (2,000 values, 8 levels, strings up to 512 characters), since a node decides what its
-/// values hold. Reduced with `_count`: `group_level=2` over `[path]` is how many nodes have
-/// each value (`count os.version`), also in Fauxton.
+/// `has`); keys with a `.` cannot be named by a path and are left out. Reduced with `_count`:
+/// `group_level=2` over `[path]` is how many nodes have each value (`count os.version`),
+/// also in Fauxton.
+///
+/// Bounded, since a node decides what its values hold, and never silently: a string over
+/// [`VALUES_MAX_TEXT`] characters gives the marker row `[path]` (the node has a value there
+/// the view does not hold), a node with more than [`VALUES_MAX_PER_NODE`] values gives only
+/// `[null, "values"]` → how many, and paths are indexed [`VALUES_MAX_DEPTH`] keys deep (a
+/// longer path is never read from the view: [`crate::expr::Path::view_key`]). Readers
+/// decide marked nodes from the document ([`UNINDEXED`]).
 pub const VALUES: View = View {
     ddoc: INVENTORY_DDOC,
     name: "values",
-    map: "function (doc) { var v = doc.vogeler; if (!v || typeof v !== 'object' || doc._id.indexOf(':') !== -1) { return; } var own = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); }; var plain = function (x) { return x !== null && typeof x === 'object'; }; var facts = plain(v.facts) && !Array.isArray(v.facts) ? v.facts : {}; var n = 0; var put = function (key, x, depth) { if (n >= 2000) { return; } if (plain(x)) { if (!Array.isArray(x) && depth < 8) { for (var k in x) { if (own(x, k) && k.indexOf('.') === -1 && k !== '') { put(key + '.' + k, x[k], depth + 1); } } } return; } if (typeof x === 'string' && x.length > 512) { return; } n++; emit([key, x], null); }; for (var f in facts) { if (own(facts, f) && f.indexOf('.') === -1 && f !== '') { put(f, facts[f], 1); } } for (var p in doc) { if (own(doc, p) && p.charAt(0) !== '_' && p !== 'vogeler' && p.indexOf('.') === -1 && p !== '' && !own(facts, p)) { put(p, doc[p], 1); } } }",
+    map: "function (doc) { var v = doc.vogeler; if (!v || typeof v !== 'object' || doc._id.indexOf(':') !== -1) { return; } var own = function (o, k) { return Object.prototype.hasOwnProperty.call(o, k); }; var plain = function (x) { return x !== null && typeof x === 'object'; }; var facts = plain(v.facts) && !Array.isArray(v.facts) ? v.facts : {}; var walk = function (visit) { var put = function (key, x, depth) { if (!plain(x)) { return visit(key, x); } if (!Array.isArray(x) && depth < 8) { for (var k in x) { if (own(x, k) && k.indexOf('.') === -1 && k !== '' && !put(key + '.' + k, x[k], depth + 1)) { return false; } } } return true; }; for (var f in facts) { if (own(facts, f) && f.indexOf('.') === -1 && f !== '' && !put(f, facts[f], 1)) { return false; } } for (var p in doc) { if (own(doc, p) && p.charAt(0) !== '_' && p !== 'vogeler' && p.indexOf('.') === -1 && p !== '' && !own(facts, p) && !put(p, doc[p], 1)) { return false; } } return true; }; var n = 0; if (!walk(function () { n++; return n <= 2000; })) { emit([null, 'values'], n); return; } walk(function (key, x) { if (typeof x === 'string' && x.length > 512) { emit([key], null); } else { emit([key, x], null); } return true; }); }",
     reduce: Some("_count"),
 };
+
+/// The plain values one node may have and still be indexed ([`VALUES`]).
+pub const VALUES_MAX_PER_NODE: usize = 2_000;
+/// The longest string the values view holds as a key.
+pub const VALUES_MAX_TEXT: usize = 512;
+/// The most keys of a path the values view indexes.
+pub const VALUES_MAX_DEPTH: usize = 8;
+
+/// The first key part of the marker rows of [`VALUES`] and [`PACKAGES`] (`[null, …]`):
+/// `null` sorts before every path and package name, so no range of a path or a package
+/// reads one by accident, and Fauxton shows them as one group.
+pub const UNINDEXED: Value = Value::Null;
 
 /// History entry time → [`HistoryRow`] (`{node, plugin}`): retention, and `changes`
 /// across the fleet, which filters rows by node and plugin before it reads any (large)
@@ -452,6 +485,33 @@ mod tests {
             assert_eq!(enrollment["views"][v.name]["map"], v.map, "{}", v.name);
             assert_eq!(enrollment["views"][v.name]["reduce"], "_count");
             assert_eq!(v.ddoc, ENROLLMENT_DDOC);
+        }
+    }
+
+    #[test]
+    fn the_views_bounds_are_the_constants_readers_know() {
+        // The map functions are JavaScript literals: the numbers in them must be these.
+        for (view, bounds) in [
+            (
+                VALUES,
+                vec![
+                    format!("n <= {VALUES_MAX_PER_NODE}"),
+                    format!("x.length > {VALUES_MAX_TEXT}"),
+                    format!("depth < {VALUES_MAX_DEPTH}"),
+                ],
+            ),
+            (
+                PACKAGES,
+                vec![
+                    format!("list.length > {PACKAGES_MAX_RECORDS}"),
+                    format!("c > {PACKAGES_MAX_SAME_NAME}"),
+                    format!("x.length <= {PACKAGES_MAX_TEXT}"),
+                ],
+            ),
+        ] {
+            for b in bounds {
+                assert!(view.map.contains(&b), "{}: {b}", view.name);
+            }
         }
     }
 

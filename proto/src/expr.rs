@@ -125,7 +125,9 @@
 //! but `installed` (dpkg's `config-files`) is not installed and does not count, unless the
 //! conditions ask about `status` themselves. In any other plugin, `has NAME` finds an element
 //! whose `name` is NAME, or a plain string element equal to it (`hello has alpha`), and values
-//! compare as above.
+//! compare as above. `PLUGIN has …` on a package inventory reads the plugin's own value,
+//! never an announced fact of the same name: facts are not package lists, and the packages
+//! view ([`crate::design::PACKAGES`]) indexes plugin values.
 //!
 //! # Narrowing in CouchDB
 //!
@@ -378,6 +380,25 @@ impl Catalog {
     }
     pub fn scheme(&self, plugin: &str) -> Option<Scheme> {
         self.packages.get(plugin).copied()
+    }
+    /// The package inventories of one node document: the built-in ones, and those its node
+    /// declared (`vogeler.packages`), which cannot reorder a built-in.
+    pub fn of_document(doc: &Value) -> Self {
+        let mut catalog = Self::default();
+        if let Some(declared) = doc
+            .get(RESERVED_PLUGIN_NAME)
+            .and_then(|v| v.get("packages"))
+            .and_then(Value::as_object)
+        {
+            for (plugin, s) in declared {
+                if Scheme::by_name(plugin).is_none()
+                    && let Some(s) = s.as_str().and_then(|s| s.parse().ok())
+                {
+                    catalog = catalog.with(plugin.clone(), s);
+                }
+            }
+        }
+        catalog
     }
 }
 
@@ -1287,7 +1308,10 @@ impl Expr {
             Expr::Compare { path, test } => path.any(doc, &mut |v| test.holds(v)),
             Expr::Exists(path) => path.any(doc, &mut |_| true),
             Expr::Has { path, member } => {
-                let (base, plugin) = path.start(doc);
+                let (base, plugin) = match path.plugin().filter(|p| catalog.scheme(p).is_some()) {
+                    Some(p) => (doc, Some(p)),
+                    None => path.start(doc),
+                };
                 let scheme = plugin.and_then(|p| catalog.scheme(p));
                 any_at(base, &path.steps, &mut |v| {
                     v.as_array()
@@ -1671,9 +1695,12 @@ impl Expr {
             Expr::NamesFrom(_) => Sel::False,
             Expr::Compare { path, test } => place(path, narrow(test)),
             Expr::Exists(path) => place(path, exists()),
-            Expr::Has { path, member } => {
-                place(path, json!({ "$elemMatch": member.pos().into_value() }))
-            }
+            Expr::Has { path, member } => match member.pos() {
+                // CouchDB's `{"$elemMatch": {}}` matches no list at all.
+                Sel::True => place(path, json!({"$type": "array"})),
+                Sel::False => Sel::False,
+                m => place(path, json!({ "$elemMatch": m.into_value() })),
+            },
             Expr::And(items) => all_of(items.iter().map(Expr::pos)),
             Expr::Or(items) => any_of(items.iter().map(Expr::pos)),
             Expr::Not(e) => e.neg(),
@@ -1762,7 +1789,11 @@ impl Path {
     /// the view applies too), none of them containing a `.`, not into the bookkeeping.
     /// `None` for `.P`, `vogeler…`, paths through `[]` and paths inside `has`.
     pub fn view_key(&self) -> Option<String> {
-        if self.root != Root::Auto {
+        // The view indexes paths so deep, and no document keys starting with `_` (`_id`).
+        if self.root != Root::Auto
+            || self.steps.len() > crate::design::VALUES_MAX_DEPTH
+            || self.first_key().is_none_or(|k| k.starts_with('_'))
+        {
             return None;
         }
         let mut keys = Vec::with_capacity(self.steps.len());
@@ -1795,6 +1826,19 @@ impl Path {
             _ => None,
         }
     }
+}
+
+/// The versions (`epoch:version-release`, as the packages view keys them) of the installed
+/// records named `name` in a package inventory's list: what the view holds of a list it
+/// could index, computed from a document for one it marked as unindexed.
+pub fn installed_versions(list: &Value, name: &str) -> Vec<Option<String>> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_object)
+        .filter(|o| installed(o) && o.get("name").is_some_and(|n| text(n) == name))
+        .map(package_version)
+        .collect()
 }
 
 impl Member {
@@ -3029,7 +3073,8 @@ mod tests {
             ),
             (
                 ".dpkg has (name = a or not arch = b)",
-                json!({"dpkg": {"$elemMatch": {}}}),
+                // CouchDB matches no list with `{"$elemMatch": {}}`.
+                json!({"dpkg": {"$type": "array"}}),
             ),
             (
                 "web* and .x = 1",
