@@ -29,6 +29,9 @@ use vogeler_proto::secret::{Secret, SecretUrl};
 
 /// How long one HTTP request may take before it counts as a transient failure.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest view or `_find` answer read: the registry of 10,000 nodes is a few MiB,
+/// and a `_find` page holds at most 500 documents' requested fields.
+const MAX_ANSWER_BYTES: usize = 1 << 30;
 /// Drop idle pooled connections before the server does: Node-based servers close idle
 /// keep-alive connections after 5 s, and reusing one the server just closed fails the request.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -51,6 +54,12 @@ pub enum CouchError {
     },
     #[error("document {id:?} in {db:?} changed while we wrote it (conflict)")]
     Conflict { db: String, id: String },
+    #[error("unexpected response to {path} from {url}: {reason}")]
+    Protocol {
+        path: String,
+        url: String,
+        reason: String,
+    },
     #[error("unexpected response to {path} from {url}: {source}")]
     Decode {
         path: String,
@@ -86,7 +95,9 @@ impl CouchError {
                     || *status == StatusCode::TOO_MANY_REQUESTS
                     || *status == StatusCode::REQUEST_TIMEOUT
             }
-            CouchError::Conflict { .. } | CouchError::Decode { .. } => false,
+            CouchError::Conflict { .. }
+            | CouchError::Decode { .. }
+            | CouchError::Protocol { .. } => false,
         }
     }
 
@@ -441,6 +452,40 @@ impl CouchClient {
         })
     }
 
+    /// [`CouchClient::json`] for answers whose size the nodes decide (view rows, `_find`
+    /// pages): read up to [`MAX_ANSWER_BYTES`], so a database holding something hostile
+    /// fails the question with a reason instead of exhausting the reader's memory.
+    async fn json_bounded<T: DeserializeOwned>(
+        &self,
+        segments: &[&str],
+        mut resp: reqwest::Response,
+    ) -> Result<T, CouchError> {
+        let path = || format!("/{}", segments.join("/"));
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|source| CouchError::Decode {
+            path: path(),
+            url: self.base.to_string(),
+            source,
+        })? {
+            if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+                return Err(CouchError::Protocol {
+                    path: path(),
+                    url: self.base.to_string(),
+                    reason: format!(
+                        "the answer is over {} MiB, more than any question reads; check the database's views and documents (a node storing huge values?)",
+                        MAX_ANSWER_BYTES >> 20
+                    ),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&body).map_err(|e| CouchError::Protocol {
+            path: path(),
+            url: self.base.to_string(),
+            reason: format!("not the JSON CouchDB answers with: {e}"),
+        })
+    }
+
     async fn bytes(
         &self,
         segments: &[&str],
@@ -636,7 +681,7 @@ impl CouchClient {
         if !resp.status().is_success() {
             return Err(self.error(Method::GET, &path, resp).await);
         }
-        let rows: ViewRows = self.json(&path, resp).await?;
+        let rows: ViewRows = self.json_bounded(&path, resp).await?;
         Ok(rows.rows)
     }
 
@@ -651,7 +696,7 @@ impl CouchClient {
         if !resp.status().is_success() {
             return Err(self.error(Method::POST, &path, resp).await);
         }
-        self.json(&path, resp).await
+        self.json_bounded(&path, resp).await
     }
 
     /// The number of documents in `db` (`GET /{db}`), design documents included.

@@ -227,6 +227,28 @@ impl Inventory {
         Ok(out)
     }
 
+    /// Nodes whose value at `path` the values view does not hold: a marker row `[path]`
+    /// (a string over the view's bound) or `[null, "values"]` (more values than it indexes
+    /// of one node). Decide these from their documents ([`Inventory::find_among`]).
+    pub async fn unindexed_values(&self, path: &str) -> Result<BTreeSet<String>, CouchError> {
+        let mut out = BTreeSet::new();
+        for key in [json!([path]), json!([design::UNINDEXED, "values"])] {
+            let params = [("reduce", "false".to_string()), ("key", key.to_string())];
+            out.extend(ids(self.rows(design::VALUES, &params).await?));
+        }
+        Ok(out)
+    }
+
+    /// Nodes whose `plugin` inventory the packages view does not index (the marker row
+    /// `[null, plugin]`: too many records, or records it cannot key exactly).
+    pub async fn unindexed_packages(&self, plugin: &str) -> Result<BTreeSet<String>, CouchError> {
+        let params = [
+            ("reduce", "false".to_string()),
+            ("key", json!([design::UNINDEXED, plugin]).to_string()),
+        ];
+        Ok(ids(self.rows(design::PACKAGES, &params).await?))
+    }
+
     /// How many nodes hold each plain value at `path` (the view's reduce).
     pub async fn value_counts(&self, path: &str) -> Result<Vec<(Value, u64)>, CouchError> {
         let params = [
@@ -253,11 +275,11 @@ impl Inventory {
         const PAGE: usize = 500;
         let mut fields: Vec<&str> = fields.iter().map(String::as_str).collect();
         fields.push("_id");
-        let selector = json!({"$and": [
+        let selector = all_of([
             selector,
-            {"vogeler": {"$type": "object"}},
-            {"_id": {"$regex": "^[^:]+$"}},
-        ]});
+            json!({"vogeler": {"$type": "object"}}),
+            json!({"_id": {"$regex": "^[^:]+$"}}),
+        ]);
         let mut docs = Vec::new();
         let mut bookmark: Option<String> = None;
         loop {
@@ -271,8 +293,33 @@ impl Inventory {
             if n < PAGE || page.bookmark.is_none() {
                 return Ok(docs);
             }
+            // A bookmark that does not move would page forever.
+            if page.bookmark == bookmark {
+                return Err(CouchError::Protocol {
+                    path: format!("/{}/_find", self.db),
+                    url: self.couch.url().to_string(),
+                    reason: "the same bookmark came back with a full page".into(),
+                });
+            }
             bookmark = page.bookmark;
         }
+    }
+
+    /// [`Inventory::find`] among the node documents `ids` only, a bounded list of ids at a
+    /// time.
+    pub async fn find_among(
+        &self,
+        ids: &[&str],
+        selector: Value,
+        fields: &[String],
+    ) -> Result<Vec<Value>, CouchError> {
+        const IDS_PER_FIND: usize = 1000;
+        let mut docs = Vec::new();
+        for chunk in ids.chunks(IDS_PER_FIND) {
+            let among = all_of([json!({"_id": {"$in": chunk}}), selector.clone()]);
+            docs.extend(self.find(among, fields).await?);
+        }
+        Ok(docs)
     }
 
     /// Every recorded change of `plugin` on `node`, oldest first.
@@ -415,12 +462,32 @@ fn fold_registry(rows: Vec<ViewRow>) -> Vec<(String, Registered)> {
     nodes.into_iter().collect()
 }
 
+/// Mango's `$and` of `parts`, leaving out `{}` (every document), which CouchDB matches
+/// with nothing inside an `$and`.
+fn all_of<const N: usize>(parts: [Value; N]) -> Value {
+    let parts: Vec<Value> = parts
+        .into_iter()
+        .filter(|p| p.as_object().is_none_or(|m| !m.is_empty()))
+        .collect();
+    json!({ "$and": parts })
+}
+
 /// Which keys of a view to read: exact keys, or `(low, high)` ranges of the second key part
 /// (`None`: open at that end).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Span {
     Keys(Vec<Value>),
     Ranges(Vec<(Option<Value>, Option<Value>)>),
+}
+
+impl Span {
+    /// How many view reads it takes.
+    pub fn reads(&self) -> usize {
+        match self {
+            Span::Keys(k) => k.len(),
+            Span::Ranges(r) => r.len(),
+        }
+    }
 }
 
 /// One installed record of a package, as the packages view holds it.
