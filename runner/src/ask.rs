@@ -27,9 +27,6 @@ pub const COUNT_COLUMNS: &[&str] = &["value", "nodes"];
 /// `query`'s first column; each `--fields` path follows, named as written.
 pub const QUERY_COLUMNS: &[&str] = &["node", "FIELD..."];
 
-/// Most nodes whose ids go into one `_find` for `--fields` that no view holds.
-const IDS_PER_FIND: usize = 1000;
-
 /// A value to show or count: a path (`os.version`, `disks[].use_percent`) or a package's
 /// version in a package inventory (`dpkg:openssl`).
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +117,21 @@ pub async fn query(
                             .push(p.version.map_or(Value::Null, Value::String));
                     }
                 }
+                // Inventories the view does not index are read from their documents.
+                let unindexed = inventory
+                    .unindexed_packages(plugin.as_str())
+                    .await
+                    .map_err(registry_error)?;
+                let ids: Vec<&str> = unindexed
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|id| NodeName::new(*id).is_ok_and(|n| selected.contains(&n)))
+                    .collect();
+                for (n, versions) in package_versions(&inventory, &ids, plugin, name).await? {
+                    if !versions.is_empty() {
+                        found.insert(n, versions);
+                    }
+                }
             }
             Field::Path { path, .. } => {
                 // The values view holds each plain value; a node without a row there may
@@ -137,24 +149,9 @@ pub async fn query(
                     }
                     missing.retain(|id| NodeName::new(*id).is_ok_and(|n| !found.contains_key(&n)));
                 }
-                let needs = Expr::Exists(path.clone()).fields();
-                for ids in missing.chunks(IDS_PER_FIND) {
-                    for doc in inventory
-                        .find(json!({"_id": {"$in": ids}}), &needs)
-                        .await
-                        .map_err(registry_error)?
-                    {
-                        let Some(n) = doc
-                            .get("_id")
-                            .and_then(Value::as_str)
-                            .and_then(|id| NodeName::new(id).ok())
-                        else {
-                            continue;
-                        };
-                        let values: Vec<Value> = path.read(&doc).into_iter().cloned().collect();
-                        if !values.is_empty() {
-                            found.insert(n, values);
-                        }
+                for (n, values) in path_values(&inventory, &missing, path).await? {
+                    if !values.is_empty() {
+                        found.insert(n, values);
                     }
                 }
             }
@@ -217,6 +214,7 @@ pub struct Counted {
 }
 
 /// Value → number of nodes for `field`, over every node (the view's reduce) or over `set`.
+/// Nodes the views mark as holding more than they index are counted from their documents.
 pub async fn count(
     settings: &CouchSettings,
     field: &Field,
@@ -224,14 +222,14 @@ pub async fn count(
     freshness: std::time::Duration,
 ) -> Result<Counted, RunnerError> {
     let inventory = open(settings)?;
-    let key = match field {
-        Field::Path { text, path } => Some(path.view_key().ok_or_else(|| {
-            RunnerError::Usage(format!(
-                "count {text}: count reads one plain value per node at a path (os.version, facts.memory_mb) or a package's versions (dpkg:openssl); a path through a list ([]), starting with '.' or into vogeler is not counted: list its values with `vogeler-runner query all --fields {text}`"
-            ))
-        })?),
-        Field::Package { .. } => None,
-    };
+    if let Field::Path { text, path } = field
+        && path.view_key().is_none()
+    {
+        return Err(RunnerError::Usage(format!(
+            "count {text}: count reads one plain value per node at a path (os.version, facts.memory_mb) or a package's versions (dpkg:openssl); a path through a list ([]), starting with '.' or '_', deeper than {} keys or into vogeler is not counted: list its values with `vogeler-runner query all --fields {text}`",
+            vogeler_proto::design::VALUES_MAX_DEPTH
+        )));
+    }
     let registry = crate::registry(settings, freshness).await?;
     let selected = if set.is_all() {
         None
@@ -239,37 +237,83 @@ pub async fn count(
         Some(crate::select_nodes(settings, set, &registry).await?)
     };
     let in_set = |id: &str| {
-        selected
-            .as_ref()
-            .is_none_or(|s| NodeName::new(id).is_ok_and(|n| s.contains(&n)))
+        NodeName::new(id).is_ok_and(|n| {
+            registry.contains_key(&n) && selected.as_ref().is_none_or(|s| s.contains(&n))
+        })
     };
-    let values = match (field, &key, &selected) {
-        (Field::Package { plugin, name }, _, None) => inventory
-            .package_counts(plugin.as_str(), name)
-            .await
-            .map_err(registry_error)?,
-        (Field::Path { .. }, Some(key), None) => {
-            inventory.value_counts(key).await.map_err(registry_error)?
+    let (values, unindexed, extra) = match field {
+        Field::Package { plugin, name } => {
+            let values = match &selected {
+                None => inventory.package_counts(plugin.as_str(), name).await,
+                Some(_) => inventory
+                    .packages(name, Some(plugin.as_str()))
+                    .await
+                    .map(|rows| {
+                        tally(
+                            rows.into_iter()
+                                .filter(|p| in_set(&p.node))
+                                .map(|p| p.version.map_or(Value::Null, Value::String)),
+                        )
+                    }),
+            }
+            .map_err(registry_error)?;
+            let unindexed = inventory
+                .unindexed_packages(plugin.as_str())
+                .await
+                .map_err(registry_error)?;
+            let ids: Vec<&str> = unindexed
+                .iter()
+                .map(String::as_str)
+                .filter(|id| in_set(id))
+                .collect();
+            let extra: Vec<Value> = package_versions(&inventory, &ids, plugin, name)
+                .await?
+                .into_iter()
+                .flat_map(|(_, v)| v)
+                .collect();
+            (values, unindexed.len(), extra)
         }
-        (Field::Package { plugin, name }, _, Some(_)) => tally(
-            inventory
-                .packages(name, Some(plugin.as_str()))
+        Field::Path { path, .. } => {
+            let key = path.view_key().unwrap_or_default();
+            let values = match &selected {
+                None => inventory.value_counts(&key).await,
+                Some(_) => inventory
+                    .values(&key, &Span::Ranges(vec![(None, None)]))
+                    .await
+                    .map(|rows| {
+                        tally(
+                            rows.into_iter()
+                                .filter(|(id, _)| in_set(id))
+                                .map(|(_, v)| v),
+                        )
+                    }),
+            }
+            .map_err(registry_error)?;
+            let unindexed = inventory
+                .unindexed_values(&key)
                 .await
-                .map_err(registry_error)?
+                .map_err(registry_error)?;
+            let ids: Vec<&str> = unindexed
+                .iter()
+                .map(String::as_str)
+                .filter(|id| in_set(id))
+                .collect();
+            // The view counts one plain value a node; so do these.
+            let extra: Vec<Value> = path_values(&inventory, &ids, path)
+                .await?
                 .into_iter()
-                .filter(|p| in_set(&p.node))
-                .map(|p| p.version.map_or(Value::Null, Value::String)),
-        ),
-        (Field::Path { .. }, Some(key), Some(_)) => tally(
-            inventory
-                .values(key, &Span::Ranges(vec![(None, None)]))
-                .await
-                .map_err(registry_error)?
-                .into_iter()
-                .filter(|(id, _)| in_set(id))
-                .map(|(_, v)| v),
-        ),
-        (Field::Path { .. }, None, _) => unreachable!("checked above"),
+                .filter_map(|(_, mut v)| match v.len() {
+                    1 if !v[0].is_array() && !v[0].is_object() => v.pop(),
+                    _ => None,
+                })
+                .collect();
+            (values, unindexed.len(), extra)
+        }
+    };
+    let values = if unindexed == 0 {
+        values
+    } else {
+        merge(values, tally(extra.into_iter()))
     };
     let without = match field {
         Field::Path { .. } => {
@@ -288,15 +332,76 @@ pub async fn count(
     })
 }
 
-/// Counts of values, most common first (ties in value order).
-fn tally(values: impl Iterator<Item = Value>) -> Vec<(Value, u64)> {
+/// The values at `path` of the node documents `ids`, read with only the fields it needs.
+async fn path_values(
+    inventory: &vogeler_core::query::Inventory,
+    ids: &[&str],
+    path: &Path,
+) -> Result<Vec<(NodeName, Vec<Value>)>, RunnerError> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    let docs = inventory
+        .find_among(ids, json!({}), &Expr::Exists(path.clone()).fields())
+        .await
+        .map_err(registry_error)?;
+    Ok(docs
+        .iter()
+        .filter_map(|doc| {
+            let n = NodeName::new(doc.get("_id")?.as_str()?).ok()?;
+            Some((n, path.read(doc).into_iter().cloned().collect()))
+        })
+        .collect())
+}
+
+/// The installed versions of package `name` in the `plugin` inventories of the node
+/// documents `ids`, as the packages view would key them.
+async fn package_versions(
+    inventory: &vogeler_core::query::Inventory,
+    ids: &[&str],
+    plugin: &PluginName,
+    name: &str,
+) -> Result<Vec<(NodeName, Vec<Value>)>, RunnerError> {
+    if ids.is_empty() {
+        return Ok(vec![]);
+    }
+    let docs = inventory
+        .find_among(ids, json!({}), &[plugin.to_string()])
+        .await
+        .map_err(registry_error)?;
+    Ok(docs
+        .iter()
+        .filter_map(|doc| {
+            let n = NodeName::new(doc.get("_id")?.as_str()?).ok()?;
+            let list = doc.get(plugin.as_str()).unwrap_or(&Value::Null);
+            let versions = expr::installed_versions(list, name)
+                .into_iter()
+                .map(|v| v.map_or(Value::Null, Value::String))
+                .collect();
+            Some((n, versions))
+        })
+        .collect())
+}
+
+/// Two sets of counts as one, most common first. Values are one when CouchDB keys them as
+/// one: numbers by value (`4096` and `4096.0`; beyond 2^53 as the view's doubles).
+fn merge(a: Vec<(Value, u64)>, b: Vec<(Value, u64)>) -> Vec<(Value, u64)> {
     let mut by: BTreeMap<String, (Value, u64)> = BTreeMap::new();
-    for v in values {
-        by.entry(v.to_string()).or_insert((v, 0)).1 += 1;
+    for (v, n) in a.into_iter().chain(b) {
+        let key = match &v {
+            Value::Number(x) => format!("#{:?}", x.as_f64()),
+            other => other.to_string(),
+        };
+        by.entry(key).or_insert((v, 0)).1 += n;
     }
     let mut out: Vec<(Value, u64)> = by.into_values().collect();
     out.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     out
+}
+
+/// Counts of values, most common first (ties in value order).
+fn tally(values: impl Iterator<Item = Value>) -> Vec<(Value, u64)> {
+    merge(values.map(|v| (v, 1)).collect(), vec![])
 }
 
 /// `count` in every format: a row per value; the table adds the nodes without one.

@@ -69,6 +69,16 @@ impl<'a> Selector<'a> {
     /// The nodes `expr` selects: registered ones, and names given explicitly even when
     /// unregistered (the caller decides what those mean).
     pub fn select<'b>(&'b self, expr: &'b Expr) -> Selected<'b> {
+        self.select_in(expr, None)
+    }
+
+    /// [`Selector::select`], where only nodes in `scope` (when given) can matter: `and`
+    /// passes what its earlier parts left, so a `_find` reads only those documents.
+    fn select_in<'b>(
+        &'b self,
+        expr: &'b Expr,
+        scope: Option<&'b BTreeSet<NodeName>>,
+    ) -> Selected<'b> {
         Box::pin(async move {
             Ok(match expr {
                 Expr::All => self.universe.clone(),
@@ -87,7 +97,7 @@ impl<'a> Selector<'a> {
                     let mut ordered: Vec<&Expr> = items.iter().collect();
                     ordered.sort_by_key(|e| !matches!(e, Expr::Names(_) | Expr::Glob(_)));
                     for e in ordered {
-                        let s = self.select(e).await?;
+                        let s = self.select_in(e, acc.as_ref().or(scope)).await?;
                         let next = match acc {
                             None => s,
                             Some(a) => a.intersection(&s).cloned().collect(),
@@ -102,78 +112,159 @@ impl<'a> Selector<'a> {
                 Expr::Or(items) => {
                     let mut acc = BTreeSet::new();
                     for e in items {
-                        acc.extend(self.select(e).await?);
+                        acc.extend(self.select_in(e, scope).await?);
                     }
                     acc
                 }
                 Expr::Not(e) => {
-                    let s = self.select(e).await?;
+                    let s = self.select_in(e, scope).await?;
                     self.universe.difference(&s).cloned().collect()
                 }
                 Expr::Compare { path, test } => match path.view_key() {
-                    Some(key) => self.compare(&key, test).await?,
-                    None => self.find(expr).await?,
+                    Some(key) => self.compare(expr, &key, test, scope).await?,
+                    None => self.find(expr, scope).await?,
                 },
                 Expr::Has { path, member } => match package_leaf(path, member) {
-                    Some((plugin, name)) => self.has_package(plugin, name, member).await?,
-                    None => self.find(expr).await?,
+                    Some((plugin, name)) => {
+                        self.has_package(expr, plugin, name, member, scope).await?
+                    }
+                    None => self.find(expr, scope).await?,
                 },
-                Expr::Exists(_) => self.find(expr).await?,
+                Expr::Exists(_) => self.find(expr, scope).await?,
             })
         })
     }
 
-    /// A comparison on a bare path, from the values view.
-    async fn compare(&self, key: &str, test: &Test) -> Result<BTreeSet<NodeName>, CouchError> {
-        let rows = self.inventory.values(key, &span(test)).await?;
+    /// A comparison on a bare path, from the values view; nodes the view marks as holding
+    /// more than it indexes, and numbers whose text the test reads (JavaScript rewrites
+    /// `1.0` as `1`), are decided from their documents.
+    async fn compare(
+        &self,
+        leaf: &Expr,
+        key: &str,
+        test: &Test,
+        scope: Option<&BTreeSet<NodeName>>,
+    ) -> Result<BTreeSet<NodeName>, CouchError> {
+        let span = span(test);
+        let rows = self.inventory.values(key, &span).await?;
+        let mut unindexed = self.inventory.unindexed_values(key).await?;
         self.count(|r| {
-            r.view_reads += 1;
-            r.view_rows += rows.len();
+            r.view_reads += span.reads() + 2;
+            r.view_rows += rows.len() + unindexed.len();
         });
-        Ok(rows
-            .into_iter()
-            .filter(|(_, v)| test.accepts(v))
-            .filter_map(|(id, _)| NodeName::new(id).ok())
-            .collect())
+        let reads_text = reads_number_text(test);
+        let mut out = BTreeSet::new();
+        for (id, v) in rows {
+            if reads_text && v.is_number() {
+                unindexed.insert(id);
+            } else if test.accepts(&v)
+                && let Ok(n) = NodeName::new(id)
+            {
+                out.insert(n);
+            }
+        }
+        out.extend(self.decide(leaf, unindexed, scope).await?);
+        Ok(out)
     }
 
-    /// `PLUGIN has NAME …` on a built-in package inventory, from the packages view.
+    /// `PLUGIN has NAME …` on a built-in package inventory, from the packages view; nodes
+    /// whose inventory the view does not index are decided from their documents.
     async fn has_package(
         &self,
+        leaf: &Expr,
         plugin: &str,
         name: &str,
         member: &Member,
+        scope: Option<&BTreeSet<NodeName>>,
     ) -> Result<BTreeSet<NodeName>, CouchError> {
         let rows = self.inventory.packages(name, Some(plugin)).await?;
+        let unindexed = self.inventory.unindexed_packages(plugin).await?;
         self.count(|r| {
-            r.view_reads += 1;
-            r.view_rows += rows.len();
+            r.view_reads += 2;
+            r.view_rows += rows.len() + unindexed.len();
         });
-        Ok(rows
+        let mut out: BTreeSet<NodeName> = rows
             .into_iter()
             .filter(|p| member.accepts(&p.record, scheme(&p.scheme)))
             .filter_map(|p| NodeName::new(p.node).ok())
-            .collect())
+            .collect();
+        out.extend(self.decide(leaf, unindexed, scope).await?);
+        Ok(out)
     }
 
-    /// Any other leaf: `_find` narrows, [`Expr::matches_with`] decides on the fields read.
-    async fn find(&self, leaf: &Expr) -> Result<BTreeSet<NodeName>, CouchError> {
-        let mut fields = leaf.fields();
-        fields.push("vogeler.packages".to_string());
-        let docs = self.inventory.find(leaf.mango(), &fields).await?;
+    /// Which of the registered (and in-scope) nodes `ids` meet `leaf`, from their documents.
+    async fn decide(
+        &self,
+        leaf: &Expr,
+        ids: BTreeSet<String>,
+        scope: Option<&BTreeSet<NodeName>>,
+    ) -> Result<BTreeSet<NodeName>, CouchError> {
+        let ids: Vec<NodeName> = ids
+            .into_iter()
+            .filter_map(|id| NodeName::new(id).ok())
+            .filter(|n| self.universe.contains(n) && scope.is_none_or(|s| s.contains(n)))
+            .collect();
+        if ids.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let ids: Vec<&str> = ids.iter().map(NodeName::as_str).collect();
+        let docs = self
+            .inventory
+            .find_among(&ids, leaf.mango(), &fields_of(leaf))
+            .await?;
+        Ok(self.matching(leaf, docs))
+    }
+
+    /// Any other leaf: `_find` narrows (to `scope`'s documents when that is few), and
+    /// [`Expr::matches_with`] decides on the fields read.
+    async fn find(
+        &self,
+        leaf: &Expr,
+        scope: Option<&BTreeSet<NodeName>>,
+    ) -> Result<BTreeSet<NodeName>, CouchError> {
+        const FEW: usize = 5_000;
+        let docs = match scope {
+            Some(s) if s.len() <= FEW => {
+                let ids: Vec<&str> = s.iter().map(NodeName::as_str).collect();
+                self.inventory
+                    .find_among(&ids, leaf.mango(), &fields_of(leaf))
+                    .await?
+            }
+            _ => self.inventory.find(leaf.mango(), &fields_of(leaf)).await?,
+        };
+        Ok(self.matching(leaf, docs))
+    }
+
+    fn matching(&self, leaf: &Expr, docs: Vec<Value>) -> BTreeSet<NodeName> {
         self.count(|r| {
             r.finds += 1;
             r.documents += docs.len();
         });
-        Ok(docs
-            .into_iter()
+        docs.into_iter()
             .filter_map(|doc| {
                 let id = doc.get("_id")?.as_str()?;
-                leaf.matches_with(id, &doc, &catalog_of(&doc))
+                leaf.matches_with(id, &doc, &Catalog::of_document(&doc))
                     .then(|| NodeName::new(id).ok())
                     .flatten()
             })
-            .collect())
+            .collect()
+    }
+}
+
+/// The fields `_find` reads for `leaf`: those it names, and the node's declared inventories.
+fn fields_of(leaf: &Expr) -> Vec<String> {
+    let mut fields = leaf.fields();
+    fields.push("vogeler.packages".to_string());
+    fields
+}
+
+/// Whether `test` reads a stored number's text (a regex, or ordering against text), which
+/// the values view cannot give back as stored: a number passes through JavaScript there.
+fn reads_number_text(test: &Test) -> bool {
+    match test.op() {
+        Op::Match | Op::NotMatch => true,
+        Op::Lt | Op::Le | Op::Gt | Op::Ge => test.number().is_none(),
+        Op::Eq | Op::Ne => false,
     }
 }
 
@@ -190,8 +281,7 @@ fn package_leaf<'e>(path: &'e Path, member: &'e Member) -> Option<(&'e str, &'e 
 /// for numeric bounds (strings sort after numbers in CouchDB and may read as numbers), the
 /// whole path otherwise.
 fn span(test: &Test) -> Span {
-    let number = test.number().filter(|n| n.abs() < 9_007_199_254_740_992.0);
-    match (test.op(), number) {
+    match (test.op(), test.number()) {
         (Op::Eq, n) => {
             let mut keys = vec![Value::String(test.value().to_string())];
             if let Some(n) = n {
@@ -214,8 +304,10 @@ fn span(test: &Test) -> Span {
     }
 }
 
+/// A number as a view key: CouchDB collates numbers by value, so an integer is written as one
+/// while it is exact and as a double beyond (where JavaScript has only doubles anyway).
 fn json_number(n: f64) -> Value {
-    if n.fract() == 0.0 {
+    if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
         json!(n as i64)
     } else {
         json!(n)
@@ -225,25 +317,6 @@ fn json_number(n: f64) -> Value {
 /// `dpkg` or `rpm`, as views and documents spell a version order.
 fn scheme(s: &str) -> Option<Scheme> {
     s.parse().ok()
-}
-
-/// The package inventories of one document: the built-in ones and those its node declared.
-fn catalog_of(doc: &Value) -> Catalog {
-    let mut catalog = Catalog::default();
-    if let Some(declared) = doc
-        .get("vogeler")
-        .and_then(|v| v.get("packages"))
-        .and_then(Value::as_object)
-    {
-        for (plugin, s) in declared {
-            if Scheme::by_name(plugin).is_none()
-                && let Some(s) = s.as_str().and_then(scheme)
-            {
-                catalog = catalog.with(plugin.clone(), s);
-            }
-        }
-    }
-    catalog
 }
 
 #[cfg(test)]
@@ -312,7 +385,7 @@ mod tests {
 
     #[test]
     fn declared_inventories_join_the_catalog_but_cannot_reorder_the_built_ins() {
-        let c = catalog_of(
+        let c = Catalog::of_document(
             &json!({"vogeler": {"packages": {"pip": "rpm", "dpkg": "rpm", "apk": "bogus"}}}),
         );
         assert_eq!(c.scheme("pip"), Some(Scheme::Rpm));
