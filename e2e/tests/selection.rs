@@ -411,3 +411,89 @@ fn same_value(a: &Value, b: &Value) -> bool {
         _ => a == b,
     }
 }
+
+#[tokio::test]
+async fn an_inventory_past_the_packages_views_bounds_is_answered_from_its_document() {
+    let stack = TestStack::new().await;
+    vogeler_server::prepare_database(&stack.couch, &stack.database)
+        .await
+        .expect("database and design documents");
+    let openssl = |v: &str| record("openssl", json!(v), "installed");
+    // One node lists more records than the view indexes of one inventory (and one version
+    // far past its field bound); the other is an ordinary node.
+    let mut big: Vec<Value> = (0..20_001)
+        .map(|k| record(&format!("pkg{k}"), json!("1.0"), "installed"))
+        .collect();
+    big.push(openssl("3.0.2-1"));
+    let long = format!("3.0.{}", "9".repeat(6 * 1024 * 1024));
+    let docs = [
+        json!({"_id": "big", "vogeler": {"facts": {}}, "dpkg": big}),
+        json!({"_id": "long", "vogeler": {"facts": {}}, "dpkg": [openssl(&long)]}),
+        json!({"_id": "plain", "vogeler": {"facts": {}}, "dpkg": [openssl("3.0.9-1")]}),
+    ];
+    for r in stack
+        .couch
+        .bulk_docs(&stack.database, &docs)
+        .await
+        .expect("bulk write")
+    {
+        assert!(r.error.is_none(), "stored: {r:?}");
+    }
+    let inventory = Inventory::new(stack.couch.clone(), stack.database.clone());
+    assert_eq!(
+        inventory.unindexed_packages("dpkg").await.expect("markers"),
+        BTreeSet::from(["big".to_string(), "long".to_string()]),
+        "the view marks what it does not index"
+    );
+    assert_eq!(
+        inventory
+            .packages("openssl", Some("dpkg"))
+            .await
+            .expect("rows")
+            .len(),
+        1,
+        "and holds only the ordinary node's record"
+    );
+    let universe: BTreeSet<NodeName> = ["big", "long", "plain"]
+        .into_iter()
+        .map(|n| NodeName::new(n).unwrap())
+        .collect();
+    let selector = Selector::new(&inventory, &universe);
+    for (text, want) in [
+        ("dpkg has openssl < 3.0.13", vec!["big", "plain"]),
+        ("dpkg has openssl > 3.0.13", vec!["long"]),
+        ("dpkg has pkg20000", vec!["big"]),
+        ("not dpkg has openssl", vec![]),
+    ] {
+        let got = selector
+            .select(&expr::parse(text).unwrap())
+            .await
+            .expect(text);
+        let got: Vec<&str> = got.iter().map(NodeName::as_str).collect();
+        assert_eq!(got, want, "{text}");
+    }
+    let settings = stack.runner_settings("5s").couch;
+    let all = target::parse("all", &Files).expect("all");
+    let counted = ask::count(
+        &settings,
+        &ask::parse_field("dpkg:openssl").unwrap(),
+        &all,
+        std::time::Duration::from_secs(3600),
+    )
+    .await
+    .expect("count");
+    let mut versions: Vec<(String, u64)> = counted
+        .values
+        .iter()
+        .map(|(v, n)| (v.as_str().unwrap_or_default().chars().take(8).collect(), *n))
+        .collect();
+    versions.sort();
+    assert_eq!(
+        versions,
+        [
+            ("3.0.2-1".to_string(), 1),
+            ("3.0.9-1".to_string(), 1),
+            ("3.0.9999".to_string(), 1)
+        ]
+    );
+}
