@@ -383,6 +383,7 @@ mod tests {
 
     fn report(broadcast: bool, expected: &[&str]) -> Report {
         Report {
+            stale: 0,
             request_id: Uuid::from_u128(42),
             plugin: PluginName::new("dpkg").expect("plugin"),
             nodes: "test".into(),

@@ -330,6 +330,7 @@ pub async fn query(
     // names and a plain broadcast it is read alongside the first replies.
     let mut registry_pending = None;
     let mut keys = None;
+    let mut stale = 0;
     let expected = if let Some(names) = q.nodes.names() {
         let couch = settings.couch.clone();
         let freshness = settings.freshness;
@@ -362,7 +363,9 @@ pub async fn query(
         let known = registry(&settings.couch, settings.freshness).await?;
         keys = Some(pinned_keys(&known));
         let selected = select_nodes(&settings.couch, &q.nodes, &known).await?;
-        q.nodes.resolve(&selected, &known)
+        let resolved = q.nodes.resolve(&selected, &known);
+        stale = selected.len().saturating_sub(resolved.len());
+        resolved
     };
     let b = &settings.broker;
     let conn =
@@ -377,6 +380,7 @@ pub async fn query(
         cached: BTreeMap::new(),
         undelivered: BTreeMap::new(),
         unverified: BTreeMap::new(),
+        stale,
         elapsed: Duration::ZERO,
     };
     if let Some(max_age) = q.cached {

@@ -50,6 +50,9 @@ pub struct Report {
     /// Replies signed by another key than the node's pinned one (or for a node the registry
     /// has no key for), with why: never shown as the node's answer.
     pub unverified: BTreeMap<NodeName, String>,
+    /// Registered nodes the expression matched but that were not seen within the freshness
+    /// window, so were not commanded.
+    pub stale: usize,
     pub elapsed: Duration,
 }
 
@@ -212,6 +215,13 @@ impl Report {
             let _ = writeln!(
                 out,
                 "no nodes are registered and none answered: is an agent running in this collective?"
+            );
+        } else if counted.is_empty() && self.stale > 0 {
+            let _ = writeln!(
+                out,
+                "-n {q} matches {n} registered node(s), none seen within the freshness window: nothing was sent (see `vogeler-runner nodes -n {q}`; runner.freshness or VOGELER_RUNNER__FRESHNESS widens the window)",
+                q = printable(&shell_quote(&self.nodes)),
+                n = self.stale,
             );
         } else if counted.is_empty() {
             // A selection that matched nobody is not a missing agent.
@@ -414,6 +424,7 @@ mod tests {
         replies: Vec<(NodeName, PluginResult)>,
     ) -> Report {
         Report {
+            stale: 0,
             request_id: Uuid::nil(),
             plugin: PluginName::new("hello").expect("plugin"),
             nodes: "test".into(),
@@ -490,6 +501,24 @@ mod tests {
         let r = report(true, &[], vec![]);
         assert!(!r.success());
         assert!(r.render_table().contains("0/0 nodes answered"));
+    }
+
+    #[test]
+    fn a_selection_of_stale_nodes_says_so_not_that_nothing_matched() {
+        let mut r = report(false, &[], vec![]);
+        assert!(
+            r.render_table()
+                .contains("no registered node matches -n test")
+        );
+        r.stale = 2;
+        let t = r.render_table();
+        assert!(
+            t.contains(
+                "-n test matches 2 registered node(s), none seen within the freshness window"
+            ),
+            "{t}"
+        );
+        assert!(!t.contains("no registered node matches"), "{t}");
     }
 
     #[test]
