@@ -156,6 +156,7 @@ impl Inventory {
             .await?
             .into_iter()
             .filter_map(PackageRow::from_row)
+            .filter(|p| p.name == name && plugin.is_none_or(|want| p.plugin == want))
             .collect())
     }
 
@@ -171,7 +172,8 @@ impl Inventory {
             ("startkey", json!([name, plugin]).to_string()),
             ("endkey", json!([name, plugin, {}]).to_string()),
         ];
-        Ok(counts(self.rows(design::PACKAGES, &params).await?, 2))
+        let rows = self.rows(design::PACKAGES, &params).await?;
+        Ok(counts(keyed(rows, &[json!(name), json!(plugin)]), 2))
     }
 
     /// Nodes whose fact (or plugin value) at `path` is exactly `value`.
@@ -184,7 +186,8 @@ impl Inventory {
             ("reduce", "false".to_string()),
             ("key", json!([path, value]).to_string()),
         ];
-        Ok(ids(self.rows(design::VALUES, &params).await?))
+        let rows = self.rows(design::VALUES, &params).await?;
+        Ok(ids(keyed(rows, &[json!(path)])))
     }
 
     /// `(node, value)` for the plain values at `path` (a [`Path::view_key`]) within `span`,
@@ -218,7 +221,7 @@ impl Inventory {
         };
         for mut params in reads {
             params.push(("reduce", "false".to_string()));
-            for r in self.rows(design::VALUES, &params).await? {
+            for r in keyed(self.rows(design::VALUES, &params).await?, &[json!(path)]) {
                 if let (Some(id), Some(v)) = (r.id, r.key.get(1)) {
                     out.push((id, v.clone()));
                 }
@@ -234,7 +237,8 @@ impl Inventory {
         let mut out = BTreeSet::new();
         for key in [json!([path]), json!([design::UNINDEXED, "values"])] {
             let params = [("reduce", "false".to_string()), ("key", key.to_string())];
-            out.extend(ids(self.rows(design::VALUES, &params).await?));
+            let rows = self.rows(design::VALUES, &params).await?;
+            out.extend(ids(keyed(rows, key.as_array().expect("a key"))));
         }
         Ok(out)
     }
@@ -246,7 +250,8 @@ impl Inventory {
             ("reduce", "false".to_string()),
             ("key", json!([design::UNINDEXED, plugin]).to_string()),
         ];
-        Ok(ids(self.rows(design::PACKAGES, &params).await?))
+        let rows = self.rows(design::PACKAGES, &params).await?;
+        Ok(ids(keyed(rows, &[design::UNINDEXED, json!(plugin)])))
     }
 
     /// How many nodes hold each plain value at `path` (the view's reduce).
@@ -256,7 +261,10 @@ impl Inventory {
             ("startkey", json!([path]).to_string()),
             ("endkey", json!([path, {}]).to_string()),
         ];
-        Ok(counts(self.rows(design::VALUES, &params).await?, 1))
+        Ok(counts(
+            keyed(self.rows(design::VALUES, &params).await?, &[json!(path)]),
+            1,
+        ))
     }
 
     /// Bring the inventory's indexes (values, packages) up to date: CouchDB updates every
@@ -305,19 +313,44 @@ impl Inventory {
         }
     }
 
-    /// [`Inventory::find`] among the node documents `ids` only, a bounded list of ids at a
-    /// time.
+    /// Node documents among `ids` that may match `selector`, with at least `fields`: the
+    /// caller decides each with [`Expr::matches`]. CouchDB's `_find` turns `{"_id": {"$in":
+    /// …}}` into a scan of every document, so a few ids are read by id (`_all_docs`, whole
+    /// documents, a few at a time), and more with one `_find` over the database.
+    ///
+    /// [`Expr::matches`]: vogeler_proto::expr::Expr::matches
     pub async fn find_among(
         &self,
         ids: &[&str],
         selector: Value,
         fields: &[String],
     ) -> Result<Vec<Value>, CouchError> {
-        const IDS_PER_FIND: usize = 1000;
+        /// Up to this many ids are read by id; a whole document is at most 8 MB.
+        const BY_ID: usize = 20;
+        const PER_READ: usize = 4;
+        if ids.len() > BY_ID {
+            let wanted: BTreeSet<&str> = ids.iter().copied().collect();
+            let mut docs = self.find(selector, fields).await?;
+            docs.retain(|d| {
+                d.get("_id")
+                    .and_then(Value::as_str)
+                    .is_some_and(|id| wanted.contains(id))
+            });
+            return Ok(docs);
+        }
         let mut docs = Vec::new();
-        for chunk in ids.chunks(IDS_PER_FIND) {
-            let among = all_of([json!({"_id": {"$in": chunk}}), selector.clone()]);
-            docs.extend(self.find(among, fields).await?);
+        for chunk in ids.chunks(PER_READ) {
+            for (_, fetched) in self.couch.get_many::<Value>(&self.db, chunk).await? {
+                // Only node documents, as `find` reads them.
+                if let Some(d) = fetched.found().filter(|d| {
+                    d.get("vogeler").is_some_and(Value::is_object)
+                        && d.get("_id")
+                            .and_then(Value::as_str)
+                            .is_some_and(|id| !id.contains(':'))
+                }) {
+                    docs.push(d);
+                }
+            }
         }
         Ok(docs)
     }
@@ -494,6 +527,7 @@ impl Span {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackageRow {
     pub node: String,
+    pub name: String,
     pub plugin: String,
     /// `epoch:version-release` as composed from the record.
     pub version: Option<String>,
@@ -518,12 +552,23 @@ impl PackageRow {
         }
         Some(Self {
             node: r.id?,
+            name: name.to_string(),
             plugin,
             version,
             scheme,
             record: Value::Object(record),
         })
     }
+}
+
+/// The rows whose key starts with exactly `prefix`. CouchDB collates keys with ICU, which
+/// ignores control and format characters: a range or key read of `os.family` also returns
+/// `os.fam\u{ad}ily`, which names another path. The views mark nodes with such keys, and
+/// readers keep only what they asked for.
+fn keyed(rows: Vec<ViewRow>, prefix: &[Value]) -> Vec<ViewRow> {
+    rows.into_iter()
+        .filter(|r| r.key.as_array().is_some_and(|k| k.starts_with(prefix)))
+        .collect()
 }
 
 /// `(key part at, count)` of grouped `_count` rows, most common first.
