@@ -215,16 +215,15 @@ impl<'a> Selector<'a> {
         Ok(self.matching(leaf, docs))
     }
 
-    /// Any other leaf: `_find` narrows (to `scope`'s documents when that is few), and
+    /// Any other leaf: `_find` narrows (read by id when `scope` is a few nodes), and
     /// [`Expr::matches_with`] decides on the fields read.
     async fn find(
         &self,
         leaf: &Expr,
         scope: Option<&BTreeSet<NodeName>>,
     ) -> Result<BTreeSet<NodeName>, CouchError> {
-        const FEW: usize = 5_000;
         let docs = match scope {
-            Some(s) if s.len() <= FEW => {
+            Some(s) => {
                 let ids: Vec<&str> = s.iter().map(NodeName::as_str).collect();
                 self.inventory
                     .find_among(&ids, leaf.mango(), &fields_of(leaf))
