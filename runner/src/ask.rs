@@ -118,16 +118,10 @@ pub async fn query(
                     }
                 }
                 // Inventories the view does not index are read from their documents.
-                let unindexed = inventory
-                    .unindexed_packages(plugin.as_str())
-                    .await
-                    .map_err(registry_error)?;
-                let ids: Vec<&str> = unindexed
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|id| NodeName::new(*id).is_ok_and(|n| selected.contains(&n)))
-                    .collect();
-                for (n, versions) in package_versions(&inventory, &ids, plugin, name).await? {
+                let in_selection =
+                    |id: &str| NodeName::new(id).is_ok_and(|n| selected.contains(&n));
+                let (_, marked) = package_versions(&inventory, plugin, name, in_selection).await?;
+                for (n, versions) in marked {
                     if !versions.is_empty() {
                         found.insert(n, versions);
                     }
@@ -257,21 +251,9 @@ pub async fn count(
                     }),
             }
             .map_err(registry_error)?;
-            let unindexed = inventory
-                .unindexed_packages(plugin.as_str())
-                .await
-                .map_err(registry_error)?;
-            let ids: Vec<&str> = unindexed
-                .iter()
-                .map(String::as_str)
-                .filter(|id| in_set(id))
-                .collect();
-            let extra: Vec<Value> = package_versions(&inventory, &ids, plugin, name)
-                .await?
-                .into_iter()
-                .flat_map(|(_, v)| v)
-                .collect();
-            (values, unindexed.len(), extra)
+            let (unindexed, marked) = package_versions(&inventory, plugin, name, in_set).await?;
+            let extra: Vec<Value> = marked.into_iter().flat_map(|(_, v)| v).collect();
+            (values, unindexed, extra)
         }
         Field::Path { path, .. } => {
             let key = path.view_key().unwrap_or_default();
@@ -354,22 +336,32 @@ async fn path_values(
         .collect())
 }
 
-/// The installed versions of package `name` in the `plugin` inventories of the node
-/// documents `ids`, as the packages view would key them.
+/// The installed versions of package `name` in the `plugin` inventories the packages view
+/// marks as unindexed, read from the documents of those nodes `keep` accepts, as the view
+/// would key them; and how many nodes the view marks.
 async fn package_versions(
     inventory: &vogeler_core::query::Inventory,
-    ids: &[&str],
     plugin: &PluginName,
     name: &str,
-) -> Result<Vec<(NodeName, Vec<Value>)>, RunnerError> {
-    if ids.is_empty() {
-        return Ok(vec![]);
-    }
-    let docs = inventory
-        .find_among(ids, json!({}), &[plugin.to_string()])
+    keep: impl Fn(&str) -> bool,
+) -> Result<(usize, Vec<(NodeName, Vec<Value>)>), RunnerError> {
+    let unindexed = inventory
+        .unindexed_packages(plugin.as_str())
         .await
         .map_err(registry_error)?;
-    Ok(docs
+    let ids: Vec<&str> = unindexed
+        .iter()
+        .map(String::as_str)
+        .filter(|id| keep(id))
+        .collect();
+    if ids.is_empty() {
+        return Ok((unindexed.len(), vec![]));
+    }
+    let docs = inventory
+        .find_among(&ids, json!({}), &[plugin.to_string()])
+        .await
+        .map_err(registry_error)?;
+    let found = docs
         .iter()
         .filter_map(|doc| {
             let n = NodeName::new(doc.get("_id")?.as_str()?).ok()?;
@@ -380,7 +372,8 @@ async fn package_versions(
                 .collect();
             Some((n, versions))
         })
-        .collect())
+        .collect();
+    Ok((unindexed.len(), found))
 }
 
 /// Two sets of counts as one, most common first. Values are one when CouchDB keys them as
