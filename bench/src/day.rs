@@ -190,7 +190,7 @@ pub async fn simulate(
     let cpu0 = proc_stat(pid)?.cpu_s;
     let settings = fleet.runner_settings()?;
     let topology = settings.broker.topology.clone();
-    let conn = amqp::connect(&settings.broker.url, "vogeler-bench-day").await?;
+    let conn = amqp::connect_any(&settings.broker.url, "vogeler-bench-day").await?;
     wait_declared(&conn, &topology, &couch, &db).await?;
     let ch = amqp::publisher_channel(&conn).await?;
 

@@ -403,7 +403,7 @@ pub async fn agent_footprint(
     // The burst: `burst` signed commands for `hello`, published back to back.
     let settings = fleet.runner_settings()?;
     let key = vogeler_core::keyfile::load_private(&settings.signing_key)?;
-    let conn = amqp::connect(&settings.broker.url, "vogeler-bench").await?;
+    let conn = amqp::connect_any(&settings.broker.url, "vogeler-bench").await?;
     let ch = amqp::publisher_channel(&conn).await?;
     let topology = &settings.broker.topology;
     let target = Target::Node(NodeName::new(node.clone())?);

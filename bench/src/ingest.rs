@@ -135,7 +135,7 @@ async fn publish_bodies(
 
 /// Publish `ing.results` realistic results to a running server's collective.
 pub async fn publish_results(broker: &BrokerSettings, ing: Ingest) -> Result<()> {
-    let conn = amqp::connect(&broker.url, "vogeler-bench").await?;
+    let conn = amqp::connect_any(&broker.url, "vogeler-bench").await?;
     let ch = amqp::publisher_channel(&conn).await?;
     let bodies = result_bodies(ing)?;
     publish_bodies(&ch, &broker.topology, &bodies).await?;
@@ -148,9 +148,9 @@ pub async fn server_rate(cli: &Stack, ing: Ingest, mode: Mode) -> Result<f64> {
     let id = Uuid::new_v4().simple().to_string();
     let (collective, db) = (format!("bench-{}", &id[..8]), format!("bench_{}", &id[..8]));
     let settings = config::load(&sources(cli, &collective, &db))?.server()?;
-    let couch = CouchClient::new(&settings.couch.url, None)?;
+    let couch = CouchClient::with_ca(&settings.couch.url, None, None)?;
     let topology = settings.broker.topology.clone();
-    let conn = amqp::connect(&settings.broker.url, "vogeler-bench").await?;
+    let conn = amqp::connect_any(&settings.broker.url, "vogeler-bench").await?;
     amqp::declare::server(&topology, &conn).await?;
     let ch = amqp::publisher_channel(&conn).await?;
     let bodies = result_bodies(ing)?;

@@ -97,7 +97,7 @@ async fn load(fleet: &mut Fleet, nodes: usize, packages: usize) -> Result<f64> {
     let settings = fleet.runner_settings()?;
     let topology = settings.broker.topology.clone();
     let couch = fleet.couch()?;
-    let conn = amqp::connect(&settings.broker.url, "vogeler-bench-questions").await?;
+    let conn = amqp::connect_any(&settings.broker.url, "vogeler-bench-questions").await?;
     day::wait_declared(&conn, &topology, &couch, &fleet.database).await?;
     let ch = amqp::publisher_channel(&conn).await?;
     let started = Instant::now();

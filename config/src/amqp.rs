@@ -6,13 +6,13 @@ use serde::Deserialize;
 use toml::Table;
 
 use super::{
-    Problems,
+    Problems, UrlList,
     effective::{dur, insert_path, int, read_password},
-    validate_url,
+    url_list_value, validate_urls,
 };
 use vogeler_proto::{
     duration,
-    secret::SecretUrl,
+    secret::SecretUrls,
     topology::{AgentQueue, DeadLetterQueue, QueueKind, ResultsQueue, Topology},
 };
 
@@ -27,7 +27,8 @@ pub mod defaults {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawAmqp {
-    pub url: Option<String>,
+    /// The broker, or the nodes of a RabbitMQ cluster (tried in order, the next on loss).
+    pub url: Option<UrlList>,
     pub collective: Option<String>,
     /// Delete our queues after they have been unused this long (test runs, short-lived fleets).
     #[serde(default, deserialize_with = "duration::deserialize_opt")]
@@ -70,7 +71,8 @@ pub struct RawAmqp {
 /// What every program needs to reach the broker.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
-    pub url: SecretUrl,
+    /// Never empty: programs connect to the first node that answers.
+    pub url: SecretUrls,
     pub topology: Topology,
     pub connect_timeout: Duration,
     pub tls: TlsFiles,
@@ -86,7 +88,9 @@ impl BrokerSettings {
     /// would cost it its connection, on every redelivery.
     pub fn take_largest_frames(&mut self) {
         // 0 in the tune reply means "whatever the broker offers".
-        self.url.set_query("frame_max", "0");
+        for u in self.url.iter_mut() {
+            u.set_query("frame_max", "0");
+        }
     }
 }
 
@@ -106,21 +110,22 @@ impl RawAmqp {
         connect_timeout: Duration,
         p: &mut Problems,
     ) -> Option<BrokerSettings> {
-        let url = validate_url(
+        let mut url = validate_urls(
             p,
             "amqp.url",
-            self.url.as_deref(),
+            self.url.as_ref(),
             defaults::AMQP_URL,
             &["amqp", "amqps"],
         );
-        let mut url = url;
         let heartbeat = self
             .heartbeat
             .unwrap_or(Duration::from_secs(defaults::AMQP_HEARTBEAT_SECS));
         if heartbeat.as_secs() == 0 || heartbeat.as_secs() > 600 {
             p.0.push("amqp.heartbeat: must be between 1s and 10m".into());
-        } else if let Some(u) = url.as_mut() {
-            u.set_query_default("heartbeat", &heartbeat.as_secs().to_string());
+        } else if let Some(urls) = url.as_mut() {
+            for u in urls.iter_mut() {
+                u.set_query_default("heartbeat", &heartbeat.as_secs().to_string());
+            }
         }
         let frame_max = self.frame_max.unwrap_or(defaults::AMQP_FRAME_MAX);
         // RabbitMQ refuses frames under 4 KiB; over 1 MiB only costs memory.
@@ -128,8 +133,10 @@ impl RawAmqp {
             p.0.push(format!(
                 "amqp.frame_max: {frame_max} must be between 4096 and 1048576 bytes"
             ));
-        } else if let Some(u) = url.as_mut() {
-            u.set_query_default("frame_max", &frame_max.to_string());
+        } else if let Some(urls) = url.as_mut() {
+            for u in urls.iter_mut() {
+                u.set_query_default("frame_max", &frame_max.to_string());
+            }
         }
         let mut agent_queue = AgentQueue::default();
         match self.agent_queue_max_length {
@@ -147,8 +154,10 @@ impl RawAmqp {
             None => {}
         }
         if self.password_file.is_some()
-            && let Some(u) = &url
-            && (u.expose().cannot_be_a_base() || u.expose().host().is_none())
+            && let Some(urls) = &url
+            && urls
+                .iter()
+                .any(|u| u.expose().cannot_be_a_base() || u.expose().host().is_none())
         {
             p.0.push("amqp.password_file: amqp.url cannot carry a password".into());
         }
@@ -157,8 +166,8 @@ impl RawAmqp {
                 p.0.push(format!(
                     "amqp.username: {name:?} must be a non-empty user name without control characters"
                 ));
-            } else if let Some(u) = url.as_mut()
-                && !u.set_username(name)
+            } else if let Some(urls) = url.as_mut()
+                && !urls.iter_mut().all(|u| u.set_username(name))
             {
                 p.0.push("amqp.username: amqp.url cannot carry a user name".into());
             }
@@ -205,8 +214,7 @@ impl RawAmqp {
             ca_file: self.ca_file.clone(),
             client,
         };
-        if let Some(u) = &url
-            && u.expose().scheme() == "amqp"
+        if let Some(u) = url.iter().flatten().find(|u| u.expose().scheme() == "amqp")
             && tls != TlsFiles::default()
         {
             p.0.push(format!(
@@ -246,7 +254,7 @@ impl BrokerSettings {
     pub(super) fn read_secrets(&mut self, problems: &mut Vec<String>) {
         if let Some(file) = &self.password_file
             && let Some(pw) = read_password(problems, "amqp.password_file", file)
-            && !self.url.set_password(pw.expose())
+            && !self.url.iter_mut().all(|u| u.set_password(pw.expose()))
         {
             problems.push("amqp.password_file: amqp.url cannot carry a password".into());
         }
@@ -255,7 +263,7 @@ impl BrokerSettings {
     pub(super) fn to_table(&self) -> Table {
         let t = &self.topology;
         let mut amqp = Table::new();
-        amqp.insert("url".into(), self.url.redacted().into());
+        amqp.insert("url".into(), url_list_value(&self.url));
         amqp.insert("collective".into(), t.collective().into());
         // heartbeat and frame_max are in the URL's query (`?heartbeat=10&frame_max=16384`).
         insert_path(&mut amqp, "password_file", self.password_file.as_deref());

@@ -6,11 +6,11 @@ use serde::Deserialize;
 use toml::Table;
 
 use super::{
-    Problems,
+    Problems, UrlList,
     effective::{insert_path, read_password},
-    validate_url,
+    url_list_value, validate_urls,
 };
-use vogeler_proto::secret::{Secret, SecretUrl};
+use vogeler_proto::secret::{Secret, SecretUrls};
 
 /// `[couchdb]` defaults, quoted by `--help` and the example configs.
 pub mod defaults {
@@ -28,7 +28,9 @@ pub struct Credentials {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawCouch {
-    pub url: Option<String>,
+    /// The database server, or the nodes of a CouchDB cluster (tried in order, the next
+    /// when one cannot be reached).
+    pub url: Option<UrlList>,
     pub database: Option<String>,
     pub username: Option<String>,
     pub password: Option<Secret>,
@@ -41,7 +43,8 @@ pub struct RawCouch {
 /// What the server and runner need to reach CouchDB.
 #[derive(Debug, Clone)]
 pub struct CouchSettings {
-    pub url: SecretUrl,
+    /// Never empty.
+    pub url: SecretUrls,
     pub database: String,
     pub credentials: Option<Credentials>,
     /// `couchdb.username` with `couchdb.password_file`: `credentials` once read at start-up.
@@ -58,10 +61,10 @@ impl RawCouch {
         p: &mut Problems,
     ) -> Option<CouchSettings> {
         let c = self;
-        let url = validate_url(
+        let url = validate_urls(
             p,
             "couchdb.url",
-            c.url.as_deref(),
+            c.url.as_ref(),
             defaults::COUCHDB_URL,
             &["http", "https"],
         );
@@ -85,8 +88,8 @@ impl RawCouch {
                 p.0.push("couchdb.password is set but no username: set couchdb.username".into())
             }
         }
-        if let (Some(u), Some(_)) = (&url, &c.ca_file)
-            && u.expose().scheme() == "http"
+        if let Some(u) = url.iter().flatten().find(|u| u.expose().scheme() == "http")
+            && c.ca_file.is_some()
         {
             p.0.push(format!(
                 "couchdb.ca_file is set but couchdb.url {u} is not TLS: use https://"
@@ -134,7 +137,7 @@ impl CouchSettings {
 
     pub(super) fn to_table(&self) -> Table {
         let mut c = Table::new();
-        c.insert("url".into(), self.url.redacted().into());
+        c.insert("url".into(), url_list_value(&self.url));
         c.insert("database".into(), self.database.clone().into());
         match (&self.credentials, &self.password_file) {
             (_, Some((user, file))) => {

@@ -31,7 +31,10 @@ pub use server::{RawServer, ServerSettings};
 
 use serde::Deserialize;
 
-use vogeler_proto::{duration, secret::SecretUrl};
+use vogeler_proto::{
+    duration,
+    secret::{SecretUrl, SecretUrls, split_url_list},
+};
 
 /// Every default, for `--help` texts and docs: the top-level ones here, each section's in its
 /// module.
@@ -169,14 +172,66 @@ impl Problems {
     }
 }
 
-fn validate_url(
+/// `amqp.url` / `couchdb.url`: one URL, or the nodes of a cluster. In TOML a string or an
+/// array of strings; in a flag or a `VOGELER_*` variable a comma-separated list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum UrlList {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl UrlList {
+    fn items(&self) -> Vec<&str> {
+        match self {
+            UrlList::One(s) => split_url_list(s),
+            UrlList::Many(v) => v.iter().map(|s| s.trim()).collect(),
+        }
+    }
+}
+
+/// Validate a URL list, naming the entry of any bad one, and report every problem.
+fn validate_urls(
     p: &mut Problems,
     key: &str,
-    raw: Option<&str>,
+    raw: Option<&UrlList>,
     default: &str,
     schemes: &[&str],
-) -> Option<SecretUrl> {
-    let s = raw.unwrap_or(default);
+) -> Option<SecretUrls> {
+    let items = raw.map_or_else(|| vec![default], UrlList::items);
+    let n = items.len();
+    if n == 0 {
+        p.0.push(format!("{key}: the list is empty; give at least one URL"));
+        return None;
+    }
+    let mut urls = Vec::with_capacity(n);
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let name = if n == 1 {
+            key.to_string()
+        } else {
+            format!("{key} (entry {} of {n})", i + 1)
+        };
+        if item.is_empty() {
+            p.0.push(format!(
+                "{name}: is empty; give a URL, or several separated by commas"
+            ));
+            ok = false;
+            continue;
+        }
+        match validate_url(p, &name, item, schemes) {
+            Some(u) if urls.contains(&u) => {
+                p.0.push(format!("{key}: {u} is listed twice"));
+                ok = false;
+            }
+            Some(u) => urls.push(u),
+            None => ok = false,
+        }
+    }
+    if ok { SecretUrls::new(urls) } else { None }
+}
+
+fn validate_url(p: &mut Problems, key: &str, s: &str, schemes: &[&str]) -> Option<SecretUrl> {
     let url = p.check(
         key,
         SecretUrl::parse(s).map_err(|e| format!("{:?} is not a URL ({e})", redact(s))),
@@ -193,6 +248,15 @@ fn validate_url(
         return None;
     }
     Some(url)
+}
+
+/// A URL list for `--print-config`: a string for one URL (as most configs write it), an
+/// array for several; passwords redacted.
+fn url_list_value(urls: &SecretUrls) -> toml::Value {
+    match urls.redacted().as_slice() {
+        [one] => one.clone().into(),
+        many => toml::Value::Array(many.iter().cloned().map(Into::into).collect()),
+    }
 }
 
 /// `host:port` for the health and metrics listener.
@@ -288,7 +352,7 @@ mod tests {
             .expect("load")
             .runner()
             .expect("valid");
-        assert_eq!(s.couch.url.expose().host_str(), Some("file"));
+        assert_eq!(s.couch.url.first().expose().host_str(), Some("file"));
         assert_eq!(s.couch.database, "from_env");
         assert_eq!(s.timeout, Duration::from_secs(3));
         assert_eq!(s.couch.connect_timeout, Duration::from_secs(5));
@@ -517,7 +581,7 @@ mod tests {
             .expect("valid")
             .read_secrets()
             .expect("readable");
-        assert_eq!(s.broker.url.expose().password(), Some("s3cret"));
+        assert_eq!(s.broker.url.first().expose().password(), Some("s3cret"));
         assert!(!format!("{s:?}").contains("s3cret"));
         assert!(!s.to_toml().contains("s3cret"));
         let flags = [("amqp.password_file", "/nonexistent/pw")];
@@ -546,7 +610,7 @@ mod tests {
             .expect("valid")
             .read_secrets()
             .expect("readable");
-        let url = s.broker.url.expose();
+        let url = s.broker.url.first().expose();
         assert_eq!(url.username(), "vogeler-agent-db-2.example.com");
         assert_eq!(url.password(), Some("s3cret"));
         // --print-config shows the user in the URL, so its output loads back the same.
@@ -564,8 +628,8 @@ mod tests {
             .expect("load")
             .agent(Some("web01".into()))
             .expect("valid");
-        assert_eq!(s.broker.url.expose().username(), "web01%20user");
-        assert_eq!(s.broker.url.expose().password(), Some("guest"));
+        assert_eq!(s.broker.url.first().expose().username(), "web01%20user");
+        assert_eq!(s.broker.url.first().expose().password(), Some("guest"));
         let flags = [("amqp.username", "")];
         let err = load(&sources(None, &[], &flags))
             .expect("load")
@@ -575,8 +639,116 @@ mod tests {
     }
 
     #[test]
+    fn urls_take_a_list_in_toml_the_environment_and_flags() {
+        let hosts = |u: &SecretUrls| {
+            u.iter()
+                .map(|u| u.expose().port().unwrap_or_default())
+                .collect::<Vec<_>>()
+        };
+        let file = "[amqp]\nurl = [\"amqp://guest:guest@127.0.0.1:5681/%2f\", \"amqp://guest:guest@127.0.0.1:5682/%2f\"]\n\
+                    [couchdb]\nurl = [\"http://127.0.0.1:25984\", \"http://127.0.0.1:25985\"]\n";
+        let s = load(&sources(Some(file), &[], &[]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        assert_eq!(hosts(&s.broker.url), [5681, 5682]);
+        assert_eq!(hosts(&s.couch.url), [25984, 25985]);
+        // Every node gets the heartbeat and frame size.
+        assert!(
+            s.broker
+                .url
+                .iter()
+                .all(|u| u.expose().query() == Some("heartbeat=10&frame_max=0"))
+        );
+        // --print-config writes an array back, which loads the same.
+        let printed = s.to_toml();
+        assert!(
+            printed.contains("url = [\"amqp://guest:***@127.0.0.1:5681/%2f?heartbeat=10&frame_max=0\", \"amqp://guest:***@127.0.0.1:5682/%2f?heartbeat=10&frame_max=0\"]"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("url = [\"http://127.0.0.1:25984/\", \"http://127.0.0.1:25985/\"]"),
+            "{printed}"
+        );
+        let env = [(
+            "VOGELER_AMQP__URL",
+            "amqp://a:5681, amqp://b:5682,amqp://c:5683",
+        )];
+        let flags = [("couchdb.url", "http://a:1,http://b:2")];
+        let s = load(&sources(None, &env, &flags))
+            .expect("load")
+            .server()
+            .expect("valid");
+        assert_eq!(hosts(&s.broker.url), [5681, 5682, 5683]);
+        assert_eq!(hosts(&s.couch.url), [1, 2]);
+        // One URL still prints as a string.
+        let one = load(&sources(None, &[], &[("couchdb.url", "http://a:1")]))
+            .expect("load")
+            .server()
+            .expect("valid");
+        assert!(
+            one.to_toml().contains("url = \"http://a:1/\""),
+            "{}",
+            one.to_toml()
+        );
+
+        // Every problem at once, naming the entry.
+        let flags = [
+            ("amqp.url", "amqp://a:5681,,http://b:5682"),
+            ("couchdb.url", "http://a:1,http://a:1"),
+        ];
+        let err = load(&sources(None, &[], &flags))
+            .expect("load")
+            .server()
+            .expect_err("invalid");
+        let text = err.to_string();
+        for problem in [
+            "amqp.url (entry 2 of 3): is empty",
+            "amqp.url (entry 3 of 3): http://b:5682/ must start with amqp:// or amqps://",
+            "couchdb.url: http://a:1/ is listed twice",
+        ] {
+            assert!(text.contains(problem), "{problem} in {text}");
+        }
+        let err = load(&sources(Some("[couchdb]\nurl = []\n"), &[], &[]))
+            .expect("load")
+            .server()
+            .expect_err("empty list");
+        assert!(err.to_string().contains("couchdb.url"), "{err}");
+    }
+
+    #[test]
+    fn a_password_file_and_user_name_apply_to_every_broker_node() {
+        let dir = tempfile::tempdir().expect("dir");
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").expect("write");
+        let flags = [
+            ("amqp.url", "amqp://broker1/v,amqp://broker2/v"),
+            ("amqp.username", "vogeler-agent-web01"),
+            ("amqp.password_file", file.to_str().expect("path")),
+        ];
+        let s = load(&sources(None, &[], &flags))
+            .expect("load")
+            .agent(Some("web01".into()))
+            .expect("valid")
+            .read_secrets()
+            .expect("readable");
+        for u in s.broker.url.iter() {
+            assert_eq!(u.expose().username(), "vogeler-agent-web01");
+            assert_eq!(u.expose().password(), Some("s3cret"));
+        }
+        assert_eq!(s.broker.url.len(), 2);
+    }
+
+    #[test]
     fn heartbeat_and_frame_max_go_into_the_broker_url_unless_it_sets_them() {
-        let query = |s: &BrokerSettings| s.url.expose().query().unwrap_or_default().to_string();
+        let query = |s: &BrokerSettings| {
+            s.url
+                .first()
+                .expose()
+                .query()
+                .unwrap_or_default()
+                .to_string()
+        };
         let s = load(&sources(None, &[], &[]))
             .expect("load")
             .agent(Some("web01".into()))

@@ -12,8 +12,9 @@ pub struct CommonArgs {
     pub config: Option<PathBuf>,
 
     /// Broker URL [env: VOGELER_AMQP__URL] [default: amqp://guest:guest@127.0.0.1:5672/%2f].
-    /// Prefer the environment or the config file for URLs with passwords.
-    #[arg(long, value_name = "URL", global = true)]
+    /// For a RabbitMQ cluster, its nodes comma-separated: the first that answers is used,
+    /// the next on loss. Prefer the environment or the config file for URLs with passwords.
+    #[arg(long, value_name = "URL[,URL...]", global = true)]
     pub amqp_url: Option<String>,
 
     /// Collective: prefixes every exchange and queue, so fleets can share a broker
@@ -36,8 +37,10 @@ pub struct CommonArgs {
 /// `VOGELER_COUCHDB__USERNAME` and `VOGELER_COUCHDB__PASSWORD` (or `password_file`) instead.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct CouchArgs {
-    /// CouchDB URL [env: VOGELER_COUCHDB__URL] [default: http://127.0.0.1:5984]
-    #[arg(long, value_name = "URL", global = true)]
+    /// CouchDB URL [env: VOGELER_COUCHDB__URL] [default: http://127.0.0.1:5984]. For a
+    /// CouchDB cluster, its nodes comma-separated: requests go to the first, the next when
+    /// one cannot be reached.
+    #[arg(long, value_name = "URL[,URL...]", global = true)]
     pub couchdb_url: Option<String>,
 
     /// Database holding one document per node [env: VOGELER_COUCHDB__DATABASE]

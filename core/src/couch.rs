@@ -17,15 +17,22 @@
 //! /{db}`, `GET /{db}`, `GET/PUT /{db}/{docid}`, `POST /{db}/_bulk_docs`, `GET/POST
 //! /{db}/_all_docs` and `GET /{db}/_design/{ddoc}/_view/{view}`.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use reqwest::RequestBuilder;
 // In `CouchError::Status`, so callers and tests can name them.
 pub use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
+use tracing::warn;
 use url::Url;
 
-use vogeler_proto::secret::{Secret, SecretUrl};
+use vogeler_proto::secret::{Secret, SecretUrl, SecretUrls};
 
 /// How long one HTTP request may take before it counts as a transient failure.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -157,11 +164,16 @@ fn doc_path<'a>(db: &'a str, id: &'a str) -> Vec<&'a str> {
 
 pub use vogeler_config::Credentials;
 
-/// A handle on one CouchDB server. Cheap to clone (one connection pool).
+/// A handle on one CouchDB server, or on the nodes of a CouchDB cluster (any node answers
+/// for the whole cluster). Cheap to clone: clones share the connection pool and the node in
+/// use.
 #[derive(Debug, Clone)]
 pub struct CouchClient {
     http: reqwest::Client,
-    base: Url,
+    /// `couchdb.url`, never empty, without credentials.
+    bases: Arc<[Url]>,
+    /// The node requests go to: the first, until it cannot be reached.
+    current: Arc<AtomicUsize>,
     credentials: Option<Credentials>,
 }
 
@@ -283,7 +295,7 @@ struct PutOk {
 impl CouchClient {
     /// Credentials embedded in the URL (`http://user:pass@host`) are used when none are given.
     pub fn new(url: &SecretUrl, credentials: Option<Credentials>) -> Result<Self, reqwest::Error> {
-        Self::with_ca(url, credentials, None)
+        Self::with_ca(&url.clone().into(), credentials, None)
     }
 
     /// A client for the configured server: its credentials and, for `https://`, its CA file.
@@ -302,20 +314,30 @@ impl CouchClient {
             .map_err(|e| format!("cannot build the HTTP client: {e}"))
     }
 
-    /// [`CouchClient::new`], also trusting `ca` (on top of the system's CAs). Host names are
-    /// always verified.
+    /// A client for the nodes in `urls` (tried in order), also trusting `ca` (on top of the
+    /// system's CAs). Host names are always verified. Credentials come from the first URL
+    /// that carries some, when none are given.
     pub fn with_ca(
-        url: &SecretUrl,
+        urls: &SecretUrls,
         credentials: Option<Credentials>,
         ca: Option<Vec<reqwest::Certificate>>,
     ) -> Result<Self, reqwest::Error> {
-        let mut base = url.expose().clone();
-        let from_url = (!base.username().is_empty()).then(|| Credentials {
-            username: base.username().to_string(),
-            password: Secret::new(base.password().unwrap_or_default()),
-        });
-        let _ = base.set_username("");
-        let _ = base.set_password(None);
+        let mut from_url = None;
+        let bases: Vec<Url> = urls
+            .iter()
+            .map(|url| {
+                let mut base = url.expose().clone();
+                if from_url.is_none() && !base.username().is_empty() {
+                    from_url = Some(Credentials {
+                        username: base.username().to_string(),
+                        password: Secret::new(base.password().unwrap_or_default()),
+                    });
+                }
+                let _ = base.set_username("");
+                let _ = base.set_password(None);
+                base
+            })
+            .collect();
         let mut builder = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             // The database never needs to send us elsewhere; following a redirect could carry
@@ -328,18 +350,23 @@ impl CouchClient {
         let http = builder.build()?;
         Ok(Self {
             http,
-            base,
+            bases: bases.into(),
+            current: Arc::new(AtomicUsize::new(0)),
             credentials: credentials.or(from_url),
         })
     }
 
-    /// The server's base URL, without credentials.
+    /// The base URL of the node in use, without credentials.
     pub fn url(&self) -> &str {
-        self.base.as_str()
+        self.bases[self.node()].as_str()
     }
 
-    fn endpoint(&self, segments: &[&str]) -> Url {
-        let mut u = self.base.clone();
+    fn node(&self) -> usize {
+        self.current.load(Ordering::Relaxed) % self.bases.len()
+    }
+
+    fn endpoint(&self, node: usize, segments: &[&str]) -> Url {
+        let mut u = self.bases[node].clone();
         if let Ok(mut path) = u.path_segments_mut() {
             path.pop_if_empty().extend(segments);
         }
@@ -352,8 +379,8 @@ impl CouchClient {
         u
     }
 
-    fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
-        let req = self.http.request(method, self.endpoint(segments));
+    fn request(&self, node: usize, method: Method, segments: &[&str]) -> RequestBuilder {
+        let req = self.http.request(method, self.endpoint(node, segments));
         match &self.credentials {
             Some(c) => req.basic_auth(&c.username, Some(c.password.expose())),
             None => req,
@@ -369,6 +396,9 @@ impl CouchClient {
         self.send_query(method, segments, &[], body).await
     }
 
+    /// Send to the node in use; when it cannot be reached, to the next nodes in turn, and
+    /// keep using the one that answered. Every request we send is safe to repeat: a repeated
+    /// write comes back as a conflict, which callers already handle.
     async fn send_query(
         &self,
         method: Method,
@@ -376,27 +406,75 @@ impl CouchClient {
         query: &[(&str, String)],
         body: Option<&[u8]>,
     ) -> Result<reqwest::Response, CouchError> {
-        let attempt = || {
-            let mut req = self.request(method.clone(), segments).query(query);
-            if let Some(b) = body {
-                req = req
-                    .header("content-type", "application/json")
-                    .body(b.to_vec());
+        let n = self.bases.len();
+        let first = self.node();
+        for k in 0..n {
+            let node = (first + k) % n;
+            let attempt = || {
+                let mut req = self.request(node, method.clone(), segments).query(query);
+                if let Some(b) = body {
+                    req = req
+                        .header("content-type", "application/json")
+                        .body(b.to_vec());
+                }
+                req.send()
+            };
+            let sent = match attempt().await {
+                Ok(r) => Ok(r),
+                // One immediate retry on a fresh connection covers a pooled connection the
+                // server closed at the moment we reused it.
+                Err(e) if !e.is_timeout() => attempt().await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(r) => {
+                    if node != first
+                        && self
+                            .current
+                            .compare_exchange(first, node, Ordering::Relaxed, Ordering::Relaxed)
+                            .is_ok()
+                    {
+                        warn!(from = %self.bases[first], to = %self.bases[node], "database node unreachable; using the next one in couchdb.url");
+                    }
+                    return Ok(r);
+                }
+                // A slow node is not a lost one, and another node coordinating the same
+                // shards would be as slow: the request fails (callers retry), and the next
+                // request goes to the next node, so a node that hangs is left too.
+                Err(e) if e.is_timeout() => {
+                    if n > 1 {
+                        let _ = self.current.compare_exchange(
+                            first,
+                            (node + 1) % n,
+                            Ordering::Relaxed,
+                            Ordering::Relaxed,
+                        );
+                    }
+                    return Err(CouchError::Unreachable {
+                        url: self.bases[node].to_string(),
+                        source: e,
+                    });
+                }
+                Err(e) if k + 1 < n => {
+                    warn!(url = %self.bases[node], error = %error_chain(&e), "cannot reach database node; trying the next one in couchdb.url");
+                }
+                Err(e) => return Err(self.unreachable(node, e)),
             }
-            req.send()
-        };
-        match attempt().await {
-            Ok(r) => Ok(r),
-            // One immediate retry on a fresh connection covers a pooled connection the server
-            // closed at the moment we reused it. Every request we send is safe to repeat: a
-            // repeated write comes back as a conflict, which callers already handle.
-            Err(e) if !e.is_timeout() => attempt().await,
-            Err(e) => Err(e),
         }
-        .map_err(|source| CouchError::Unreachable {
-            url: self.base.to_string(),
-            source,
-        })
+        unreachable!("couchdb.url is never an empty list")
+    }
+
+    /// The node that failed last, with how many others failed before it.
+    fn unreachable(&self, node: usize, source: reqwest::Error) -> CouchError {
+        let url = match self.bases.len() {
+            1 => self.bases[node].to_string(),
+            n => format!(
+                "{} (and the {} other nodes in couchdb.url)",
+                self.bases[node],
+                n - 1
+            ),
+        };
+        CouchError::Unreachable { url, source }
     }
 
     async fn error(
@@ -434,7 +512,7 @@ impl CouchClient {
         CouchError::Status {
             method,
             path: format!("/{}", segments.join("/")),
-            url: self.base.to_string(),
+            url: self.url().to_string(),
             status,
             reason,
         }
@@ -447,7 +525,7 @@ impl CouchClient {
     ) -> Result<T, CouchError> {
         resp.json().await.map_err(|source| CouchError::Decode {
             path: format!("/{}", segments.join("/")),
-            url: self.base.to_string(),
+            url: self.url().to_string(),
             source,
         })
     }
@@ -464,13 +542,13 @@ impl CouchClient {
         let mut body = Vec::new();
         while let Some(chunk) = resp.chunk().await.map_err(|source| CouchError::Decode {
             path: path(),
-            url: self.base.to_string(),
+            url: self.url().to_string(),
             source,
         })? {
             if body.len() + chunk.len() > MAX_ANSWER_BYTES {
                 return Err(CouchError::Protocol {
                     path: path(),
-                    url: self.base.to_string(),
+                    url: self.url().to_string(),
                     reason: format!(
                         "the answer is over {} MiB, more than any question reads; check the database's views and documents (a node storing huge values?)",
                         MAX_ANSWER_BYTES >> 20
@@ -481,7 +559,7 @@ impl CouchClient {
         }
         serde_json::from_slice(&body).map_err(|e| CouchError::Protocol {
             path: path(),
-            url: self.base.to_string(),
+            url: self.url().to_string(),
             reason: format!("not the JSON CouchDB answers with: {e}"),
         })
     }
@@ -493,7 +571,7 @@ impl CouchClient {
     ) -> Result<bytes::Bytes, CouchError> {
         resp.bytes().await.map_err(|source| CouchError::Decode {
             path: format!("/{}", segments.join("/")),
-            url: self.base.to_string(),
+            url: self.url().to_string(),
             source,
         })
     }
@@ -533,7 +611,7 @@ impl CouchClient {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(CouchError::Status {
                 method: Method::PUT,
                 path: format!("/{db}"),
-                url: self.base.to_string(),
+                url: self.url().to_string(),
                 status: resp.status(),
                 reason: format!(
                     "database {db:?} does not exist and this account may not create it: \
@@ -756,29 +834,29 @@ mod tests {
             Some("admin")
         );
         assert_eq!(
-            c.endpoint(&["db", "a/b c"]).as_str(),
+            c.endpoint(0, &["db", "a/b c"]).as_str(),
             "http://127.0.0.1:5984/db/a%2Fb%20c"
         );
         assert_eq!(
-            c.endpoint(&doc_path("db", "_design/vogeler")).as_str(),
+            c.endpoint(0, &doc_path("db", "_design/vogeler")).as_str(),
             "http://127.0.0.1:5984/db/_design/vogeler"
         );
         assert_eq!(
-            c.endpoint(&doc_path("db", "_local/x/y")).as_str(),
+            c.endpoint(0, &doc_path("db", "_local/x/y")).as_str(),
             "http://127.0.0.1:5984/db/_local/x%2Fy"
         );
         assert_eq!(
-            c.endpoint(&["a+b", "c+%"]).as_str(),
+            c.endpoint(0, &["a+b", "c+%"]).as_str(),
             "http://127.0.0.1:5984/a%2Bb/c%2B%25"
         );
         assert_eq!(
-            c.endpoint(&doc_path("db", "_designer/x")).as_str(),
+            c.endpoint(0, &doc_path("db", "_designer/x")).as_str(),
             "http://127.0.0.1:5984/db/_designer%2Fx"
         );
         let prefixed = SecretUrl::parse("http://h:5984/couch/").expect("url");
         let c = CouchClient::new(&prefixed, None).expect("client");
         assert_eq!(
-            c.endpoint(&["db", "_all_docs"]).as_str(),
+            c.endpoint(0, &["db", "_all_docs"]).as_str(),
             "http://h:5984/couch/db/_all_docs"
         );
     }

@@ -29,7 +29,7 @@ use vogeler_core::{
 use vogeler_proto::{
     document::{Node, NodeDocument},
     names::NodeName,
-    secret::SecretUrl,
+    secret::{SecretUrl, SecretUrls},
     signing::{PrivateKey, Purpose},
 };
 
@@ -58,6 +58,15 @@ pub fn retarget(url: &str, scheme: &str, host: &str, port: u16) -> String {
 }
 
 /// Where the shared test servers listen; override with the usual `VOGELER_*` variables.
+/// A test URL variable, one URL or a comma-separated list (`scripts/cluster.sh env`).
+pub fn url_list(raw: &str) -> SecretUrls {
+    let urls = vogeler_proto::secret::split_url_list(raw)
+        .into_iter()
+        .map(|u| SecretUrl::parse(u).unwrap_or_else(|e| panic!("test URL {u:?}: {e}")))
+        .collect();
+    SecretUrls::new(urls).expect("a test URL")
+}
+
 pub fn amqp_url() -> String {
     std::env::var("VOGELER_TEST_AMQP_URL")
         .unwrap_or_else(|_| config::defaults::AMQP_URL.to_string())
@@ -117,21 +126,17 @@ impl TestStack {
         let id = Uuid::new_v4().simple().to_string();
         let amqp_url = amqp_url();
         let couchdb_url = couchdb_url();
-        let url = SecretUrl::parse(&amqp_url).expect("test AMQP URL");
-        if let Err(e) = vogeler_core::amqp::connect(&url, "vogeler-test-probe").await {
+        let urls = url_list(&amqp_url);
+        if let Err(e) = vogeler_core::amqp::connect_any(&urls, "vogeler-test-probe").await {
             panic!(
-                "RabbitMQ is not reachable at {url}: {e}\nstart the stack with: scripts/stack.sh up"
+                "RabbitMQ is not reachable at {urls}: {e}\nstart the stack with: scripts/stack.sh up"
             );
         }
-        let couch = CouchClient::new(
-            &SecretUrl::parse(&couchdb_url).expect("test CouchDB URL"),
-            None,
-        )
-        .expect("http client");
+        let couch = CouchClient::with_ca(&url_list(&couchdb_url), None, None).expect("http client");
         if let Err(e) = couch.ping().await {
             panic!(
                 "CouchDB is not reachable at {}: {e}\nstart the stack with: scripts/stack.sh up",
-                SecretUrl::parse(&couchdb_url).expect("test CouchDB URL")
+                url_list(&couchdb_url)
             );
         }
         let keys = tempfile::tempdir().expect("key directory");
@@ -238,6 +243,16 @@ impl TestStack {
             .unwrap_or_default()
     }
 
+    /// The first broker node's URL (tests that put a proxy in front of one node).
+    pub fn amqp_first(&self) -> String {
+        url_list(&self.amqp_url).first().expose().to_string()
+    }
+
+    /// The first database node's URL, with the admin's credentials.
+    pub fn couch_first(&self) -> String {
+        url_list(&self.couchdb_url).first().expose().to_string()
+    }
+
     /// Config sources for this stack, exactly as flags would give them (no environment).
     pub fn sources(&self) -> Sources {
         let mut s = Sources {
@@ -291,13 +306,13 @@ impl TestStack {
 
     /// Server settings that reach CouchDB through a fault proxy the test can cut.
     pub async fn server_behind_proxy(&self) -> (FaultProxy, ServerSettings) {
-        let proxy = FaultProxy::start(&upstream(&self.couchdb_url)).await;
+        let proxy = FaultProxy::start(&upstream(&self.couch_first())).await;
         let addr = proxy.addr();
         let mut sources = self.sources();
         sources.set(
             "couchdb.url",
             Some(retarget(
-                &self.couchdb_url,
+                &self.couch_first(),
                 "http",
                 &addr.ip().to_string(),
                 addr.port(),
@@ -313,8 +328,7 @@ impl TestStack {
     /// A connection and a confirming channel on this stack's broker, with the shared
     /// topology declared: what a test needs to publish as an agent or a runner would.
     pub async fn publisher(&self, name: &str) -> (lapin::Connection, lapin::Channel) {
-        let url = SecretUrl::parse(&self.amqp_url).expect("url");
-        let conn = vogeler_core::amqp::connect(&url, name)
+        let conn = vogeler_core::amqp::connect_any(&url_list(&self.amqp_url), name)
             .await
             .expect("connect");
         vogeler_core::amqp::declare::shared(&self.topology(), &conn)
@@ -410,15 +424,13 @@ impl Drop for TestStack {
         let url = self.couchdb_url.clone();
         let db = self.database.clone();
         let _ = std::thread::spawn(move || {
-            let (Ok(rt), Ok(url)) = (
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build(),
-                SecretUrl::parse(&url),
-            ) else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
-            if let Ok(couch) = CouchClient::new(&url, None) {
+            if let Ok(couch) = CouchClient::with_ca(&url_list(&url), None, None) {
                 let _ = rt.block_on(couch.delete_database(&db));
                 let _ = rt.block_on(couch.delete_database(&format!("{db}_history")));
                 let _ = rt.block_on(couch.delete_database(&format!("{db}_enrollment")));

@@ -284,7 +284,10 @@ async fn exit_codes_tell_what_went_wrong() {
     // A database URL that reaches CouchDB but not its root (a wrong path prefix: 404) will
     // not improve with waiting: 78, not 69.
     let mut server = program("vogeler-server", &stack);
-    let prefixed = format!("{}/not-a-prefix/", stack.couchdb_url.trim_end_matches('/'));
+    let prefixed = format!(
+        "{}/not-a-prefix/",
+        stack.couch_first().trim_end_matches('/')
+    );
     server.args(["--couchdb-url", &prefixed, "--database", &stack.database]);
     let out = run(server).await;
     let stderr = String::from_utf8_lossy(&out.stderr);

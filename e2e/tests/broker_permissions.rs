@@ -104,7 +104,7 @@ impl Setup {
 
     /// The broker URL of this vhost, without credentials.
     fn base_url(&self, stack: &TestStack) -> String {
-        let base = url::Url::parse(&stack.amqp_url).expect("url");
+        let base = url::Url::parse(&stack.amqp_first()).expect("url");
         format!(
             "amqp://{}:{}/{}",
             base.host_str().expect("host"),

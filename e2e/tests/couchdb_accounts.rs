@@ -91,7 +91,7 @@ struct Accounts {
 
 impl Accounts {
     fn new(stack: &TestStack) -> Self {
-        let parsed = url::Url::parse(&stack.couchdb_url).expect("test CouchDB URL");
+        let parsed = url::Url::parse(&stack.couch_first()).expect("test CouchDB URL");
         let admin = (
             percent_decoded(parsed.username()),
             percent_decoded(parsed.password().unwrap_or_default()),
@@ -122,7 +122,7 @@ impl Accounts {
                 parsed.host_str().expect("host"),
                 parsed.port_or_known_default().expect("port")
             ),
-            admin_url: stack.couchdb_url.clone(),
+            admin_url: stack.couch_first(),
             admin,
             database: stack.database.clone(),
             prefix: format!("vt-{}", &id[..10]),

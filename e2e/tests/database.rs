@@ -37,7 +37,7 @@ async fn the_suite_runs_on_apache_couchdb_with_credentials() {
     );
 
     // Anonymous: refused a database and the list of databases, and may not create one.
-    let url = SecretUrl::parse(&stack.couchdb_url).expect("url");
+    let url = SecretUrl::parse(&stack.couch_first()).expect("url");
     let host = url.expose().host_str().expect("host").to_string();
     let port = url.expose().port_or_known_default().expect("port");
     let anonymous = format!("http://{host}:{port}/");

@@ -98,14 +98,14 @@ async fn a_silent_broker_link_is_detected_by_heartbeat_and_nothing_is_lost() {
             .unwrap_or(25),
     );
     let stack = TestStack::new().await;
-    let proxy = FaultProxy::start(&vogeler_e2e::upstream(&stack.amqp_url)).await;
+    let proxy = FaultProxy::start(&vogeler_e2e::upstream(&stack.amqp_first())).await;
     let plugins = plugin_dir(&[("hello.toml", HELLO)]);
     let mut sources = stack.sources();
     sources
         .set(
             "amqp.url",
             Some(vogeler_e2e::retarget(
-                &stack.amqp_url,
+                &stack.amqp_first(),
                 "amqp",
                 &proxy.addr().ip().to_string(),
                 proxy.addr().port(),
@@ -122,6 +122,7 @@ async fn a_silent_broker_link_is_detected_by_heartbeat_and_nothing_is_lost() {
         agent_settings
             .broker
             .url
+            .first()
             .expose()
             .as_str()
             .contains("heartbeat=10"),

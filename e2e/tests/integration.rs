@@ -269,7 +269,7 @@ async fn malformed_messages_are_dropped_and_traffic_keeps_flowing() {
     assert!(r.success(), "{}", r.render_table());
     // Nothing was requeued forever: the results queue drains to empty.
     let conn = amqp::connect(
-        &SecretUrl::parse(&stack.amqp_url).expect("url"),
+        &SecretUrl::parse(&stack.amqp_first()).expect("url"),
         "test-inspect",
     )
     .await
@@ -401,7 +401,7 @@ async fn database_outage_holds_results_until_it_returns() {
 #[tokio::test]
 async fn agent_reconnects_after_the_broker_connection_is_cut() {
     let stack = TestStack::new().await;
-    let broker = SecretUrl::parse(&stack.amqp_url).expect("url");
+    let broker = SecretUrl::parse(&stack.amqp_first()).expect("url");
     let upstream = format!(
         "{}:{}",
         broker.expose().host_str().expect("host"),
@@ -412,7 +412,9 @@ async fn agent_reconnects_after_the_broker_connection_is_cut() {
     via_proxy.set_port(Some(proxy.addr().port())).expect("port");
     let plugins = plugin_dir(&[("hello.toml", HELLO)]);
     let mut settings = stack.agent_settings("web01", plugins.path());
-    settings.broker.url = SecretUrl::parse(via_proxy.as_str()).expect("proxy url");
+    settings.broker.url = SecretUrl::parse(via_proxy.as_str())
+        .expect("proxy url")
+        .into();
     let _server = spawn_server(stack.server_settings());
     let _agent = spawn_agent(settings);
     stack.wait_registered(&["web01"]).await;

@@ -284,7 +284,7 @@ async fn a_rogue_replier_is_reported_unverified_and_never_shown_as_an_answer() {
 
     // An eavesdropper gets a copy of web01's commands and answers as another node.
     let conn = amqp::connect(
-        &SecretUrl::parse(&stack.amqp_url).expect("url"),
+        &SecretUrl::parse(&stack.amqp_first()).expect("url"),
         "test-rogue",
     )
     .await

@@ -218,9 +218,12 @@ async fn poison_messages_are_dead_lettered_with_their_reason_while_valid_ones_fl
     )
     .await;
 
-    let conn = amqp::connect(&SecretUrl::parse(&stack.amqp_url).expect("url"), "test-dlq")
-        .await
-        .expect("connect");
+    let conn = amqp::connect(
+        &SecretUrl::parse(&stack.amqp_first()).expect("url"),
+        "test-dlq",
+    )
+    .await
+    .expect("connect");
     let ch = conn.create_channel().await.expect("channel");
     let opts = BasicConsumeOptions {
         no_ack: true,
@@ -427,7 +430,7 @@ async fn a_quorum_results_queue_works_end_to_end() {
     let _server = spawn_server(settings);
     // The server declares the queue; wait for it before agents publish.
     let conn = amqp::connect(
-        &SecretUrl::parse(&stack.amqp_url).expect("url"),
+        &SecretUrl::parse(&stack.amqp_first()).expect("url"),
         "test-inspect",
     )
     .await

@@ -36,7 +36,7 @@ fn ca_only(ca: &TestCa) -> TlsFiles {
 #[tokio::test]
 async fn broker_over_tls_needs_the_right_ca_and_host_name() {
     let stack = TestStack::new().await;
-    let broker = upstream(&stack.amqp_url);
+    let broker = upstream(&stack.amqp_first());
     let ca = TestCa::new("right");
     let wrong = TestCa::new("wrong");
     let proxy = TlsProxy::start(&broker, &ca.issue("broker", &["localhost"]), None).await;
@@ -89,7 +89,7 @@ async fn broker_over_tls_needs_the_right_ca_and_host_name() {
 #[tokio::test]
 async fn database_over_tls_needs_the_right_ca_and_host_name() {
     let stack = TestStack::new().await;
-    let db = upstream(&stack.couchdb_url);
+    let db = upstream(&stack.couch_first());
     let ca = TestCa::new("right");
     let wrong = TestCa::new("wrong");
     let proxy = TlsProxy::start(&db, &ca.issue("couch", &["localhost"]), None).await;
@@ -98,7 +98,7 @@ async fn database_over_tls_needs_the_right_ca_and_host_name() {
         let mut s = stack.sources();
         s.set(
             "couchdb.url",
-            Some(retarget(&stack.couchdb_url, "https", "localhost", port)),
+            Some(retarget(&stack.couch_first(), "https", "localhost", port)),
         )
         .set("couchdb.ca_file", Some(ca_file.display()));
         config::load(&s)
@@ -128,13 +128,13 @@ async fn the_whole_path_runs_over_tls() {
     let stack = TestStack::new().await;
     let ca = TestCa::new("stack");
     let broker = TlsProxy::start(
-        &upstream(&stack.amqp_url),
+        &upstream(&stack.amqp_first()),
         &ca.issue("broker", &["localhost"]),
         None,
     )
     .await;
     let couch = TlsProxy::start(
-        &upstream(&stack.couchdb_url),
+        &upstream(&stack.couch_first()),
         &ca.issue("couch", &["localhost"]),
         None,
     )
@@ -144,7 +144,7 @@ async fn the_whole_path_runs_over_tls() {
         .set(
             "amqp.url",
             Some(retarget(
-                &stack.amqp_url,
+                &stack.amqp_first(),
                 "amqps",
                 "localhost",
                 broker.port(),
@@ -154,7 +154,7 @@ async fn the_whole_path_runs_over_tls() {
         .set(
             "couchdb.url",
             Some(retarget(
-                &stack.couchdb_url,
+                &stack.couch_first(),
                 "https",
                 "localhost",
                 couch.port(),

@@ -106,9 +106,135 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
+/// The nodes of one service (a RabbitMQ or CouchDB cluster), tried in the order given.
+/// Never empty. Displays comma-separated, each without its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrls(Vec<SecretUrl>);
+
+impl SecretUrls {
+    /// `None` for an empty list.
+    pub fn new(urls: Vec<SecretUrl>) -> Option<Self> {
+        (!urls.is_empty()).then_some(Self(urls))
+    }
+    /// The first node: the one programs try first.
+    pub fn first(&self) -> &SecretUrl {
+        &self.0[0]
+    }
+    pub fn iter(&self) -> std::slice::Iter<'_, SecretUrl> {
+        self.0.iter()
+    }
+    pub fn iter_mut(&mut self) -> std::slice::IterMut<'_, SecretUrl> {
+        self.0.iter_mut()
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// Always false; for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Every URL, each with any password replaced by `***`.
+    pub fn redacted(&self) -> Vec<String> {
+        self.0.iter().map(SecretUrl::redacted).collect()
+    }
+}
+
+impl From<SecretUrl> for SecretUrls {
+    fn from(url: SecretUrl) -> Self {
+        Self(vec![url])
+    }
+}
+
+impl<'a> IntoIterator for &'a SecretUrls {
+    type Item = &'a SecretUrl;
+    type IntoIter = std::slice::Iter<'a, SecretUrl>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl fmt::Display for SecretUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted().join(","))
+    }
+}
+
+impl fmt::Debug for SecretUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.redacted()).finish()
+    }
+}
+
+/// Split a list of URLs given as one string (a flag or a `VOGELER_*` variable) at the
+/// commas that start the next URL (`,scheme://`), so a comma inside one URL (in a password,
+/// a path or a query) stays in it. Items are trimmed; empty ones are kept, for the caller
+/// to report.
+pub fn split_url_list(s: &str) -> Vec<&str> {
+    let starts_url = |rest: &str| {
+        let rest = rest.trim_start();
+        let Some(end) = rest.find("://") else {
+            return false;
+        };
+        let scheme = &rest[..end];
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    };
+    let mut items = Vec::new();
+    let mut from = 0;
+    for (i, _) in s.match_indices(',') {
+        let rest = &s[i + 1..];
+        let next_empty = rest.trim().is_empty() || rest.trim_start().starts_with(',');
+        if starts_url(rest) || next_empty || s[from..i].trim().is_empty() {
+            items.push(s[from..i].trim());
+            from = i + 1;
+        }
+    }
+    items.push(s[from..].trim());
+    items
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_splits_only_where_the_next_url_starts() {
+        assert_eq!(
+            split_url_list("amqp://a:5681, amqp://b:5682,amqps://c"),
+            ["amqp://a:5681", "amqp://b:5682", "amqps://c"]
+        );
+        // A comma in a password, a path or a query stays in its URL.
+        assert_eq!(
+            split_url_list("http://u:p,w@a:5984,http://b:5984/x?a=1,2"),
+            ["http://u:p,w@a:5984", "http://b:5984/x?a=1,2"]
+        );
+        assert_eq!(split_url_list("amqp://a"), ["amqp://a"]);
+        // Empty items are kept for the caller to report.
+        assert_eq!(split_url_list("amqp://a,"), ["amqp://a", ""]);
+        assert_eq!(split_url_list(",amqp://a"), ["", "amqp://a"]);
+        assert_eq!(
+            split_url_list("amqp://a,,amqp://b"),
+            ["amqp://a", "", "amqp://b"]
+        );
+        assert_eq!(split_url_list(""), [""]);
+    }
+
+    #[test]
+    fn a_list_displays_without_passwords() {
+        let urls = SecretUrls::new(vec![
+            SecretUrl::parse("amqp://guest:hunter2@a:5681").expect("url"),
+            SecretUrl::parse("amqp://guest:hunter2@b:5682").expect("url"),
+        ])
+        .expect("list");
+        assert_eq!(
+            urls.to_string(),
+            "amqp://guest:***@a:5681,amqp://guest:***@b:5682"
+        );
+        assert!(!format!("{urls:?}").contains("hunter2"));
+        assert!(SecretUrls::new(Vec::new()).is_none());
+    }
 
     #[test]
     fn secrets_do_not_print() {

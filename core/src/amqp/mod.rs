@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use vogeler_config::{BrokerSettings, TlsFiles};
 use vogeler_proto::{
-    secret::SecretUrl,
+    secret::{SecretUrl, SecretUrls},
     signing::{KEY_HEADER, PrivateKey, Purpose, SIGNATURE_HEADER},
     topology::Topology,
     wire,
@@ -178,47 +178,87 @@ pub fn tls_config(files: &TlsFiles) -> Result<OwnedTLSConfig, AmqpError> {
     })
 }
 
-/// Connect, retrying with capped backoff. With `give_up_after` set (start-up), returns
+/// How long one node of the list may take to accept a connection before the next is
+/// tried: a node that accepts TCP but never finishes the AMQP handshake (stopping, or
+/// overloaded) would otherwise hold the program on it.
+pub const ENDPOINT_TRY: Duration = Duration::from_secs(15);
+
+/// Connect to the first node of `amqp.url` that accepts, in the order given, retrying the
+/// whole list with capped backoff. With `give_up_after` set (start-up), returns
 /// [`AmqpError::Unavailable`] once that time has passed; without it (reconnects), retries
-/// until `cancel` fires.
+/// until `cancel` fires. Reconnects start again from the first node, so a program goes
+/// back to the preferred node once it is back and its current one goes away.
 pub async fn connect_with_retry(
     broker: &BrokerSettings,
     name: &str,
     give_up_after: Option<Duration>,
     cancel: &CancellationToken,
 ) -> Result<Connection, AmqpError> {
-    let url = &broker.url;
+    let urls = &broker.url;
     let tls = tls_config(&broker.tls)?;
     let started = tokio::time::Instant::now();
     let mut delays = backoff::delays();
     let mut attempt = 0u32;
     loop {
         attempt += 1;
-        let err = tokio::select! {
-            () = cancel.cancelled() => return Err(AmqpError::Cancelled),
-            r = connect_tls(url, &tls, name) => match r {
-                Ok(conn) => {
-                    info!(url = %url, attempt, "connected to broker");
-                    return Ok(conn);
-                }
-                Err(e) => e,
-            },
+        let mut last = None;
+        for (i, url) in urls.iter().enumerate() {
+            let tried = tokio::time::timeout(ENDPOINT_TRY, connect_tls(url, &tls, name));
+            let err = tokio::select! {
+                () = cancel.cancelled() => return Err(AmqpError::Cancelled),
+                r = tried => match r {
+                    Ok(Ok(conn)) => {
+                        info!(url = %url, attempt, "connected to broker");
+                        return Ok(conn);
+                    }
+                    Ok(Err(e)) => e,
+                    Err(_) => lapin::Error::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no AMQP handshake within {}s", ENDPOINT_TRY.as_secs()),
+                    )),
+                },
+            };
+            if i + 1 < urls.len() {
+                warn!(url = %url, attempt, error = %err, next = %urls.iter().nth(i + 1).map(ToString::to_string).unwrap_or_default(), "cannot reach broker node, trying the next");
+            }
+            last = Some((url, err));
+        }
+        let Some((url, err)) = last else {
+            unreachable!("amqp.url is never an empty list")
         };
         let waited = started.elapsed();
+        let what = if urls.len() == 1 {
+            url.redacted()
+        } else {
+            format!("any of {urls}")
+        };
         if give_up_after.is_some_and(|limit| waited >= limit) {
             return Err(AmqpError::Unavailable {
-                url: url.redacted(),
+                url: what,
                 waited,
                 source: err,
             });
         }
         let delay = delays.next().unwrap_or(backoff::MAX_DELAY);
-        warn!(url = %url, attempt, error = %err, retry_in_ms = delay.as_millis() as u64, "cannot reach broker, retrying");
+        warn!(url = %what, attempt, error = %err, retry_in_ms = delay.as_millis() as u64, "cannot reach broker, retrying");
         tokio::select! {
             () = cancel.cancelled() => return Err(AmqpError::Cancelled),
             () = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Connect once to the first node of `urls` that accepts (tools and benchmarks, which do
+/// not retry).
+pub async fn connect_any(urls: &SecretUrls, name: &str) -> Result<Connection, lapin::Error> {
+    let mut last = None;
+    for url in urls {
+        match connect(url, name).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| unreachable!("amqp.url is never an empty list")))
 }
 
 /// A channel with publisher confirms on, so a publish returns only once the broker has the
