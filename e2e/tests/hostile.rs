@@ -342,29 +342,40 @@ async fn the_dead_letter_queue_keeps_its_bounds_and_the_newest_letters() {
     let t = settings.broker.topology.clone();
     let metrics = vogeler_core::observe::ServerMetrics::default();
     let _server = vogeler_e2e::spawn_server_with(settings, metrics.clone());
-    // Every letter is decided once the server counted it: a marker stored in one batch can
-    // be acked while another batch still dead-letters.
-    let refused = |n: u64| {
-        let metrics = metrics.clone();
-        async move {
-            wait_for("the letters dead-lettered", Duration::from_secs(90), || {
-                let m = metrics.clone();
-                async move {
-                    m.dead_lettered
-                        .get_or_create(&vogeler_core::observe::ReasonLabel {
-                            reason: "malformed".into(),
-                        })
-                        .get()
-                        >= n
-                }
-            })
-            .await;
-        }
-    };
-    let url = vogeler_proto::secret::SecretUrl::parse(&stack.amqp_url).expect("url");
+    let url = vogeler_proto::secret::SecretUrl::parse(&stack.amqp_first()).expect("url");
     let conn = amqp::connect(&url, "test-dead-letters")
         .await
         .expect("connect");
+    // Every letter is decided once the server counted it: a marker stored in one batch can
+    // be acked while another batch still dead-letters. On a timeout, say where the letters
+    // are (CI once saw the count stop short under the full suite).
+    let malformed = || {
+        metrics
+            .dead_lettered
+            .get_or_create(&vogeler_core::observe::ReasonLabel {
+                reason: "malformed".into(),
+            })
+            .get()
+    };
+    let refused = |n: u64| {
+        let (conn, t, metrics) = (&conn, &t, &metrics);
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+            while malformed() < n {
+                if tokio::time::Instant::now() >= deadline {
+                    panic!(
+                        "timed out after 90s waiting for {n} letters dead-lettered: {} counted, {} consumed, {} stored, results queue {:?}, dead letters {:?}",
+                        malformed(),
+                        metrics.consumed.get(),
+                        metrics.stored.get(),
+                        queue_length(conn, &t.results_queue()).await,
+                        queue_length(conn, &t.dead_letter_queue()).await,
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
     // Published only once the server declared its queues, with these bounds.
     wait_for(
         "the server's declarations",
@@ -463,7 +474,7 @@ async fn an_unbounded_dead_letter_queue_stops_the_server_with_the_way_out() {
     let stack = TestStack::new().await;
     let t = stack.topology();
     let dlq = t.dead_letter_queue();
-    let url = vogeler_proto::secret::SecretUrl::parse(&stack.amqp_url).expect("url");
+    let url = vogeler_proto::secret::SecretUrl::parse(&stack.amqp_first()).expect("url");
     let conn = amqp::connect(&url, "test-old-dead-letters")
         .await
         .expect("connect");
