@@ -12,7 +12,7 @@
 #                                  VOGELER_TEST_AMQP_URL and VOGELER_TEST_COUCHDB_URL are
 #                                  comma-separated lists of the three nodes, with credentials;
 #                                  VOGELER_AMQP__URL and VOGELER_COUCHDB__URL (what the programs
-#                                  read, one URL each) name node 1
+#                                  read) list the three nodes too
 #   scripts/cluster.sh status      one line per node (name, ports, pid, up/down);
 #                                  exits 1 when any node is down or out of its cluster
 #   scripts/cluster.sh kill NODE   SIGKILL one node (its recorded process group): a crash
@@ -626,9 +626,11 @@ print_env() {
   printf 'export VOGELER_COUCHDB__PASSWORD_FILE=%s\n' "$(shq "$PASSWORD_FILE")"
   printf 'export VOGELER_TEST_AMQP_URL=%s\n' "$(shq "${amqp[*]}")"
   printf 'export VOGELER_TEST_COUCHDB_URL=%s\n' "$(shq "${couch[*]}")"
-  # The programs' settings take one URL each.
-  printf 'export VOGELER_AMQP__URL=%s\n' "$(shq "${amqp[0]}")"
-  printf 'export VOGELER_COUCHDB__URL=%s\n' "$(shq "http://127.0.0.1:${COUCH_PORTS[0]}")"
+  # The programs' settings: every node, in order (the password comes from the file above).
+  local plain=()
+  for i in 0 1 2; do plain+=("http://127.0.0.1:${COUCH_PORTS[i]}"); done
+  printf 'export VOGELER_AMQP__URL=%s\n' "$(shq "${amqp[*]}")"
+  printf 'export VOGELER_COUCHDB__URL=%s\n' "$(shq "${plain[*]}")"
 }
 
 kill_node() { # NODE

@@ -48,6 +48,9 @@ pub struct RawAmqp {
     /// connection, so this sets its memory: 16 KiB gives 1 MiB (the broker's default of
     /// 128 KiB would give 8 MiB, most of an idle agent). Bigger messages span frames.
     pub frame_max: Option<u32>,
+    /// `classic` (default) or `quorum`: agents' command queues. On a RabbitMQ cluster a
+    /// quorum queue survives the loss of its node, so its agent keeps answering.
+    pub agent_queue_type: Option<String>,
     /// Commands an offline agent's queue holds at most (more are refused, and the runner
     /// says so).
     pub agent_queue_max_length: Option<u64>,
@@ -139,6 +142,12 @@ impl RawAmqp {
             }
         }
         let mut agent_queue = AgentQueue::default();
+        if let Some(kind) = &self.agent_queue_type {
+            match QueueKind::parse(kind) {
+                Ok(k) => agent_queue.kind = k,
+                Err(e) => p.0.push(format!("amqp.agent_queue_type: {e}")),
+            }
+        }
         match self.agent_queue_max_length {
             Some(0) => {
                 p.0.push("amqp.agent_queue_max_length: must be at least 1".into())
@@ -290,6 +299,10 @@ impl BrokerSettings {
         amqp.insert(
             "dead_letters_max_bytes".into(),
             int(t.dead_letter_bounds().max_bytes),
+        );
+        amqp.insert(
+            "agent_queue_type".into(),
+            t.agent_queue_bounds().kind.name().into(),
         );
         amqp.insert(
             "agent_queue_max_length".into(),

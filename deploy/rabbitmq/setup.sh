@@ -7,6 +7,7 @@
 #                            [--secrets-dir /etc/vogeler/secrets]
 #                            [--agent NODE]... [--agents-file FILE]
 #                            [--agent-queue-max-length 1000] [--agent-queue-max-age 86400]
+#                            [--agent-queue-type classic|quorum]
 #                            [--remove-agent NODE]... [--shared-agent-user]
 #   deploy/rabbitmq/setup.sh --remove [--vhost ...] [--user-prefix ...]
 #
@@ -18,7 +19,10 @@
 # Enrolling node N creates the user <prefix>-agent-N, its password file, and its command
 # queue <c>.agent.N bound to <c>.commands with "all" and "node.N". The queue is bounded:
 # --agent-queue-max-length commands at most (more are refused and the runner says so), and
-# commands older than --agent-queue-max-age seconds are dropped. An existing queue keeps the
+# commands older than --agent-queue-max-age seconds are dropped. On a RabbitMQ cluster use
+# --agent-queue-type quorum (and amqp.agent_queue_type = "quorum" in the agents' config):
+# a classic queue is unusable while its node is down, so its agent cannot answer until that
+# node returns; a quorum queue moves to a surviving node. An existing queue keeps the
 # bounds it was declared with (the script warns; delete the queue and run it again to apply
 # new ones). Revoking N (--remove-agent N) deletes its user, which closes the node's
 # connections at once, its queue and its password file; enrolling it again makes a new
@@ -53,12 +57,12 @@ set -euo pipefail
 export LC_ALL=C
 
 vhost=vogeler collective=vogeler prefix=vogeler secrets=/etc/vogeler/secrets remove=false
-shared_agent=false max_length=1000 max_age=86400
+shared_agent=false max_length=1000 max_age=86400 queue_type=classic
 enrol=() revoke=()
 usage() { echo "setup.sh: $1 (see --help)" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case $1 in
-    --vhost|--collective|--user-prefix|--secrets-dir|--agent|--agents-file|--remove-agent|--agent-queue-max-length|--agent-queue-max-age)
+    --vhost|--collective|--user-prefix|--secrets-dir|--agent|--agents-file|--remove-agent|--agent-queue-max-length|--agent-queue-max-age|--agent-queue-type)
       [ $# -ge 2 ] || usage "$1 needs a value" ;;&
     --vhost) vhost=$2; shift 2 ;;
     --collective) collective=$2; shift 2 ;;
@@ -77,6 +81,7 @@ while [ $# -gt 0 ]; do
     --remove-agent) revoke+=("$2"); shift 2 ;;
     --agent-queue-max-length) max_length=$2; shift 2 ;;
     --agent-queue-max-age) max_age=$2; shift 2 ;;
+    --agent-queue-type) queue_type=$2; shift 2 ;;
     --shared-agent-user) shared_agent=true; shift ;;
     --remove) remove=true; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -91,6 +96,7 @@ case $prefix in
 esac
 case $max_length in *[!0-9]*|''|0) usage "--agent-queue-max-length must be a whole number of commands, at least 1" ;; esac
 case $max_age in *[!0-9]*|''|0) usage "--agent-queue-max-age must be a whole number of seconds, at least 1" ;; esac
+case $queue_type in classic|quorum) ;; *) usage "--agent-queue-type must be classic or quorum" ;; esac
 # The agent's own rule for node names (proto/src/names.rs): they end up in user, queue,
 # file and regular-expression names, so nothing else may pass.
 valid_node() { [[ ${#1} -le 253 && $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]]; }
@@ -197,7 +203,10 @@ $shared_agent && add_topic "$prefix-agent" "$c.results" '^(result|announce)\.' '
 # Each node: a user that may create nothing (configure matches no name), so it cannot make
 # an exchange of its own to route into other queues or around its topic permissions.
 uuid='[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
-queue_args="{\"x-max-length\":$max_length,\"x-overflow\":\"reject-publish\",\"x-message-ttl\":$((max_age * 1000))}"
+# As the agent declares it (proto/src/topology.rs): x-queue-type only when not classic.
+queue_args="{\"x-max-length\":$max_length,\"x-overflow\":\"reject-publish\",\"x-message-ttl\":$((max_age * 1000))"
+[ "$queue_type" = classic ] || queue_args+=",\"x-queue-type\":\"$queue_type\""
+queue_args+="}"
 for n in "${agents[@]}"; do
   re=${n//./\\.}
   add_user "$prefix-agent-$n" "$secrets/rabbitmq-agent-$n.password" '^$' "^$c\\.results\$" "^$c\\.agent\\.$re\$"
@@ -232,8 +241,9 @@ if [ ${#agents[@]} -gt 0 ]; then
   while IFS=$'\t' read -r name args; do
     [[ $name == "$c.agent."* && -n ${enrolled[${name#"$c.agent."}]:-} ]] || continue
     if [[ $args == *'"x-expires"'* || $args != *"{\"x-max-length\",$max_length}"* \
-      || $args != *"{\"x-message-ttl\",$((max_age * 1000))}"* || $args != *'{"x-overflow","reject-publish"}'* ]]; then
-      echo "setup.sh: warning: queue $name keeps the arguments it was declared with, $args; to apply these (max length $max_length, max age ${max_age}s, no expiry), delete it (rabbitmqctl delete_queue -p $vhost $name: its pending commands are dropped) and run this again" >&2
+      || $args != *"{\"x-message-ttl\",$((max_age * 1000))}"* || $args != *'{"x-overflow","reject-publish"}'* \
+      || $queue_type != "$(if [[ $args == *'{"x-queue-type","quorum"}'* ]]; then echo quorum; else echo classic; fi)" ]]; then
+      echo "setup.sh: warning: queue $name keeps the arguments it was declared with, $args; to apply these (max length $max_length, max age ${max_age}s, no expiry, $queue_type), delete it (rabbitmqctl delete_queue -p $vhost $name: its pending commands are dropped) and run this again" >&2
     fi
   done < <(rabbitmqctl -s list_queues -p "$vhost" name arguments 2>/dev/null || true)
 fi

@@ -160,3 +160,50 @@ async fn agents_server_and_runner_fail_over_to_the_next_broker_and_database_node
     assert!(amqp_a.refused() > 0 || couch_a.refused() > 0);
     drop((amqp_b, couch_b));
 }
+
+#[tokio::test]
+async fn an_agent_moves_its_classic_queue_to_a_quorum_queue_and_keeps_answering() {
+    let stack = TestStack::new().await;
+    let plugins = plugin_dir(&[("hello.toml", HELLO)]);
+    let _server = spawn_server(stack.server_settings());
+    let agent = |kind: &str| {
+        let mut s = stack.sources();
+        s.set("amqp.agent_queue_type", Some(kind))
+            .set("agent.node", Some("q01"))
+            .set("agent.plugin_dir", Some(plugins.path().display()));
+        vogeler_config::load(&s)
+            .expect("load")
+            .agent(None)
+            .expect("agent")
+    };
+    let classic = spawn_agent(agent("classic"));
+    stack.wait_registered(&["q01"]).await;
+    let r = vogeler_e2e::ask(&stack, "hello", "q01", "20").await;
+    assert!(r.success(), "{}", r.render_table());
+    classic.stop().await.expect("stop");
+
+    // The same node configured for a cluster: its classic queue cannot be redeclared as a
+    // quorum queue (the broker refuses other arguments), so the agent replaces it.
+    let _quorum = spawn_agent(agent("quorum"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = vogeler_e2e::ask(&stack, "hello", "q01", "5").await;
+        if r.success() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no answer through the quorum queue:\n{}",
+            r.render_table()
+        );
+    }
+    let err = vogeler_config::load(&{
+        let mut s = stack.sources();
+        s.set("amqp.agent_queue_type", Some("stream"));
+        s
+    })
+    .expect("load")
+    .agent(Some("q01".into()))
+    .expect_err("not a queue type");
+    assert!(err.to_string().contains("amqp.agent_queue_type"), "{err}");
+}

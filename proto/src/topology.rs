@@ -78,8 +78,14 @@ impl Default for ResultsQueue {
 /// Bounds of each agent's command queue, so an agent offline for long does not collect
 /// commands without end: beyond `max_length` the broker refuses new commands (the runner
 /// reports "queue full"), and commands older than `max_age` are dropped.
+///
+/// `kind` decides what a broker cluster does when the queue's node dies: a classic queue is
+/// unusable until that node returns (its agent waits, reconnecting), a quorum queue moves
+/// to a surviving replica at once. Declared without `x-queue-type` when classic, as
+/// releases before it were (and `deploy/rabbitmq/setup.sh` does), so existing queues match.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentQueue {
+    pub kind: QueueKind,
     pub max_length: u64,
     pub max_age: Duration,
 }
@@ -87,6 +93,7 @@ pub struct AgentQueue {
 impl Default for AgentQueue {
     fn default() -> Self {
         Self {
+            kind: QueueKind::Classic,
             max_length: 1000,
             max_age: Duration::from_secs(24 * 3600),
         }
@@ -290,6 +297,12 @@ impl Topology {
             ("x-overflow", QueueArgument::Text("reject-publish".into())),
             ("x-message-ttl", QueueArgument::Int(age.max(1))),
         ]);
+        if self.agent.kind != QueueKind::Classic {
+            args.push((
+                "x-queue-type",
+                QueueArgument::Text(self.agent.kind.name().into()),
+            ));
+        }
         args
     }
 }
@@ -373,6 +386,16 @@ mod tests {
         assert!(args.contains(&("x-expires", QueueArgument::Int(60_000))));
         assert!(args.contains(&("x-max-length", QueueArgument::Int(1000))));
         assert!(args.contains(&("x-message-ttl", QueueArgument::Int(24 * 3600 * 1000))));
+        assert!(!args.iter().any(|(k, _)| *k == "x-queue-type"));
+        let quorum = Topology::new("c", None).with_agent_queue(AgentQueue {
+            kind: QueueKind::Quorum,
+            ..AgentQueue::default()
+        });
+        assert!(
+            quorum
+                .agent_queue_arguments()
+                .contains(&("x-queue-type", QueueArgument::Text("quorum".into())))
+        );
         let results = Topology::new("c", None).results_queue_arguments();
         assert!(!results.iter().any(|(k, _)| *k == "x-expires"));
         assert!(results.contains(&(
