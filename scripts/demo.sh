@@ -7,6 +7,11 @@
 #   scripts/demo.sh os_release      query another shipped plugin (see plugins/)
 #   scripts/demo.sh --keep          leave the server and agents running (for the README's tour);
 #                                   scripts/demo.sh --stop stops them
+#   scripts/demo.sh --cluster [--keep] [PLUGIN]
+#                                   the same on the 3-node RabbitMQ and CouchDB clusters of
+#                                   scripts/cluster.sh (started if needed): every program is given
+#                                   the three nodes of each, and the results and agent queues
+#                                   are quorum queues (its own database and collective, `cluster`)
 #
 # A demo apart from the default one (its own keys and state, queues and documents), e.g. beside
 # another that is running: VOGELER_DEMO_DIR=/tmp/d VOGELER_AMQP__COLLECTIVE=d VOGELER_COUCHDB__DATABASE=d
@@ -18,6 +23,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
+cluster=
+if [ "${1:-}" = --cluster ]; then
+  cluster=yes
+  shift
+  # Apart from the single-node demo: its own state, keys, queues and database.
+  : "${VOGELER_DEMO_DIR:=$HOME/.local/state/vogeler-demo-cluster}"
+  export VOGELER_AMQP__COLLECTIVE=${VOGELER_AMQP__COLLECTIVE:-cluster}
+  export VOGELER_COUCHDB__DATABASE=${VOGELER_COUCHDB__DATABASE:-cluster_records}
+  export VOGELER_AMQP__RESULTS_QUEUE_TYPE=quorum VOGELER_AMQP__AGENT_QUEUE_TYPE=quorum
+fi
 demo=${VOGELER_DEMO_DIR:-$HOME/.local/state/vogeler-demo}
 keep=
 case ${1:-} in
@@ -56,13 +71,23 @@ cleanup() {
 }
 trap cleanup EXIT
 
+if [ -n "$cluster" ]; then
+  scripts/cluster.sh up
+fi
 scripts/stack.sh up
 # The stack's settings for the programs: CouchDB's URL, and on Apache CouchDB the admin user and
 # the file holding its password (VOGELER_COUCHDB__USERNAME, VOGELER_COUCHDB__PASSWORD_FILE).
 # The test URL carries the password itself: the demo does not need it in its programs' environment.
-eval "$(scripts/stack.sh env)"
+if [ -n "$cluster" ]; then
+  # VOGELER_AMQP__URL and VOGELER_COUCHDB__URL list the three nodes of each cluster.
+  eval "$(scripts/cluster.sh env)"
+else
+  eval "$(scripts/stack.sh env)"
+fi
 unset VOGELER_TEST_COUCHDB_URL VOGELER_TEST_AMQP_URL
-couch_url=$VOGELER_COUCHDB__URL
+# curl (below) reads from the first CouchDB node that answers.
+couch_urls=${VOGELER_COUCHDB__URL//,/ }
+couch_url=${couch_urls%% *}
 # The programs' database (VOGELER_COUCHDB__DATABASE picks another, with VOGELER_AMQP__COLLECTIVE
 # for a demo apart from the default one).
 db=${VOGELER_COUCHDB__DATABASE:-system_records}
@@ -70,12 +95,16 @@ db=${VOGELER_COUCHDB__DATABASE:-system_records}
 # GET a CouchDB path as the stack's admin; the credentials reach curl on stdin, never on its
 # command line (where `ps` shows them). Without a password file (a pouchdb-server stack) anonymous.
 couch_get() { # PATH
-  if [ -n "${VOGELER_COUCHDB__PASSWORD_FILE:-}" ]; then
-    printf 'user = "%s:%s"\n' "$VOGELER_COUCHDB__USERNAME" "$(cat "$VOGELER_COUCHDB__PASSWORD_FILE")" \
-      | curl -fsS -K - "$couch_url$1"
-  else
-    curl -fsS "$couch_url$1"
-  fi
+  local u
+  for u in $couch_urls; do
+    if [ -n "${VOGELER_COUCHDB__PASSWORD_FILE:-}" ]; then
+      printf 'user = "%s:%s"\n' "$VOGELER_COUCHDB__USERNAME" "$(cat "$VOGELER_COUCHDB__PASSWORD_FILE")" \
+        | curl -fsS -K - "$u$1" && return 0
+    else
+      curl -fsS "$u$1" && return 0
+    fi
+  done
+  return 1
 }
 
 echo "== building" >&2

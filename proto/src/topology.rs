@@ -281,6 +281,14 @@ impl Topology {
             ("x-max-length-bytes", int(self.dead_letters.max_bytes)),
             ("x-overflow", QueueArgument::Text("drop-head".into())),
         ]);
+        // Beside the results queue, of its type: a classic dead-letter queue whose node
+        // died would stop the server, which declares it, on every other node too.
+        if self.results.kind != QueueKind::Classic {
+            args.push((
+                "x-queue-type",
+                QueueArgument::Text(self.results.kind.name().into()),
+            ));
+        }
         args
     }
 
@@ -403,6 +411,24 @@ mod tests {
             QueueArgument::Text("c.dead".into())
         )));
         assert!(results.contains(&("x-overflow", QueueArgument::Text("reject-publish".into()))));
+        // The dead letters take the results queue's type when it is not classic.
+        let dead = |kind| {
+            Topology::new("c", None)
+                .with_results_queue(ResultsQueue {
+                    kind,
+                    ..ResultsQueue::default()
+                })
+                .dead_letter_queue_arguments()
+        };
+        assert!(
+            !dead(QueueKind::Classic)
+                .iter()
+                .any(|(k, _)| *k == "x-queue-type")
+        );
+        assert!(
+            dead(QueueKind::Quorum)
+                .contains(&("x-queue-type", QueueArgument::Text("quorum".into())))
+        );
     }
 
     #[test]

@@ -198,7 +198,7 @@ pub async fn server(t: &Topology, conn: &Connection) -> Result<(), AmqpError> {
     declare_exchanges(t, &ch).await?;
     declare_dead_letters(t, &ch).await.map_err(mismatch(
         t.dead_letter_queue(),
-        "amqp.dead_letters_max_length or amqp.dead_letters_max_bytes (releases before them declared it unbounded)",
+        "amqp.dead_letters_max_length, amqp.dead_letters_max_bytes or amqp.results_queue_type, whose type it takes (releases before them declared it unbounded and classic)",
         "read what it holds if you still need it (Get messages in the management UI)",
     ))?;
     declare_results_queue(t, &ch).await.map_err(mismatch(

@@ -34,6 +34,12 @@ use vogeler_config::BrokerSettings;
 /// the server) is picked up within this.
 pub const SETUP_RETRY: Duration = Duration::from_secs(15);
 
+/// A connection lost sooner than this after it was made counts as a failed attempt: the
+/// next one waits the backoff. A node that accepts connections but cannot serve (a cluster
+/// node whose queue's home node is down answers every declaration with 404) would otherwise
+/// be reconnected to many times a second.
+pub const SHORT_LIVED: Duration = Duration::from_secs(10);
+
 /// A broker connection that is replaced whenever it is lost.
 #[derive(Debug)]
 pub struct Supervisor<'a> {
@@ -41,6 +47,10 @@ pub struct Supervisor<'a> {
     name: String,
     cancel: CancellationToken,
     conn: Connection,
+    connected_at: tokio::time::Instant,
+    /// Connections in a row lost within [`SHORT_LIVED`]: how far along the backoff the
+    /// next pause is.
+    short_lived: usize,
 }
 
 impl<'a> Supervisor<'a> {
@@ -57,6 +67,8 @@ impl<'a> Supervisor<'a> {
                 name: name.to_string(),
                 cancel: cancel.clone(),
                 conn,
+                connected_at: tokio::time::Instant::now(),
+                short_lived: 0,
             })),
             Err(AmqpError::Cancelled) => Ok(None),
             Err(e) => Err(e),
@@ -94,7 +106,24 @@ impl<'a> Supervisor<'a> {
                     () = tokio::time::sleep(SETUP_RETRY) => {}
                 }
             }
+            Err(e) if self.connected_at.elapsed() < SHORT_LIVED => {
+                let delay = crate::backoff::delays()
+                    .nth(self.short_lived.min(64))
+                    .unwrap_or(crate::backoff::MAX_DELAY);
+                self.short_lived += 1;
+                warn!(connection = %self.name, error = %e, retry_in_ms = delay.as_millis() as u64, "lost the broker connection soon after making it; reconnecting after a pause");
+                let _ = tokio::time::timeout(
+                    super::CLOSE_WAIT,
+                    self.conn.close(200, "reconnecting".into()),
+                )
+                .await;
+                tokio::select! {
+                    () = self.cancel.cancelled() => return Ok(false),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
             Err(e) => {
+                self.short_lived = 0;
                 warn!(connection = %self.name, error = %e, "lost the broker connection; reconnecting")
             }
         }
@@ -102,6 +131,7 @@ impl<'a> Supervisor<'a> {
         match connect_with_retry(self.broker, &self.name, None, &self.cancel).await {
             Ok(conn) => {
                 self.conn = conn;
+                self.connected_at = tokio::time::Instant::now();
                 Ok(true)
             }
             Err(_) => Ok(false),
