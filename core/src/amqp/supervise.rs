@@ -124,7 +124,15 @@ impl<'a> Supervisor<'a> {
             }
             Err(e) => {
                 self.short_lived = 0;
-                warn!(connection = %self.name, error = %e, "lost the broker connection; reconnecting")
+                warn!(connection = %self.name, error = %e, "lost the broker connection; reconnecting");
+                // A session can end on a channel error while the connection lives on: close
+                // it, or the deliveries its consumer held stay unacked on it, neither
+                // processed nor redelivered.
+                let _ = tokio::time::timeout(
+                    super::CLOSE_WAIT,
+                    self.conn.close(200, "reconnecting".into()),
+                )
+                .await;
             }
         }
         // Without a time limit: only shutdown ends it.
