@@ -600,7 +600,11 @@ mod tests {
         let file = dir.path().join("pw");
         std::fs::write(&file, "s3cret\n").expect("write");
         let flags = [
-            ("amqp.url", "amqp://broker:5672/vogeler"),
+            // Every node of a list gets the user and the password.
+            (
+                "amqp.url",
+                "amqp://broker:5672/vogeler,amqp://broker2:5672/vogeler",
+            ),
             ("amqp.username", "vogeler-agent-db-2.example.com"),
             ("amqp.password_file", file.to_str().expect("path")),
         ];
@@ -610,9 +614,11 @@ mod tests {
             .expect("valid")
             .read_secrets()
             .expect("readable");
-        let url = s.broker.url.first().expose();
-        assert_eq!(url.username(), "vogeler-agent-db-2.example.com");
-        assert_eq!(url.password(), Some("s3cret"));
+        assert_eq!(s.broker.url.len(), 2);
+        for url in s.broker.url.iter().map(SecretUrl::expose) {
+            assert_eq!(url.username(), "vogeler-agent-db-2.example.com");
+            assert_eq!(url.password(), Some("s3cret"));
+        }
         // --print-config shows the user in the URL, so its output loads back the same.
         assert!(
             s.to_toml()
@@ -714,29 +720,6 @@ mod tests {
             .server()
             .expect_err("empty list");
         assert!(err.to_string().contains("couchdb.url"), "{err}");
-    }
-
-    #[test]
-    fn a_password_file_and_user_name_apply_to_every_broker_node() {
-        let dir = tempfile::tempdir().expect("dir");
-        let file = dir.path().join("pw");
-        std::fs::write(&file, "s3cret\n").expect("write");
-        let flags = [
-            ("amqp.url", "amqp://broker1/v,amqp://broker2/v"),
-            ("amqp.username", "vogeler-agent-web01"),
-            ("amqp.password_file", file.to_str().expect("path")),
-        ];
-        let s = load(&sources(None, &[], &flags))
-            .expect("load")
-            .agent(Some("web01".into()))
-            .expect("valid")
-            .read_secrets()
-            .expect("readable");
-        for u in s.broker.url.iter() {
-            assert_eq!(u.expose().username(), "vogeler-agent-web01");
-            assert_eq!(u.expose().password(), Some("s3cret"));
-        }
-        assert_eq!(s.broker.url.len(), 2);
     }
 
     #[test]

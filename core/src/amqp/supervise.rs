@@ -87,11 +87,7 @@ impl<'a> Supervisor<'a> {
         match served {
             Ok(()) => return Ok(false),
             Err(e) if e.is_fatal() => {
-                let _ = tokio::time::timeout(
-                    super::CLOSE_WAIT,
-                    self.conn.close(200, "stopping".into()),
-                )
-                .await;
+                self.close_bounded("stopping").await;
                 return Err(e);
             }
             Err(_) if self.cancel.is_cancelled() => return Ok(false),
@@ -112,11 +108,7 @@ impl<'a> Supervisor<'a> {
                     .unwrap_or(crate::backoff::MAX_DELAY);
                 self.short_lived += 1;
                 warn!(connection = %self.name, error = %e, retry_in_ms = delay.as_millis() as u64, "lost the broker connection soon after making it; reconnecting after a pause");
-                let _ = tokio::time::timeout(
-                    super::CLOSE_WAIT,
-                    self.conn.close(200, "reconnecting".into()),
-                )
-                .await;
+                self.close_bounded("reconnecting").await;
                 tokio::select! {
                     () = self.cancel.cancelled() => return Ok(false),
                     () = tokio::time::sleep(delay) => {}
@@ -128,11 +120,7 @@ impl<'a> Supervisor<'a> {
                 // A session can end on a channel error while the connection lives on: close
                 // it, or the deliveries its consumer held stay unacked on it, neither
                 // processed nor redelivered.
-                let _ = tokio::time::timeout(
-                    super::CLOSE_WAIT,
-                    self.conn.close(200, "reconnecting".into()),
-                )
-                .await;
+                self.close_bounded("reconnecting").await;
             }
         }
         // Without a time limit: only shutdown ends it.
@@ -149,10 +137,11 @@ impl<'a> Supervisor<'a> {
     /// Close the current connection (unacked deliveries go back to their queues), waiting
     /// at most [`super::CLOSE_WAIT`] for the broker to confirm: the socket closes anyway.
     pub async fn close(self) {
-        let _ = tokio::time::timeout(
-            super::CLOSE_WAIT,
-            self.conn.close(200, "shutting down".into()),
-        )
-        .await;
+        self.close_bounded("shutting down").await;
+    }
+
+    /// Close the current connection, waiting at most [`super::CLOSE_WAIT`].
+    async fn close_bounded(&self, reason: &str) {
+        let _ = tokio::time::timeout(super::CLOSE_WAIT, self.conn.close(200, reason.into())).await;
     }
 }
